@@ -1,0 +1,8 @@
+//! Xen event channels: the [`EventChannel`] trait that backends use, and its
+//! implementation on Linux's `/dev/xen/evtchn` (`include/uapi/xen/evtchn.h`),
+//! done with direct ioctls and no libxenevtchn.
+#![deny(missing_docs)]
+
+mod channel;
+
+pub use channel::{DomId, Error, EventChannel, Port, Result};

@@ -1,0 +1,221 @@
+//! Memory shared with a guest, reached only through volatile and atomic
+//! accessors: the guest may change it at any moment, so no Rust reference
+//! (`&[u8]`, `&T`) into it is ever handed out.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Releases a mapping when it is dropped (gntdev unmap + munmap, or the
+/// simulator's bookkeeping).
+pub trait Unmap: Send + Sync {
+    /// Called once, from `Drop`, with the mapping's address and length.
+    fn unmap(&mut self, addr: NonNull<u8>, len: usize);
+}
+
+/// A contiguous range of shared pages: grant-mapped guest pages, or anonymous
+/// memory for tests. Dropping it unmaps it.
+pub struct GrantMapping {
+    addr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+    unmap: Option<Box<dyn Unmap>>,
+}
+
+// SAFETY: the mapping is plain memory reachable from any thread; all access
+// goes through volatile/atomic operations, and `Unmap` is `Send + Sync`.
+unsafe impl Send for GrantMapping {}
+// SAFETY: as above: no method hands out references, so shared access from
+// several threads is the same as a guest writing concurrently.
+unsafe impl Sync for GrantMapping {}
+
+/// An access outside the mapping, or a write to a read-only one.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AccessError {
+    /// Offset and length reach past the end of the mapping.
+    #[error("Access at {offset}+{len} is outside a mapping of {size} bytes")]
+    OutOfBounds {
+        /// Start of the access.
+        offset: usize,
+        /// Its length.
+        len: usize,
+        /// Size of the mapping.
+        size: usize,
+    },
+    /// The mapping is read-only.
+    #[error("Write to a read-only mapping")]
+    ReadOnly,
+    /// An atomic access that is not 4-byte aligned.
+    #[error("Unaligned atomic access at {0}")]
+    Unaligned(usize),
+}
+
+struct AnonUnmap;
+
+impl Unmap for AnonUnmap {
+    fn unmap(&mut self, addr: NonNull<u8>, len: usize) {
+        // SAFETY: `addr`/`len` are exactly what `anonymous()` got from mmap,
+        // and this runs once, from Drop, when nothing else can reach them.
+        if let Err(e) = unsafe { nix::sys::mman::munmap(addr.cast(), len) } {
+            log::warn!("munmap of anonymous mapping failed: {e}");
+        }
+    }
+}
+
+impl GrantMapping {
+    /// Wraps memory mapped elsewhere.
+    ///
+    /// # Safety
+    /// `addr` must point to `len` bytes that stay mapped (readable, and
+    /// writable if `writable`) until `unmap` runs, and that nothing frees
+    /// otherwise.
+    pub unsafe fn from_raw(addr: NonNull<u8>, len: usize, writable: bool, unmap: Box<dyn Unmap>) -> Self {
+        GrantMapping { addr, len, writable, unmap: Some(unmap) }
+    }
+
+    /// Zeroed anonymous shared memory of `len` bytes, writable (tests, fuzzing,
+    /// and the frontend side of simulated rings).
+    pub fn anonymous(len: usize) -> std::io::Result<Self> {
+        use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+        let size =
+            std::num::NonZeroUsize::new(len).ok_or_else(|| std::io::Error::from_raw_os_error(nix::libc::EINVAL))?;
+        // SAFETY: a fresh anonymous mapping aliases nothing in this process.
+        let addr =
+            unsafe { mmap_anonymous(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED) }
+                .map_err(std::io::Error::from)?;
+        // SAFETY: `addr` is a new mapping of `len` bytes released only by AnonUnmap.
+        Ok(unsafe { GrantMapping::from_raw(addr.cast(), len, true, Box::new(AnonUnmap)) })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether writes are allowed.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The start address (for handing to the kernel, e.g. as an I/O buffer).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr.as_ptr()
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), AccessError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(AccessError::OutOfBounds { offset, len, size: self.len }),
+        }
+    }
+
+    /// Copies `buf.len()` bytes at `offset` out of the mapping.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), AccessError> {
+        self.check(offset, buf.len())?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: offset + i < len was checked; the byte is mapped readable.
+            *b = unsafe { self.addr.as_ptr().add(offset + i).read_volatile() };
+        }
+        Ok(())
+    }
+
+    /// Copies `buf` into the mapping at `offset`.
+    pub fn write(&self, offset: usize, buf: &[u8]) -> Result<(), AccessError> {
+        if !self.writable {
+            return Err(AccessError::ReadOnly);
+        }
+        self.check(offset, buf.len())?;
+        for (i, b) in buf.iter().enumerate() {
+            // SAFETY: offset + i < len was checked; the mapping is writable.
+            unsafe { self.addr.as_ptr().add(offset + i).write_volatile(*b) };
+        }
+        Ok(())
+    }
+
+    /// Fills `len` bytes at `offset` with `value`.
+    pub fn fill(&self, offset: usize, len: usize, value: u8) -> Result<(), AccessError> {
+        if !self.writable {
+            return Err(AccessError::ReadOnly);
+        }
+        self.check(offset, len)?;
+        for i in 0..len {
+            // SAFETY: offset + i < len was checked; the mapping is writable.
+            unsafe { self.addr.as_ptr().add(offset + i).write_volatile(value) };
+        }
+        Ok(())
+    }
+
+    fn atomic(&self, offset: usize) -> Result<&AtomicU32, AccessError> {
+        self.check(offset, 4)?;
+        if (self.addr.as_ptr() as usize + offset) % 4 != 0 {
+            return Err(AccessError::Unaligned(offset));
+        }
+        // SAFETY: in bounds and aligned (checked above); AtomicU32 has the
+        // layout of u32, and every access to shared words goes through atomics.
+        // The reference is to an atomic, never to plain data, and does not
+        // escape this module.
+        Ok(unsafe { AtomicU32::from_ptr(self.addr.as_ptr().add(offset).cast()) })
+    }
+
+    /// Atomically loads the little-endian `u32` at `offset` (4-byte aligned).
+    pub fn load_u32(&self, offset: usize, order: Ordering) -> Result<u32, AccessError> {
+        Ok(u32::from_le(self.atomic(offset)?.load(order)))
+    }
+
+    /// Atomically stores a little-endian `u32` at `offset` (4-byte aligned).
+    pub fn store_u32(&self, offset: usize, value: u32, order: Ordering) -> Result<(), AccessError> {
+        if !self.writable {
+            return Err(AccessError::ReadOnly);
+        }
+        self.atomic(offset)?.store(value.to_le(), order);
+        Ok(())
+    }
+}
+
+impl Drop for GrantMapping {
+    fn drop(&mut self) {
+        if let Some(mut u) = self.unmap.take() {
+            u.unmap(self.addr, self.len);
+        }
+    }
+}
+
+impl core::fmt::Debug for GrantMapping {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("GrantMapping")
+            .field("addr", &self.addr)
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_mapping_reads_back_writes() {
+        let m = GrantMapping::anonymous(4096).unwrap();
+        m.write(10, b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        m.read(10, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        m.store_u32(8, 0xdead_beef, Ordering::Release).unwrap();
+        assert_eq!(m.load_u32(8, Ordering::Acquire).unwrap(), 0xdead_beef);
+    }
+
+    #[test]
+    fn accesses_outside_the_mapping_fail() {
+        let m = GrantMapping::anonymous(4096).unwrap();
+        let mut buf = [0u8; 2];
+        assert!(m.read(4095, &mut buf).is_err());
+        assert!(m.read(usize::MAX, &mut buf).is_err());
+        assert!(m.load_u32(4093, Ordering::Relaxed).is_err());
+        assert_eq!(m.load_u32(2, Ordering::Relaxed), Err(AccessError::Unaligned(2)));
+    }
+}

@@ -1,0 +1,1 @@
+//! Simulated domains, event channels and grant tables.

@@ -1,0 +1,8 @@
+//! A simulated Xen host, in process: a wire-compatible xenstored on a unix
+//! socket, domains with event channels and grant tables over real shared
+//! memory, and scripted frontends, so that every layer is tested without a
+//! hypervisor.
+#![deny(missing_docs)]
+
+pub mod host;
+pub mod xenstored;

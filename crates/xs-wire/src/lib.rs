@@ -1,0 +1,16 @@
+//! The xenstore wire protocol (`xen/include/public/io/xs_wire.h`,
+//! `docs/misc/xenstore.txt`) in pure Rust: the message header and types, the
+//! error strings, an incremental decoder, permissions, path checks, and a
+//! client over the xenstored socket or `/dev/xen/xenbus` that links no libxen.
+#![deny(missing_docs)]
+
+pub mod abi;
+pub mod codec;
+pub mod error;
+pub mod path;
+pub mod perms;
+
+pub use abi::{MsgType, XENSTORE_PAYLOAD_MAX};
+pub use codec::{split_nul, Decoder, Message};
+pub use error::{WireError, XsErrno};
+pub use perms::{Access, Perm};

@@ -1,0 +1,1 @@
+//! Shared helpers for the scenario tests in this directory.
