@@ -1,1 +1,12 @@
-//! placeholder
+//! The Xen PV block backend (`xen/include/public/io/blkif.h`): the ABI in its
+//! three layouts, pure request parsing, and (in later modules) the storage
+//! engines and the device type served through the backend framework.
+#![deny(missing_docs)]
+
+pub mod abi;
+pub mod request;
+
+pub use request::{
+    parse, parse_indirect_segments, Abi, Direction, DiskLimits, Fault, Request, RequestError, RequestKind, Response,
+    Segment, Status,
+};
