@@ -4,8 +4,14 @@
 #![deny(missing_docs)]
 
 pub mod abi;
+pub mod buffer;
+pub mod disk;
+pub mod engine;
 pub mod request;
 
+pub use buffer::AlignedBuf;
+pub use disk::{Disk, DiskError, DiskKind};
+pub use engine::{Completion, EngineError, IoEngine, IoOp, ThreadPoolEngine};
 pub use request::{
     parse, parse_indirect_segments, Abi, Direction, DiskLimits, Fault, Request, RequestError, RequestKind, Response,
     Segment, Status,

@@ -1,0 +1,258 @@
+//! The storage behind a virtual disk: a raw file or a block device, opened
+//! with `O_DIRECT` where the target supports it.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::sys::ioctl::ioctl_num_type;
+
+/// `#define BLKGETSIZE64 _IOR(0x12,114,size_t)` (`linux/fs.h`).
+const BLKGETSIZE64: u64 = nix::request_code_read!(0x12, 114, core::mem::size_of::<usize>()) as u64;
+/// `#define BLKSSZGET _IO(0x12,104)`: logical sector size (int).
+const BLKSSZGET: ioctl_num_type = nix::request_code_none!(0x12, 104);
+/// `#define BLKPBSZGET _IO(0x12,123)`: physical sector size (unsigned int).
+const BLKPBSZGET: ioctl_num_type = nix::request_code_none!(0x12, 123);
+/// `#define BLKDISCARD _IO(0x12,119)`: `uint64_t range[2]` = {start, len}.
+const BLKDISCARD: ioctl_num_type = nix::request_code_none!(0x12, 119);
+/// `#define BLKSECDISCARD _IO(0x12,125)`.
+const BLKSECDISCARD: ioctl_num_type = nix::request_code_none!(0x12, 125);
+
+/// Errors of opening or using a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The path could not be opened.
+    #[error("Cannot open {path}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Neither a regular file nor a block device.
+    #[error("{0} is neither a regular file nor a block device")]
+    NotADisk(PathBuf),
+    /// An ioctl or fstat on the disk failed.
+    #[error("{op} on {path} failed")]
+    Probe {
+        /// Which query.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What kind of target backs the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskKind {
+    /// A regular file.
+    File,
+    /// A block device.
+    BlockDevice,
+}
+
+/// An open disk and what the frontend is told about it.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    path: PathBuf,
+    kind: DiskKind,
+    size: u64,
+    logical_sector: u32,
+    physical_sector: u32,
+    read_only: bool,
+    direct: bool,
+}
+
+impl Disk {
+    /// Opens `path`, with `O_DIRECT` if `direct` and the target accepts it
+    /// (tmpfs, for one, does not: the disk then falls back to the page cache).
+    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Disk, DiskError> {
+        let open = |flags: i32| {
+            OpenOptions::new().read(true).write(!read_only).custom_flags(flags | nix::libc::O_CLOEXEC).open(path)
+        };
+        let (file, direct) = match direct {
+            true => match open(nix::libc::O_DIRECT) {
+                Ok(f) => (f, true),
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                    log::info!("{}: O_DIRECT not supported, using the page cache", path.display());
+                    (open(0).map_err(|source| DiskError::Open { path: path.into(), source })?, false)
+                }
+                Err(source) => return Err(DiskError::Open { path: path.into(), source }),
+            },
+            false => (open(0).map_err(|source| DiskError::Open { path: path.into(), source })?, false),
+        };
+        let probe = |op, source| DiskError::Probe { op, path: path.into(), source };
+        let meta = file.metadata().map_err(|e| probe("fstat", e))?;
+        let ft = meta.file_type();
+        let (kind, size, logical_sector, physical_sector) = if ft.is_file() {
+            (DiskKind::File, meta.len(), 512, 4096)
+        } else if ft.is_block_device() {
+            let fd = file.as_raw_fd();
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, which is valid.
+            let rc = unsafe { nix::libc::ioctl(fd, BLKGETSIZE64 as _, &mut size as *mut u64) };
+            if rc < 0 {
+                return Err(probe("BLKGETSIZE64", std::io::Error::last_os_error()));
+            }
+            let mut lss: nix::libc::c_int = 0;
+            // SAFETY: BLKSSZGET writes one int to the pointer, which is valid.
+            let rc = unsafe { nix::libc::ioctl(fd, BLKSSZGET as _, &mut lss as *mut nix::libc::c_int) };
+            if rc < 0 {
+                return Err(probe("BLKSSZGET", std::io::Error::last_os_error()));
+            }
+            let mut pss: nix::libc::c_uint = 0;
+            // SAFETY: BLKPBSZGET writes one unsigned int to the pointer, which is valid.
+            let rc = unsafe { nix::libc::ioctl(fd, BLKPBSZGET as _, &mut pss as *mut nix::libc::c_uint) };
+            let pss = if rc < 0 { lss as u32 } else { pss };
+            (DiskKind::BlockDevice, size, lss as u32, pss)
+        } else {
+            return Err(DiskError::NotADisk(path.into()));
+        };
+        Ok(Disk { file, path: path.into(), kind, size, logical_sector, physical_sector, read_only, direct })
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// File or block device.
+    pub fn kind(&self) -> DiskKind {
+        self.kind
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Size in 512-byte sectors (blkif's unit; the `sectors` node).
+    pub fn sectors(&self) -> u64 {
+        self.size / 512
+    }
+
+    /// Logical sector size (the `sector-size` node).
+    pub fn logical_sector_size(&self) -> u32 {
+        self.logical_sector
+    }
+
+    /// Physical sector size (the `physical-sector-size` node).
+    pub fn physical_sector_size(&self) -> u32 {
+        self.physical_sector
+    }
+
+    /// Opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Opened with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
+    }
+
+    /// Makes written data durable (`fdatasync`).
+    pub fn flush(&self) -> std::io::Result<()> {
+        nix::unistd::fdatasync(self.file.as_raw_fd()).map_err(std::io::Error::from)
+    }
+
+    /// Discards `len` bytes at `offset`: the range then reads as zeros on
+    /// files (a punched hole) and as the device defines on block devices.
+    pub fn discard(&self, offset: u64, len: u64, secure: bool) -> std::io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match self.kind {
+            DiskKind::File => fallocate(
+                self.file.as_raw_fd(),
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            )
+            .map_err(std::io::Error::from),
+            DiskKind::BlockDevice => {
+                let range = [offset, len];
+                let req = if secure { BLKSECDISCARD } else { BLKDISCARD };
+                // SAFETY: BLKDISCARD/BLKSECDISCARD read two u64s from the pointer, which is valid.
+                let rc = unsafe { nix::libc::ioctl(self.file.as_raw_fd(), req as _, range.as_ptr()) };
+                if rc < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+impl AsFd for Disk {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_disk(len: u64) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("blkback-disk-{}-{}", std::process::id(), len));
+        let f = File::create(&p).unwrap();
+        f.set_len(len).unwrap();
+        p
+    }
+
+    #[test]
+    fn file_disk_reports_size_in_sectors_and_round_trips_data() {
+        let p = temp_disk(1 << 20);
+        let d = Disk::open(&p, false, true).unwrap();
+        assert_eq!((d.kind(), d.sectors(), d.logical_sector_size()), (DiskKind::File, 2048, 512));
+        d.write_at(&[7u8; 512], 4096).unwrap();
+        let mut buf = [0u8; 512];
+        d.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [7u8; 512]);
+        d.flush().unwrap();
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn discard_punches_a_hole_that_reads_zeros() {
+        let p = temp_disk(1 << 16);
+        let d = Disk::open(&p, false, false).unwrap();
+        d.write_at(&[0xaa; 8192], 0).unwrap();
+        d.discard(0, 4096, false).unwrap();
+        let mut buf = [1u8; 8192];
+        d.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0));
+        assert!(buf[4096..].iter().all(|&b| b == 0xaa));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes_and_missing_path_is_a_clear_error() {
+        let p = temp_disk(4096);
+        let d = Disk::open(&p, true, false).unwrap();
+        assert!(d.write_at(&[0; 512], 0).is_err());
+        std::fs::remove_file(&p).unwrap();
+        let err = Disk::open(&p, true, false).unwrap_err();
+        assert!(err.to_string().contains("Cannot open"), "{err}");
+        assert!(matches!(Disk::open(Path::new("/dev/null"), true, false), Err(DiskError::NotADisk(_))));
+    }
+}
