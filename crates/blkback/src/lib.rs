@@ -7,11 +7,13 @@ pub mod abi;
 pub mod buffer;
 pub mod disk;
 pub mod engine;
+pub mod queue;
 pub mod request;
 
 pub use buffer::AlignedBuf;
 pub use disk::{Disk, DiskError, DiskKind};
 pub use engine::{Completion, EngineError, IoEngine, IoOp, ThreadPoolEngine};
+pub use queue::{QueueExecutor, QueueStats};
 pub use request::{
     parse, parse_indirect_segments, Abi, Direction, DiskLimits, Fault, Request, RequestError, RequestKind, Response,
     Segment, Status,
