@@ -5,12 +5,17 @@
 #![deny(missing_docs)]
 
 pub mod abi;
+pub mod client;
 pub mod codec;
 pub mod error;
 pub mod path;
 pub mod perms;
+pub mod request;
+pub mod transport;
+pub mod watch;
 
 pub use abi::{MsgType, XENSTORE_PAYLOAD_MAX};
+pub use client::{Client, ClientError, TxId, WatchEvent};
 pub use codec::{split_nul, Decoder, Message};
 pub use error::{WireError, XsErrno};
 pub use perms::{Access, Perm};
