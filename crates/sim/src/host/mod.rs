@@ -10,6 +10,7 @@
 //! exactly as on Xen. Errors carry the errno or `GNTST_*` value Xen gives;
 //! each module documents where it follows Xen and where it departs.
 
+pub mod bench;
 mod error;
 mod evtchn;
 mod grant;
