@@ -226,8 +226,9 @@ fn copy_reports_per_segment_statuses_as_xen_does() {
         CopySegment::FromGuest { src: at(rw, 3584), dst: &mut big },
         CopySegment::FromGuest { src: at(GrantRef(1 << 30), 0), dst: &mut [0u8; 4] },
         CopySegment::FromGuest { src: GuestPage { domid: 99, gref: rw, offset: 0 }, dst: &mut [0u8; 4] },
+        CopySegment::ToGuest { src: &[], dst: at(rw, 0) },
     ];
-    let mut status = [GrantStatus::Okay; 6];
+    let mut status = [GrantStatus::GeneralError; 7];
     host.grant_mapper(BACK).copy(&mut segs, &mut status).unwrap();
     assert_eq!(
         status,
@@ -238,6 +239,7 @@ fn copy_reports_per_segment_statuses_as_xen_does() {
             GrantStatus::BadCopyArg,
             GrantStatus::BadGntref,
             GrantStatus::BadDomain,
+            GrantStatus::Okay,
         ]
     );
     let mut check = [0u8; 512];

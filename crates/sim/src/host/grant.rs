@@ -9,7 +9,11 @@
 //!   `GNTST_general_error` (Xen's `_set_status`: "Bad flags or dom",
 //!   "Attempt to write-pin a r/o grant entry");
 //! - a granting domain that does not exist: `GNTST_bad_domain`;
-//! - a copy reaching past the end of the page: `GNTST_bad_copy_arg`.
+//! - a copy reaching past the end of the page: `GNTST_bad_copy_arg`, checked
+//!   after the grant as `gnttab_copy_buf` does. This is the hypercall's
+//!   per-segment answer; Linux's gntdev rejects such a batch as a whole with
+//!   `EINVAL` before calling Xen. A zero-length segment succeeds, as on Xen
+//!   (where [`gnttab::check_segment`] is stricter).
 //!
 //! Revoking ([`SimGrantTable::end_access`]) while a grant is mapped or being
 //! copied fails with [`Error::Busy`] and leaves the grant in place, as

@@ -4,17 +4,18 @@
 //! page and a backend's grant mapping do on Xen.
 
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use gnttab::{GrantMapping, Unmap, PAGE_SIZE};
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use super::error::{DomId, Error, Result};
 
-/// Most pages one simulated domain may allocate (4 GiB).
-pub const MAX_GUEST_PAGES: u64 = 1 << 20;
+/// Most pages one simulated domain may allocate over its life (1 TiB of
+/// frame numbers; only pages not yet dropped use memory).
+pub const MAX_GUEST_PAGES: u64 = 1 << 28;
 
 /// A guest page frame number (an index into the domain's memory).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -97,6 +98,16 @@ impl GuestMemory {
         Ok(base.cast())
     }
 
+    /// Releases the memory of `n` frames from `first` (they read as zeros after).
+    fn release(&self, first: u64, n: usize) {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let (offset, len) = ((first * PAGE_SIZE as u64) as i64, (n * PAGE_SIZE) as i64);
+        if let Err(e) = fallocate(self.fd.as_raw_fd(), mode, offset, len) {
+            log::warn!("Releasing {n} pages of dom{} failed: {e}", self.domid);
+        }
+    }
+
     /// Copies `buf.len()` bytes of frame `pfn` at `offset` into `buf`.
     pub(crate) fn read(&self, pfn: u64, offset: usize, buf: &mut [u8]) -> std::io::Result<()> {
         let mut done = 0;
@@ -149,6 +160,7 @@ impl Unmap for GuestViewUnmap {
 /// frontend writes rings and buffers through) and their frame numbers, to
 /// grant them.
 pub struct GuestPages {
+    memory: Arc<GuestMemory>,
     domid: DomId,
     first: u64,
     count: usize,
@@ -156,14 +168,14 @@ pub struct GuestPages {
 }
 
 impl GuestPages {
-    pub(crate) fn new(memory: &GuestMemory, n: usize) -> Result<Self> {
+    pub(crate) fn new(memory: &Arc<GuestMemory>, n: usize) -> Result<Self> {
         let first = memory.alloc(n)?;
         let frames: Vec<u64> = (first..first + n as u64).collect();
         let addr = memory.map_frames(&frames, true).map_err(|source| Error::Io { op: "mmap", source })?;
         // SAFETY: `addr` is a new writable mapping of `n` pages, released only
         // by GuestViewUnmap.
         let view = unsafe { GrantMapping::from_raw(addr, n * PAGE_SIZE, true, Box::new(GuestViewUnmap)) };
-        Ok(GuestPages { domid: memory.domid, first, count: n, view })
+        Ok(GuestPages { memory: memory.clone(), domid: memory.domid, first, count: n, view })
     }
 
     /// The guest's own (writable) view of the pages, contiguous.
@@ -201,6 +213,12 @@ impl GuestPages {
     }
 }
 
+impl Drop for GuestPages {
+    fn drop(&mut self) {
+        self.memory.release(self.first, self.count);
+    }
+}
+
 impl core::fmt::Debug for GuestPages {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("GuestPages")
@@ -217,7 +235,7 @@ mod tests {
 
     #[test]
     fn frames_are_allocated_consecutively_and_zeroed() {
-        let mem = GuestMemory::new(1).unwrap();
+        let mem = Arc::new(GuestMemory::new(1).unwrap());
         let a = GuestPages::new(&mem, 2).unwrap();
         let b = GuestPages::new(&mem, 3).unwrap();
         assert_eq!(a.frames(), vec![PageFrame(0), PageFrame(1)]);
@@ -231,13 +249,13 @@ mod tests {
 
     #[test]
     fn zero_page_allocation_fails() {
-        let mem = GuestMemory::new(1).unwrap();
+        let mem = Arc::new(GuestMemory::new(1).unwrap());
         assert!(matches!(GuestPages::new(&mem, 0), Err(Error::OutOfMemory { pages: 0, .. })));
     }
 
     #[test]
     fn scattered_frames_map_contiguously_in_the_given_order() {
-        let mem = GuestMemory::new(1).unwrap();
+        let mem = Arc::new(GuestMemory::new(1).unwrap());
         let pages = GuestPages::new(&mem, 4).unwrap();
         for i in 0..4 {
             pages.mapping().fill(i * PAGE_SIZE, PAGE_SIZE, b'a' + i as u8).unwrap();
@@ -254,8 +272,20 @@ mod tests {
     }
 
     #[test]
+    fn dropped_pages_are_released_and_their_frames_not_reused() {
+        let mem = Arc::new(GuestMemory::new(1).unwrap());
+        let a = GuestPages::new(&mem, 1).unwrap();
+        a.mapping().fill(0, PAGE_SIZE, 0xee).unwrap();
+        drop(a);
+        let mut buf = [0xffu8; 8];
+        mem.read(0, 0, &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 8]);
+        assert_eq!(GuestPages::new(&mem, 1).unwrap().frame(0), PageFrame(1));
+    }
+
+    #[test]
     fn pread_and_pwrite_reach_the_guest_view() {
-        let mem = GuestMemory::new(1).unwrap();
+        let mem = Arc::new(GuestMemory::new(1).unwrap());
         let pages = GuestPages::new(&mem, 2).unwrap();
         mem.write(1, 4000, b"0123456789").unwrap();
         let mut via_view = [0u8; 10];

@@ -16,7 +16,7 @@ use super::memory::GuestMemory;
 /// event-channel table).
 pub(crate) struct Domain {
     pub(crate) id: DomId,
-    pub(crate) memory: GuestMemory,
+    pub(crate) memory: Arc<GuestMemory>,
     pub(crate) grants: Mutex<GrantTable>,
 }
 
@@ -47,7 +47,7 @@ impl SimHost {
         if domains.contains_key(&domid) {
             return Err(Error::DomainExists(domid));
         }
-        let memory = GuestMemory::new(domid)?;
+        let memory = Arc::new(GuestMemory::new(domid)?);
         domains.insert(domid, Arc::new(Domain { id: domid, memory, grants: Mutex::new(GrantTable::new(domid)) }));
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         self.evtchn_table().add_domain(domid, generation);
@@ -79,7 +79,8 @@ impl SimHost {
 
     /// A new event-channel handle acting as `domid` (one open of
     /// `/dev/xen/evtchn` in that domain). Its operations fail with `ESRCH`
-    /// if the domain does not exist.
+    /// if the domain did not exist when it was opened or was destroyed since
+    /// (even if the id was then reused).
     ///
     /// # Panics
     /// If no eventfd can be created (file descriptors exhausted); see
@@ -151,6 +152,16 @@ mod tests {
         host.create_domain(5).unwrap();
         assert_eq!(ch.bind_unbound_port(0).unwrap_err().errno(), Some(nix::libc::ESRCH));
         assert_eq!(host.evtchn(5).bind_unbound_port(0).unwrap(), Port(1));
+    }
+
+    #[test]
+    fn host_and_handles_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<SimHost>();
+        check::<SimGrantTable>();
+        check::<SimEventChannel>();
+        check::<SimGrantMapper>();
+        check::<crate::host::GuestPages>();
     }
 
     #[test]
