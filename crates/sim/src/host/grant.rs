@@ -62,11 +62,13 @@ pub(crate) struct GrantTable {
     entries: Vec<Option<GrantEntry>>,
     /// Free references, lowest on top.
     free: Vec<u32>,
+    /// The domain was destroyed: its mappings' pins no longer matter.
+    revoked: bool,
 }
 
 impl GrantTable {
     pub(crate) fn new(domid: DomId) -> Self {
-        GrantTable { domid, entries: Vec::new(), free: Vec::new() }
+        GrantTable { domid, entries: Vec::new(), free: Vec::new(), revoked: false }
     }
 
     fn grow(&mut self) -> Result<()> {
@@ -131,6 +133,7 @@ impl GrantTable {
                 Pin::Map => e.maps = e.maps.saturating_sub(1),
                 Pin::Copy => e.copies = e.copies.saturating_sub(1),
             },
+            None if self.revoked => {}
             None => log::warn!("Release of grant {gref:?} of domain {} that is not granted", self.domid),
         }
     }
@@ -152,6 +155,7 @@ impl GrantTable {
     pub(crate) fn revoke_all(&mut self) {
         self.entries.clear();
         self.free.clear();
+        self.revoked = true;
     }
 }
 
