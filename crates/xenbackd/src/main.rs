@@ -2,6 +2,7 @@
 //! xenstore tools for dom0 images without libxen.
 
 mod args;
+mod xs;
 
 use std::process::ExitCode;
 
@@ -20,7 +21,14 @@ Logging: RUST_LOG=debug|info|warn (default warn; info for serve, demo and xensto
 ";
 
 fn main() -> ExitCode {
-    let mut argv = std::env::args().skip(1);
+    // Raw arguments: xenstore values given with -R may not be UTF-8.
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let argv0 = raw.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+    if xs::is_tool_name(&argv0) {
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+        return ExitCode::from(xs::run_as(&argv0, raw[1..].to_vec()).unwrap_or(1));
+    }
+    let mut argv = raw.iter().skip(1).map(|a| a.to_string_lossy().into_owned());
     let Some(cmd) = argv.next() else {
         eprint!("{USAGE}");
         return ExitCode::from(2);
@@ -36,6 +44,7 @@ fn main() -> ExitCode {
             print!("{USAGE}");
             Ok(0)
         }
+        "xs" => xs::run_os(raw[2..].to_vec()),
         other => {
             eprintln!("xenbackd: unknown command {other:?}\n\n{USAGE}");
             Ok(2)
