@@ -154,10 +154,8 @@ impl GrantMapping {
         if (self.addr.as_ptr() as usize + offset) % 4 != 0 {
             return Err(AccessError::Unaligned(offset));
         }
-        // SAFETY: in bounds and aligned (checked above); AtomicU32 has the
-        // layout of u32, and every access to shared words goes through atomics.
-        // The reference is to an atomic, never to plain data, and does not
-        // escape this module.
+        // The reference is to an atomic, never plain data, and stays in this module.
+        // SAFETY: in bounds and aligned (checked above); AtomicU32 has u32's layout.
         Ok(unsafe { AtomicU32::from_ptr(self.addr.as_ptr().add(offset).cast()) })
     }
 
