@@ -550,10 +550,10 @@ fn perform(
                     let _ = writeln!(err, "{prog}: could not list path {path}");
                     return Ok(1);
                 };
-                let pref = if path == "/" { "" } else { path.as_str() };
                 for name in list {
+                    // Xen 4.17 prints "//name" for "-p /" (later versions drop one slash).
                     if o.prefix {
-                        out.extend_from_slice(format!("{pref}/").as_bytes());
+                        out.extend_from_slice(format!("{path}/").as_bytes());
                     }
                     out.extend_from_slice(format!("{name}\n").as_bytes());
                 }
