@@ -35,11 +35,11 @@ use crate::abi::{MsgType, XsdSockmsg, HEADER_LEN};
 use crate::codec::{Decoder, Message};
 use crate::error::{WireError, XsErrno};
 use crate::perms::{parse_perm_list, Perm};
-use crate::request::{self, Request};
+use crate::request;
 use crate::transport::{self, SocketTransport, Transport, TransportError, TransportKind};
 use crate::watch::WatchQueue;
 
-pub use crate::request::TxId;
+pub use crate::request::{Request, TxId};
 pub use crate::watch::WatchEvent;
 
 /// Default time to wait for a reply.
