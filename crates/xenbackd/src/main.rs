@@ -2,6 +2,7 @@
 //! xenstore tools for dom0 images without libxen.
 
 mod args;
+mod bench_xs;
 mod xs;
 
 use std::process::ExitCode;
@@ -45,12 +46,18 @@ fn main() -> ExitCode {
             Ok(0)
         }
         "xs" => xs::run_os(raw[2..].to_vec()),
+        "bench" => match rest.first().map(String::as_str) {
+            Some("xs") => bench_xs::run(rest[1..].to_vec()),
+            _ => {
+                eprintln!("Usage: xenbackd bench xs [--socket PATH] [--ops N]");
+                Ok(2)
+            }
+        },
         other => {
             eprintln!("xenbackd: unknown command {other:?}\n\n{USAGE}");
             Ok(2)
         }
     };
-    let _ = rest;
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

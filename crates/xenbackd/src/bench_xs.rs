@@ -1,0 +1,117 @@
+//! `xenbackd bench xs [--socket PATH] [--ops N]`: xenstore client throughput
+//! (operations per second) for read, write and directory, from 1 and 16
+//! threads sharing one connection, and pipelined batches from one thread.
+//! Without `--socket` it connects as libxenstore would (`XENSTORED_PATH`,
+//! the xenstored socket, `/dev/xen/xenbus`). It writes below `/bench` and
+//! removes that subtree at the end.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use xs_wire::client::{Client, Request, TxId};
+
+use crate::args::Args;
+
+/// Requests per pipelined batch.
+const BATCH: usize = 64;
+/// Children of the node listed by the directory benchmark.
+const DIR_CHILDREN: usize = 32;
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Read,
+    Write,
+    Directory,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Directory => "directory",
+        }
+    }
+
+    fn request(self, thread: usize, i: usize) -> Result<Request> {
+        let key = format!("/bench/t{thread}/k{}", i % 16);
+        Ok(match self {
+            Op::Read => Request::read(TxId::NONE, &key)?,
+            Op::Write => Request::write(TxId::NONE, &key, format!("{thread}-{i}").as_bytes())?,
+            Op::Directory => Request::directory(TxId::NONE, "/bench/dir")?,
+        })
+    }
+}
+
+fn setup(c: &Client, threads: usize) -> Result<()> {
+    for t in 0..threads {
+        for k in 0..16 {
+            c.write(TxId::NONE, &format!("/bench/t{t}/k{k}"), b"initial")?;
+        }
+    }
+    for i in 0..DIR_CHILDREN {
+        c.write(TxId::NONE, &format!("/bench/dir/child-{i:04}"), b"x")?;
+    }
+    Ok(())
+}
+
+/// Runs `ops` operations split over `threads` threads, each waiting for every
+/// reply (or, with `pipelined`, sending batches of `BATCH`); returns ops/s.
+fn measure(c: &Client, op: Op, threads: usize, ops: usize, pipelined: bool) -> Result<f64> {
+    let per_thread = ops / threads;
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let c = c.clone();
+            std::thread::spawn(move || -> Result<()> {
+                if pipelined {
+                    let mut i = 0;
+                    while i < per_thread {
+                        let n = BATCH.min(per_thread - i);
+                        let reqs = (i..i + n).map(|j| op.request(t, j)).collect::<Result<Vec<_>>>()?;
+                        for r in c.batch(&reqs)? {
+                            r?;
+                        }
+                        i += n;
+                    }
+                } else {
+                    for i in 0..per_thread {
+                        c.request(op.request(t, i)?)?;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("benchmark thread panicked"))??;
+    }
+    Ok((per_thread * threads) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Entry point of `xenbackd bench xs`.
+pub fn run(args: Vec<String>) -> Result<u8> {
+    let mut a = Args::new(args);
+    let socket: Option<PathBuf> = a.value("--socket")?.map(PathBuf::from);
+    let ops: usize = a.parsed("--ops")?.unwrap_or(32_000);
+    let rest = a.positionals()?;
+    if !rest.is_empty() {
+        bail!("unexpected arguments {rest:?}; usage: xenbackd bench xs [--socket PATH] [--ops N]");
+    }
+    let client = match socket {
+        Some(path) => Client::connect_socket(&path).with_context(|| format!("connecting to {}", path.display()))?,
+        None => Client::connect().context("connecting to xenstore")?,
+    };
+    setup(&client, 16)?;
+    println!("xenstore client benchmark, {ops} operations per case (ops/s)");
+    println!("{:<10} {:>12} {:>12} {:>14}", "op", "1 thread", "16 threads", "pipelined x64");
+    for op in [Op::Read, Op::Write, Op::Directory] {
+        let one = measure(&client, op, 1, ops, false)?;
+        let many = measure(&client, op, 16, ops, false)?;
+        let piped = measure(&client, op, 1, ops, true)?;
+        println!("{:<10} {:>12.0} {:>12.0} {:>14.0}", op.name(), one, many, piped);
+    }
+    client.rm(TxId::NONE, "/bench")?;
+    Ok(0)
+}
