@@ -3,6 +3,9 @@
 //! done with direct ioctls and no libxenevtchn.
 #![deny(missing_docs)]
 
+pub mod abi;
 mod channel;
+mod device;
 
 pub use channel::{DomId, Error, EventChannel, Port, Result};
+pub use device::{XenEvtchn, EVTCHN_PATH};
