@@ -871,6 +871,26 @@ mod tests {
     }
 
     #[test]
+    fn device_frames_over_4096_bytes_are_refused_before_sending() {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let dev = transport::DeviceTransport::from_file(std::fs::File::from(a));
+        let c = Client::from_transport(Box::new(dev), Options::default()).unwrap();
+        assert_eq!(c.transport_kind(), TransportKind::Device);
+        let value = vec![b'v'; crate::abi::XENSTORE_PAYLOAD_MAX - HEADER_LEN - 2];
+        let err = c.write(TxId::NONE, "/a", &value).unwrap_err();
+        assert_eq!(err.errno(), Some(XsErrno::E2BIG), "{err}");
+        // The largest frame that fits goes out as one message.
+        let fits = vec![b'v'; crate::abi::XENSTORE_PAYLOAD_MAX - HEADER_LEN - 3];
+        let pending = c.submit(MsgType::WRITE, TxId::NONE, [b"/a\0".as_slice(), &fits].concat()).unwrap();
+        let mut buf = vec![0u8; 8192];
+        assert_eq!(UnixStream::from(b).read(&mut buf).unwrap(), crate::abi::XENSTORE_PAYLOAD_MAX);
+        drop(pending);
+        // Drop returns although the reader stays blocked on the "device".
+        drop(c);
+    }
+
+    #[test]
     fn dropping_last_clone_closes_the_socket() {
         let (a, mut b) = UnixStream::pair().unwrap();
         let c = Client::from_stream(a).unwrap();

@@ -150,8 +150,13 @@ impl DeviceTransport {
             .read(true)
             .write(true)
             .open(path)
-            .map(|file| DeviceTransport { file })
+            .map(DeviceTransport::from_file)
             .map_err(|source| TransportError::Open { path: path.to_path_buf(), source })
+    }
+
+    /// Wraps an open device (or, in tests, any file with message boundaries).
+    pub fn from_file(file: File) -> Self {
+        DeviceTransport { file }
     }
 }
 
@@ -311,6 +316,25 @@ mod tests {
         for p in ["/run/xenstored/socket", "/var/run/xenstored/socket", "/dev/xen/xenbus", "/proc/xen/xenbus"] {
             assert!(err.contains(p), "{err}");
         }
+    }
+
+    /// A SOCK_SEQPACKET pair keeps write boundaries, as the device's messages.
+    fn seqpacket_pair() -> (File, UnixStream) {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        (File::from(a), UnixStream::from(b))
+    }
+
+    #[test]
+    fn device_transport_writes_each_frame_with_its_own_write() {
+        let (dev, peer) = seqpacket_pair();
+        let t = DeviceTransport::from_file(dev);
+        t.send(&[b"first", b"second"]).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!((&peer).read(&mut buf).unwrap(), 5);
+        assert_eq!((&peer).read(&mut buf).unwrap(), 6);
+        assert_eq!(t.max_frame(), 4096);
+        assert!(!t.shutdown());
     }
 
     #[test]
