@@ -1,0 +1,318 @@
+//! The device-type API: what a concrete backend implements ([`DeviceType`],
+//! [`Device`], [`RingHandler`]) and the typed helpers it gets instead of
+//! xenstore paths and the state machine ([`DeviceCtx`]).
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use evtchn::{DomId, EventChannel, Port};
+use gnttab::{GrantMapper, GrantMapping, GrantRef};
+use xs_wire::{TxId, XsErrno};
+
+use crate::error::DeviceError;
+use crate::key::DeviceKey;
+use crate::platform::Platform;
+use crate::state::Protocol;
+
+/// Bytes of a node value kept in error messages.
+const VALUE_IN_ERROR: usize = 64;
+
+/// A kind of device (`vbd`, ...): the framework watches `backend/<name>`
+/// and asks this for a [`Device`] per backend directory that appears.
+pub trait DeviceType: Send + Sync + 'static {
+    /// The xenstore name of the type (`backend/<name>/...`).
+    fn name(&self) -> &str;
+    /// Creates the device for a new backend directory. Nothing is mapped yet.
+    fn create(&self, ctx: &DeviceCtx) -> Result<Box<dyn Device>, DeviceError>;
+}
+
+/// One device instance. The framework calls these from its xenbus thread, in
+/// the order of the state machine (see `docs/backend.md`):
+/// `init` -> `connect` -> `connected` -> `disconnect` (-> `init` again on
+/// reconnection), and drops the device when its backend directory goes away.
+pub trait Device: Send {
+    /// Prepares the device before the frontend is ready (open the disk, write
+    /// feature nodes with [`DeviceCtx::write`]). The backend then goes to
+    /// InitWait.
+    fn init(&mut self, ctx: &DeviceCtx) -> Result<(), DeviceError>;
+    /// The frontend is Initialised or Connected: read its nodes, map rings,
+    /// bind event channels. The returned rings are handed to workers and the
+    /// backend goes to Connected.
+    fn connect(&mut self, ctx: &DeviceCtx) -> Result<Vec<RingSetup>, DeviceError>;
+    /// The backend state is Connected and the rings are served.
+    fn connected(&mut self, _ctx: &DeviceCtx) {}
+    /// The rings were taken back from the workers (their handlers already
+    /// finished in-flight requests and were dropped); release what `connect`
+    /// set up besides them.
+    fn disconnect(&mut self, _ctx: &DeviceCtx) {}
+    /// A node below the backend directory changed (not one the framework
+    /// owns: `state`, `hotplug-status`, `error`).
+    fn backend_changed(&mut self, _ctx: &DeviceCtx, _node: &str) -> Result<(), DeviceError> {
+        Ok(())
+    }
+}
+
+/// What a ring handler reports after a pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Responses were pushed and the frontend asked to be notified.
+    pub notify: bool,
+    /// The budget ran out with requests left: call again soon.
+    pub more: bool,
+}
+
+/// Serves one shared ring on a worker thread. Owned by that worker.
+pub trait RingHandler: Send {
+    /// Takes at most `budget` requests off the ring, handles them, pushes
+    /// responses. An error fails the device (hostile or broken ring).
+    fn process(&mut self, budget: usize) -> Result<Progress, DeviceError>;
+    /// An fd (e.g. an I/O engine's completion eventfd) that, when readable,
+    /// means [`RingHandler::process`] has work besides the ring.
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The ring is being taken away (disconnect or shutdown): finish the
+    /// requests in flight and push their responses. Returns whether the
+    /// frontend must be notified.
+    fn quiesce(&mut self) -> bool {
+        false
+    }
+}
+
+/// An event-channel port bound to the frontend, on its own handle.
+pub struct BoundPort {
+    evtchn: Box<dyn EventChannel>,
+    port: Port,
+}
+
+impl BoundPort {
+    /// Binds a new handle to `remote_port` of `remote`.
+    pub fn bind(evtchn: Box<dyn EventChannel>, remote: DomId, remote_port: Port) -> Result<Self, DeviceError> {
+        let port = evtchn.bind_interdomain(remote, remote_port)?;
+        Ok(BoundPort { evtchn, port })
+    }
+
+    /// The local port.
+    pub fn port(&self) -> Port {
+        self.port
+    }
+
+    /// Signals the frontend.
+    pub fn notify(&self) -> Result<(), DeviceError> {
+        Ok(self.evtchn.notify(self.port)?)
+    }
+
+    /// The handle (for polling and taking pending events).
+    pub fn handle(&self) -> &dyn EventChannel {
+        &*self.evtchn
+    }
+}
+
+impl Drop for BoundPort {
+    fn drop(&mut self) {
+        if let Err(e) = self.evtchn.unbind(self.port) {
+            log::debug!("Unbinding port {}: {e}", self.port);
+        }
+    }
+}
+
+impl core::fmt::Debug for BoundPort {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BoundPort").field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+/// A ring to serve: its event channel and its handler. The worker that
+/// receives it owns both.
+pub struct RingSetup {
+    /// The bound port the frontend notifies.
+    pub port: BoundPort,
+    /// The handler.
+    pub handler: Box<dyn RingHandler>,
+}
+
+/// Everything a device may do with xenstore and the host, relative to its
+/// own directories. Backend writes are collected and committed by the
+/// framework in one transaction with the next state change, and only while
+/// the backend directory still exists (a removed device is never recreated
+/// by a late write).
+pub struct DeviceCtx {
+    platform: Platform,
+    key: DeviceKey,
+    backend_path: String,
+    frontend_path: String,
+    writes: std::sync::Mutex<Vec<(String, Vec<u8>)>>,
+}
+
+impl DeviceCtx {
+    /// A context for the device `key` with its backend and frontend directories.
+    pub fn new(platform: Platform, key: DeviceKey, backend_path: String, frontend_path: String) -> Self {
+        DeviceCtx { platform, key, backend_path, frontend_path, writes: Default::default() }
+    }
+
+    /// The device's key.
+    pub fn key(&self) -> &DeviceKey {
+        &self.key
+    }
+
+    /// The frontend's domain.
+    pub fn frontend_domid(&self) -> DomId {
+        self.key.frontend
+    }
+
+    /// The backend's own domain.
+    pub fn backend_domid(&self) -> DomId {
+        self.platform.domid()
+    }
+
+    /// The backend directory (for log messages).
+    pub fn backend_path(&self) -> &str {
+        &self.backend_path
+    }
+
+    /// The frontend directory (for log messages).
+    pub fn frontend_path(&self) -> &str {
+        &self.frontend_path
+    }
+
+    /// The grant mapper, for data copies.
+    pub fn grants(&self) -> &Arc<dyn GrantMapper> {
+        self.platform.grants()
+    }
+
+    fn read_opt(&self, dir: &str, node: &str) -> Result<Option<Vec<u8>>, DeviceError> {
+        match self.platform.xenstore().read(TxId::NONE, &format!("{dir}/{node}")) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.errno() == Some(XsErrno::ENOENT) => Ok(None),
+            Err(e) => Err(DeviceError::Xenstore(e)),
+        }
+    }
+
+    fn opt_string(node: &str, v: Option<Vec<u8>>) -> Result<Option<String>, DeviceError> {
+        v.map(|v| {
+            let mut s = String::from_utf8(v).map_err(|e| bad(node, e.as_bytes()))?;
+            while s.ends_with('\0') {
+                s.pop();
+            }
+            Ok(s)
+        })
+        .transpose()
+    }
+
+    fn opt_int<T: core::str::FromStr>(node: &str, v: Option<String>) -> Result<Option<T>, DeviceError> {
+        v.map(|s| s.trim().parse::<T>().map_err(|_| bad(node, s.as_bytes()))).transpose()
+    }
+
+    /// A frontend node as a string, `None` if absent.
+    pub fn frontend_str_opt(&self, node: &str) -> Result<Option<String>, DeviceError> {
+        Self::opt_string(node, self.read_opt(&self.frontend_path, node)?)
+    }
+
+    /// A frontend node as a string; absent is an error.
+    pub fn frontend_str(&self, node: &str) -> Result<String, DeviceError> {
+        self.frontend_str_opt(node)?.ok_or_else(|| DeviceError::MissingNode(node.to_string()))
+    }
+
+    /// A frontend node as a number, `None` if absent.
+    pub fn frontend_int_opt<T: core::str::FromStr>(&self, node: &str) -> Result<Option<T>, DeviceError> {
+        Self::opt_int(node, self.frontend_str_opt(node)?)
+    }
+
+    /// A frontend node as a number; absent is an error.
+    pub fn frontend_int<T: core::str::FromStr>(&self, node: &str) -> Result<T, DeviceError> {
+        self.frontend_int_opt(node)?.ok_or_else(|| DeviceError::MissingNode(node.to_string()))
+    }
+
+    /// A backend node (written by the toolstack) as a string, `None` if absent.
+    pub fn backend_str_opt(&self, node: &str) -> Result<Option<String>, DeviceError> {
+        Self::opt_string(node, self.read_opt(&self.backend_path, node)?)
+    }
+
+    /// A backend node as a string; absent is an error.
+    pub fn backend_str(&self, node: &str) -> Result<String, DeviceError> {
+        self.backend_str_opt(node)?.ok_or_else(|| DeviceError::MissingNode(node.to_string()))
+    }
+
+    /// A backend node as a number, `None` if absent.
+    pub fn backend_int_opt<T: core::str::FromStr>(&self, node: &str) -> Result<Option<T>, DeviceError> {
+        Self::opt_int(node, self.backend_str_opt(node)?)
+    }
+
+    /// A backend node as a number; absent is an error.
+    pub fn backend_int<T: core::str::FromStr>(&self, node: &str) -> Result<T, DeviceError> {
+        self.backend_int_opt(node)?.ok_or_else(|| DeviceError::MissingNode(node.to_string()))
+    }
+
+    /// Queues a write of a backend node (e.g. `feature-flush-cache = 1`),
+    /// committed with the next state change.
+    pub fn write(&self, node: &str, value: impl core::fmt::Display) {
+        self.lock_writes().push((node.to_string(), value.to_string().into_bytes()));
+    }
+
+    fn lock_writes(&self) -> std::sync::MutexGuard<'_, Vec<(String, Vec<u8>)>> {
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the queued writes (the framework commits them).
+    #[allow(dead_code)]
+    pub(crate) fn take_writes(&self) -> Vec<(String, Vec<u8>)> {
+        std::mem::take(&mut *self.lock_writes())
+    }
+
+    /// The frontend's `protocol` node (absent: native; unknown: error).
+    pub fn protocol(&self) -> Result<Protocol, DeviceError> {
+        Protocol::parse(self.frontend_str_opt("protocol")?.as_deref())
+    }
+
+    /// Maps grants of the frontend as one contiguous range.
+    pub fn map_grants(&self, refs: &[GrantRef], writable: bool) -> Result<GrantMapping, DeviceError> {
+        Ok(self.platform.grants().map(self.key.frontend, refs, writable)?)
+    }
+
+    /// Reads the ring references below `prefix` (`""` or `"queue-N/"`) as
+    /// Linux frontends write them: `ring-page-order` absent or 0 with
+    /// `ring-ref`, else `ring-ref0` .. `ring-ref<2^order - 1>`. Orders above
+    /// `max_order` are an error.
+    pub fn ring_refs(&self, prefix: &str, max_order: u32) -> Result<Vec<GrantRef>, DeviceError> {
+        let order_node = format!("{prefix}ring-page-order");
+        let order: u32 = self.frontend_int_opt(&order_node)?.unwrap_or(0);
+        if order > max_order {
+            return Err(DeviceError::BadNode { node: order_node, value: order.to_string() });
+        }
+        let read = |node: String| self.frontend_int::<u32>(&node).map(GrantRef);
+        if order == 0 {
+            // Linux writes `ring-ref` for a single page even when it also
+            // wrote `ring-page-order = 0`; some frontends write `ring-ref0`.
+            return match self.frontend_str_opt(&format!("{prefix}ring-ref"))? {
+                Some(_) => Ok(vec![read(format!("{prefix}ring-ref"))?]),
+                None => Ok(vec![read(format!("{prefix}ring-ref0"))?]),
+            };
+        }
+        (0..1u32 << order).map(|i| read(format!("{prefix}ring-ref{i}"))).collect()
+    }
+
+    /// Maps the ring below `prefix` (see [`DeviceCtx::ring_refs`]) writable.
+    pub fn map_ring(&self, prefix: &str, max_order: u32) -> Result<GrantMapping, DeviceError> {
+        let refs = self.ring_refs(prefix, max_order)?;
+        self.map_grants(&refs, true)
+    }
+
+    /// Binds the frontend's event channel named by `node` (e.g.
+    /// `event-channel` or `queue-0/event-channel`) on a new handle.
+    pub fn bind_event_channel(&self, node: &str) -> Result<BoundPort, DeviceError> {
+        let remote: u32 = self.frontend_int(node)?;
+        BoundPort::bind(self.platform.open_evtchn()?, self.key.frontend, Port(remote))
+    }
+}
+
+impl core::fmt::Debug for DeviceCtx {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DeviceCtx").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+/// A [`DeviceError::BadNode`] with the value cut to a readable length.
+fn bad(node: &str, value: &[u8]) -> DeviceError {
+    let value = String::from_utf8_lossy(&value[..value.len().min(VALUE_IN_ERROR)]).into_owned();
+    DeviceError::BadNode { node: node.to_string(), value }
+}
