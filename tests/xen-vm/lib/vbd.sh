@@ -47,13 +47,19 @@ wait_for() {
 is_blk() { [ -b "$1" ]; }
 no_blk() { [ ! -b "$1" ]; }
 be_state_is() { [ "$(xenstore-read "$VBD_B/state" 2>/dev/null)" = "$1" ]; }
+# Closed (6), or the backend removed its own directory (QEMU's xen-bus does)
+be_closed_or_gone() {
+    _st=$(xenstore-read "$VBD_B/state" 2>/dev/null) || { ! xenstore-exists "$VBD_B" 2>/dev/null; return; }
+    [ "$_st" = 6 ]
+}
 
 # vbd_detach: like xl block-detach: backend online=0 and state=5 (Closing),
-# wait for Closed (6), then remove both directories. 0 if the backend closed.
+# wait for Closed (6) or the backend directory gone, then remove both
+# directories. 0 if the backend closed.
 vbd_detach() {
     _rc=0
     xenstore-write $VBD_B/online 0 $VBD_B/state 5
-    wait_for "backend Closed" 20 be_state_is 6 || _rc=1
+    wait_for "backend Closed" 20 be_closed_or_gone || _rc=1
     xenstore-rm $VBD_F; xenstore-rm $VBD_B
     return $_rc
 }
