@@ -5,12 +5,18 @@
 
 pub mod abi;
 pub mod buffer;
+pub mod config;
+pub mod connection;
 pub mod disk;
 pub mod engine;
 pub mod queue;
 pub mod request;
+pub mod ring;
+pub mod worker;
 
 pub use buffer::AlignedBuf;
+pub use config::{ConfigError, DiskConfig, FrontendConfig, Offer, QueueConfig};
+pub use connection::{map_queues, Pass, QueueError, RingQueue};
 pub use disk::{Disk, DiskError, DiskKind};
 pub use engine::{Completion, EngineError, IoEngine, IoOp, ThreadPoolEngine};
 pub use queue::{QueueExecutor, QueueStats};
@@ -18,3 +24,5 @@ pub use request::{
     parse, parse_indirect_segments, Abi, Direction, DiskLimits, Fault, Request, RequestError, RequestKind, Response,
     Segment, Status,
 };
+pub use ring::{BackRing, FrontRing, RingError};
+pub use worker::{spawn_workers, QueueWorker, WorkerError};

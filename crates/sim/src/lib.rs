@@ -4,5 +4,6 @@
 //! hypervisor.
 #![deny(missing_docs)]
 
+pub mod blkfront;
 pub mod host;
 pub mod xenstored;

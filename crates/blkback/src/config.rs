@@ -1,0 +1,351 @@
+//! What the toolstack and the frontend write to xenstore, read into plain
+//! values, and what the backend writes back; no xenstore access here, so the
+//! rules are tested directly.
+//!
+//! Node names and order follow Linux (`drivers/block/xen-blkback/xenbus.c`,
+//! `xen-blkfront.c`) and QEMU (`hw/block/xen-block.c`):
+//! - toolstack → backend: `params` (`aio:/path`, `raw:/path`, `/path`),
+//!   `format` (`raw` or absent), `mode` (`r` / `w`), `device-type`
+//!   (`cdrom` / `disk`);
+//! - backend, before `InitWait` (blkfront reads them in `talk_to_blkback`):
+//!   `feature-max-indirect-segments`, `max-ring-page-order`,
+//!   `multi-queue-max-queues`;
+//! - frontend, before `Initialised`: `ring-ref` (one page) or
+//!   `ring-ref0..N` with `ring-page-order`, `event-channel`, or
+//!   `multi-queue-num-queues` with `queue-%u/{ring-ref*,event-channel}`,
+//!   `protocol`, `feature-persistent`;
+//! - backend, before `Connected` (blkfront reads them in `blkfront_connect`):
+//!   `feature-flush-cache`, `feature-barrier`, `feature-discard` with
+//!   `discard-granularity`, `discard-alignment`, `discard-secure`,
+//!   `sectors`, `info`, `sector-size`, `physical-sector-size`.
+
+use std::path::PathBuf;
+
+use evtchn::Port;
+use gnttab::GrantRef;
+
+use crate::disk::Disk;
+use crate::request::{Abi, DiskLimits};
+
+/// `VDISK_CDROM` (`blkif.h`).
+pub const VDISK_CDROM: u32 = 1;
+/// `VDISK_REMOVABLE`.
+pub const VDISK_REMOVABLE: u32 = 2;
+/// `VDISK_READONLY`.
+pub const VDISK_READONLY: u32 = 4;
+/// Largest `ring-page-order` offered (16 pages, as Linux's `xen_blkif_max_ring_order` allows).
+pub const MAX_RING_PAGE_ORDER: u32 = 4;
+/// Indirect segments offered per request (Linux blkback's `MAX_INDIRECT_SEGMENTS`).
+pub const MAX_INDIRECT_SEGMENTS: u16 = 256;
+
+/// Configuration errors; each becomes the device's `error` node.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A node that must be there is missing.
+    #[error("Missing node {0}")]
+    Missing(String),
+    /// A node's value cannot be used.
+    #[error("Bad value {value:?} in node {node}")]
+    Bad {
+        /// Node name.
+        node: String,
+        /// What it held.
+        value: String,
+    },
+    /// A disk format other than raw.
+    #[error("Unsupported disk format {0:?} (only raw)")]
+    Format(String),
+    /// `params` names a driver we do not have (`qcow2:`, `vhd:`, ...).
+    #[error("Unsupported disk driver {0:?}")]
+    Driver(String),
+    /// `multi-queue-num-queues` above what we offered.
+    #[error("Frontend asks for {asked} queues, {offered} offered")]
+    TooManyQueues {
+        /// Requested.
+        asked: u32,
+        /// Offered.
+        offered: u32,
+    },
+    /// `ring-page-order` above what we offered.
+    #[error("Frontend ring order {asked} above {offered}")]
+    RingOrder {
+        /// Requested.
+        asked: u32,
+        /// Offered.
+        offered: u32,
+    },
+}
+
+/// The disk a backend directory describes (toolstack nodes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The file or block device.
+    pub path: PathBuf,
+    /// `mode` is `r`, or the device is a CD-ROM.
+    pub read_only: bool,
+    /// `device-type` is `cdrom`.
+    pub cdrom: bool,
+}
+
+impl DiskConfig {
+    /// From the toolstack's nodes: `params`, `format`, `mode`, `device-type`
+    /// (read through `read`, relative to the backend directory).
+    pub fn read(read: impl Fn(&str) -> Option<String>) -> Result<DiskConfig, ConfigError> {
+        let params = read("params").ok_or_else(|| ConfigError::Missing("params".into()))?;
+        if let Some(format) = read("format") {
+            if !format.is_empty() && format != "raw" {
+                return Err(ConfigError::Format(format));
+            }
+        }
+        let path = parse_params(&params)?;
+        let mode = read("mode").unwrap_or_else(|| "w".into());
+        let read_only = match mode.as_str() {
+            "r" | "ro" => true,
+            "w" | "rw" | "w!" => false,
+            _ => return Err(ConfigError::Bad { node: "mode".into(), value: mode }),
+        };
+        let cdrom = read("device-type").is_some_and(|t| t == "cdrom");
+        Ok(DiskConfig { path, read_only: read_only || cdrom, cdrom })
+    }
+}
+
+/// The path in a `params` node: `/path`, `aio:/path`, `raw:/path` or
+/// `aio:raw:/path` (xl's qdisk forms); other drivers are refused.
+pub fn parse_params(params: &str) -> Result<PathBuf, ConfigError> {
+    let mut rest = params.trim();
+    loop {
+        match rest.split_once(':') {
+            Some((prefix, tail)) if !prefix.contains('/') => match prefix {
+                "aio" | "raw" | "file" | "phy" => rest = tail,
+                other => return Err(ConfigError::Driver(other.into())),
+            },
+            _ => break,
+        }
+    }
+    if rest.is_empty() {
+        return Err(ConfigError::Bad { node: "params".into(), value: params.into() });
+    }
+    Ok(PathBuf::from(rest))
+}
+
+/// What the backend offers; written before `InitWait` and checked against
+/// the frontend's choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offer {
+    /// `multi-queue-max-queues`.
+    pub max_queues: u32,
+    /// `max-ring-page-order`.
+    pub max_ring_page_order: u32,
+    /// `feature-max-indirect-segments`.
+    pub max_indirect_segments: u16,
+}
+
+impl Default for Offer {
+    fn default() -> Self {
+        Offer { max_queues: 4, max_ring_page_order: MAX_RING_PAGE_ORDER, max_indirect_segments: MAX_INDIRECT_SEGMENTS }
+    }
+}
+
+impl Offer {
+    /// The nodes written at probe time, before `InitWait`, in Linux's order.
+    pub fn nodes(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("feature-max-indirect-segments", self.max_indirect_segments.to_string()),
+            ("max-ring-page-order", self.max_ring_page_order.to_string()),
+            ("multi-queue-max-queues", self.max_queues.to_string()),
+        ]
+    }
+}
+
+/// The limits requests of `disk` are checked against.
+pub fn disk_limits(disk: &Disk, offer: &Offer) -> DiskLimits {
+    let read_only = disk.is_read_only();
+    DiskLimits {
+        sectors: disk.sectors(),
+        read_only,
+        discard: !read_only,
+        barrier: !read_only,
+        flush: !read_only,
+        max_indirect_segments: offer.max_indirect_segments,
+    }
+}
+
+/// The nodes written just before `Connected`, in Linux blkback's order
+/// (`connect()` in `xenbus.c`).
+pub fn connect_nodes(disk: &Disk, cfg: &DiskConfig) -> Vec<(&'static str, String)> {
+    let mut info = 0;
+    if disk.is_read_only() {
+        info |= VDISK_READONLY;
+    }
+    if cfg.cdrom {
+        info |= VDISK_CDROM;
+    }
+    let flag = |b: bool| u8::from(b).to_string();
+    let writable = !disk.is_read_only();
+    let mut nodes = vec![("feature-flush-cache", flag(writable))];
+    if writable {
+        // Discard of a file punches holes, sector by sector.
+        nodes.push(("discard-granularity", disk.logical_sector_size().to_string()));
+        nodes.push(("discard-alignment", "0".into()));
+        nodes.push(("discard-secure", "0".into()));
+    }
+    nodes.push(("feature-discard", flag(writable)));
+    nodes.push(("feature-barrier", flag(writable)));
+    // blkif counts 512-byte sectors whatever the logical sector size.
+    nodes.push(("sectors", disk.sectors().to_string()));
+    nodes.push(("info", info.to_string()));
+    nodes.push(("sector-size", disk.logical_sector_size().to_string()));
+    nodes.push(("physical-sector-size", disk.physical_sector_size().to_string()));
+    nodes
+}
+
+/// One ring of the frontend: its pages and event channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// The ring's grant references, in page order.
+    pub ring_refs: Vec<GrantRef>,
+    /// The frontend's port.
+    pub event_channel: Port,
+}
+
+/// The frontend's choice, read when it reaches `Initialised`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendConfig {
+    /// The ring layout (`protocol`).
+    pub abi: Abi,
+    /// `ring-page-order` (0 when absent).
+    pub ring_page_order: u32,
+    /// One entry per queue.
+    pub queues: Vec<QueueConfig>,
+    /// `feature-persistent` was set (we ignore it: we grant-copy).
+    pub persistent: bool,
+}
+
+fn number(read: &impl Fn(&str) -> Option<String>, node: &str) -> Result<Option<u32>, ConfigError> {
+    match read(node) {
+        None => Ok(None),
+        Some(v) => v.trim().parse().map(Some).map_err(|_| ConfigError::Bad { node: node.into(), value: v }),
+    }
+}
+
+fn required(read: &impl Fn(&str) -> Option<String>, node: &str) -> Result<u32, ConfigError> {
+    number(read, node)?.ok_or_else(|| ConfigError::Missing(node.into()))
+}
+
+impl FrontendConfig {
+    /// Reads the frontend's nodes through `read` (paths relative to the
+    /// frontend directory), checking them against `offer`.
+    pub fn read(read: impl Fn(&str) -> Option<String>, offer: &Offer) -> Result<FrontendConfig, ConfigError> {
+        let abi = match read("protocol") {
+            None => Abi::Native,
+            Some(p) => Abi::from_protocol(&p).ok_or(ConfigError::Bad { node: "protocol".into(), value: p })?,
+        };
+        let ring_page_order = number(&read, "ring-page-order")?.unwrap_or(0);
+        if ring_page_order > offer.max_ring_page_order {
+            return Err(ConfigError::RingOrder { asked: ring_page_order, offered: offer.max_ring_page_order });
+        }
+        let nr_queues = number(&read, "multi-queue-num-queues")?.unwrap_or(1);
+        if nr_queues == 0 || nr_queues > offer.max_queues {
+            return Err(ConfigError::TooManyQueues { asked: nr_queues, offered: offer.max_queues });
+        }
+        let persistent = number(&read, "feature-persistent")?.unwrap_or(0) != 0;
+        let mut queues = Vec::with_capacity(nr_queues as usize);
+        for q in 0..nr_queues {
+            let dir = if nr_queues == 1 { String::new() } else { format!("queue-{q}/") };
+            queues.push(read_queue(&read, &dir, ring_page_order)?);
+        }
+        Ok(FrontendConfig { abi, ring_page_order, queues, persistent })
+    }
+}
+
+fn read_queue(read: &impl Fn(&str) -> Option<String>, dir: &str, order: u32) -> Result<QueueConfig, ConfigError> {
+    let event_channel = Port(required(read, &format!("{dir}event-channel"))?);
+    let ring_refs = if order == 0 {
+        // Some frontends write ring-ref0 even for one page; accept both.
+        let single = number(read, &format!("{dir}ring-ref"))?;
+        let r = match single {
+            Some(r) => r,
+            None => required(read, &format!("{dir}ring-ref0"))?,
+        };
+        vec![GrantRef(r)]
+    } else {
+        (0..1u32 << order)
+            .map(|i| required(read, &format!("{dir}ring-ref{i}")).map(GrantRef))
+            .collect::<Result<_, _>>()?
+    };
+    Ok(QueueConfig { ring_refs, event_channel })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn reader(nodes: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = nodes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn params_accepts_xl_qdisk_forms_and_refuses_other_drivers() {
+        assert_eq!(parse_params("/var/disk.img").unwrap(), PathBuf::from("/var/disk.img"));
+        assert_eq!(parse_params("aio:/d").unwrap(), PathBuf::from("/d"));
+        assert_eq!(parse_params("raw:/d").unwrap(), PathBuf::from("/d"));
+        assert_eq!(parse_params("aio:raw:/d").unwrap(), PathBuf::from("/d"));
+        assert_eq!(parse_params("qcow2:/d"), Err(ConfigError::Driver("qcow2".into())));
+        assert!(parse_params("aio:").is_err());
+    }
+
+    #[test]
+    fn non_raw_format_is_refused_and_mode_r_is_read_only() {
+        let e = DiskConfig::read(reader(&[("params", "/d"), ("format", "qcow2")])).unwrap_err();
+        assert_eq!(e, ConfigError::Format("qcow2".into()));
+        let c = DiskConfig::read(reader(&[("params", "/d"), ("format", "raw"), ("mode", "r")])).unwrap();
+        assert!(c.read_only);
+        let c = DiskConfig::read(reader(&[("params", "/d"), ("mode", "w"), ("device-type", "cdrom")])).unwrap();
+        assert!(c.read_only && c.cdrom);
+    }
+
+    #[test]
+    fn single_queue_single_page_frontend_as_linux_writes_it() {
+        let f = FrontendConfig::read(
+            reader(&[("ring-ref", "8"), ("event-channel", "5"), ("protocol", "x86_32-abi")]),
+            &Offer::default(),
+        )
+        .unwrap();
+        assert_eq!(f.abi, Abi::X86_32);
+        assert_eq!(f.queues, vec![QueueConfig { ring_refs: vec![GrantRef(8)], event_channel: Port(5) }]);
+    }
+
+    #[test]
+    fn multi_queue_multi_page_frontend_reads_every_queue_directory() {
+        let f = FrontendConfig::read(
+            reader(&[
+                ("ring-page-order", "1"),
+                ("multi-queue-num-queues", "2"),
+                ("queue-0/ring-ref0", "10"),
+                ("queue-0/ring-ref1", "11"),
+                ("queue-0/event-channel", "3"),
+                ("queue-1/ring-ref0", "12"),
+                ("queue-1/ring-ref1", "13"),
+                ("queue-1/event-channel", "4"),
+            ]),
+            &Offer::default(),
+        )
+        .unwrap();
+        assert_eq!(f.abi, Abi::Native);
+        assert_eq!(f.queues[1].ring_refs, vec![GrantRef(12), GrantRef(13)]);
+        assert_eq!(f.queues[1].event_channel, Port(4));
+    }
+
+    #[test]
+    fn frontend_asking_beyond_the_offer_is_refused() {
+        let offer = Offer { max_queues: 2, ..Offer::default() };
+        let e = FrontendConfig::read(reader(&[("multi-queue-num-queues", "3")]), &offer).unwrap_err();
+        assert_eq!(e, ConfigError::TooManyQueues { asked: 3, offered: 2 });
+        let e = FrontendConfig::read(reader(&[("ring-page-order", "9")]), &offer).unwrap_err();
+        assert!(matches!(e, ConfigError::RingOrder { asked: 9, .. }));
+        let e = FrontendConfig::read(reader(&[("ring-ref", "1")]), &offer).unwrap_err();
+        assert_eq!(e, ConfigError::Missing("event-channel".into()));
+    }
+}

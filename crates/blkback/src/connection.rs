@@ -1,0 +1,232 @@
+//! One connected queue: the frontend's ring (grant-mapped) and the
+//! [`QueueExecutor`] behind it. [`RingQueue::process`] is what a worker
+//! calls whenever the port fired or storage completed.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use evtchn::Port;
+use gnttab::{DomId, GrantMapper, GrantMapping, GrantRef};
+
+use crate::config::FrontendConfig;
+use crate::disk::Disk;
+use crate::engine::ThreadPoolEngine;
+use crate::queue::{QueueExecutor, QueueStats};
+use crate::request::DiskLimits;
+use crate::request::{Abi, Response};
+use crate::ring::{BackRing, RingError};
+
+/// Errors of connecting or serving a queue.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Mapping the ring's grants failed.
+    #[error("Cannot map the ring of queue {queue}")]
+    Map {
+        /// Queue number.
+        queue: usize,
+        /// The cause.
+        #[source]
+        source: gnttab::Error,
+    },
+    /// Binding the frontend's event channel failed.
+    #[error("Cannot bind event channel {port} of queue {queue}")]
+    Bind {
+        /// Queue number.
+        queue: usize,
+        /// The frontend's port.
+        port: Port,
+        /// The cause.
+        #[source]
+        source: evtchn::Error,
+    },
+    /// The ring is unusable (too small, or the frontend broke it).
+    #[error("Ring of queue {queue} failed")]
+    Ring {
+        /// Queue number.
+        queue: usize,
+        /// The cause.
+        #[source]
+        source: RingError,
+    },
+    /// The queue's I/O engine did not start.
+    #[error("Cannot start the I/O engine of queue {queue}")]
+    Engine {
+        /// Queue number.
+        queue: usize,
+        /// The cause.
+        #[source]
+        source: crate::engine::EngineError,
+    },
+    /// Notifying the frontend failed.
+    #[error("Cannot notify the frontend of queue {queue}")]
+    Notify {
+        /// Queue number.
+        queue: usize,
+        /// The cause.
+        #[source]
+        source: evtchn::Error,
+    },
+}
+
+/// What a pass over the ring did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Responses were published and the frontend asked to be notified.
+    pub notify: bool,
+    /// The budget ran out with requests left.
+    pub more: bool,
+}
+
+/// A connected queue: the mapped ring and the executor behind it. Event
+/// channels are the caller's (the framework's worker or [`crate::QueueWorker`]).
+pub struct RingQueue {
+    index: usize,
+    ring: BackRing,
+    abi: Abi,
+    exec: QueueExecutor,
+    slot: Vec<u8>,
+    rsp: Vec<u8>,
+    responses: Vec<Response>,
+}
+
+impl RingQueue {
+    /// Queue `index` over the mapped `ring` memory, served by `exec` (whose
+    /// ABI sets the slot size).
+    pub fn new(index: usize, mem: GrantMapping, exec: QueueExecutor) -> Result<Self, QueueError> {
+        let abi = exec.abi();
+        let ring = BackRing::new(mem, abi.slot_size()).map_err(|source| QueueError::Ring { queue: index, source })?;
+        Ok(RingQueue {
+            index,
+            ring,
+            abi,
+            exec,
+            slot: vec![0; abi.slot_size()],
+            rsp: vec![0; abi.response_size()],
+            responses: Vec::new(),
+        })
+    }
+
+    /// Maps queue `index`'s ring from `frontend` and serves it with `exec`.
+    pub fn map(
+        index: usize,
+        frontend: DomId,
+        refs: &[GrantRef],
+        grants: &dyn GrantMapper,
+        exec: QueueExecutor,
+    ) -> Result<Self, QueueError> {
+        let mem = grants.map(frontend, refs, true).map_err(|source| QueueError::Map { queue: index, source })?;
+        let q = RingQueue::new(index, mem, exec)?;
+        log::debug!("dom{frontend} queue {index}: {} ring pages, {} slots", refs.len(), q.ring.size());
+        Ok(q)
+    }
+
+    /// Queue number.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Slots in the ring.
+    pub fn ring_size(&self) -> u32 {
+        self.ring.size()
+    }
+
+    /// Readable while storage completions wait.
+    pub fn completion_fd(&self) -> RawFd {
+        self.exec.completion_fd()
+    }
+
+    /// Requests taken and not answered.
+    pub fn pending(&self) -> usize {
+        self.exec.pending()
+    }
+
+    /// The executor's counters.
+    pub fn stats(&self) -> QueueStats {
+        self.exec.stats()
+    }
+
+    /// Takes up to `budget` waiting requests, collects finished ones and
+    /// publishes the responses. When the ring is left empty, `req_event` is
+    /// armed (`RING_FINAL_CHECK_FOR_REQUESTS`) before answering `more:
+    /// false`. An error means the frontend broke the ring: stop serving it.
+    pub fn process(&mut self, budget: usize) -> Result<Pass, QueueError> {
+        let queue = self.index;
+        let ring_err = |source| QueueError::Ring { queue, source };
+        let mut pass = Pass::default();
+        let mut left = budget;
+        loop {
+            let n = (self.ring.unconsumed().map_err(ring_err)? as usize).min(left);
+            for _ in 0..n {
+                self.ring.take_request(&mut self.slot).map_err(ring_err)?;
+                self.exec.submit(&self.slot, &mut self.responses);
+            }
+            left -= n;
+            self.exec.poll(&mut self.responses);
+            pass.notify |= self.respond()?;
+            if left == 0 {
+                pass.more = self.ring.unconsumed().map_err(ring_err)? > 0;
+                return Ok(pass);
+            }
+            if !self.ring.final_check_for_requests().map_err(ring_err)? {
+                return Ok(pass);
+            }
+        }
+    }
+
+    /// Waits for every request in flight and publishes the responses
+    /// (before the ring is unmapped). Returns whether to notify.
+    pub fn quiesce(&mut self) -> Result<bool, QueueError> {
+        let mut notify = false;
+        while self.exec.pending() > 0 {
+            wait_readable(self.exec.completion_fd());
+            self.exec.poll(&mut self.responses);
+            notify |= self.respond()?;
+        }
+        Ok(notify)
+    }
+
+    fn respond(&mut self) -> Result<bool, QueueError> {
+        if self.responses.is_empty() {
+            return Ok(false);
+        }
+        let queue = self.index;
+        for rsp in self.responses.drain(..) {
+            self.abi.encode_response(&rsp, &mut self.rsp);
+            self.ring.put_response(&self.rsp).map_err(|source| QueueError::Ring { queue, source })?;
+        }
+        self.ring.push_responses().map_err(|source| QueueError::Ring { queue, source })
+    }
+}
+
+/// Maps every queue `cfg` describes and gives each an executor with
+/// `io_threads` I/O threads on `disk`.
+pub fn map_queues(
+    frontend: DomId,
+    cfg: &FrontendConfig,
+    disk: &Arc<Disk>,
+    limits: DiskLimits,
+    grants: &Arc<dyn GrantMapper>,
+    io_threads: usize,
+) -> Result<Vec<RingQueue>, QueueError> {
+    cfg.queues
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let engine = ThreadPoolEngine::new(disk.clone(), io_threads)
+                .map_err(|source| QueueError::Engine { queue: i, source })?;
+            let exec = QueueExecutor::new(cfg.abi, limits, frontend, grants.clone(), Box::new(engine));
+            RingQueue::map(i, frontend, &q.ring_refs, &**grants, exec)
+        })
+        .collect()
+}
+
+/// Blocks until `fd` is readable (or a second passed, to re-check).
+fn wait_readable(fd: RawFd) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    // SAFETY: the executor owns the fd and outlives this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    if let Err(e) = poll(&mut fds, PollTimeout::from(1000u16)) {
+        log::debug!("poll of completion fd: {e}");
+    }
+}

@@ -1,0 +1,176 @@
+//! A simulated blkfront: a guest's block frontend speaking blkif over
+//! simulated grants and event channels, as Linux's `xen-blkfront.c` does.
+//!
+//! [`Blkfront::new`] allocates and grants the rings (one per queue, of
+//! `2^ring_page_order` pages), allocates an unbound port per queue, and
+//! pre-grants a pool of data buffers and indirect pages; [`Blkfront::nodes`]
+//! gives the xenstore nodes to write before `Initialised`, in Linux's order
+//! (`talk_to_blkback`). Each [`FrontQueue`] then submits requests (many in
+//! flight) and collects completions; queues can move to their own threads.
+//! Requests of more than 11 pages go as `BLKIF_OP_INDIRECT`.
+
+mod queue;
+
+use std::sync::Arc;
+
+use blkback::ring::{ring_size, FrontRing, RingError};
+use blkback::Abi;
+use evtchn::EventChannel;
+use gnttab::PAGE_SIZE;
+
+use crate::host::{DomId, SimHost};
+
+pub use queue::{BlkCompletion, BlkOp, FrontQueue};
+
+/// How the frontend sets itself up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlkfrontOptions {
+    /// Ring layout; `Native` writes no `protocol` node.
+    pub abi: Abi,
+    /// Number of queues (rings); more than one writes `multi-queue-num-queues`.
+    pub queues: u32,
+    /// `ring-page-order`: each ring has `2^order` pages.
+    pub ring_page_order: u32,
+    /// Largest request, in bytes (multiple of 4096); above 44 KiB needs indirect.
+    pub max_request_bytes: usize,
+    /// Requests in flight per queue (buffers pre-granted); capped at the ring size.
+    pub depth: usize,
+    /// Use indirect requests for more than 11 pages (needs the backend's
+    /// `feature-max-indirect-segments`).
+    pub indirect: bool,
+}
+
+impl Default for BlkfrontOptions {
+    fn default() -> Self {
+        BlkfrontOptions {
+            abi: Abi::Native,
+            queues: 1,
+            ring_page_order: 0,
+            max_request_bytes: 11 * PAGE_SIZE,
+            depth: 32,
+            indirect: true,
+        }
+    }
+}
+
+/// Errors of the simulated blkfront.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkfrontError {
+    /// Guest memory or grant table.
+    #[error("Guest memory or grant operation failed")]
+    Host(#[from] crate::host::Error),
+    /// Event channel.
+    #[error("Event channel operation failed")]
+    Evtchn(#[from] evtchn::Error),
+    /// The shared ring.
+    #[error("Ring access failed")]
+    Ring(#[from] RingError),
+    /// No free ring slot or buffer: collect completions first.
+    #[error("Queue full")]
+    Full,
+    /// A request larger than the buffers, not a multiple of 512, or needing
+    /// more indirect segments than allowed.
+    #[error("Bad request size {0}")]
+    BadSize(usize),
+    /// Options that cannot work.
+    #[error("Bad option: {0}")]
+    BadOption(&'static str),
+    /// Waiting for an event failed.
+    #[error("Waiting for an event failed")]
+    Wait(#[source] std::io::Error),
+}
+
+/// A guest's block frontend.
+pub struct Blkfront {
+    options: BlkfrontOptions,
+    queues: Vec<FrontQueue>,
+}
+
+impl Blkfront {
+    /// Sets up the frontend of domain `domid` for a backend in `backend`.
+    pub fn new(
+        host: &Arc<SimHost>,
+        domid: DomId,
+        backend: DomId,
+        options: BlkfrontOptions,
+    ) -> Result<Blkfront, BlkfrontError> {
+        if options.queues == 0 || options.ring_page_order > 8 {
+            return Err(BlkfrontError::BadOption("queues must be 1.. and ring-page-order 0..=8"));
+        }
+        if options.max_request_bytes == 0 || options.max_request_bytes % PAGE_SIZE != 0 {
+            return Err(BlkfrontError::BadOption("max_request_bytes must be a positive multiple of 4096"));
+        }
+        let pages = 1usize << options.ring_page_order;
+        let slots = ring_size(pages * PAGE_SIZE, options.abi.slot_size()) as usize;
+        let depth = options.depth.clamp(1, slots);
+        let grants = host.grant_table(domid);
+        let mut queues = Vec::with_capacity(options.queues as usize);
+        for index in 0..options.queues as usize {
+            let ring_pages = grants.alloc_pages(pages)?;
+            let ring_refs = grants.grant_pages(&ring_pages, backend, false)?;
+            let ring = FrontRing::new(queue::RingPages(ring_pages), options.abi.slot_size())?;
+            let evtchn: Box<dyn EventChannel> = Box::new(host.try_evtchn(domid).map_err(BlkfrontError::Wait)?);
+            let port = evtchn.bind_unbound_port(backend)?;
+            let setup = queue::QueueSetup { index, backend, options, depth, ring, ring_refs, evtchn, port };
+            queues.push(FrontQueue::new(setup, &grants)?);
+        }
+        Ok(Blkfront { options, queues })
+    }
+
+    /// The nodes to write in the frontend directory before `Initialised`,
+    /// in Linux's order: `ring-page-order`, `multi-queue-num-queues`, the
+    /// rings and ports (flat for one queue, `queue-%u/` for several),
+    /// `protocol`, `feature-persistent`.
+    pub fn nodes(&self) -> Vec<(String, String)> {
+        let mut nodes = Vec::new();
+        let order = self.options.ring_page_order;
+        if order > 0 {
+            nodes.push(("ring-page-order".to_string(), order.to_string()));
+        }
+        let multi = self.queues.len() > 1;
+        if multi {
+            nodes.push(("multi-queue-num-queues".to_string(), self.queues.len().to_string()));
+        }
+        for q in &self.queues {
+            let dir = if multi { format!("queue-{}/", q.index()) } else { String::new() };
+            if order == 0 {
+                nodes.push((format!("{dir}ring-ref"), q.ring_refs()[0].0.to_string()));
+            } else {
+                for (i, r) in q.ring_refs().iter().enumerate() {
+                    nodes.push((format!("{dir}ring-ref{i}"), r.0.to_string()));
+                }
+            }
+            nodes.push((format!("{dir}event-channel"), q.port().0.to_string()));
+        }
+        match self.options.abi {
+            Abi::Native => {}
+            Abi::X86_32 => nodes.push(("protocol".to_string(), "x86_32-abi".to_string())),
+            Abi::X86_64 => nodes.push(("protocol".to_string(), "x86_64-abi".to_string())),
+        }
+        nodes.push(("feature-persistent".to_string(), "0".to_string()));
+        nodes
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> BlkfrontOptions {
+        self.options
+    }
+
+    /// Queue `i`.
+    ///
+    /// # Panics
+    /// If `i` is not below the number of queues.
+    pub fn queue(&mut self, i: usize) -> &mut FrontQueue {
+        &mut self.queues[i]
+    }
+
+    /// Number of queues.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// The queues, to drive from threads of their own.
+    pub fn into_queues(self) -> Vec<FrontQueue> {
+        self.queues
+    }
+}
