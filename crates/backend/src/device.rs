@@ -254,7 +254,6 @@ impl DeviceCtx {
     }
 
     /// Takes the queued writes (the framework commits them).
-    #[allow(dead_code)]
     pub(crate) fn take_writes(&self) -> Vec<(String, Vec<u8>)> {
         std::mem::take(&mut *self.lock_writes())
     }

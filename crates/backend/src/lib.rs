@@ -5,15 +5,19 @@
 //! paths or states themselves; see `docs/backend.md`.
 #![deny(missing_docs)]
 
+mod backend;
 mod device;
 mod error;
-#[allow(dead_code)] // Used by the xenbus thread (next step).
 mod key;
 mod platform;
 mod state;
+mod thread;
+mod worker;
 
+pub use backend::{Backend, Config, Stats, DEFAULT_RING_BUDGET};
 pub use device::{BoundPort, Device, DeviceCtx, DeviceType, Progress, RingHandler, RingSetup};
 pub use error::{DeviceError, Error};
 pub use key::DeviceKey;
 pub use platform::{EvtchnOpener, Platform};
 pub use state::{Protocol, XenbusState};
+pub use thread::spawn_named;

@@ -1,0 +1,602 @@
+//! The xenbus thread: discovery of devices below `backend/<type>`, the
+//! per-device state machine, and teardown. See `docs/backend.md`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{select, Receiver, Sender};
+use evtchn::DomId;
+use xs_wire::{ClientError, TxId, WatchEvent, XsErrno};
+
+use crate::device::{Device, DeviceCtx, DeviceType};
+use crate::error::{DeviceError, Error};
+use crate::key::{backend_token, frontend_token, parse_backend_path, parse_frontend_token, BackendPath, DeviceKey};
+use crate::platform::Platform;
+use crate::state::XenbusState;
+use crate::thread::{panic_message, spawn_named};
+use crate::worker::{Failure, Owner, Placement, WorkerPool};
+
+/// Requests a ring handler may take per pass before other rings get a turn.
+pub const DEFAULT_RING_BUDGET: usize = 64;
+
+/// Backend configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Worker threads serving rings (default: the number of CPUs).
+    pub workers: usize,
+    /// Requests per ring per pass ([`DEFAULT_RING_BUDGET`]).
+    pub ring_budget: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            ring_budget: DEFAULT_RING_BUDGET,
+        }
+    }
+}
+
+/// Counters of the xenbus thread.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Watch events taken off the queue.
+    pub events: AtomicU64,
+    /// Times a device reached Connected.
+    pub connects: AtomicU64,
+    /// Devices failed (an `error` node written).
+    pub failures: AtomicU64,
+    /// Devices currently known.
+    pub devices: AtomicU64,
+    /// Full rescans after a watch-queue overflow.
+    pub rescans: AtomicU64,
+}
+
+/// A running backend: the xenbus thread and its worker pool. Dropping it
+/// shuts it down.
+pub struct Backend {
+    stop: Sender<()>,
+    thread: Option<JoinHandle<Option<()>>>,
+    stats: Arc<Stats>,
+}
+
+impl Backend {
+    /// Watches `backend/<type>` for every type and starts serving. The
+    /// platform's xenstore connection must be this backend's alone: its
+    /// watch events are all consumed here.
+    pub fn start(platform: Platform, types: Vec<Arc<dyn DeviceType>>, config: Config) -> Result<Backend, Error> {
+        let (fail_tx, fail_rx) = crossbeam_channel::unbounded();
+        let pool = WorkerPool::new(config.workers, config.ring_budget, fail_tx)?;
+        let home = format!("/local/domain/{}", platform.domid());
+        let mut kinds = HashMap::new();
+        for t in types {
+            let name = t.name().to_string();
+            if kinds.insert(name.clone(), t).is_some() {
+                return Err(Error::DuplicateType(name));
+            }
+        }
+        let events = platform.xenstore().events();
+        for kind in kinds.keys() {
+            platform.xenstore().watch(&format!("{home}/backend/{kind}"), &backend_token(kind))?;
+        }
+        log::info!("Serving {:?} from domain {} with {} workers", kinds.keys(), platform.domid(), pool.len());
+        let stats = Arc::new(Stats::default());
+        let mut xenbus =
+            Xenbus { platform, home, kinds, devices: HashMap::new(), next_generation: 1, pool, stats: stats.clone() };
+        let (stop, stop_rx) = crossbeam_channel::bounded(1);
+        let thread = spawn_named(
+            "xenbackd-xenbus",
+            |msg| log::error!("Xenbus thread died: {msg}; no device changes are handled"),
+            move || xenbus.run(events, fail_rx, stop_rx),
+        )?;
+        Ok(Backend { stop, thread: Some(thread), stats })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Stops taking requests, lets every ring finish its in-flight requests
+    /// and respond, disconnects every device (backend state Closing, then
+    /// Closed) and stops the threads. Idempotent.
+    pub fn shutdown(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.stop.try_send(());
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// One device instance as the xenbus thread tracks it.
+struct Slot {
+    generation: u64,
+    ctx: DeviceCtx,
+    device: Option<Box<dyn Device>>,
+    /// The backend state we last wrote.
+    state: XenbusState,
+    online: bool,
+    failed: bool,
+    frontend_state_path: String,
+    rings: Vec<Placement>,
+}
+
+/// The xenbus thread's state (owned by it).
+struct Xenbus {
+    platform: Platform,
+    home: String,
+    kinds: HashMap<String, Arc<dyn DeviceType>>,
+    devices: HashMap<DeviceKey, Slot>,
+    next_generation: u64,
+    pool: WorkerPool,
+    stats: Arc<Stats>,
+}
+
+/// Nodes of the backend directory the framework writes (their watch events
+/// are ours, not the toolstack's).
+const OWN_NODES: [&str; 3] = ["state", "hotplug-status", "error"];
+
+impl Xenbus {
+    fn run(&mut self, events: Receiver<WatchEvent>, failures: Receiver<Failure>, stop: Receiver<()>) {
+        loop {
+            select! {
+                recv(events) -> ev => match ev {
+                    Ok(ev) => {
+                        self.stats.events.fetch_add(1, Ordering::Relaxed);
+                        self.event(ev);
+                    }
+                    Err(_) => {
+                        log::error!("Xenstore connection lost");
+                        break;
+                    }
+                },
+                recv(failures) -> f => if let Ok(f) = f {
+                    self.ring_failed(f);
+                },
+                recv(stop) -> _ => break,
+            }
+        }
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let keys: Vec<DeviceKey> = self.devices.keys().cloned().collect();
+        for key in keys {
+            self.teardown(&key);
+            self.set_state(&key, XenbusState::Closing, &[]);
+            self.set_state(&key, XenbusState::Closed, &[]);
+            self.forget(&key);
+        }
+        self.pool.shutdown();
+        log::info!("Backend shut down");
+    }
+
+    fn root(&self, kind: &str) -> String {
+        format!("{}/backend/{kind}", self.home)
+    }
+
+    fn xs(&self) -> &xs_wire::Client {
+        self.platform.xenstore()
+    }
+
+    fn event(&mut self, ev: WatchEvent) {
+        if ev.is_overflow() {
+            log::warn!("Watch events were dropped; rescanning every device");
+            self.stats.rescans.fetch_add(1, Ordering::Relaxed);
+            let kinds: Vec<String> = self.kinds.keys().cloned().collect();
+            for kind in kinds {
+                self.rescan(&kind);
+            }
+            let keys: Vec<DeviceKey> = self.devices.keys().cloned().collect();
+            for key in keys {
+                self.frontend_changed(&key);
+            }
+            return;
+        }
+        if let Some(kind) = ev.token.strip_prefix("be:") {
+            if !self.kinds.contains_key(kind) {
+                return;
+            }
+            let kind = kind.to_string();
+            let root = self.root(&kind);
+            match parse_backend_path(&root, &kind, &ev.path) {
+                Some(BackendPath::Root) => self.rescan(&kind),
+                Some(BackendPath::Domain(domid)) => self.rescan_domain(&kind, domid),
+                Some(BackendPath::Device { key, rest }) => self.backend_changed(key, rest),
+                None => log::debug!("Ignoring event for {}", ev.path),
+            }
+        } else if let Some((key, generation)) = parse_frontend_token(&ev.token) {
+            match self.devices.get(&key) {
+                Some(slot) if slot.generation == generation => self.frontend_changed(&key),
+                _ => log::debug!("Stale frontend event for {key} (generation {generation})"),
+            }
+        } else {
+            log::debug!("Ignoring event with token {:?}", ev.token);
+        }
+    }
+
+    /// Children of a directory that parse as numbers (absent: none).
+    fn list_numbers<T: core::str::FromStr + Ord>(&self, path: &str) -> Option<BTreeSet<T>> {
+        match self.xs().directory(TxId::NONE, path) {
+            Ok(names) => Some(names.iter().filter_map(|n| n.parse().ok()).collect()),
+            Err(e) if e.errno() == Some(XsErrno::ENOENT) => Some(BTreeSet::new()),
+            Err(e) => {
+                log::warn!("Listing {path}: {e}");
+                None
+            }
+        }
+    }
+
+    fn rescan(&mut self, kind: &str) {
+        let Some(domains) = self.list_numbers::<DomId>(&self.root(kind)) else { return };
+        let gone: BTreeSet<DomId> = self
+            .devices
+            .keys()
+            .filter(|k| k.kind == kind && !domains.contains(&k.frontend))
+            .map(|k| k.frontend)
+            .collect();
+        for domid in domains.iter().chain(gone.iter()) {
+            self.rescan_domain(kind, *domid);
+        }
+    }
+
+    /// Brings the devices of one frontend domain in line with its directory.
+    fn rescan_domain(&mut self, kind: &str, domid: DomId) {
+        let Some(devids) = self.list_numbers::<u32>(&format!("{}/{domid}", self.root(kind))) else { return };
+        let gone: Vec<DeviceKey> = self
+            .devices
+            .keys()
+            .filter(|k| k.kind == kind && k.frontend == domid && !devids.contains(&k.devid))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.remove(&key);
+        }
+        for devid in devids {
+            let key = DeviceKey { kind: kind.to_string(), frontend: domid, devid };
+            if !self.devices.contains_key(&key) {
+                self.try_create(key);
+            }
+        }
+    }
+
+    fn backend_dir(&self, key: &DeviceKey) -> String {
+        format!("{}/{}/{}", self.root(&key.kind), key.frontend, key.devid)
+    }
+
+    fn backend_changed(&mut self, key: DeviceKey, rest: &str) {
+        if OWN_NODES.contains(&rest) || rest.starts_with("error/") {
+            return;
+        }
+        if !self.devices.contains_key(&key) {
+            self.try_create(key);
+            return;
+        }
+        match rest {
+            "" => {
+                if !self.exists(&self.backend_dir(&key)) {
+                    self.remove(&key);
+                }
+            }
+            "frontend" | "frontend-id" => {}
+            "online" => self.online_changed(&key),
+            node => {
+                let res = self.call(&key, |d, ctx| d.backend_changed(ctx, node));
+                if let Some(Err(e)) = res {
+                    self.fail(&key, e);
+                }
+            }
+        }
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        !matches!(self.xs().read(TxId::NONE, path), Err(e) if e.errno() == Some(XsErrno::ENOENT))
+    }
+
+    /// Creates a device once its backend directory has `frontend` and a
+    /// matching `frontend-id`.
+    fn try_create(&mut self, key: DeviceKey) {
+        let Some(kind) = self.kinds.get(&key.kind).cloned() else { return };
+        let dir = self.backend_dir(&key);
+        let nodes = [format!("{dir}/frontend"), format!("{dir}/frontend-id"), format!("{dir}/online")];
+        let paths: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        let values = match self.xs().read_many(TxId::NONE, &paths) {
+            Ok(v) => v,
+            Err(e) => {
+                log::warn!("Reading {dir}: {e}");
+                return;
+            }
+        };
+        let text = |i: usize| -> Option<String> {
+            values[i].as_ref().ok().map(|v| String::from_utf8_lossy(v).trim_end_matches('\0').trim().to_string())
+        };
+        let (Some(frontend), Some(frontend_id)) = (text(0), text(1)) else {
+            log::debug!("{dir}: waiting for frontend and frontend-id");
+            return;
+        };
+        if frontend_id != key.frontend.to_string() || !frontend.starts_with('/') || frontend.ends_with('/') {
+            log::warn!("{dir}: frontend {frontend:?} / frontend-id {frontend_id:?} do not match the path; ignored");
+            return;
+        }
+        let online = text(2).as_deref() == Some("1");
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let ctx = DeviceCtx::new(self.platform.clone(), key.clone(), dir, frontend.clone());
+        let frontend_state_path = format!("{frontend}/state");
+        log::info!("{key}: new device (generation {generation}), frontend {frontend}");
+        self.devices.insert(
+            key.clone(),
+            Slot {
+                generation,
+                ctx,
+                device: None,
+                state: XenbusState::Unknown,
+                online,
+                failed: false,
+                frontend_state_path,
+                rings: Vec::new(),
+            },
+        );
+        self.stats.devices.fetch_add(1, Ordering::Relaxed);
+        let created = {
+            let slot = &self.devices[&key];
+            catch_unwind(AssertUnwindSafe(|| kind.create(&slot.ctx)))
+                .unwrap_or_else(|p| Err(DeviceError::Panic(panic_message(&*p))))
+        };
+        match created {
+            Ok(device) => self.devices.get_mut(&key).expect("just inserted").device = Some(device),
+            Err(e) => {
+                self.fail(&key, e);
+                return;
+            }
+        }
+        if !self.set_state(&key, XenbusState::Initialising, &[]) {
+            return;
+        }
+        let slot = &self.devices[&key];
+        if let Err(e) = self.xs().watch(&slot.frontend_state_path, &frontend_token(&key, generation)) {
+            self.fail(&key, e.into());
+            return;
+        }
+        if online {
+            self.init(&key);
+        }
+    }
+
+    fn online_changed(&mut self, key: &DeviceKey) {
+        let online = self.exists(&self.backend_dir(key))
+            && matches!(self.xs().read(TxId::NONE, &format!("{}/online", self.backend_dir(key))), Ok(v) if v.starts_with(b"1"));
+        let Some(slot) = self.devices.get_mut(key) else { return };
+        let was = std::mem::replace(&mut slot.online, online);
+        if online && !was && slot.state == XenbusState::Initialising && !slot.failed {
+            self.init(key);
+        }
+    }
+
+    /// Runs a device callback with panics caught; `None` if there is no device.
+    fn call<T>(
+        &mut self,
+        key: &DeviceKey,
+        f: impl FnOnce(&mut dyn Device, &DeviceCtx) -> T,
+    ) -> Option<Result<T, DeviceError>> {
+        let slot = self.devices.get_mut(key)?;
+        let device = slot.device.as_mut()?;
+        Some(
+            catch_unwind(AssertUnwindSafe(|| f(&mut **device, &slot.ctx)))
+                .map_err(|p| DeviceError::Panic(panic_message(&*p))),
+        )
+    }
+
+    /// `init` then InitWait (with `hotplug-status = connected`).
+    fn init(&mut self, key: &DeviceKey) {
+        match self.call(key, |d, ctx| d.init(ctx)) {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e)) | Err(e)) => return self.fail(key, e),
+            None => return,
+        }
+        let failed = self.devices.get(key).is_some_and(|s| s.failed);
+        let mut extra: Vec<(&str, &[u8])> = vec![("hotplug-status", b"connected")];
+        if failed {
+            extra.push(("error", b""));
+        }
+        if self.set_state(key, XenbusState::InitWait, &extra) {
+            if let Some(slot) = self.devices.get_mut(key) {
+                slot.failed = false;
+            }
+            // The frontend may be Initialised already (e.g. `online` came late).
+            self.frontend_changed(key);
+        }
+    }
+
+    fn frontend_changed(&mut self, key: &DeviceKey) {
+        let Some(slot) = self.devices.get(key) else { return };
+        let (be, online) = (slot.state, slot.online);
+        let fe = match self.xs().read(TxId::NONE, &slot.frontend_state_path) {
+            Ok(v) => match XenbusState::parse(&v) {
+                Some(s) => s,
+                None => {
+                    let shown = String::from_utf8_lossy(&v[..v.len().min(32)]).into_owned();
+                    return self.fail(key, DeviceError::BadState(shown));
+                }
+            },
+            Err(e) if e.errno() == Some(XsErrno::ENOENT) => XenbusState::Unknown,
+            Err(e) => {
+                log::warn!("{key}: reading frontend state: {e}");
+                return;
+            }
+        };
+        log::debug!("{key}: frontend {fe}, backend {be}");
+        use XenbusState as S;
+        match fe {
+            S::Initialising => match be {
+                // Reconnection after a close, or a frontend that restarted.
+                S::Closing | S::Closed | S::Connected if online => {
+                    self.teardown(key);
+                    if be == S::Connected {
+                        self.set_state(key, S::Closing, &[]);
+                    }
+                    self.init(key);
+                }
+                _ => {}
+            },
+            S::Initialised | S::Connected if be == S::InitWait => self.connect(key),
+            S::Closing if !matches!(be, S::Closing | S::Closed) => {
+                self.teardown(key);
+                self.set_state(key, S::Closing, &[]);
+            }
+            S::Closed | S::Unknown if be != S::Closed && be != S::Unknown => {
+                self.teardown(key);
+                self.set_state(key, S::Closed, &[]);
+            }
+            _ => {}
+        }
+    }
+
+    fn connect(&mut self, key: &DeviceKey) {
+        let rings = match self.call(key, |d, ctx| d.connect(ctx)) {
+            Some(Ok(Ok(rings))) => rings,
+            Some(Ok(Err(e)) | Err(e)) => return self.fail(key, e),
+            None => return,
+        };
+        let Some(slot) = self.devices.get(key) else { return };
+        let owner = Owner { key: key.clone(), generation: slot.generation };
+        let placements: Vec<Placement> = rings.into_iter().map(|r| self.pool.add(owner.clone(), r)).collect();
+        if let Some(slot) = self.devices.get_mut(key) {
+            slot.rings = placements;
+        }
+        if self.set_state(key, XenbusState::Connected, &[]) {
+            self.stats.connects.fetch_add(1, Ordering::Relaxed);
+            log::info!("{key}: connected");
+            let _ = self.call(key, |d, ctx| d.connected(ctx));
+        }
+    }
+
+    /// Takes the rings back from the workers and lets the device release
+    /// the rest (only if it was connecting or connected).
+    fn teardown(&mut self, key: &DeviceKey) {
+        let Some(slot) = self.devices.get_mut(key) else { return };
+        let rings = std::mem::take(&mut slot.rings);
+        let was_connected = matches!(slot.state, XenbusState::Connected | XenbusState::InitWait);
+        for p in rings {
+            self.pool.remove(p);
+        }
+        if was_connected {
+            if let Some(Err(e)) = self.call(key, |d, ctx| d.disconnect(ctx)) {
+                log::error!("{key}: disconnect: {e}");
+            }
+        }
+    }
+
+    /// Writes queued device nodes, `extra` and `state`, in one transaction
+    /// and only if the backend directory still exists. False if it is gone
+    /// (the device is then removed) or the write failed (the device failed).
+    fn set_state(&mut self, key: &DeviceKey, state: XenbusState, extra: &[(&str, &[u8])]) -> bool {
+        let Some(slot) = self.devices.get(key) else { return false };
+        let dir = slot.ctx.backend_path().to_string();
+        let writes = slot.ctx.take_writes();
+        let xs = self.xs().clone();
+        let res = xs.transaction(|tx| {
+            match xs.read(tx, &dir) {
+                Err(e) if e.errno() == Some(XsErrno::ENOENT) => return Ok(false),
+                r => r?,
+            };
+            for (node, value) in &writes {
+                xs.write(tx, &format!("{dir}/{node}"), value)?;
+            }
+            for (node, value) in extra {
+                if value.is_empty() && *node == "error" {
+                    rm_quiet(&xs, tx, &format!("{dir}/error"))?;
+                } else {
+                    xs.write(tx, &format!("{dir}/{node}"), value)?;
+                }
+            }
+            xs.write(tx, &format!("{dir}/state"), state.as_u32().to_string().as_bytes())?;
+            Ok(true)
+        });
+        match res {
+            Ok(true) => {
+                if let Some(slot) = self.devices.get_mut(key) {
+                    slot.state = state;
+                }
+                true
+            }
+            Ok(false) => {
+                log::info!("{key}: backend directory gone");
+                self.remove(key);
+                false
+            }
+            Err(e) => {
+                log::error!("{key}: writing state {state}: {e}");
+                if let Some(slot) = self.devices.get_mut(key) {
+                    slot.state = state;
+                }
+                false
+            }
+        }
+    }
+
+    /// A fatal device error: as Linux's `xenbus_dev_fatal`, write the error
+    /// (in the backend directory and in `error/backend/...` of the backend
+    /// domain), tear the device down and go Closing, then Closed.
+    fn fail(&mut self, key: &DeviceKey, error: DeviceError) {
+        let text = error.node_text();
+        log::error!("{key}: {text}");
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        let linux_error = format!("{}/error/backend/{}/{}/{}/error", self.home, key.kind, key.frontend, key.devid);
+        if let Err(e) = self.xs().write(TxId::NONE, &linux_error, text.as_bytes()) {
+            log::warn!("{key}: writing {linux_error}: {e}");
+        }
+        self.teardown(key);
+        let Some(slot) = self.devices.get_mut(key) else { return };
+        slot.failed = true;
+        if self.set_state(key, XenbusState::Closing, &[("error", text.as_bytes())]) {
+            self.set_state(key, XenbusState::Closed, &[]);
+        }
+    }
+
+    fn ring_failed(&mut self, f: Failure) {
+        let current = self.devices.get(&f.owner.key).is_some_and(|s| s.generation == f.owner.generation);
+        if current {
+            // Rings of a failed device that are still placed are removed by fail().
+            self.fail(&f.owner.key, f.error);
+        } else {
+            log::debug!("Failure of a previous instance of {}: {}", f.owner.key, f.error);
+        }
+    }
+
+    /// The backend directory is gone: tear down and forget, writing nothing.
+    fn remove(&mut self, key: &DeviceKey) {
+        if !self.devices.contains_key(key) {
+            return;
+        }
+        log::info!("{key}: removed");
+        self.teardown(key);
+        self.forget(key);
+    }
+
+    fn forget(&mut self, key: &DeviceKey) {
+        if let Some(slot) = self.devices.remove(key) {
+            self.stats.devices.fetch_sub(1, Ordering::Relaxed);
+            if let Err(e) = self.xs().unwatch(&slot.frontend_state_path, &frontend_token(key, slot.generation)) {
+                log::debug!("{key}: unwatch: {e}");
+            }
+        }
+    }
+}
+
+/// `rm` that ignores an absent node.
+fn rm_quiet(xs: &xs_wire::Client, tx: TxId, path: &str) -> Result<(), ClientError> {
+    match xs.rm(tx, path) {
+        Err(e) if e.errno() == Some(XsErrno::ENOENT) => Ok(()),
+        r => r,
+    }
+}

@@ -1,0 +1,394 @@
+//! The worker pool: each ring belongs to one worker thread, which waits on
+//! the rings' event-channel fds with epoll and calls their handlers with a
+//! bounded budget per pass, round-robin over the rings with work. Rings are
+//! added and removed through a bounded command channel plus an eventfd
+//! wakeup; the worker owns them.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::device::RingSetup;
+use crate::error::{DeviceError, Error};
+use crate::key::DeviceKey;
+use crate::thread::{panic_message, spawn_named};
+
+/// Commands queued per worker before the sender waits.
+const COMMAND_QUEUE: usize = 64;
+/// Epoll events taken per wait.
+const EVENTS_PER_WAIT: usize = 64;
+
+/// Which device instance a ring belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Owner {
+    pub key: DeviceKey,
+    pub generation: u64,
+}
+
+/// A ring handler failed (error or panic); the ring is already gone.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub owner: Owner,
+    pub error: DeviceError,
+}
+
+/// Where a ring went, to take it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Placement {
+    worker: usize,
+    id: u64,
+}
+
+enum Command {
+    Add { id: u64, owner: Owner, setup: RingSetup },
+    Remove { id: u64, ack: Sender<()> },
+    Stop,
+}
+
+/// What an epoll event stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token {
+    /// The command eventfd.
+    Wake,
+    /// A ring's event channel (slot index).
+    Port(u32),
+    /// A ring handler's completion fd (slot index).
+    Completion(u32),
+}
+
+impl Token {
+    const KIND_SHIFT: u32 = 32;
+
+    fn to_u64(self) -> u64 {
+        match self {
+            Token::Wake => 0,
+            Token::Port(s) => (1 << Self::KIND_SHIFT) | u64::from(s),
+            Token::Completion(s) => (2 << Self::KIND_SHIFT) | u64::from(s),
+        }
+    }
+
+    fn from_u64(v: u64) -> Option<Self> {
+        let slot = v as u32;
+        match v >> Self::KIND_SHIFT {
+            0 if slot == 0 => Some(Token::Wake),
+            1 => Some(Token::Port(slot)),
+            2 => Some(Token::Completion(slot)),
+            _ => None,
+        }
+    }
+}
+
+struct WorkerHandle {
+    commands: Sender<Command>,
+    wake: Arc<EventFd>,
+    load: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<Option<()>>>,
+}
+
+/// The pool; see the module docs.
+pub(crate) struct WorkerPool {
+    workers: Vec<WorkerHandle>,
+    next_id: u64,
+}
+
+impl WorkerPool {
+    /// Starts `n` workers (at least one) serving `budget` requests per ring per pass.
+    pub fn new(n: usize, budget: usize, failures: Sender<Failure>) -> Result<Self, Error> {
+        let mut workers = Vec::new();
+        for i in 0..n.max(1) {
+            let epoll =
+                Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|source| Error::Sys { what: "epoll", source })?;
+            let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|source| Error::Sys { what: "eventfd", source })?;
+            epoll
+                .add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, Token::Wake.to_u64()))
+                .map_err(|source| Error::Sys { what: "epoll", source })?;
+            let wake = Arc::new(wake);
+            let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
+            let load = Arc::new(AtomicUsize::new(0));
+            let worker = Worker {
+                epoll,
+                wake: wake.clone(),
+                commands: rx,
+                slots: Vec::new(),
+                free: Vec::new(),
+                ready: VecDeque::new(),
+                budget: budget.max(1),
+                failures: failures.clone(),
+                load: load.clone(),
+            };
+            let name = format!("xenbackd-w{i}");
+            let thread = spawn_named(
+                name.clone(),
+                move |msg| log::error!("Worker {name} died: {msg}; its rings are no longer served"),
+                move || worker.run(),
+            )?;
+            workers.push(WorkerHandle { commands: tx, wake, load, thread: Some(thread) });
+        }
+        Ok(WorkerPool { workers, next_id: 0 })
+    }
+
+    /// Number of workers.
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn send(&self, worker: usize, cmd: Command) -> bool {
+        let w = &self.workers[worker];
+        if w.commands.send(cmd).is_err() {
+            return false;
+        }
+        if let Err(e) = w.wake.write(1) {
+            log::error!("Waking worker {worker}: {e}");
+        }
+        true
+    }
+
+    /// Hands a ring to the least loaded worker.
+    pub fn add(&mut self, owner: Owner, setup: RingSetup) -> Placement {
+        let worker = (0..self.workers.len()).min_by_key(|&i| self.workers[i].load.load(Ordering::Relaxed)).unwrap_or(0);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.workers[worker].load.fetch_add(1, Ordering::Relaxed);
+        if !self.send(worker, Command::Add { id, owner, setup }) {
+            log::error!("Worker {worker} is gone; ring {id} is not served");
+        }
+        Placement { worker, id }
+    }
+
+    /// Takes a ring back: its handler finishes in-flight requests and is
+    /// dropped (unmapping the ring, unbinding the port) before this returns.
+    pub fn remove(&self, placement: Placement) {
+        let (ack, done) = crossbeam_channel::bounded(1);
+        if self.send(placement.worker, Command::Remove { id: placement.id, ack }) {
+            // A dead worker drops the sender: recv fails instead of hanging.
+            let _ = done.recv();
+        }
+    }
+
+    /// Stops every worker after their rings are quiesced and dropped.
+    pub fn shutdown(&mut self) {
+        for i in 0..self.workers.len() {
+            self.send(i, Command::Stop);
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Entry {
+    id: u64,
+    owner: Owner,
+    setup: RingSetup,
+    queued: bool,
+}
+
+/// One worker's state, owned by its thread.
+struct Worker {
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    commands: Receiver<Command>,
+    slots: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    ready: VecDeque<u32>,
+    budget: usize,
+    failures: Sender<Failure>,
+    load: Arc<AtomicUsize>,
+}
+
+/// Borrows a fd owned by an [`Entry`] for an epoll call.
+fn borrow(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: the fd belongs to an event-channel handle or completion fd
+    // owned by an Entry of this worker; it is removed from epoll (the only
+    // user of the borrow) before the Entry is dropped.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut events = [EpollEvent::empty(); EVENTS_PER_WAIT];
+        let mut pending = Vec::new();
+        loop {
+            let timeout = if self.ready.is_empty() { EpollTimeout::NONE } else { EpollTimeout::ZERO };
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    log::error!("Worker epoll failed: {e}");
+                    self.stop();
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match Token::from_u64(ev.data()) {
+                    Some(Token::Wake) => {
+                        let _ = self.wake.read();
+                        if !self.commands() {
+                            self.stop();
+                            return;
+                        }
+                    }
+                    Some(Token::Port(slot)) => self.port_event(slot, &mut pending),
+                    Some(Token::Completion(slot)) => self.mark_ready(slot),
+                    None => log::warn!("Unknown epoll token {:#x}", ev.data()),
+                }
+            }
+            for _ in 0..self.ready.len() {
+                let Some(slot) = self.ready.pop_front() else { break };
+                self.service(slot);
+            }
+        }
+    }
+
+    /// Runs queued commands; false on Stop.
+    fn commands(&mut self) -> bool {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Add { id, owner, setup } => self.add(id, owner, setup),
+                Command::Remove { id, ack } => {
+                    if let Some(slot) = self.slots.iter().position(|e| e.as_ref().is_some_and(|e| e.id == id)) {
+                        self.remove(slot as u32, true);
+                    }
+                    let _ = ack.send(());
+                }
+                Command::Stop => return false,
+            }
+        }
+        true
+    }
+
+    fn add(&mut self, id: u64, owner: Owner, setup: RingSetup) {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let port_fd = setup.port.handle().as_raw_fd();
+        let completion = setup.handler.completion_fd();
+        let mut res = self.epoll.add(borrow(port_fd), EpollEvent::new(EpollFlags::EPOLLIN, Token::Port(slot).to_u64()));
+        if let (Ok(()), Some(fd)) = (&res, completion) {
+            res = self.epoll.add(borrow(fd), EpollEvent::new(EpollFlags::EPOLLIN, Token::Completion(slot).to_u64()));
+        }
+        self.slots[slot as usize] = Some(Entry { id, owner, setup, queued: false });
+        match res {
+            // Requests may have been queued before the port was watched.
+            Ok(()) => self.mark_ready(slot),
+            Err(e) => self.fail(slot, DeviceError::msg(format!("Cannot poll the event channel: {e}"))),
+        }
+    }
+
+    fn port_event(&mut self, slot: u32, pending: &mut Vec<evtchn::Port>) {
+        let Some(Some(entry)) = self.slots.get(slot as usize) else { return };
+        pending.clear();
+        let handle = entry.setup.port.handle();
+        let res = handle.take_pending(pending).and_then(|()| pending.iter().try_for_each(|p| handle.unmask(*p)));
+        match res {
+            Ok(()) => self.mark_ready(slot),
+            Err(e) => self.fail(slot, DeviceError::Evtchn(e)),
+        }
+    }
+
+    fn mark_ready(&mut self, slot: u32) {
+        if let Some(Some(entry)) = self.slots.get_mut(slot as usize) {
+            if !entry.queued {
+                entry.queued = true;
+                self.ready.push_back(slot);
+            }
+        }
+    }
+
+    fn service(&mut self, slot: u32) {
+        let budget = self.budget;
+        let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { return };
+        entry.queued = false;
+        let res = catch_unwind(AssertUnwindSafe(|| entry.setup.handler.process(budget)));
+        let res = match res {
+            Ok(r) => r,
+            Err(payload) => Err(DeviceError::Panic(panic_message(&*payload))),
+        };
+        match res {
+            Ok(progress) => {
+                if progress.notify {
+                    if let Err(e) = entry.setup.port.notify() {
+                        self.fail(slot, e);
+                        return;
+                    }
+                }
+                if progress.more {
+                    self.mark_ready(slot);
+                }
+            }
+            Err(e) => self.fail(slot, e),
+        }
+    }
+
+    /// Drops a ring: out of epoll first, then (optionally quiesced) dropped.
+    fn remove(&mut self, slot: u32, quiesce: bool) -> Option<Entry> {
+        let mut entry = self.slots.get_mut(slot as usize)?.take()?;
+        let _ = self.epoll.delete(borrow(entry.setup.port.handle().as_raw_fd()));
+        if let Some(fd) = entry.setup.handler.completion_fd() {
+            let _ = self.epoll.delete(borrow(fd));
+        }
+        if quiesce {
+            match catch_unwind(AssertUnwindSafe(|| entry.setup.handler.quiesce())) {
+                Ok(true) => {
+                    let _ = entry.setup.port.notify();
+                }
+                Ok(false) => {}
+                Err(payload) => {
+                    log::error!("Ring of {} panicked while quiescing: {}", entry.owner.key, panic_message(&*payload))
+                }
+            }
+        }
+        self.ready.retain(|s| *s != slot);
+        self.free.push(slot);
+        self.load.fetch_sub(1, Ordering::Relaxed);
+        Some(entry)
+    }
+
+    fn fail(&mut self, slot: u32, error: DeviceError) {
+        if let Some(entry) = self.remove(slot, false) {
+            log::warn!("Ring of {} failed: {error}", entry.owner.key);
+            // Unbounded, but each ring reports at most once (it is gone).
+            let _ = self.failures.send(Failure { owner: entry.owner.clone(), error });
+        }
+    }
+
+    fn stop(&mut self) {
+        for slot in 0..self.slots.len() as u32 {
+            self.remove(slot, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_unknown_values_are_rejected() {
+        for t in [Token::Wake, Token::Port(0), Token::Port(u32::MAX), Token::Completion(7)] {
+            assert_eq!(Token::from_u64(t.to_u64()), Some(t));
+        }
+        assert_eq!(Token::from_u64(3 << 32), None);
+        assert_eq!(Token::from_u64(5), None);
+    }
+}
