@@ -32,8 +32,11 @@ pub enum DeviceError {
     /// An event-channel operation failed.
     #[error("Event channel operation failed")]
     Evtchn(#[source] evtchn::Error),
-    /// The ring is broken (indices out of range, a request that cannot be parsed).
-    #[error("Ring failed: {0}")]
+    /// The shared ring is broken (indices running away, moving back).
+    #[error("Shared ring failed")]
+    SharedRing(#[source] xen_ring::RingError),
+    /// A request on the ring cannot be served (it does not parse, ...).
+    #[error("Bad request on the ring: {0}")]
     Ring(String),
     /// The device's ring handler panicked.
     #[error("Ring handler panicked: {0}")]
@@ -75,7 +78,7 @@ impl DeviceError {
                 _ => libc::EINVAL,
             },
             DeviceError::Evtchn(e) => e.errno().unwrap_or(libc::EIO),
-            DeviceError::Ring(_) => libc::EPROTO,
+            DeviceError::Ring(_) | DeviceError::SharedRing(_) => libc::EPROTO,
             DeviceError::Panic(_) | DeviceError::Other { .. } => libc::EIO,
         }
     }
@@ -96,6 +99,12 @@ impl DeviceError {
 impl From<xs_wire::ClientError> for DeviceError {
     fn from(e: xs_wire::ClientError) -> Self {
         DeviceError::Xenstore(e)
+    }
+}
+
+impl From<xen_ring::RingError> for DeviceError {
+    fn from(e: xen_ring::RingError) -> Self {
+        DeviceError::SharedRing(e)
     }
 }
 

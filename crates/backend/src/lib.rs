@@ -7,6 +7,7 @@
 
 mod backend;
 mod device;
+pub mod echo;
 mod error;
 mod key;
 mod platform;

@@ -5,5 +5,6 @@
 #![deny(missing_docs)]
 
 pub mod blkfront;
+pub mod frontend;
 pub mod host;
 pub mod xenstored;
