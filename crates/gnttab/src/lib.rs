@@ -5,9 +5,17 @@
 //! direct ioctls and no libxengnttab.
 #![deny(missing_docs)]
 
+pub mod abi;
+mod compat_copy;
+mod gntalloc;
+mod gntdev;
 mod mapper;
 mod mapping;
+mod sys;
 
+pub use compat_copy::copy_by_mapping;
+pub use gntalloc::{Gntalloc, GNTALLOC_PATH};
+pub use gntdev::{CopyMode, Gntdev, UnmapNotify, GNTDEV_PATH};
 pub use mapper::{
     check_segment, CopySegment, DomId, Error, GrantMapper, GrantRef, GrantStatus, GuestPage, Result, PAGE_SIZE,
 };
