@@ -3,6 +3,7 @@
 
 mod args;
 mod bench_xs;
+mod demo;
 mod xs;
 
 use std::process::ExitCode;
@@ -46,6 +47,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         "xs" => xs::run_os(raw[2..].to_vec()),
+        "demo" => demo::run(rest.clone()),
         "bench" => match rest.first().map(String::as_str) {
             Some("xs") => bench_xs::run(rest[1..].to_vec()),
             _ => {
