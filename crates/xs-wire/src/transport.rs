@@ -326,6 +326,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "miri has no SOCK_SEQPACKET")]
     fn device_transport_writes_each_frame_with_its_own_write() {
         let (dev, peer) = seqpacket_pair();
         let t = DeviceTransport::from_file(dev);
@@ -338,6 +339,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "miri has no recv/shutdown on sockets")]
     fn socket_transport_sends_a_batch_and_shutdown_wakes_reader() {
         let (a, b) = UnixStream::pair().unwrap();
         let t = std::sync::Arc::new(SocketTransport::new(a));
