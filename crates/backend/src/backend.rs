@@ -282,11 +282,7 @@ impl Xenbus {
             return;
         }
         match rest {
-            "" => {
-                if !self.exists(&self.backend_dir(&key)) {
-                    self.remove(&key);
-                }
-            }
+            "" => self.directory_changed(key),
             "frontend" | "frontend-id" => {}
             "online" => self.online_changed(&key),
             node => {
@@ -295,6 +291,24 @@ impl Xenbus {
                     self.fail(&key, e);
                 }
             }
+        }
+    }
+
+    /// The device directory itself changed: removed, or removed and created
+    /// again before we saw it go (its `state` is then no longer ours; the
+    /// toolstack writes `state = 1` on creation). Our own writes touch only
+    /// nodes below the directory, so they never land here.
+    fn directory_changed(&mut self, key: DeviceKey) {
+        let dir = self.backend_dir(&key);
+        if !self.exists(&dir) {
+            return self.remove(&key);
+        }
+        let on_disk = self.xs().read(TxId::NONE, &format!("{dir}/state")).ok().and_then(|v| XenbusState::parse(&v));
+        let ours = self.devices.get(&key).map(|s| s.state);
+        if on_disk != ours {
+            log::info!("{key}: directory re-created (state {on_disk:?}, ours {ours:?})");
+            self.remove(&key);
+            self.try_create(key);
         }
     }
 

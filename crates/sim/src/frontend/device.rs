@@ -1,5 +1,6 @@
 //! The guest's part: rings, event channels, nodes and states.
 
+use std::borrow::Borrow;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,6 +62,8 @@ pub enum Misbehaviour {
     VanishMidConnect,
     /// Write an arbitrary node before Initialised.
     Node(String, String),
+    /// Write this as `state` instead of Initialised (e.g. `banana`).
+    State(String),
 }
 
 /// How [`FrontendDevice::connect`] proceeds.
@@ -95,14 +98,36 @@ impl Default for ConnectOptions {
 
 /// A ring the guest granted: its pages and references.
 pub struct FrontendRing {
-    pages: GuestPages,
+    pages: RingMemory,
     grefs: Vec<GrantRef>,
+}
+
+/// The guest's pages of a ring, shareable: a [`xen_ring::FrontRing`] can own
+/// one (`FrontRing::<Req, Rsp, RingMemory>::attach(ring.memory(), 0)`).
+#[derive(Clone)]
+pub struct RingMemory(Arc<GuestPages>);
+
+impl Borrow<GrantMapping> for RingMemory {
+    fn borrow(&self) -> &GrantMapping {
+        self.0.mapping()
+    }
+}
+
+impl core::fmt::Debug for RingMemory {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RingMemory").field("pages", &self.0.len()).finish()
+    }
 }
 
 impl FrontendRing {
     /// The guest's view of the ring pages.
     pub fn mapping(&self) -> &GrantMapping {
-        self.pages.mapping()
+        self.pages.0.mapping()
+    }
+
+    /// The pages, to hand to a [`xen_ring::FrontRing`].
+    pub fn memory(&self) -> RingMemory {
+        self.pages.clone()
     }
 
     /// The grant references, in page order.
@@ -213,7 +238,7 @@ impl FrontendDevice {
         let pages = self.grants.alloc_pages(1 << order)?;
         xen_ring::init_shared(pages.mapping())?;
         let grefs = self.grants.grant_pages(&pages, self.spec.backend, false)?;
-        self.rings.push(FrontendRing { pages, grefs });
+        self.rings.push(FrontendRing { pages: RingMemory(Arc::new(pages)), grefs });
         Ok(self.rings.len() - 1)
     }
 
@@ -311,6 +336,9 @@ impl FrontendDevice {
         }
         if skip {
             return self.set_state(state::CONNECTED);
+        }
+        if let Some(Misbehaviour::State(v)) = opts.misbehave.iter().find(|m| matches!(m, Misbehaviour::State(_))) {
+            return self.write("state", v);
         }
         self.set_state(state::INITIALISED)?;
         if has(&|m| *m == Misbehaviour::VanishMidConnect) {

@@ -13,5 +13,5 @@
 mod device;
 mod toolstack;
 
-pub use device::{ConnectOptions, FrontendDevice, FrontendError, FrontendRing, Misbehaviour};
+pub use device::{ConnectOptions, FrontendDevice, FrontendError, FrontendRing, Misbehaviour, RingMemory};
 pub use toolstack::{state, DeviceSpec, Toolstack};
