@@ -144,6 +144,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Opening the grant device failed.
+    #[error("Cannot open the grant device")]
+    Grant(#[source] gnttab::Error),
+    /// The connection's `domid` node is not a domain id.
+    #[error("Bad domid node {0:?}")]
+    BadDomid(String),
     /// Two device types with one name.
     #[error("Device type {0} registered twice")]
     DuplicateType(String),

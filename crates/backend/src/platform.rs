@@ -32,6 +32,17 @@ impl Platform {
         Platform { domid, xenstore, open_evtchn: Arc::new(open_evtchn), grants }
     }
 
+    /// The real host: `xenstore` (normally [`Client::connect`]), one
+    /// `/dev/xen/evtchn` open per handle, one `/dev/xen/gntdev` for grants.
+    /// The domain id is read from the connection's own `domid` node (a
+    /// relative path), as a driver domain learns it.
+    pub fn xen(xenstore: Client) -> Result<Self, crate::error::Error> {
+        let domid = read_own_domid(&xenstore)?;
+        let gntdev = gnttab::Gntdev::open().map_err(crate::error::Error::Grant)?;
+        let open = || -> evtchn::Result<Box<dyn EventChannel>> { Ok(Box::new(evtchn::XenEvtchn::open()?)) };
+        Ok(Platform::new(domid, xenstore, open, Arc::new(gntdev)))
+    }
+
     /// The backend's own domain id.
     pub fn domid(&self) -> DomId {
         self.domid
@@ -50,6 +61,19 @@ impl Platform {
     /// The grant mapper (map and copy).
     pub fn grants(&self) -> &Arc<dyn GrantMapper> {
         &self.grants
+    }
+}
+
+/// Reads `domid` relative to the connection's home; dom0's tools may not
+/// have written it, and a privileged connection without it is dom0.
+fn read_own_domid(xs: &Client) -> Result<DomId, crate::error::Error> {
+    match xs.read(xs_wire::TxId::NONE, "domid") {
+        Ok(v) => {
+            let text = String::from_utf8_lossy(&v);
+            text.trim_end_matches('\0').trim().parse().map_err(|_| crate::error::Error::BadDomid(text.into_owned()))
+        }
+        Err(e) if e.errno() == Some(xs_wire::XsErrno::ENOENT) => Ok(0),
+        Err(e) => Err(e.into()),
     }
 }
 
