@@ -4,6 +4,7 @@
 mod args;
 mod bench_xs;
 mod demo;
+mod selftest;
 mod xs;
 
 use std::process::ExitCode;
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         "xs" => xs::run_os(raw[2..].to_vec()),
+        "selftest" => selftest::run(rest.clone()),
         "demo" => demo::run(rest.clone()),
         "bench" => match rest.first().map(String::as_str) {
             Some("xs") => bench_xs::run(rest[1..].to_vec()),
