@@ -14,7 +14,8 @@ use crate::engine::ThreadPoolEngine;
 use crate::queue::{QueueExecutor, QueueStats};
 use crate::request::DiskLimits;
 use crate::request::{Abi, Response};
-use crate::ring::{BackRing, RingError};
+use crate::ring::BlkBackRing;
+use xen_ring::RingError;
 
 /// Errors of connecting or serving a queue.
 #[derive(Debug, thiserror::Error)]
@@ -81,11 +82,10 @@ pub struct Pass {
 /// channels are the caller's (the framework's worker or [`crate::QueueWorker`]).
 pub struct RingQueue {
     index: usize,
-    ring: BackRing,
+    ring: BlkBackRing,
     abi: Abi,
     exec: QueueExecutor,
     slot: Vec<u8>,
-    rsp: Vec<u8>,
     responses: Vec<Response>,
 }
 
@@ -94,16 +94,8 @@ impl RingQueue {
     /// ABI sets the slot size).
     pub fn new(index: usize, mem: GrantMapping, exec: QueueExecutor) -> Result<Self, QueueError> {
         let abi = exec.abi();
-        let ring = BackRing::new(mem, abi.slot_size()).map_err(|source| QueueError::Ring { queue: index, source })?;
-        Ok(RingQueue {
-            index,
-            ring,
-            abi,
-            exec,
-            slot: vec![0; abi.slot_size()],
-            rsp: vec![0; abi.response_size()],
-            responses: Vec::new(),
-        })
+        let ring = BlkBackRing::new(mem, abi).map_err(|source| QueueError::Ring { queue: index, source })?;
+        Ok(RingQueue { index, ring, abi, exec, slot: vec![0; abi.slot_size()], responses: Vec::new() })
     }
 
     /// Maps queue `index`'s ring from `frontend` and serves it with `exec`.
@@ -118,6 +110,11 @@ impl RingQueue {
         let q = RingQueue::new(index, mem, exec)?;
         log::debug!("dom{frontend} queue {index}: {} ring pages, {} slots", refs.len(), q.ring.size());
         Ok(q)
+    }
+
+    /// The ring layout.
+    pub fn abi(&self) -> Abi {
+        self.abi
     }
 
     /// Queue number.
@@ -157,7 +154,9 @@ impl RingQueue {
         loop {
             let n = (self.ring.unconsumed().map_err(ring_err)? as usize).min(left);
             for _ in 0..n {
-                self.ring.take_request(&mut self.slot).map_err(ring_err)?;
+                if !self.ring.take_request(&mut self.slot).map_err(ring_err)? {
+                    break;
+                }
                 self.exec.submit(&self.slot, &mut self.responses);
             }
             left -= n;
@@ -191,8 +190,7 @@ impl RingQueue {
         }
         let queue = self.index;
         for rsp in self.responses.drain(..) {
-            self.abi.encode_response(&rsp, &mut self.rsp);
-            self.ring.put_response(&self.rsp).map_err(|source| QueueError::Ring { queue, source })?;
+            self.ring.put_response(&rsp).map_err(|source| QueueError::Ring { queue, source })?;
         }
         self.ring.push_responses().map_err(|source| QueueError::Ring { queue, source })
     }

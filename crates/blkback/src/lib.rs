@@ -24,5 +24,6 @@ pub use request::{
     parse, parse_indirect_segments, Abi, Direction, DiskLimits, Fault, Request, RequestError, RequestKind, Response,
     Segment, Status,
 };
-pub use ring::{BackRing, FrontRing, RingError};
+pub use ring::{BlkBackRing, BlkFrontRing, RawResponse};
 pub use worker::{spawn_workers, QueueWorker, WorkerError};
+pub use xen_ring::RingError;

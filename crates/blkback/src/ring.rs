@@ -1,361 +1,280 @@
-//! The blkif shared ring (`xen/include/public/io/ring.h`, `DEFINE_RING_TYPES`)
-//! with raw slots: the slot size depends on the frontend's ABI (112 bytes for
-//! x86_64, 108 for x86_32), so the ring moves bytes and `request.rs` parses
-//! them. Both ends are here: [`BackRing`] for the backend and [`FrontRing`]
-//! for simulated frontends.
-//!
-//! Layout of the shared page(s) (`struct __name##_sring`):
-//! `req_prod` at 0, `req_event` at 4, `rsp_prod` at 8, `rsp_event` at 12,
-//! 48 bytes of padding, then the slots from byte 64.
-//!
-//! Indices are loaded with `Acquire` and stored with `Release`; the full
-//! barriers `ring.h` places (`xen_mb()`) between publishing an index and
-//! reading the other side's event index are `fence(SeqCst)`.
+//! blkif rings on the `xen-ring` crate. The slot size depends on the
+//! frontend's ABI (a request slot is 112 bytes for x86_64 and native, 108 for
+//! x86_32; responses 16 and 12), so each end is one typed ring per layout:
+//! requests travel as raw slot bytes (copied out once, parsed by
+//! `request.rs`), responses as the layout's `blkif_response`.
+//! [`BlkBackRing`] is the backend's end; [`BlkFrontRing`] the frontend's (for
+//! simulated frontends).
 
 use std::borrow::Borrow;
-use std::sync::atomic::{fence, Ordering};
 
-use gnttab::{AccessError, GrantMapping, PAGE_SIZE};
+use gnttab::GrantMapping;
+use xen_ring::{BackRing, FrontRing, RingError};
+use zerocopy::{FromBytes, IntoBytes};
 
-const REQ_PROD: usize = 0;
-const REQ_EVENT: usize = 4;
-const RSP_PROD: usize = 8;
-const RSP_EVENT: usize = 12;
-/// Offset of the first slot (`offsetof(struct sring, ring)`).
-pub const RING_HEADER: usize = 64;
+use crate::abi::{BlkifResponse32, BlkifResponse64, SLOT_SIZE_32, SLOT_SIZE_64};
+use crate::request::{Abi, Response};
 
-/// Errors of ring access.
-#[derive(Debug, thiserror::Error)]
-pub enum RingError {
-    /// The mapping is too small for a ring of that slot size.
-    #[error("Ring of {len} bytes cannot hold slots of {slot} bytes")]
-    TooSmall {
-        /// Mapping length.
-        len: usize,
-        /// Slot size.
-        slot: usize,
-    },
-    /// The other end published an index more than a ring ahead: the guest
-    /// is broken or hostile (`RING_REQUEST_PROD_OVERFLOW`).
-    #[error("Producer index {prod} is more than {size} ahead of {cons}")]
-    Overflow {
-        /// The published producer index.
-        prod: u32,
-        /// Our consumer or private producer index.
-        cons: u32,
-        /// Ring size in slots.
-        size: u32,
-    },
-    /// A shared-memory access failed (the mapping is read-only or too short).
-    #[error("Shared ring access failed")]
-    Access(#[source] AccessError),
+type Slot64 = [u8; SLOT_SIZE_64];
+type Slot32 = [u8; SLOT_SIZE_32];
+
+/// The number of slots a ring of `bytes` holds in layout `abi`.
+pub fn ring_size(bytes: usize, abi: Abi) -> u32 {
+    xen_ring::ring_size(bytes, abi.slot_size())
 }
 
-impl From<AccessError> for RingError {
-    fn from(e: AccessError) -> Self {
-        RingError::Access(e)
-    }
+/// The backend's end of a blkif ring.
+pub enum BlkBackRing {
+    /// x86_64 / native layout.
+    Wide(BackRing<Slot64, BlkifResponse64>),
+    /// x86_32 layout.
+    Narrow(BackRing<Slot32, BlkifResponse32>),
 }
 
-/// Number of slots a ring of `bytes` holds with slots of `slot` bytes:
-/// `__RING_SIZE`, rounded down to a power of two.
-pub fn ring_size(bytes: usize, slot: usize) -> u32 {
-    if bytes <= RING_HEADER || slot == 0 {
-        return 0;
-    }
-    let n = (bytes - RING_HEADER) / slot;
-    if n == 0 {
-        return 0;
-    }
-    1u32 << (usize::BITS - 1 - n.leading_zeros())
-}
-
-/// Initialises a shared ring (`SHARED_RING_INIT`): producers 0, event indices 1.
-pub fn init_shared(mem: &GrantMapping) -> Result<(), RingError> {
-    mem.fill(0, RING_HEADER, 0)?;
-    mem.store_u32(REQ_EVENT, 1, Ordering::Relaxed)?;
-    mem.store_u32(RSP_EVENT, 1, Ordering::Relaxed)?;
-    fence(Ordering::SeqCst);
-    Ok(())
-}
-
-fn check(mem: &GrantMapping, slot: usize) -> Result<u32, RingError> {
-    let n = ring_size(mem.len(), slot);
-    if n == 0 || mem.len() % PAGE_SIZE != 0 {
-        return Err(RingError::TooSmall { len: mem.len(), slot });
-    }
-    Ok(n)
-}
-
-/// The backend end: consumes requests, produces responses.
-pub struct BackRing {
-    mem: GrantMapping,
-    slot: usize,
-    size: u32,
-    req_cons: u32,
-    rsp_prod_pvt: u32,
-}
-
-impl BackRing {
-    /// The back end of the ring in `mem` (`BACK_RING_ATTACH` with indices
-    /// taken from the shared page, so a reconnect resumes where it was).
-    pub fn new(mem: GrantMapping, slot: usize) -> Result<Self, RingError> {
-        let size = check(&mem, slot)?;
-        let rsp_prod = mem.load_u32(RSP_PROD, Ordering::Acquire)?;
-        Ok(BackRing { mem, slot, size, req_cons: rsp_prod, rsp_prod_pvt: rsp_prod })
+impl BlkBackRing {
+    /// Attaches to the ring the frontend initialised in `mem`.
+    pub fn new(mem: GrantMapping, abi: Abi) -> Result<Self, RingError> {
+        Ok(match abi {
+            Abi::X86_32 => BlkBackRing::Narrow(BackRing::new(mem)?),
+            Abi::Native | Abi::X86_64 => BlkBackRing::Wide(BackRing::new(mem)?),
+        })
     }
 
     /// Slots in the ring.
     pub fn size(&self) -> u32 {
-        self.size
-    }
-
-    fn slot_offset(&self, idx: u32) -> usize {
-        RING_HEADER + (idx & (self.size - 1)) as usize * self.slot
-    }
-
-    /// Requests published and not consumed (`RING_HAS_UNCONSUMED_REQUESTS`,
-    /// bounded by the free response slots), or an overflow error.
-    pub fn unconsumed(&self) -> Result<u32, RingError> {
-        let prod = self.mem.load_u32(REQ_PROD, Ordering::Acquire)?;
-        if prod.wrapping_sub(self.rsp_prod_pvt) > self.size {
-            return Err(RingError::Overflow { prod, cons: self.rsp_prod_pvt, size: self.size });
+        match self {
+            BlkBackRing::Wide(r) => r.size(),
+            BlkBackRing::Narrow(r) => r.size(),
         }
-        let reqs = prod.wrapping_sub(self.req_cons);
-        let rsps = self.size - self.req_cons.wrapping_sub(self.rsp_prod_pvt);
-        Ok(reqs.min(rsps))
     }
 
-    /// Copies the next request slot into `out` (exactly one slot long) and
-    /// consumes it. Call only while [`Self::unconsumed`] is non-zero.
-    pub fn take_request(&mut self, out: &mut [u8]) -> Result<(), RingError> {
-        let off = self.slot_offset(self.req_cons);
-        self.mem.read(off, &mut out[..self.slot])?;
-        self.req_cons = self.req_cons.wrapping_add(1);
-        Ok(())
+    /// Requests published and not taken.
+    pub fn unconsumed(&mut self) -> Result<u32, RingError> {
+        match self {
+            BlkBackRing::Wide(r) => r.unconsumed_requests(),
+            BlkBackRing::Narrow(r) => r.unconsumed_requests(),
+        }
     }
 
-    /// Writes a response (already encoded, at most one slot) to the next
-    /// response slot; published by [`Self::push_responses`].
-    pub fn put_response(&mut self, rsp: &[u8]) -> Result<(), RingError> {
-        let off = self.slot_offset(self.rsp_prod_pvt);
-        self.mem.write(off, rsp)?;
-        self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
-        Ok(())
+    /// Copies the next request slot into `out` (at least a slot long);
+    /// false if there was none.
+    pub fn take_request(&mut self, out: &mut [u8]) -> Result<bool, RingError> {
+        match self {
+            BlkBackRing::Wide(r) => Ok(r.next_request()?.map(|s| out[..s.len()].copy_from_slice(&s)).is_some()),
+            BlkBackRing::Narrow(r) => Ok(r.next_request()?.map(|s| out[..s.len()].copy_from_slice(&s)).is_some()),
+        }
     }
 
-    /// Publishes the responses written so far; returns whether the frontend
-    /// asked to be notified (`RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`).
+    /// Writes a response to the next slot (published by [`Self::push_responses`]).
+    pub fn put_response(&mut self, rsp: &Response) -> Result<(), RingError> {
+        let mut raw = [0u8; 16];
+        match self {
+            BlkBackRing::Wide(r) => {
+                Abi::X86_64.encode_response(rsp, &mut raw);
+                let (v, _) = BlkifResponse64::read_from_prefix(&raw).expect("16 bytes");
+                r.push_response(&v)
+            }
+            BlkBackRing::Narrow(r) => {
+                Abi::X86_32.encode_response(rsp, &mut raw);
+                let (v, _) = BlkifResponse32::read_from_prefix(&raw).expect("12 bytes");
+                r.push_response(&v)
+            }
+        }
+    }
+
+    /// Publishes the responses; whether the frontend asked for an event.
     pub fn push_responses(&mut self) -> Result<bool, RingError> {
-        let old = self.mem.load_u32(RSP_PROD, Ordering::Relaxed)?;
-        let new = self.rsp_prod_pvt;
-        if old == new {
-            return Ok(false);
+        match self {
+            BlkBackRing::Wide(r) => r.push_responses_and_check_notify(),
+            BlkBackRing::Narrow(r) => r.push_responses_and_check_notify(),
         }
-        // Release: the response slots are visible before the index.
-        self.mem.store_u32(RSP_PROD, new, Ordering::Release)?;
-        // xen_mb(): the index is visible before we read the frontend's event index.
-        fence(Ordering::SeqCst);
-        let event = self.mem.load_u32(RSP_EVENT, Ordering::Acquire)?;
-        Ok(new.wrapping_sub(event) < new.wrapping_sub(old))
     }
 
-    /// `RING_FINAL_CHECK_FOR_REQUESTS`: whether requests wait; if none do,
-    /// asks the frontend to notify for the next one first, then checks again.
+    /// `RING_FINAL_CHECK_FOR_REQUESTS`.
     pub fn final_check_for_requests(&mut self) -> Result<bool, RingError> {
-        if self.unconsumed()? > 0 {
-            return Ok(true);
+        match self {
+            BlkBackRing::Wide(r) => r.final_check_for_requests(),
+            BlkBackRing::Narrow(r) => r.final_check_for_requests(),
         }
-        self.mem.store_u32(REQ_EVENT, self.req_cons.wrapping_add(1), Ordering::Release)?;
-        // xen_mb(): the event index is visible before we look at req_prod again.
-        fence(Ordering::SeqCst);
-        Ok(self.unconsumed()? > 0)
-    }
-
-    /// Requests consumed and not yet answered.
-    pub fn outstanding(&self) -> u32 {
-        self.req_cons.wrapping_sub(self.rsp_prod_pvt)
     }
 }
 
-/// The frontend end: produces requests, consumes responses. `M` is the
-/// frontend's view of the ring pages (a mapping, or something owning one).
-pub struct FrontRing<M: Borrow<GrantMapping> = GrantMapping> {
-    mem: M,
-    slot: usize,
-    size: u32,
-    req_prod_pvt: u32,
-    rsp_cons: u32,
+/// A response as the frontend reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawResponse {
+    /// The request's id.
+    pub id: u64,
+    /// The operation echoed.
+    pub operation: u8,
+    /// `BLKIF_RSP_*`.
+    pub status: i16,
 }
 
-impl<M: Borrow<GrantMapping>> FrontRing<M> {
-    /// Initialises the shared ring in `mem` and returns its front end.
-    pub fn new(mem: M, slot: usize) -> Result<Self, RingError> {
-        let size = check(mem.borrow(), slot)?;
-        init_shared(mem.borrow())?;
-        Ok(FrontRing { mem, slot, size, req_prod_pvt: 0, rsp_cons: 0 })
+/// The frontend's end of a blkif ring over `M` (the guest's view of the pages).
+pub enum BlkFrontRing<M: Borrow<GrantMapping>> {
+    /// x86_64 / native layout.
+    Wide(FrontRing<Slot64, BlkifResponse64, M>),
+    /// x86_32 layout.
+    Narrow(FrontRing<Slot32, BlkifResponse32, M>),
+}
+
+impl<M: Borrow<GrantMapping>> BlkFrontRing<M> {
+    /// Initialises the shared ring in `mem` for layout `abi`.
+    pub fn new(mem: M, abi: Abi) -> Result<Self, RingError> {
+        Ok(match abi {
+            Abi::X86_32 => BlkFrontRing::Narrow(FrontRing::new(mem)?),
+            Abi::Native | Abi::X86_64 => BlkFrontRing::Wide(FrontRing::new(mem)?),
+        })
     }
 
     /// Slots in the ring.
     pub fn size(&self) -> u32 {
-        self.size
+        match self {
+            BlkFrontRing::Wide(r) => r.size(),
+            BlkFrontRing::Narrow(r) => r.size(),
+        }
     }
 
-    /// Free request slots (`RING_FULL` when 0).
+    /// Free request slots.
     pub fn free(&self) -> u32 {
-        self.size - self.req_prod_pvt.wrapping_sub(self.rsp_cons)
+        match self {
+            BlkFrontRing::Wide(r) => r.free_requests(),
+            BlkFrontRing::Narrow(r) => r.free_requests(),
+        }
     }
 
-    fn slot_offset(&self, idx: u32) -> usize {
-        RING_HEADER + (idx & (self.size - 1)) as usize * self.slot
+    /// The shared pages (to scribble on them, as a hostile guest would).
+    pub fn mapping(&self) -> &GrantMapping {
+        match self {
+            BlkFrontRing::Wide(r) => r.mapping(),
+            BlkFrontRing::Narrow(r) => r.mapping(),
+        }
     }
 
-    /// Writes a request (at most one slot) to the next free slot; published
-    /// by [`Self::push_requests`]. Call only while [`Self::free`] is non-zero.
+    /// Writes a request (at most a slot; zero-padded) to the next slot.
     pub fn put_request(&mut self, req: &[u8]) -> Result<(), RingError> {
-        let off = self.slot_offset(self.req_prod_pvt);
-        self.mem.borrow().fill(off, self.slot, 0)?;
-        self.mem.borrow().write(off, req)?;
-        self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
-        Ok(())
+        match self {
+            BlkFrontRing::Wide(r) => {
+                let mut s = [0u8; SLOT_SIZE_64];
+                s[..req.len()].copy_from_slice(req);
+                r.push_request(&s)
+            }
+            BlkFrontRing::Narrow(r) => {
+                let mut s = [0u8; SLOT_SIZE_32];
+                s[..req.len()].copy_from_slice(req);
+                r.push_request(&s)
+            }
+        }
     }
 
-    /// Publishes the requests written so far; returns whether the backend
-    /// asked to be notified (`RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`).
+    /// Publishes the requests; whether the backend asked for an event.
     pub fn push_requests(&mut self) -> Result<bool, RingError> {
-        let old = self.mem.borrow().load_u32(REQ_PROD, Ordering::Relaxed)?;
-        let new = self.req_prod_pvt;
-        if old == new {
-            return Ok(false);
+        match self {
+            BlkFrontRing::Wide(r) => r.push_requests_and_check_notify(),
+            BlkFrontRing::Narrow(r) => r.push_requests_and_check_notify(),
         }
-        self.mem.borrow().store_u32(REQ_PROD, new, Ordering::Release)?;
-        // xen_mb(): the index is visible before we read the backend's event index.
-        fence(Ordering::SeqCst);
-        let event = self.mem.borrow().load_u32(REQ_EVENT, Ordering::Acquire)?;
-        Ok(new.wrapping_sub(event) < new.wrapping_sub(old))
     }
 
-    /// Responses published and not yet consumed, or an overflow error.
-    pub fn unconsumed(&self) -> Result<u32, RingError> {
-        let prod = self.mem.borrow().load_u32(RSP_PROD, Ordering::Acquire)?;
-        let n = prod.wrapping_sub(self.rsp_cons);
-        if n > self.req_prod_pvt.wrapping_sub(self.rsp_cons) {
-            return Err(RingError::Overflow { prod, cons: self.rsp_cons, size: self.size });
-        }
-        Ok(n)
-    }
-
-    /// Copies the next response (`out.len()` bytes) and consumes it.
-    pub fn take_response(&mut self, out: &mut [u8]) -> Result<(), RingError> {
-        let off = self.slot_offset(self.rsp_cons);
-        self.mem.borrow().read(off, out)?;
-        self.rsp_cons = self.rsp_cons.wrapping_add(1);
-        Ok(())
+    /// The next response, if any.
+    pub fn next_response(&mut self) -> Result<Option<RawResponse>, RingError> {
+        Ok(match self {
+            BlkFrontRing::Wide(r) => r.next_response()?.map(|v| decode(v.as_bytes())),
+            BlkFrontRing::Narrow(r) => r.next_response()?.map(|v| decode(v.as_bytes())),
+        })
     }
 
     /// `RING_FINAL_CHECK_FOR_RESPONSES`.
     pub fn final_check_for_responses(&mut self) -> Result<bool, RingError> {
-        if self.unconsumed()? > 0 {
-            return Ok(true);
+        match self {
+            BlkFrontRing::Wide(r) => r.final_check_for_responses(),
+            BlkFrontRing::Narrow(r) => r.final_check_for_responses(),
         }
-        self.mem.borrow().store_u32(RSP_EVENT, self.rsp_cons.wrapping_add(1), Ordering::Release)?;
-        // xen_mb(): the event index is visible before we look at rsp_prod again.
-        fence(Ordering::SeqCst);
-        Ok(self.unconsumed()? > 0)
     }
+}
 
-    /// Writes `value` to the shared request producer index directly (tests
-    /// of hostile frontends).
-    pub fn force_req_prod(&self, value: u32) -> Result<(), RingError> {
-        self.mem.borrow().store_u32(REQ_PROD, value, Ordering::Release)?;
-        Ok(())
+/// Both response layouts put `id` at 0, `operation` at 8 and `status` at 10.
+fn decode(raw: &[u8]) -> RawResponse {
+    RawResponse {
+        id: u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes")),
+        operation: raw[8],
+        status: i16::from_le_bytes([raw[10], raw[11]]),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::Status;
+    use gnttab::PAGE_SIZE;
+    use std::sync::Arc;
 
     /// Keeps the shared memory mapped while either end lives.
-    struct Keep(#[allow(dead_code)] std::sync::Arc<GrantMapping>);
+    struct Keep(#[allow(dead_code)] Arc<GrantMapping>);
     impl gnttab::Unmap for Keep {
         fn unmap(&mut self, _: std::ptr::NonNull<u8>, _: usize) {}
     }
 
-    fn pair(pages: usize, slot: usize) -> (FrontRing, BackRing) {
+    fn pair(pages: usize, abi: Abi) -> (BlkFrontRing<Arc<GrantMapping>>, BlkBackRing) {
         let len = pages * PAGE_SIZE;
-        let shared = std::sync::Arc::new(GrantMapping::anonymous(len).unwrap());
+        let shared = Arc::new(GrantMapping::anonymous(len).unwrap());
         let addr = std::ptr::NonNull::new(shared.as_ptr()).unwrap();
+        let front = BlkFrontRing::new(shared.clone(), abi).unwrap();
         // SAFETY: `Keep` holds the anonymous mapping until this view is dropped.
-        let front_mem = unsafe { GrantMapping::from_raw(addr, len, true, Box::new(Keep(shared.clone()))) };
-        // SAFETY: as above.
         let back_mem = unsafe { GrantMapping::from_raw(addr, len, true, Box::new(Keep(shared))) };
-        let front = FrontRing::new(front_mem, slot).unwrap();
-        (front, BackRing::new(back_mem, slot).unwrap())
+        (front, BlkBackRing::new(back_mem, abi).unwrap())
     }
 
     #[test]
     fn ring_sizes_match_ring_h_for_blkif() {
-        assert_eq!(ring_size(PAGE_SIZE, 112), 32);
-        assert_eq!(ring_size(PAGE_SIZE, 108), 32);
-        assert_eq!(ring_size(4 * PAGE_SIZE, 112), 128);
-        assert_eq!(ring_size(16 * PAGE_SIZE, 112), 512);
+        assert_eq!(ring_size(PAGE_SIZE, Abi::X86_64), 32);
+        assert_eq!(ring_size(PAGE_SIZE, Abi::X86_32), 32);
+        assert_eq!(ring_size(4 * PAGE_SIZE, Abi::Native), 128);
+        assert_eq!(ring_size(16 * PAGE_SIZE, Abi::Native), 512);
     }
 
     #[test]
-    fn requests_and_responses_cross_with_notifications_as_ring_h_says() {
-        let (mut front, mut back) = pair(1, 112);
-        assert!(!back.final_check_for_requests().unwrap());
-        front.put_request(&[7u8; 112]).unwrap();
-        assert!(front.push_requests().unwrap(), "backend asked for a notification");
-        assert_eq!(back.unconsumed().unwrap(), 1);
-        let mut slot = [0u8; 112];
-        back.take_request(&mut slot).unwrap();
-        assert_eq!(slot, [7u8; 112]);
-        back.put_response(&[9u8; 16]).unwrap();
-        assert!(back.push_responses().unwrap(), "SHARED_RING_INIT asks for the first response");
-        back.put_response(&[8u8; 16]).unwrap();
-        assert!(!back.push_responses().unwrap(), "frontend has not consumed the first yet");
-        let mut rsp = [0u8; 16];
-        front.take_response(&mut rsp).unwrap();
-        assert_eq!(rsp, [9u8; 16]);
-        front.take_response(&mut rsp).unwrap();
-        assert_eq!(rsp, [8u8; 16]);
-        assert!(!front.final_check_for_responses().unwrap());
-        back.put_response(&[7u8; 16]).unwrap();
-        assert!(back.push_responses().unwrap(), "final check re-armed rsp_event");
+    fn x86_32_slots_are_108_bytes_apart_and_responses_12() {
+        let (mut front, mut back) = pair(1, Abi::X86_32);
+        front.put_request(&[1u8; SLOT_SIZE_32]).unwrap();
+        front.put_request(&[2u8; SLOT_SIZE_32]).unwrap();
+        front.push_requests().unwrap();
+        let mut m = [0u8; SLOT_SIZE_32];
+        front.mapping().read(64 + SLOT_SIZE_32, &mut m).unwrap();
+        assert_eq!(m, [2u8; SLOT_SIZE_32], "second slot at 64 + 108");
+        let mut slot = [0u8; SLOT_SIZE_64];
+        assert!(back.take_request(&mut slot).unwrap());
+        assert_eq!(slot[..SLOT_SIZE_32], [1u8; SLOT_SIZE_32]);
+        assert!(back.take_request(&mut slot).unwrap());
+        assert!(!back.take_request(&mut slot).unwrap());
+        back.put_response(&Response { id: 0xAB, operation: 1, status: Status::Error }).unwrap();
+        back.put_response(&Response { id: 0xCD, operation: 0, status: Status::Okay }).unwrap();
+        back.push_responses().unwrap();
+        let mut r = [0u8; 12];
+        front.mapping().read(64 + SLOT_SIZE_32, &mut r).unwrap();
+        assert_eq!(r[0], 0xCD, "second response overwrites the second slot");
+        let first = front.next_response().unwrap().unwrap();
+        assert_eq!(first, RawResponse { id: 0xAB, operation: 1, status: -1 });
     }
 
     #[test]
-    fn a_producer_index_beyond_the_ring_is_an_overflow() {
-        let (front, back) = pair(1, 112);
-        front.force_req_prod(1000).unwrap();
-        assert!(matches!(back.unconsumed(), Err(RingError::Overflow { prod: 1000, .. })));
-    }
-
-    #[test]
-    fn a_full_ring_is_consumed_in_order_across_wraparound() {
-        let (mut front, mut back) = pair(2, 108);
+    fn wide_layout_round_trips_a_full_ring() {
+        let (mut front, mut back) = pair(2, Abi::Native);
         let n = front.size();
-        for round in 0..3u8 {
-            for i in 0..n {
-                front.put_request(&[round.wrapping_add(i as u8); 108]).unwrap();
-            }
-            assert_eq!(front.free(), 0);
-            front.push_requests().unwrap();
-            assert_eq!(back.unconsumed().unwrap(), n);
-            for i in 0..n {
-                let mut s = [0u8; 108];
-                back.take_request(&mut s).unwrap();
-                assert_eq!(s[0], round.wrapping_add(i as u8));
-                back.put_response(&[s[0]; 12]).unwrap();
-            }
-            back.push_responses().unwrap();
-            for i in 0..n {
-                let mut r = [0u8; 12];
-                front.take_response(&mut r).unwrap();
-                assert_eq!(r[0], round.wrapping_add(i as u8));
-            }
+        for i in 0..n {
+            front.put_request(&[i as u8; 40]).unwrap();
         }
+        assert_eq!(front.free(), 0);
+        front.push_requests().unwrap();
+        let mut slot = [0u8; SLOT_SIZE_64];
+        for i in 0..n {
+            assert!(back.take_request(&mut slot).unwrap());
+            assert_eq!((slot[0], slot[40]), (i as u8, 0), "zero-padded slot {i}");
+            back.put_response(&Response { id: u64::from(i), operation: 0, status: Status::Okay }).unwrap();
+        }
+        back.push_responses().unwrap();
+        for i in 0..n {
+            assert_eq!(front.next_response().unwrap().unwrap().id, u64::from(i));
+        }
+        assert!(!front.final_check_for_responses().unwrap());
     }
 }

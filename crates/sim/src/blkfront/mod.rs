@@ -13,8 +13,8 @@ mod queue;
 
 use std::sync::Arc;
 
-use blkback::ring::{ring_size, FrontRing, RingError};
-use blkback::Abi;
+use blkback::ring::{ring_size, BlkFrontRing};
+use blkback::{Abi, RingError};
 use evtchn::EventChannel;
 use gnttab::PAGE_SIZE;
 
@@ -101,14 +101,14 @@ impl Blkfront {
             return Err(BlkfrontError::BadOption("max_request_bytes must be a positive multiple of 4096"));
         }
         let pages = 1usize << options.ring_page_order;
-        let slots = ring_size(pages * PAGE_SIZE, options.abi.slot_size()) as usize;
+        let slots = ring_size(pages * PAGE_SIZE, options.abi) as usize;
         let depth = options.depth.clamp(1, slots);
         let grants = host.grant_table(domid);
         let mut queues = Vec::with_capacity(options.queues as usize);
         for index in 0..options.queues as usize {
             let ring_pages = grants.alloc_pages(pages)?;
             let ring_refs = grants.grant_pages(&ring_pages, backend, false)?;
-            let ring = FrontRing::new(queue::RingPages(ring_pages), options.abi.slot_size())?;
+            let ring = BlkFrontRing::new(queue::RingPages(ring_pages), options.abi)?;
             let evtchn: Box<dyn EventChannel> = Box::new(host.try_evtchn(domid).map_err(BlkfrontError::Wait)?);
             let port = evtchn.bind_unbound_port(backend)?;
             let setup = queue::QueueSetup { index, backend, options, depth, ring, ring_refs, evtchn, port };

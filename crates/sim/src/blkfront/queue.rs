@@ -7,7 +7,7 @@ use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use blkback::abi::*;
-use blkback::ring::FrontRing;
+use blkback::ring::BlkFrontRing;
 use blkback::Abi;
 use evtchn::{EventChannel, Port};
 use gnttab::{GrantMapping, GrantRef, PAGE_SIZE};
@@ -95,7 +95,7 @@ pub(crate) struct QueueSetup {
     pub(crate) backend: DomId,
     pub(crate) options: BlkfrontOptions,
     pub(crate) depth: usize,
-    pub(crate) ring: FrontRing<RingPages>,
+    pub(crate) ring: BlkFrontRing<RingPages>,
     pub(crate) ring_refs: Vec<GrantRef>,
     pub(crate) evtchn: Box<dyn EventChannel>,
     pub(crate) port: Port,
@@ -106,7 +106,7 @@ pub struct FrontQueue {
     index: usize,
     abi: Abi,
     indirect: bool,
-    ring: FrontRing<RingPages>,
+    ring: BlkFrontRing<RingPages>,
     ring_refs: Vec<GrantRef>,
     evtchn: Box<dyn EventChannel>,
     port: Port,
@@ -389,14 +389,9 @@ impl FrontQueue {
     /// Collects every published response into `out` without blocking (and
     /// re-arms `rsp_event`).
     pub fn poll(&mut self, out: &mut Vec<BlkCompletion>) -> Result<(), BlkfrontError> {
-        let mut raw = vec![0u8; self.abi.response_size()];
         loop {
-            let n = self.ring.unconsumed()?;
-            for _ in 0..n {
-                self.ring.take_response(&mut raw)?;
-                let id = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
-                let operation = raw[8];
-                let status = i16::from_le_bytes([raw[10], raw[11]]);
+            while let Some(rsp) = self.ring.next_response()? {
+                let (id, operation, status) = (rsp.id, rsp.operation, rsp.status);
                 let Some(f) = self.in_flight.remove(&id) else {
                     log::warn!("blkfront queue {}: response for unknown id {id:#x}", self.index);
                     continue;
@@ -443,6 +438,11 @@ impl FrontQueue {
             self.evtchn.unmask(*p)?;
         }
         self.poll(out)
+    }
+
+    /// The shared ring pages (to scribble on the indices, as a hostile guest).
+    pub fn ring_mapping(&self) -> &GrantMapping {
+        self.ring.mapping()
     }
 
     /// Whether requests above 11 pages go as indirect requests.
