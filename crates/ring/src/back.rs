@@ -159,6 +159,9 @@ impl<Req: RingEntry, Rsp: RingEntry, M: Borrow<GrantMapping>> BackRing<Req, Rsp,
     /// Takes up to `budget` requests into `out` (so one busy guest cannot
     /// starve others) and returns how many.
     pub fn take_requests(&mut self, budget: usize, out: &mut Vec<Req>) -> Result<usize, RingError> {
+        if self.broken {
+            return Err(RingError::Broken);
+        }
         let mut n = 0;
         while n < budget {
             match self.next_request()? {
@@ -301,6 +304,15 @@ mod tests {
         assert!(back.is_broken());
         assert!(matches!(back.next_request(), Err(RingError::Broken)));
         assert!(matches!(back.final_check_for_requests(), Err(RingError::Broken)));
+    }
+
+    #[test]
+    fn broken_ring_fails_even_a_zero_budget() {
+        // Found by the ring_back fuzz target: take_requests(0) returned Ok(0).
+        let (_front, mut back) = pair(1);
+        back.mapping().store_u32(REQ_PROD, 40, Ordering::Release).unwrap();
+        assert!(back.next_request().is_err());
+        assert!(matches!(back.take_requests(0, &mut Vec::new()), Err(RingError::Broken)));
     }
 
     #[test]

@@ -207,6 +207,9 @@ impl<Req: RingEntry, Rsp: RingEntry, M: Borrow<GrantMapping>> FrontRing<Req, Rsp
 
     /// Takes up to `budget` responses into `out` and returns how many.
     pub fn take_responses(&mut self, budget: usize, out: &mut Vec<Rsp>) -> Result<usize, RingError> {
+        if self.broken {
+            return Err(RingError::Broken);
+        }
         let mut n = 0;
         while n < budget {
             match self.next_response()? {
