@@ -381,7 +381,151 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use evtchn::Port;
+    use xen_ring::{BackRing, FrontRing};
+    use xen_sim::host::SimHost;
+
     use super::*;
+    use crate::device::{BoundPort, Progress, RingHandler};
+
+    /// Echoes u64 + 1; panics on the value 666.
+    struct Echo(BackRing<u64, u64>);
+
+    impl RingHandler for Echo {
+        fn process(&mut self, budget: usize) -> Result<Progress, DeviceError> {
+            let mut n = 0;
+            while n < budget {
+                let Some(v) = self.0.next_request()? else { break };
+                assert_ne!(v, 666, "poisoned request");
+                self.0.push_response(&(v + 1))?;
+                n += 1;
+            }
+            let notify = self.0.push_responses_and_check_notify()?;
+            let more = n == budget || self.0.final_check_for_requests()?;
+            Ok(Progress { notify, more })
+        }
+    }
+
+    /// A guest (dom 1) with one echo ring served by dom 0 through `pool`.
+    struct Guest {
+        _pages: xen_sim::host::GuestPages,
+        ring: FrontRing<u64, u64>,
+        evtchn: Box<dyn evtchn::EventChannel>,
+        port: Port,
+    }
+
+    fn guest_with_ring(pool: &mut WorkerPool, host: &Arc<SimHost>, domid: u16) -> (Guest, Placement) {
+        host.create_domain(domid).unwrap();
+        let pages = host.grant_table(domid).alloc_pages(1).unwrap();
+        let grefs = host.grant_table(domid).grant_pages(&pages, 0, false).unwrap();
+        // The guest's end through a second mapping of the same grants (one
+        // live map that stays; the backend's is the other).
+        let front = FrontRing::new(host.grant_mapper(0).map(domid, &grefs, true).unwrap()).unwrap();
+        let evtchn = host.evtchn(domid);
+        let remote = evtchn.bind_unbound_port(0).unwrap();
+        let port = BoundPort::bind(host.evtchn(0), domid, remote).unwrap();
+        let back = BackRing::new(host.grant_mapper(0).map(domid, &grefs, true).unwrap()).unwrap();
+        let owner = Owner { key: DeviceKey { kind: "echo".into(), frontend: domid, devid: 0 }, generation: 1 };
+        let placement = pool.add(owner, RingSetup { port, handler: Box::new(Echo(back)) });
+        (Guest { _pages: pages, ring: front, evtchn, port: remote }, placement)
+    }
+
+    impl Guest {
+        fn send(&mut self, values: &[u64]) {
+            for v in values {
+                self.ring.push_request(v).unwrap();
+            }
+            if self.ring.push_requests_and_check_notify().unwrap() {
+                self.evtchn.notify(self.port).unwrap();
+            }
+        }
+
+        fn receive(&mut self, n: usize) -> Vec<u64> {
+            let mut out = Vec::new();
+            let fd = self.evtchn.as_raw_fd();
+            while out.len() < n {
+                self.ring.take_responses(n - out.len(), &mut out).unwrap();
+                if out.len() < n && !self.ring.final_check_for_responses().unwrap() {
+                    // SAFETY: the fd belongs to self.evtchn, alive for this call.
+                    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                    let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+                    let ready = nix::poll::poll(&mut fds, 30_000u16).unwrap();
+                    assert!(ready > 0, "no event from the backend");
+                    let mut pending = Vec::new();
+                    self.evtchn.take_pending(&mut pending).unwrap();
+                    pending.iter().for_each(|p| self.evtchn.unmask(*p).unwrap());
+                }
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn worker_serves_ring_across_many_budgeted_passes() {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        let (failures, _failed) = crossbeam_channel::unbounded();
+        let mut pool = WorkerPool::new(1, 4, failures).unwrap();
+        let (mut guest, _) = guest_with_ring(&mut pool, &host, 1);
+
+        let values: Vec<u64> = (0..200).collect();
+        guest.send(&values);
+        let got = guest.receive(values.len());
+
+        assert_eq!(got, values.iter().map(|v| v + 1).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn panicking_handler_fails_its_device_and_spares_the_other_ring() {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        let (failures, failed) = crossbeam_channel::unbounded();
+        let mut pool = WorkerPool::new(1, 64, failures).unwrap();
+        let (mut good, _) = guest_with_ring(&mut pool, &host, 1);
+        let (mut bad, _) = guest_with_ring(&mut pool, &host, 2);
+
+        bad.send(&[666]);
+        let failure = failed.recv_timeout(Duration::from_secs(30)).unwrap();
+        good.send(&[1, 2, 3]);
+
+        assert_eq!(failure.owner.key.frontend, 2);
+        assert!(matches!(failure.error, DeviceError::Panic(ref m) if m.contains("poisoned")), "{:?}", failure.error);
+        assert_eq!(good.receive(3), vec![2, 3, 4]);
+        assert_eq!(host.grant_table(2).live_maps().unwrap(), 1);
+    }
+
+    #[test]
+    fn runaway_indices_fail_the_ring() {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        let (failures, failed) = crossbeam_channel::unbounded();
+        let mut pool = WorkerPool::new(2, 64, failures).unwrap();
+        let (bad, _) = guest_with_ring(&mut pool, &host, 3);
+
+        bad.ring.mapping().store_u32(0, 100_000, std::sync::atomic::Ordering::Release).unwrap();
+        bad.evtchn.notify(bad.port).unwrap();
+        let failure = failed.recv_timeout(Duration::from_secs(30)).unwrap();
+
+        assert!(matches!(failure.error, DeviceError::SharedRing(_)), "{:?}", failure.error);
+    }
+
+    #[test]
+    fn removed_ring_is_unmapped_before_remove_returns() {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        let (failures, _failed) = crossbeam_channel::unbounded();
+        let mut pool = WorkerPool::new(2, 64, failures).unwrap();
+        let (mut guest, placement) = guest_with_ring(&mut pool, &host, 4);
+        guest.send(&[10]);
+        assert_eq!(guest.receive(1), vec![11]);
+
+        pool.remove(placement);
+
+        // Only the guest's own end is left mapped.
+        assert_eq!(host.grant_table(4).live_maps().unwrap(), 1);
+    }
 
     #[test]
     fn tokens_round_trip_and_unknown_values_are_rejected() {
