@@ -15,7 +15,7 @@ use crate::device::{Device, DeviceCtx, DeviceType};
 use crate::error::{DeviceError, Error};
 use crate::key::{backend_token, frontend_token, parse_backend_path, parse_frontend_token, BackendPath, DeviceKey};
 use crate::platform::Platform;
-use crate::state::XenbusState;
+use crate::state::{step, Step, XenbusState};
 use crate::thread::{panic_message, spawn_named};
 use crate::worker::{Failure, Owner, Placement, WorkerPool};
 
@@ -449,29 +449,20 @@ impl Xenbus {
             }
         };
         log::debug!("{key}: frontend {fe}, backend {be}");
-        use XenbusState as S;
-        match fe {
-            S::Initialising => match be {
-                // Reconnection after a close, or a frontend that restarted.
-                S::Closing | S::Closed | S::Connected if online => {
-                    self.teardown(key);
-                    if be == S::Connected {
-                        self.set_state(key, S::Closing, &[]);
-                    }
-                    self.init(key);
+        match step(fe, be, online) {
+            Step::Nothing => {}
+            Step::Reinitialise { close_first } => {
+                self.teardown(key);
+                if close_first {
+                    self.set_state(key, XenbusState::Closing, &[]);
                 }
-                _ => {}
-            },
-            S::Initialised | S::Connected if be == S::InitWait => self.connect(key),
-            S::Closing if !matches!(be, S::Closing | S::Closed) => {
-                self.teardown(key);
-                self.set_state(key, S::Closing, &[]);
+                self.init(key);
             }
-            S::Closed | S::Unknown if be != S::Closed && be != S::Unknown => {
+            Step::Connect => self.connect(key),
+            Step::Close(state) => {
                 self.teardown(key);
-                self.set_state(key, S::Closed, &[]);
+                self.set_state(key, state, &[]);
             }
-            _ => {}
         }
     }
 

@@ -106,6 +106,41 @@ impl Protocol {
     }
 }
 
+/// What the backend does on seeing the frontend's state (the pure part of
+/// the state machine; `docs/backend.md` has the table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Nothing to do.
+    Nothing,
+    /// Tear down if needed and `init` again (InitWait): reconnection after a
+    /// close, or a frontend that restarted while Connected (then Closing is
+    /// written first).
+    Reinitialise {
+        /// The backend was Connected.
+        close_first: bool,
+    },
+    /// `connect`, then Connected.
+    Connect,
+    /// Tear down and write this state (Closing or Closed).
+    Close(XenbusState),
+}
+
+/// The step for frontend state `fe`, backend state `be`, and `online`.
+pub(crate) fn step(fe: XenbusState, be: XenbusState, online: bool) -> Step {
+    use XenbusState as S;
+    match (fe, be) {
+        (S::Initialising, S::Closing | S::Closed | S::Connected) if online => {
+            Step::Reinitialise { close_first: be == S::Connected }
+        }
+        (S::Initialised | S::Connected, S::InitWait) => Step::Connect,
+        (S::Closing, S::Unknown | S::Closing | S::Closed) => Step::Nothing,
+        (S::Closing, _) => Step::Close(S::Closing),
+        (S::Closed | S::Unknown, S::Unknown | S::Closed) => Step::Nothing,
+        (S::Closed | S::Unknown, _) => Step::Close(S::Closed),
+        _ => Step::Nothing,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +160,38 @@ mod tests {
         assert_eq!(XenbusState::parse(b"abc"), None);
         assert_eq!(XenbusState::parse(b"-1"), None);
         assert_eq!(XenbusState::parse(b"\xff"), None);
+    }
+
+    #[test]
+    fn frontend_ready_connects_only_from_init_wait() {
+        use XenbusState as S;
+        assert_eq!(step(S::Initialised, S::InitWait, true), Step::Connect);
+        assert_eq!(step(S::Connected, S::InitWait, true), Step::Connect);
+        assert_eq!(step(S::Initialised, S::Initialising, true), Step::Nothing);
+        assert_eq!(step(S::Connected, S::Connected, true), Step::Nothing);
+        assert_eq!(step(S::Initialised, S::Closed, true), Step::Nothing);
+    }
+
+    #[test]
+    fn frontend_closing_or_gone_closes_from_any_live_state() {
+        use XenbusState as S;
+        for be in [S::Initialising, S::InitWait, S::Connected] {
+            assert_eq!(step(S::Closing, be, true), Step::Close(S::Closing));
+            assert_eq!(step(S::Closed, be, true), Step::Close(S::Closed));
+            assert_eq!(step(S::Unknown, be, false), Step::Close(S::Closed));
+        }
+        assert_eq!(step(S::Closed, S::Closing, true), Step::Close(S::Closed));
+        assert_eq!(step(S::Closed, S::Closed, true), Step::Nothing);
+        assert_eq!(step(S::Closing, S::Closed, true), Step::Nothing);
+    }
+
+    #[test]
+    fn frontend_initialising_again_reconnects_only_when_online() {
+        use XenbusState as S;
+        assert_eq!(step(S::Initialising, S::Closed, true), Step::Reinitialise { close_first: false });
+        assert_eq!(step(S::Initialising, S::Connected, true), Step::Reinitialise { close_first: true });
+        assert_eq!(step(S::Initialising, S::Closed, false), Step::Nothing);
+        assert_eq!(step(S::Initialising, S::InitWait, true), Step::Nothing);
     }
 
     #[test]
