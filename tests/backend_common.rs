@@ -1,0 +1,135 @@
+//! Shared setup of the backend scenario tests: a simulated host and
+//! xenstored, the framework serving the echo device type from dom0, a
+//! toolstack, guests, and an echo client over a frontend's ring.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use xen_backend::echo::EchoType;
+use xen_backend::{Backend, Config, Platform};
+use xen_ring::FrontRing;
+use xen_sim::frontend::{state, ConnectOptions, DeviceSpec, FrontendDevice, RingMemory, Toolstack};
+use xen_sim::host::SimHost;
+use xen_sim::xenstored::Xenstored;
+use xs_wire::Client;
+
+/// The echo device type's xenstore name in these tests.
+pub const KIND: &str = "echo";
+/// Longest wait for any state; reaching it is a failure, not a measurement.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A host with dom0 running the framework.
+pub struct Harness {
+    pub host: Arc<SimHost>,
+    pub xenstored: Arc<Xenstored>,
+    pub toolstack: Toolstack,
+    pub backend: Backend,
+}
+
+impl Harness {
+    /// Starts the framework with `workers` ring workers.
+    pub fn new(workers: usize) -> Result<Self> {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let host = SimHost::new();
+        host.create_domain(0)?;
+        let xenstored = Xenstored::new();
+        let toolstack = Toolstack::new(Client::from_stream(xenstored.connect_as(0))?);
+        let h = host.clone();
+        let platform = Platform::new(
+            0,
+            Client::from_stream(xenstored.connect_as(0))?,
+            move || Ok(h.evtchn(0)),
+            host.grant_mapper(0),
+        );
+        let config = Config { workers, ..Config::default() };
+        let backend = Backend::start(platform, vec![EchoType::new(KIND) as _], config)?;
+        Ok(Harness { host, xenstored, toolstack, backend })
+    }
+
+    /// Creates guest `domid` and returns its own xenstore connection.
+    pub fn guest(&self, domid: u16) -> Result<Client> {
+        self.host.create_domain(domid)?;
+        self.xenstored.introduce_domain(domid.into());
+        Ok(Client::from_stream(self.xenstored.connect_as(domid.into()))?)
+    }
+
+    /// Creates the directories of echo device `devid` of `domid` and the guest's side.
+    pub fn device(&self, guest: &Client, domid: u16, devid: u32) -> Result<FrontendDevice> {
+        let spec = DeviceSpec::new(KIND, 0, domid, devid);
+        self.toolstack.create(&spec)?;
+        Ok(FrontendDevice::new(&self.host, guest.clone(), spec))
+    }
+
+    /// A guest with one device brought to Connected.
+    pub fn connected_device(&self, domid: u16, devid: u32) -> Result<(FrontendDevice, EchoClient)> {
+        let guest = self.guest(domid)?;
+        let mut dev = self.device(&guest, domid, devid)?;
+        dev.connect(&ConnectOptions::default())?;
+        let echo = EchoClient::new(&dev, 0)?;
+        Ok((dev, echo))
+    }
+}
+
+/// Waits for the backend of `dev` to reach `want`.
+pub fn wait_backend(dev: &mut FrontendDevice, want: u32) -> Result<()> {
+    dev.wait_backend_state(&format!("state {want}"), WAIT, |s| s == Some(want))?;
+    Ok(())
+}
+
+/// Waits until the device failed: `error` written and state Closed.
+pub fn wait_failed(dev: &mut FrontendDevice) -> Result<String> {
+    wait_backend(dev, state::CLOSED)?;
+    dev.read_backend("error")?.context("no error node")
+}
+
+/// The guest's end of an echo ring.
+pub struct EchoClient {
+    ring: FrontRing<u64, u64, RingMemory>,
+    port: evtchn::Port,
+}
+
+impl EchoClient {
+    /// Attaches to ring `index` of `dev` (already initialised by the frontend).
+    pub fn new(dev: &FrontendDevice, index: usize) -> Result<Self> {
+        Ok(EchoClient { ring: FrontRing::attach(dev.ring(index)?.memory(), 0)?, port: dev.ports()[index] })
+    }
+
+    /// Sends `values` (at most a ring's worth at a time) and returns the responses.
+    pub fn round_trip(&mut self, dev: &FrontendDevice, values: &[u64]) -> Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(values.len());
+        for chunk in values.chunks(self.ring.size() as usize) {
+            for v in chunk {
+                self.ring.push_request(v)?;
+            }
+            if self.ring.push_requests_and_check_notify()? {
+                dev.notify(self.port)?;
+            }
+            let deadline = Instant::now() + WAIT;
+            let want = out.len() + chunk.len();
+            while out.len() < want {
+                self.ring.take_responses(want - out.len(), &mut out)?;
+                if out.len() < want && !self.ring.final_check_for_responses()? {
+                    if Instant::now() > deadline {
+                        bail!("no response after {} of {}", out.len(), want);
+                    }
+                    dev.wait_event(Duration::from_millis(100))?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Checks that `dev` echoes 100 values.
+pub fn check_echo(dev: &FrontendDevice, echo: &mut EchoClient, seed: u64) -> Result<()> {
+    let values: Vec<u64> = (0..100).map(|i| seed * 1000 + i).collect();
+    let got = echo.round_trip(dev, &values)?;
+    let want: Vec<u64> = values.iter().map(|v| v + 1).collect();
+    if got != want {
+        bail!("echo mismatch: got {:?}.. want {:?}..", &got[..3.min(got.len())], &want[..3]);
+    }
+    Ok(())
+}
