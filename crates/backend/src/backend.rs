@@ -19,6 +19,9 @@ use crate::state::{step, Step, XenbusState};
 use crate::thread::{panic_message, spawn_named};
 use crate::worker::{Failure, Owner, Placement, WorkerPool};
 
+/// Watch events taken in one batch before pending frontend states are read.
+const EVENT_BATCH: usize = 256;
+
 /// Requests a ring handler may take per pass before other rings get a turn.
 pub const DEFAULT_RING_BUDGET: usize = 64;
 
@@ -84,8 +87,16 @@ impl Backend {
         }
         log::info!("Serving {:?} from domain {} with {} workers", kinds.keys(), platform.domid(), pool.len());
         let stats = Arc::new(Stats::default());
-        let mut xenbus =
-            Xenbus { platform, home, kinds, devices: HashMap::new(), next_generation: 1, pool, stats: stats.clone() };
+        let mut xenbus = Xenbus {
+            platform,
+            home,
+            kinds,
+            devices: HashMap::new(),
+            dirty: Vec::new(),
+            next_generation: 1,
+            pool,
+            stats: stats.clone(),
+        };
         let (stop, stop_rx) = crossbeam_channel::bounded(1);
         let thread = spawn_named(
             "xenbackd-xenbus",
@@ -126,6 +137,8 @@ struct Slot {
     state: XenbusState,
     online: bool,
     failed: bool,
+    /// A frontend-state event is pending (in `Xenbus::dirty`).
+    dirty: bool,
     frontend_state_path: String,
     rings: Vec<Placement>,
 }
@@ -136,6 +149,8 @@ struct Xenbus {
     home: String,
     kinds: HashMap<String, Arc<dyn DeviceType>>,
     devices: HashMap<DeviceKey, Slot>,
+    /// Devices whose frontend state changed, handled after a batch of events.
+    dirty: Vec<(DeviceKey, u64)>,
     next_generation: u64,
     pool: WorkerPool,
     stats: Arc<Stats>,
@@ -151,8 +166,14 @@ impl Xenbus {
             select! {
                 recv(events) -> ev => match ev {
                     Ok(ev) => {
-                        self.stats.events.fetch_add(1, Ordering::Relaxed);
                         self.event(ev);
+                        // Take what else is queued, then handle each device's
+                        // frontend-state events once: a guest writing its
+                        // state in a loop costs one read per batch.
+                        for ev in events.try_iter().take(EVENT_BATCH) {
+                            self.event(ev);
+                        }
+                        self.run_dirty();
                     }
                     Err(_) => {
                         log::error!("Xenstore connection lost");
@@ -188,7 +209,18 @@ impl Xenbus {
         self.platform.xenstore()
     }
 
+    fn run_dirty(&mut self) {
+        for (key, generation) in std::mem::take(&mut self.dirty) {
+            let Some(slot) = self.devices.get_mut(&key) else { continue };
+            if slot.generation == generation && slot.dirty {
+                slot.dirty = false;
+                self.frontend_changed(&key);
+            }
+        }
+    }
+
     fn event(&mut self, ev: WatchEvent) {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
         if ev.is_overflow() {
             log::warn!("Watch events were dropped; rescanning every device");
             self.stats.rescans.fetch_add(1, Ordering::Relaxed);
@@ -215,8 +247,13 @@ impl Xenbus {
                 None => log::debug!("Ignoring event for {}", ev.path),
             }
         } else if let Some((key, generation)) = parse_frontend_token(&ev.token) {
-            match self.devices.get(&key) {
-                Some(slot) if slot.generation == generation => self.frontend_changed(&key),
+            match self.devices.get_mut(&key) {
+                Some(slot) if slot.generation == generation => {
+                    if !slot.dirty {
+                        slot.dirty = true;
+                        self.dirty.push((key, generation));
+                    }
+                }
                 _ => log::debug!("Stale frontend event for {key} (generation {generation})"),
             }
         } else {
@@ -356,6 +393,7 @@ impl Xenbus {
                 state: XenbusState::Unknown,
                 online,
                 failed: false,
+                dirty: false,
                 frontend_state_path,
                 rings: Vec::new(),
             },
