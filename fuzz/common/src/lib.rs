@@ -1,0 +1,29 @@
+//! Fuzz harnesses for everything a guest or xenstored can feed xenbackd, with
+//! their structured inputs and seed inputs. Each harness is a plain function
+//! (`run(&[u8])`) that panics only when a property is broken, so it runs under
+//! libFuzzer (`fuzz_targets/`) and as a normal test on stable (`tests/`).
+//!
+//! To add a target: a module here with `run` and `seeds`, an entry in
+//! [`TARGETS`], and a `[[bin]]` in `fuzz/Cargo.toml` with its
+//! `fuzz_targets/<name>.rs` wrapper (see `docs/fuzzing.md`).
+#![deny(missing_docs)]
+
+pub mod input;
+pub mod ring_back;
+pub mod xs_decoder;
+
+/// A fuzz target: its name (the cargo-fuzz binary), its harness and its seeds.
+pub struct Target {
+    /// The name of the `[[bin]]` in `fuzz/Cargo.toml` and of `seeds/<name>/`.
+    pub name: &'static str,
+    /// The harness: panics on a broken property, returns otherwise.
+    pub run: fn(&[u8]),
+    /// Seed inputs, each with a file name.
+    pub seeds: fn() -> Vec<(&'static str, Vec<u8>)>,
+}
+
+/// Every target.
+pub const TARGETS: &[Target] = &[
+    Target { name: "xs_decoder", run: xs_decoder::run, seeds: xs_decoder::seeds },
+    Target { name: "ring_back", run: ring_back::run, seeds: ring_back::seeds },
+];
