@@ -36,11 +36,11 @@ impl Harness {
         let host = SimHost::new();
         host.create_domain(0)?;
         let xenstored = Xenstored::new();
-        let toolstack = Toolstack::new(Client::from_stream(xenstored.connect_as(0))?);
+        let toolstack = Toolstack::new(Client::from_stream(xenstored.connect_as(0)?)?);
         let h = host.clone();
         let platform = Platform::new(
             0,
-            Client::from_stream(xenstored.connect_as(0))?,
+            Client::from_stream(xenstored.connect_as(0)?)?,
             move || Ok(h.evtchn(0)),
             host.grant_mapper(0),
         );
@@ -53,7 +53,7 @@ impl Harness {
     pub fn guest(&self, domid: u16) -> Result<Client> {
         self.host.create_domain(domid)?;
         self.xenstored.introduce_domain(domid.into());
-        Ok(Client::from_stream(self.xenstored.connect_as(domid.into()))?)
+        Ok(Client::from_stream(self.xenstored.connect_as(domid.into())?)?)
     }
 
     /// Creates the directories of echo device `devid` of `domid` and the guest's side.
