@@ -1,0 +1,496 @@
+//! The server state behind one lock: the tree, the connections with their
+//! watches and transactions, and the domains; and `process_message()`, which
+//! checks a request's type, privilege and transaction as xenstored does and
+//! runs it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use xs_wire::{Message, MsgType, XsErrno, XENSTORE_PAYLOAD_MAX};
+
+use super::config::XenstoredConfig;
+use super::conn::OutQueue;
+use super::node::{Caller, Store, Tree};
+use super::ops::{atoi, canonicalize, home_path, onearg, strings, Op, ACK};
+use super::transaction::Transaction;
+use super::watch::{Fire, Watch};
+
+/// A connection's id, unique for the server's lifetime.
+pub type ConnId = u64;
+
+/// `DOMID_SELF`, always introduced.
+const DOMID_SELF: u32 = 0x7ff0;
+/// `XENSTORE_REL_PATH_MAX`: longest special watch path.
+const REL_PATH_MAX: usize = 2048;
+
+/// One connection: its domain, watches, transactions and output.
+pub struct ConnState {
+    /// Domain the connection acts as.
+    pub domid: u32,
+    /// Whether it is privileged (socket connections and dom0).
+    pub privileged: bool,
+    /// Registered watches, in registration order.
+    pub watches: Vec<Watch>,
+    /// Open transactions by id.
+    pub transactions: HashMap<u32, Transaction>,
+    next_tx: u32,
+    /// Replies and events waiting to be written.
+    pub out: Arc<OutQueue>,
+    /// A handle to shut the connection down.
+    pub stream: UnixStream,
+    /// The socket server that accepted it, if any.
+    pub server: Option<u64>,
+}
+
+impl ConnState {
+    /// A connection with no watches or transactions.
+    pub fn new(domid: u32, privileged: bool, out: Arc<OutQueue>, stream: UnixStream, server: Option<u64>) -> Self {
+        ConnState {
+            domid,
+            privileged,
+            watches: Vec::new(),
+            transactions: HashMap::new(),
+            next_tx: 1,
+            out,
+            stream,
+            server,
+        }
+    }
+}
+
+/// What xenstored knows of a domain.
+#[derive(Clone, Debug, Default)]
+struct DomainInfo {
+    introduced: bool,
+    target: Option<u32>,
+}
+
+/// The whole server state.
+pub struct State {
+    /// The committed tree.
+    pub tree: Tree,
+    /// Live connections.
+    pub conns: BTreeMap<ConnId, ConnState>,
+    domains: BTreeMap<u32, DomainInfo>,
+    /// Quotas and limits.
+    pub config: XenstoredConfig,
+    /// Watch events queued so far.
+    pub events_sent: u64,
+    /// Watch events dropped because a connection's queue was full.
+    pub events_dropped: u64,
+}
+
+/// The result of a request: the reply payload, the changes that fire
+/// watches before it, and an event for the requester after it (the first
+/// firing of a new watch).
+struct Outcome {
+    reply: Vec<u8>,
+    fires: Vec<Fire>,
+    after: Option<Vec<u8>>,
+}
+
+impl Outcome {
+    fn reply(reply: Vec<u8>) -> Self {
+        Outcome { reply, fires: Vec::new(), after: None }
+    }
+}
+
+fn event_message(payload: Vec<u8>) -> Message {
+    Message { msg_type: MsgType::WATCH_EVENT, req_id: 0, tx_id: 0, payload }
+}
+
+fn with_nul(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+impl State {
+    /// The initial state: `setup_structure()`'s tree and dom0 introduced.
+    pub fn new(config: XenstoredConfig) -> Self {
+        let mut domains = BTreeMap::new();
+        domains.insert(0, DomainInfo { introduced: true, target: None });
+        State { tree: Tree::new(), conns: BTreeMap::new(), domains, config, events_sent: 0, events_dropped: 0 }
+    }
+
+    fn caller(&self, id: ConnId) -> Caller {
+        let c = &self.conns[&id];
+        let target = self.domains.get(&c.domid).and_then(|d| d.target);
+        Caller { domid: c.domid, privileged: c.privileged, target }
+    }
+
+    /// Forgets a connection: its watches and transactions go with it.
+    pub fn remove_conn(&mut self, id: ConnId) -> Option<ConnState> {
+        self.conns.remove(&id)
+    }
+
+    /// `process_message()`: runs `msg` from connection `id` and queues the
+    /// reply (with the request's ids) and every watch event it causes.
+    pub fn process(&mut self, id: ConnId, msg: &Message) {
+        if !self.conns.contains_key(&id) {
+            return;
+        }
+        let reply = match self.execute(id, msg) {
+            Ok(out) => {
+                self.fire(&out.fires);
+                let reply = if out.reply.len() > XENSTORE_PAYLOAD_MAX {
+                    Message::error_reply(msg.req_id, msg.tx_id, XsErrno::E2BIG)
+                } else {
+                    Message { msg_type: msg.msg_type, req_id: msg.req_id, tx_id: msg.tx_id, payload: out.reply }
+                };
+                self.push_reply(id, reply);
+                if let Some(ev) = out.after {
+                    self.push_event(id, event_message(ev));
+                }
+                return;
+            }
+            Err(e) => Message::error_reply(msg.req_id, msg.tx_id, e),
+        };
+        log::debug!("xenstored: conn {id} {:?} -> {:?}", msg.msg_type, reply.as_error());
+        self.push_reply(id, reply);
+    }
+
+    fn push_reply(&mut self, id: ConnId, msg: Message) {
+        if let Some(c) = self.conns.get(&id) {
+            c.out.push_reply(&msg);
+        }
+    }
+
+    fn push_event(&mut self, id: ConnId, msg: Message) {
+        if let Some(c) = self.conns.get(&id) {
+            if c.out.push_event(&msg) {
+                self.events_sent += 1;
+            } else {
+                self.events_dropped += 1;
+            }
+        }
+    }
+
+    /// `fire_watches()` for each change, in order.
+    pub fn fire(&mut self, fires: &[Fire]) {
+        for fire in fires {
+            let special = fire.path.starts_with('@').then(|| self.tree.get(&fire.path).map(|n| n.perms.clone()));
+            let mut events = Vec::new();
+            for (&id, c) in &self.conns {
+                let caller = self.caller(id);
+                let allowed = match &special {
+                    Some(perms) => perms.as_ref().is_some_and(|p| caller.can_read(p)),
+                    None => fire.permitted(&caller),
+                };
+                if !allowed {
+                    continue;
+                }
+                for w in c.watches.iter().filter(|w| w.matches(fire)) {
+                    if let Some(payload) = w.event_payload(&fire.path) {
+                        events.push((id, payload));
+                    }
+                }
+            }
+            for (id, payload) in events {
+                self.push_event(id, event_message(payload));
+            }
+        }
+    }
+
+    fn execute(&mut self, id: ConnId, msg: &Message) -> Result<Outcome, XsErrno> {
+        let t = msg.msg_type;
+        if !t.is_valid() || t.0 >= MsgType::GET_FEATURE.0 || t == MsgType::WATCH_EVENT || t == MsgType::ERROR {
+            log::info!("xenstored: conn {id}: unknown operation {}", t.0);
+            return Err(XsErrno::ENOSYS);
+        }
+        let caller = self.caller(id);
+        let privileged_only = matches!(
+            t,
+            MsgType::CONTROL
+                | MsgType::INTRODUCE
+                | MsgType::RELEASE
+                | MsgType::IS_DOMAIN_INTRODUCED
+                | MsgType::RESUME
+                | MsgType::SET_TARGET
+        );
+        if privileged_only && !caller.privileged {
+            return Err(XsErrno::EACCES);
+        }
+        let notid = matches!(t, MsgType::WATCH | MsgType::UNWATCH);
+        let tx = if notid || msg.tx_id == 0 {
+            None
+        } else if self.conns[&id].transactions.contains_key(&msg.tx_id) {
+            Some(msg.tx_id)
+        } else {
+            return Err(XsErrno::ENOENT);
+        };
+        let p = &msg.payload;
+        match t {
+            MsgType::READ => self.tree_op(id, caller, tx, |op| op.read(p)),
+            MsgType::DIRECTORY => self.tree_op(id, caller, tx, |op| op.directory(p)),
+            MsgType::DIRECTORY_PART => self.tree_op(id, caller, tx, |op| op.directory_part(p)),
+            MsgType::GET_PERMS => self.tree_op(id, caller, tx, |op| op.get_perms(p)),
+            MsgType::WRITE => self.tree_op(id, caller, tx, |op| op.write(p)),
+            MsgType::MKDIR => self.tree_op(id, caller, tx, |op| op.mkdir(p)),
+            MsgType::RM => self.tree_op(id, caller, tx, |op| op.rm(p)),
+            MsgType::SET_PERMS => self.tree_op(id, caller, tx, |op| op.set_perms(p)),
+            MsgType::WATCH => self.watch(id, caller, p),
+            MsgType::UNWATCH => self.unwatch(id, caller, p),
+            MsgType::TRANSACTION_START => self.transaction_start(id, caller, tx),
+            MsgType::TRANSACTION_END => self.transaction_end(id, tx, p),
+            MsgType::INTRODUCE => self.introduce(p),
+            MsgType::RELEASE => {
+                let domid = self.onearg_domain(p)?;
+                Ok(Outcome { reply: ACK.to_vec(), fires: self.release(domid), after: None })
+            }
+            MsgType::RESUME => self.onearg_domain(p).map(|_| Outcome::reply(ACK.to_vec())),
+            MsgType::SET_TARGET => self.set_target(p),
+            MsgType::GET_DOMAIN_PATH => {
+                let d = onearg(p).ok_or(XsErrno::EINVAL)?;
+                Ok(Outcome::reply(with_nul(&home_path(atoi(d) as u32))))
+            }
+            MsgType::IS_DOMAIN_INTRODUCED => {
+                let d = atoi(onearg(p).ok_or(XsErrno::EINVAL)?) as u32;
+                let yes = d == DOMID_SELF || self.domains.get(&d).is_some_and(|d| d.introduced);
+                Ok(Outcome::reply(if yes { b"T\0".to_vec() } else { b"F\0".to_vec() }))
+            }
+            MsgType::RESET_WATCHES => {
+                let c = self.conns.get_mut(&id).expect("connection exists");
+                c.watches.clear();
+                c.transactions.clear();
+                Ok(Outcome::reply(ACK.to_vec()))
+            }
+            MsgType::CONTROL => self.control(p),
+            _ => Err(XsErrno::ENOSYS),
+        }
+    }
+
+    fn tree_op(
+        &mut self,
+        id: ConnId,
+        caller: Caller,
+        tx: Option<u32>,
+        f: impl FnOnce(&mut Op) -> Result<Vec<u8>, XsErrno>,
+    ) -> Result<Outcome, XsErrno> {
+        let State { tree, conns, config, .. } = self;
+        match tx {
+            None => {
+                let mut op = Op { store: tree, caller, quotas: &config.quotas, fires: Vec::new() };
+                let reply = f(&mut op)?;
+                Ok(Outcome { reply, fires: op.fires, after: None })
+            }
+            Some(txid) => {
+                let t = conns.get_mut(&id).and_then(|c| c.transactions.get_mut(&txid)).ok_or(XsErrno::ENOENT)?;
+                let mut store = t.store(tree);
+                let mut op = Op { store: &mut store, caller, quotas: &config.quotas, fires: Vec::new() };
+                let reply = f(&mut op);
+                let fires = std::mem::take(&mut op.fires);
+                for fire in fires {
+                    t.queue_fire(fire);
+                }
+                Ok(Outcome::reply(reply?))
+            }
+        }
+    }
+
+    /// `do_watch()`.
+    fn watch(&mut self, id: ConnId, caller: Caller, p: &[u8]) -> Result<Outcome, XsErrno> {
+        let args = strings(p);
+        if args.len() != 2 {
+            return Err(XsErrno::EINVAL);
+        }
+        let (node, relative_to) = if args[0].first() == Some(&b'@') {
+            if args[0].len() > REL_PATH_MAX {
+                return Err(XsErrno::EINVAL);
+            }
+            (String::from_utf8(args[0].to_vec()).map_err(|_| XsErrno::EINVAL)?, None)
+        } else {
+            let relative = args[0].first() != Some(&b'/');
+            let node = canonicalize(&caller, &self.config.quotas, Some(args[0]), false)?;
+            (node, relative.then(|| home_path(caller.domid)))
+        };
+        let token = args[1].to_vec();
+        let c = &self.conns[&id];
+        if c.watches.iter().any(|w| w.node == node && w.token == token) {
+            return Err(XsErrno::EEXIST);
+        }
+        if !caller.privileged {
+            let count: usize = self.conns.values().filter(|c| c.domid == caller.domid).map(|c| c.watches.len()).sum();
+            if count > self.config.quotas.watches {
+                return Err(XsErrno::E2BIG);
+            }
+        }
+        let w = Watch { node, token, relative_to };
+        let first = w.event_payload(&w.node);
+        self.conns.get_mut(&id).expect("connection exists").watches.push(w);
+        Ok(Outcome { reply: ACK.to_vec(), fires: Vec::new(), after: first })
+    }
+
+    /// `do_unwatch()`: the path is only made absolute, not checked.
+    fn unwatch(&mut self, id: ConnId, caller: Caller, p: &[u8]) -> Result<Outcome, XsErrno> {
+        let args = strings(p);
+        if args.len() != 2 {
+            return Err(XsErrno::EINVAL);
+        }
+        let path = String::from_utf8_lossy(args[0]);
+        let node = if path.starts_with('/') || path.starts_with('@') {
+            path.into_owned()
+        } else {
+            format!("{}/{path}", home_path(caller.domid))
+        };
+        let c = self.conns.get_mut(&id).expect("connection exists");
+        let pos = c.watches.iter().position(|w| w.node == node && w.token == args[1]).ok_or(XsErrno::ENOENT)?;
+        c.watches.remove(pos);
+        Ok(Outcome::reply(ACK.to_vec()))
+    }
+
+    /// `do_transaction_start()`.
+    fn transaction_start(&mut self, id: ConnId, caller: Caller, tx: Option<u32>) -> Result<Outcome, XsErrno> {
+        if tx.is_some() {
+            return Err(XsErrno::EBUSY);
+        }
+        let quotas = &self.config.quotas;
+        let c = self.conns.get_mut(&id).expect("connection exists");
+        if !caller.privileged && c.transactions.len() > quotas.transactions {
+            return Err(XsErrno::ENOSPC);
+        }
+        let mut txid = c.next_tx;
+        while txid == 0 || c.transactions.contains_key(&txid) {
+            txid = txid.wrapping_add(1);
+        }
+        c.next_tx = txid.wrapping_add(1);
+        let limit = (!caller.privileged).then_some(quotas.transaction_nodes);
+        c.transactions.insert(txid, Transaction::new(limit));
+        Ok(Outcome::reply(with_nul(&txid.to_string())))
+    }
+
+    /// `do_transaction_end()`: `T` commits, `F` aborts; the transaction is
+    /// gone either way.
+    fn transaction_end(&mut self, id: ConnId, tx: Option<u32>, p: &[u8]) -> Result<Outcome, XsErrno> {
+        let commit = match onearg(p) {
+            Some(b"T") => true,
+            Some(b"F") => false,
+            _ => return Err(XsErrno::EINVAL),
+        };
+        let txid = tx.ok_or(XsErrno::ENOENT)?;
+        let t = self.conns.get_mut(&id).and_then(|c| c.transactions.remove(&txid)).ok_or(XsErrno::ENOENT)?;
+        let fires = if commit { t.commit(&mut self.tree)? } else { Vec::new() };
+        Ok(Outcome { reply: ACK.to_vec(), fires, after: None })
+    }
+
+    /// `do_introduce()`: `domid\0mfn\0port\0`.
+    fn introduce(&mut self, p: &[u8]) -> Result<Outcome, XsErrno> {
+        let args = strings(p);
+        if args.len() < 3 {
+            return Err(XsErrno::EINVAL);
+        }
+        if atoi(args[2]) <= 0 {
+            return Err(XsErrno::EINVAL);
+        }
+        let fires = self.introduce_domain(atoi(args[0]) as u32);
+        Ok(Outcome { reply: ACK.to_vec(), fires, after: None })
+    }
+
+    /// Marks `domid` introduced; the `@introduceDomain` fire if it was not.
+    pub fn introduce_domain(&mut self, domid: u32) -> Vec<Fire> {
+        let d = self.domains.entry(domid).or_default();
+        if d.introduced {
+            return Vec::new();
+        }
+        d.introduced = true;
+        vec![Fire { path: "@introduceDomain".into(), exact: false, perm_sets: Vec::new() }]
+    }
+
+    /// Forgets `domid` and closes the connections acting as it (its ring, in
+    /// xenstored); the `@releaseDomain` fire.
+    pub fn release(&mut self, domid: u32) -> Vec<Fire> {
+        let Some(d) = self.domains.get_mut(&domid) else { return Vec::new() };
+        if !d.introduced || domid == 0 {
+            return Vec::new();
+        }
+        *d = DomainInfo::default();
+        let gone: Vec<ConnId> =
+            self.conns.iter().filter(|(_, c)| c.domid == domid && c.server.is_none()).map(|(&i, _)| i).collect();
+        for id in gone {
+            if let Some(c) = self.conns.remove(&id) {
+                c.out.close();
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        vec![Fire { path: "@releaseDomain".into(), exact: false, perm_sets: Vec::new() }]
+    }
+
+    /// `onearg_domain()`: an introduced domain other than 0.
+    fn onearg_domain(&self, p: &[u8]) -> Result<u32, XsErrno> {
+        let domid = atoi(onearg(p).ok_or(XsErrno::EINVAL)?) as u32;
+        if domid == 0 {
+            return Err(XsErrno::EINVAL);
+        }
+        self.connected_domain(domid)
+    }
+
+    fn connected_domain(&self, domid: u32) -> Result<u32, XsErrno> {
+        match self.domains.get(&domid) {
+            Some(d) if d.introduced => Ok(domid),
+            _ => Err(XsErrno::ENOENT),
+        }
+    }
+
+    /// `do_set_target()`: `domid\0target\0`.
+    fn set_target(&mut self, p: &[u8]) -> Result<Outcome, XsErrno> {
+        let args = strings(p);
+        if args.len() < 2 {
+            return Err(XsErrno::EINVAL);
+        }
+        let domid = self.connected_domain(atoi(args[0]) as u32)?;
+        let target = self.connected_domain(atoi(args[1]) as u32)?;
+        self.domains.get_mut(&domid).expect("domain exists").target = Some(target);
+        Ok(Outcome::reply(ACK.to_vec()))
+    }
+
+    /// `do_control()`: the commands that make sense here; others are `EINVAL`.
+    fn control(&mut self, p: &[u8]) -> Result<Outcome, XsErrno> {
+        let args = strings(p);
+        let (cmd, rest) = args.split_first().ok_or(XsErrno::EINVAL)?;
+        let text = |s: String| Ok(Outcome::reply(with_nul(&s)));
+        match (*cmd, rest.len()) {
+            (b"check", 0) | (b"memreport", _) => Ok(Outcome::reply(ACK.to_vec())),
+            (b"print", 1) => {
+                log::info!("control: {}", String::from_utf8_lossy(rest[0]));
+                Ok(Outcome::reply(ACK.to_vec()))
+            }
+            (b"log", 0) => text("Log switch settings:\n".to_string()),
+            (b"log", 1) if matches!(rest[0], b"on" | b"off") => Ok(Outcome::reply(ACK.to_vec())),
+            (b"help", 0) => {
+                text("Valid commands:\ncheck\nlog [on|off]\nmemreport\nprint <string>\nquota\nhelp\n".into())
+            }
+            (b"quota", 0) => {
+                let q = &self.config.quotas;
+                text(format!(
+                    "Transaction nodes per transaction:    {}\nNodes per domain:                     {}\n\
+                     Node permissions:                     {}\nNode size:                            {}\n\
+                     Path length:                          {}\nTransactions per domain:              {}\n\
+                     Watches per domain:                   {}\n",
+                    q.transaction_nodes, q.nodes, q.perms, q.node_size, q.path_length, q.transactions, q.watches
+                ))
+            }
+            _ => Err(XsErrno::EINVAL),
+        }
+    }
+
+    /// The committed node's value at an absolute path.
+    pub fn read_value(&self, path: &str) -> Option<Vec<u8>> {
+        self.tree.get(path).map(|n| n.value.clone())
+    }
+
+    /// A direct tree operation as dom0, outside any connection (for tests
+    /// and tools embedding the server); watches fire.
+    pub fn dom0_op(&mut self, f: impl FnOnce(&mut Op) -> Result<Vec<u8>, XsErrno>) -> Result<Vec<u8>, XsErrno> {
+        let mut op = Op {
+            store: &mut self.tree as &mut dyn Store,
+            caller: Caller::dom0(),
+            quotas: &self.config.quotas,
+            fires: Vec::new(),
+        };
+        let r = f(&mut op)?;
+        let fires = op.fires;
+        self.fire(&fires);
+        Ok(r)
+    }
+}
