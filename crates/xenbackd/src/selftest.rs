@@ -59,6 +59,8 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     let mut report = Report::default();
     report.check("evtchn", || evtchn_loopback(domid));
     report.check("evtchn reset", || evtchn_reset(domid));
+    report.check("evtchn virq", evtchn_virq);
+    report.check("evtchn restrict", || evtchn_restrict(domid));
     let shared = report.check("gntalloc", || share(domid));
     let Some((gntalloc, gntdev, shared, refs)) = shared else {
         println!("FAIL gntdev: skipped, gntalloc failed");
@@ -200,6 +202,27 @@ fn evtchn_reset(domid: u16) -> Result<String> {
     a.take_pending(&mut after)?;
     ensure!(after.is_empty(), "ports pending after IOCTL_EVTCHN_RESET: {after:?}");
     Ok("IOCTL_EVTCHN_RESET empties the queue of fired ports".into())
+}
+
+/// `VIRQ_TBUF` (Xen's `public/xen.h`): a global virq for xentrace, which
+/// nothing else in a plain dom0 binds.
+const VIRQ_TBUF: u32 = 4;
+
+fn evtchn_virq() -> Result<String> {
+    let a = XenEvtchn::open()?;
+    let port = a.bind_virq(VIRQ_TBUF).context("VIRQ_TBUF")?;
+    a.unbind(port)?;
+    Ok(format!("VIRQ_TBUF bound to port {port}, unbound"))
+}
+
+fn evtchn_restrict(domid: u16) -> Result<String> {
+    // The kernel refuses domain 0 as the restriction; any other id will do.
+    let other = if domid == 1 { 2 } else { 1 };
+    let a = XenEvtchn::open()?;
+    a.restrict_domid(other)?;
+    let err = a.bind_unbound_port(domid).err().context("a restricted handle offered a port")?;
+    ensure!(err.errno() == Some(nix::libc::EACCES), "restricted bind_unbound_port: {err:#}, not EACCES");
+    Ok(format!("handle restricted to dom{other} may not offer ports (EACCES)"))
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
