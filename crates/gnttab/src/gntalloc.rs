@@ -15,10 +15,10 @@ use std::ptr::NonNull;
 use std::sync::{Arc, PoisonError};
 
 use crate::abi::*;
-use crate::gntdev::{index_of, Registry, UnmapNotify};
+use crate::gntdev::UnmapNotify;
 use crate::mapper::{DomId, Error, GrantRef, Result, PAGE_SIZE};
 use crate::mapping::{GrantMapping, Unmap};
-use crate::sys::{op, DeviceFd};
+use crate::sys::{index_of, op, DeviceFd, Registry};
 
 /// Where Linux puts the grant-allocation device.
 pub const GNTALLOC_PATH: &str = "/dev/xen/gntalloc";

@@ -11,11 +11,10 @@
 //! Copying uses `IOCTL_GNTDEV_GRANT_COPY` where the kernel has it, which [`Gntdev::open`] finds out once by issuing an empty
 //! copy; otherwise [`copy_by_mapping`] maps, copies and unmaps.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 
 use nix::errno::Errno;
 
@@ -23,7 +22,7 @@ use crate::abi::{self, *};
 use crate::compat_copy::copy_by_mapping;
 use crate::mapper::{check_segment, CopySegment, DomId, Error, GrantMapper, GrantRef, GrantStatus, Result, PAGE_SIZE};
 use crate::mapping::{GrantMapping, Unmap};
-use crate::sys::{op, DeviceFd};
+use crate::sys::{index_of, op, DeviceFd, Registry};
 
 /// Where Linux puts the grant-mapping device.
 pub const GNTDEV_PATH: &str = "/dev/xen/gntdev";
@@ -70,20 +69,6 @@ impl UnmapNotify {
         }
         (action, self.event.unwrap_or(0))
     }
-}
-
-/// Live mappings of one open device: start address to (`mmap` offset, pages).
-pub(crate) type Registry = Arc<Mutex<HashMap<usize, (u64, u32)>>>;
-
-/// The device `index` of `offset` bytes into `mapping`, if `registry` holds it.
-pub(crate) fn index_of(registry: &Registry, mapping: &GrantMapping, offset: usize) -> Result<u64> {
-    if offset >= mapping.len() {
-        return Err(Error::InvalidArgument("offset beyond the mapping"));
-    }
-    let map = registry.lock().unwrap_or_else(PoisonError::into_inner);
-    let (index, _) =
-        map.get(&(mapping.as_ptr() as usize)).ok_or(Error::InvalidArgument("mapping not made by this device"))?;
-    Ok(index + offset as u64)
 }
 
 /// One open of `/dev/xen/gntdev`.

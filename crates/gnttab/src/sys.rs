@@ -1,7 +1,9 @@
 //! The unsafe boundary of the grant devices: ioctls, `mmap` and `munmap` on
 //! an open `/dev/xen/gntdev` or `/dev/xen/gntalloc`, each as a function that
-//! is safe to call, except the two that take addresses the kernel will use.
+//! is safe to call, except the two that take addresses the kernel will use;
+//! and the record of live mappings both devices keep for unmap notifications.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::mem::size_of;
 use std::num::NonZeroUsize;
@@ -9,6 +11,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::errno::Errno;
 use nix::sys::mman::{MapFlags, ProtFlags};
@@ -16,6 +19,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::abi::{self, GntdevGrantCopySegment, IoctlGntdevGrantCopy, IoctlGntdevGrantRef};
 use crate::mapper::{Error, Result};
+use crate::mapping::GrantMapping;
 
 /// An open grant device.
 #[derive(Debug)]
@@ -138,4 +142,33 @@ impl AsFd for DeviceFd {
 /// `Error::Op` for `op`.
 pub(crate) fn op(op: &'static str) -> impl FnOnce(Errno) -> Error {
     move |e| Error::Op { op, source: e.into() }
+}
+
+/// Live mappings of one open device: start address to (`mmap` offset, pages).
+pub(crate) type Registry = Arc<Mutex<HashMap<usize, (u64, u32)>>>;
+
+/// The device `index` of `offset` bytes into `mapping`, if `registry` holds it.
+pub(crate) fn index_of(registry: &Registry, mapping: &GrantMapping, offset: usize) -> Result<u64> {
+    if offset >= mapping.len() {
+        return Err(Error::InvalidArgument("offset beyond the mapping"));
+    }
+    let map = registry.lock().unwrap_or_else(PoisonError::into_inner);
+    let (index, _) =
+        map.get(&(mapping.as_ptr() as usize)).ok_or(Error::InvalidArgument("mapping not made by this device"))?;
+    Ok(index + offset as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_of_adds_the_offset_to_the_registered_mapping_index() {
+        let m = GrantMapping::anonymous(2 * crate::PAGE_SIZE).unwrap();
+        let reg = Registry::default();
+        reg.lock().unwrap().insert(m.as_ptr() as usize, (0x3000, 2));
+        assert_eq!(index_of(&reg, &m, 5).unwrap(), 0x3005);
+        assert_eq!(index_of(&reg, &m, crate::PAGE_SIZE + 1).unwrap(), 0x4001);
+        assert!(matches!(index_of(&reg, &m, 2 * crate::PAGE_SIZE), Err(Error::InvalidArgument(_))));
+    }
 }
