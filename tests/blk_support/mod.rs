@@ -1,15 +1,23 @@
-//! Shared setup of the block tests: a simulated host with dom0 and guests,
-//! disks in temporary files, blkfronts connected to the real backend.
+//! Shared setup of the block tests: a simulated host and xenstored, the
+//! backend framework serving `qdisk` and `vbd` with the block device type,
+//! disks in temporary files, and blkfronts connected through xenbus.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blkback::{Disk, FrontendConfig, Offer, QueueWorker};
-use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, FrontQueue};
+use anyhow::{Context, Result};
+use blkback::{BlkDeviceType, BlkOptions};
+use xen_backend::{Backend, Config, Platform};
+use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, DiskInfo, FrontQueue};
+use xen_sim::frontend::{DeviceSpec, FrontendDevice, Toolstack};
 use xen_sim::host::SimHost;
+use xen_sim::xenstored::Xenstored;
+use xs_wire::Client;
+
+/// Longest wait for a state or a completion; reaching it is a failure.
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A temporary disk file, removed on drop.
 pub struct TempDisk {
@@ -31,51 +39,114 @@ impl Drop for TempDisk {
     }
 }
 
-/// A guest's frontend wired straight to backend workers (no xenstore).
-pub struct Direct {
+/// A host with dom0 running the framework with the block device type.
+pub struct Harness {
+    pub host: Arc<SimHost>,
+    pub xenstored: Arc<Xenstored>,
+    pub toolstack: Toolstack,
+    pub backend: Backend,
+}
+
+/// A guest's disk: the generic frontend device (xenbus side) and the blkfront.
+pub struct Guest {
+    pub dev: FrontendDevice,
     pub front: Blkfront,
-    pub workers: Vec<QueueWorker>,
+    pub info: DiskInfo,
 }
 
-pub fn host_with(guests: &[u16]) -> Arc<SimHost> {
-    let host = SimHost::new();
-    host.create_domain(0).unwrap();
-    for &g in guests {
-        host.create_domain(g).unwrap();
+impl Harness {
+    pub fn new() -> Result<Self> {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let host = SimHost::new();
+        host.create_domain(0)?;
+        let xenstored = Xenstored::new();
+        let toolstack = Toolstack::new(Client::from_stream(xenstored.connect_as(0)?)?);
+        let h = host.clone();
+        let platform = Platform::new(
+            0,
+            Client::from_stream(xenstored.connect_as(0)?)?,
+            move || Ok(h.evtchn(0)),
+            host.grant_mapper(0),
+        );
+        let opts = BlkOptions { io_threads: 2, ..BlkOptions::default() };
+        let types = vec![BlkDeviceType::new("qdisk", opts) as _, BlkDeviceType::new("vbd", opts) as _];
+        let backend = Backend::start(platform, types, Config { workers: 2, ..Config::default() })?;
+        Ok(Harness { host, xenstored, toolstack, backend })
     }
-    host
+
+    /// Creates guest `domid` (if new) and returns its own xenstore connection.
+    pub fn guest_xs(&self, domid: u16) -> Result<Client> {
+        if !self.host.domain_exists(domid) {
+            self.host.create_domain(domid)?;
+            self.xenstored.introduce_domain(domid.into());
+        }
+        Ok(Client::from_stream(self.xenstored.connect_as(domid.into())?)?)
+    }
+
+    /// The toolstack's side of a disk: `backend/<kind>/<domid>/<devid>` with
+    /// `params`, `mode` and any `extra` nodes; frontend `device/vbd/<devid>`.
+    pub fn spec(
+        &self,
+        kind: &str,
+        domid: u16,
+        devid: u32,
+        params: &str,
+        mode: &str,
+        extra: &[(&str, &str)],
+    ) -> DeviceSpec {
+        let mut spec = DeviceSpec::new(kind, 0, domid, devid);
+        spec.frontend_kind = "vbd".into();
+        spec.backend_nodes.push(("params".into(), params.into()));
+        spec.backend_nodes.push(("mode".into(), mode.into()));
+        for (k, v) in extra {
+            spec.backend_nodes.push((k.to_string(), v.to_string()));
+        }
+        spec.frontend_nodes.push(("virtual-device".into(), (51712 + devid * 16).to_string()));
+        spec
+    }
+
+    /// Creates the directories of `spec` and returns the guest's device.
+    pub fn create(&self, spec: DeviceSpec) -> Result<FrontendDevice> {
+        let xs = self.guest_xs(spec.frontend)?;
+        self.toolstack.create(&spec)?;
+        Ok(FrontendDevice::new(&self.host, xs, spec))
+    }
+
+    /// A `qdisk` of `disk` for `domid`, connected with `opts`.
+    pub fn attach(&self, domid: u16, devid: u32, disk: &TempDisk, mode: &str, opts: BlkfrontOptions) -> Result<Guest> {
+        let spec = self.spec("qdisk", domid, devid, &format!("aio:{}", disk.path.display()), mode, &[]);
+        self.connect(spec, opts)
+    }
+
+    /// Creates and connects `spec` with `opts`.
+    pub fn connect(&self, spec: DeviceSpec, opts: BlkfrontOptions) -> Result<Guest> {
+        let mut dev = self.create(spec)?;
+        let (front, info) = Blkfront::connect(&self.host, &mut dev, opts, WAIT).context("blkfront connect")?;
+        Ok(Guest { dev, front, info })
+    }
 }
 
-/// Connects a new blkfront of `domid` to `disk` through the frontend's nodes.
-pub fn direct(host: &Arc<SimHost>, domid: u16, disk: &TempDisk, read_only: bool, opts: BlkfrontOptions) -> Direct {
-    let front = Blkfront::new(host, domid, 0, opts).unwrap();
-    let nodes: HashMap<String, String> = front.nodes().into_iter().collect();
-    let offer = Offer::default();
-    let cfg = FrontendConfig::read(|k| nodes.get(k).cloned(), &offer).unwrap();
-    let d = Arc::new(Disk::open(&disk.path, read_only, true).unwrap());
-    let limits = blkback::config::disk_limits(&d, &offer);
-    let grants = host.grant_mapper(0);
-    let queues = blkback::map_queues(domid, &cfg, &d, limits, &grants, 2).unwrap();
-    let h = host.clone();
-    let open = move || -> evtchn::Result<Box<dyn evtchn::EventChannel>> { Ok(h.evtchn(0)) };
-    let workers = blkback::spawn_workers(&format!("blk-d{domid}"), domid, &cfg, queues, &open).unwrap();
-    Direct { front, workers }
-}
-
-/// Submits `op` and waits for its completion.
+/// Submits `op` with tag 7 and waits for its completion.
 pub fn run(q: &mut FrontQueue, op: BlkOp<'_>) -> BlkCompletion {
     q.submit(7, op).unwrap();
+    wait_one(q)
+}
+
+/// Waits for one completion.
+pub fn wait_one(q: &mut FrontQueue) -> BlkCompletion {
     let mut out = Vec::new();
-    for _ in 0..1000 {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
         q.wait(Duration::from_millis(100), &mut out).unwrap();
         if let Some(c) = out.pop() {
+            assert!(out.is_empty(), "more completions than requests");
             return c;
         }
     }
     panic!("no completion");
 }
 
-/// A recognisable pattern for `sector`.
+/// Deterministic bytes for `seed`.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)

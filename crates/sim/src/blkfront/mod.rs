@@ -8,7 +8,10 @@
 //! (`talk_to_blkback`). Each [`FrontQueue`] then submits requests (many in
 //! flight) and collects completions; queues can move to their own threads.
 //! Requests of more than 11 pages go as `BLKIF_OP_INDIRECT`.
+//! [`Blkfront::connect`] does the whole xenbus handshake on a
+//! [`crate::frontend::FrontendDevice`], as Linux's blkfront does.
 
+mod connect;
 mod queue;
 
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use gnttab::PAGE_SIZE;
 
 use crate::host::{DomId, SimHost};
 
+pub use connect::DiskInfo;
 pub use queue::{BlkCompletion, BlkOp, FrontQueue};
 
 /// How the frontend sets itself up.
@@ -75,6 +79,12 @@ pub enum BlkfrontError {
     /// Options that cannot work.
     #[error("Bad option: {0}")]
     BadOption(&'static str),
+    /// A xenbus step of the generic frontend failed (or timed out).
+    #[error("Xenbus step failed")]
+    Frontend(#[from] crate::frontend::FrontendError),
+    /// A xenstore request failed.
+    #[error("Xenstore request failed")]
+    Xenstore(#[from] xs_wire::ClientError),
     /// Waiting for an event failed.
     #[error("Waiting for an event failed")]
     Wait(#[source] std::io::Error),

@@ -1,0 +1,204 @@
+//! The block device type on the backend framework: `qdisk` (xl's
+//! `backendtype=qdisk`) and `vbd` are the same device under two names.
+//!
+//! - `init` (before InitWait): reads `params`/`format`/`mode`/`device-type`,
+//!   opens the disk (a bad value, a non-raw format or an unopenable file is
+//!   fatal: the framework writes the `error` node), and writes what blkfront
+//!   reads in `talk_to_blkback`: `feature-max-indirect-segments`,
+//!   `max-ring-page-order`, `multi-queue-max-queues`.
+//! - `connect` (frontend Initialised): reads the frontend's rings, ports and
+//!   `protocol` by [`FrontendConfig::read`], maps each queue's ring, binds
+//!   its port, and writes what blkfront reads in `blkfront_connect`
+//!   (`sectors`, `info`, `sector-size`, features); one [`RingSetup`] per
+//!   queue, so each queue runs on a worker of its own choosing.
+//! - Persistent grants are not offered: data moves by grant copy
+//!   (`docs/blkback.md`).
+
+use std::cell::RefCell;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use xen_backend::{Device, DeviceCtx, DeviceError, DeviceType, Progress, RingHandler, RingSetup};
+
+use crate::config::{connect_nodes, disk_limits, DiskConfig, FrontendConfig, Offer};
+use crate::connection::RingQueue;
+use crate::disk::Disk;
+use crate::engine::ThreadPoolEngine;
+use crate::queue::QueueExecutor;
+
+/// Options of the block device type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlkOptions {
+    /// What is offered to frontends.
+    pub offer: Offer,
+    /// I/O threads per queue.
+    pub io_threads: usize,
+    /// Open disks with `O_DIRECT` where the file system allows it.
+    pub direct: bool,
+}
+
+impl Default for BlkOptions {
+    fn default() -> Self {
+        BlkOptions { offer: Offer::default(), io_threads: 4, direct: true }
+    }
+}
+
+/// The block device type under one xenstore name (`qdisk`, `vbd`).
+#[derive(Debug)]
+pub struct BlkDeviceType {
+    name: String,
+    options: BlkOptions,
+}
+
+impl BlkDeviceType {
+    /// Serves `backend/<name>` with `options`.
+    pub fn new(name: impl Into<String>, options: BlkOptions) -> Arc<Self> {
+        Arc::new(BlkDeviceType { name: name.into(), options })
+    }
+}
+
+impl DeviceType for BlkDeviceType {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn create(&self, _ctx: &DeviceCtx) -> Result<Box<dyn Device>, DeviceError> {
+        Ok(Box::new(BlkDevice { options: self.options, disk: None }))
+    }
+}
+
+struct BlkDevice {
+    options: BlkOptions,
+    disk: Option<(DiskConfig, Arc<Disk>)>,
+}
+
+/// Reads nodes through `f`, keeping the first xenstore error (absent nodes
+/// are `None`) so the config rules can be plain functions of values.
+struct Reader<F> {
+    f: F,
+    error: RefCell<Option<DeviceError>>,
+}
+
+impl<F: Fn(&str) -> Result<Option<String>, DeviceError>> Reader<F> {
+    fn new(f: F) -> Self {
+        Reader { f, error: RefCell::new(None) }
+    }
+
+    fn read(&self, node: &str) -> Option<String> {
+        match (self.f)(node) {
+            Ok(v) => v,
+            Err(e) => {
+                self.error.borrow_mut().get_or_insert(e);
+                None
+            }
+        }
+    }
+
+    fn check(self) -> Result<(), DeviceError> {
+        self.error.into_inner().map_or(Ok(()), Err)
+    }
+}
+
+fn config_error(e: crate::config::ConfigError) -> DeviceError {
+    use crate::config::ConfigError;
+    match e {
+        ConfigError::Missing(node) => DeviceError::MissingNode(node),
+        ConfigError::Bad { node, value } => DeviceError::BadNode { node, value },
+        other => DeviceError::msg(other.to_string()),
+    }
+}
+
+impl Device for BlkDevice {
+    fn init(&mut self, ctx: &DeviceCtx) -> Result<(), DeviceError> {
+        let reader = Reader::new(|n: &str| ctx.backend_str_opt(n));
+        let cfg = DiskConfig::read(|n| reader.read(n));
+        reader.check()?;
+        let cfg = cfg.map_err(config_error)?;
+        let disk = Disk::open(&cfg.path, cfg.read_only, self.options.direct)
+            .map_err(|e| DeviceError::other(format!("Cannot open {}", cfg.path.display()), e))?;
+        log::info!(
+            "{}: {} ({} sectors{})",
+            ctx.backend_path(),
+            cfg.path.display(),
+            disk.sectors(),
+            if disk.is_read_only() { ", read-only" } else { "" }
+        );
+        for (node, value) in self.options.offer.nodes() {
+            ctx.write(node, value);
+        }
+        self.disk = Some((cfg, Arc::new(disk)));
+        Ok(())
+    }
+
+    fn connect(&mut self, ctx: &DeviceCtx) -> Result<Vec<RingSetup>, DeviceError> {
+        let Some((cfg, disk)) = &self.disk else {
+            return Err(DeviceError::msg("Connect before the disk was opened"));
+        };
+        let offer = self.options.offer;
+        let reader = Reader::new(|n: &str| ctx.frontend_str_opt(n));
+        let fe = FrontendConfig::read(|n| reader.read(n), &offer);
+        reader.check()?;
+        let fe = match fe {
+            Ok(fe) => fe,
+            Err(crate::config::ConfigError::Bad { node, value }) if node == "protocol" => {
+                return Err(DeviceError::UnknownProtocol(value))
+            }
+            Err(e) => return Err(config_error(e)),
+        };
+        let limits = disk_limits(disk, &offer);
+        let frontend = ctx.frontend_domid();
+        let multi = fe.queues.len() > 1;
+        let mut setups = Vec::with_capacity(fe.queues.len());
+        for (i, q) in fe.queues.iter().enumerate() {
+            let engine = ThreadPoolEngine::new(disk.clone(), self.options.io_threads)
+                .map_err(|e| DeviceError::other(format!("Cannot start I/O for queue {i}"), e))?;
+            let exec = QueueExecutor::new(fe.abi, limits, frontend, ctx.grants().clone(), Box::new(engine));
+            let mem = ctx.map_grants(&q.ring_refs, true)?;
+            let queue = RingQueue::new(i, mem, exec).map_err(|e| DeviceError::other("Bad ring", e))?;
+            let node = if multi { format!("queue-{i}/event-channel") } else { "event-channel".to_string() };
+            let port = ctx.bind_event_channel(&node)?;
+            setups.push(RingSetup { port, handler: Box::new(BlkRing { queue }) });
+        }
+        for (node, value) in connect_nodes(disk, cfg) {
+            ctx.write(node, value);
+        }
+        log::info!(
+            "{}: connected, {} queue(s) of {} pages, protocol {:?}",
+            ctx.backend_path(),
+            fe.queues.len(),
+            1u32 << fe.ring_page_order,
+            fe.abi
+        );
+        Ok(setups)
+    }
+
+    fn disconnect(&mut self, ctx: &DeviceCtx) {
+        log::info!("{}: disconnected", ctx.backend_path());
+    }
+}
+
+/// One queue on a framework worker.
+struct BlkRing {
+    queue: RingQueue,
+}
+
+impl RingHandler for BlkRing {
+    fn process(&mut self, budget: usize) -> Result<Progress, DeviceError> {
+        let pass = self.queue.process(budget).map_err(|e| DeviceError::other("Ring failed", e))?;
+        Ok(Progress { notify: pass.notify, more: pass.more })
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.queue.completion_fd())
+    }
+
+    fn quiesce(&mut self) -> bool {
+        match self.queue.quiesce() {
+            Ok(notify) => notify,
+            Err(e) => {
+                log::warn!("queue {}: {e}", self.queue.index());
+                false
+            }
+        }
+    }
+}
