@@ -102,7 +102,7 @@ pub struct IoctlEvtchnBind {
 }
 
 /// `#define IOCTL_EVTCHN_BIND_STATIC _IOC(_IOC_NONE, 'E', 7, sizeof(struct ioctl_evtchn_bind))`
-/// (kernels newer than 6.1; older ones fail with `ENOSYS`, and their header lacks it).
+/// (kernels newer than 6.1; older ones refuse it as an unknown ioctl, and their header lacks it).
 pub const IOCTL_EVTCHN_BIND_STATIC: u32 = ioc_none(7, size_of::<IoctlEvtchnBind>());
 
 /// `evtchn_port_t` as read from and written to the device, in native byte order.

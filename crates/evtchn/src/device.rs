@@ -110,7 +110,7 @@ impl XenEvtchn {
 
     /// `IOCTL_EVTCHN_BIND_STATIC`: takes delivery of `port`, a static event
     /// channel set up by Xen at boot; unlike other ports it stays open when
-    /// the handle is closed. Kernels up to 6.1 fail with `ENOSYS`.
+    /// the handle is closed. Kernels up to 6.1 refuse it as an unknown ioctl.
     pub fn bind_static(&self, port: Port) -> Result<()> {
         let mut arg = IoctlEvtchnBind { port: port.0 };
         ioctl(self.file.as_fd(), IOCTL_EVTCHN_BIND_STATIC, &mut arg).map(drop).map_err(op("IOCTL_EVTCHN_BIND_STATIC"))
