@@ -166,8 +166,10 @@ fn reader(shared: Arc<Shared>, id: ConnId, mut stream: UnixStream, out: Arc<OutQ
     let mut buf = vec![0u8; 4096];
     'conn: loop {
         let n = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
         };
         let mut input = &buf[..n];
         while !input.is_empty() {
