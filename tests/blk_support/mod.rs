@@ -56,7 +56,6 @@ pub struct Guest {
 
 impl Harness {
     pub fn new() -> Result<Self> {
-        let _ = env_logger::builder().is_test(true).try_init();
         let host = SimHost::new();
         host.create_domain(0)?;
         let xenstored = Xenstored::new();
