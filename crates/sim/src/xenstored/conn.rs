@@ -119,6 +119,16 @@ impl OutQueue {
         self.cv.notify_all();
     }
 
+    /// Hands every waiting message to `f` as one buffer and empties the queue.
+    #[cfg(test)]
+    pub fn take_all(&self, f: impl FnOnce(Vec<u8>)) {
+        let mut q = self.lock();
+        let bytes: Vec<u8> = q.msgs.drain(..).flat_map(|(_, b)| b).collect();
+        q.bytes = 0;
+        drop(q);
+        f(bytes);
+    }
+
     /// Bytes waiting.
     #[cfg(test)]
     pub fn queued_bytes(&self) -> usize {

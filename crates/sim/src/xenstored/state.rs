@@ -494,3 +494,142 @@ impl State {
         Ok(r)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xs_wire::Decoder;
+
+    struct Harness {
+        state: State,
+        _peers: Vec<UnixStream>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Harness { state: State::new(XenstoredConfig::default()), _peers: Vec::new() }
+        }
+
+        fn conn(&mut self, domid: u32) -> ConnId {
+            let (a, b) = UnixStream::pair().unwrap();
+            let id = self.state.conns.len() as ConnId + 1;
+            let out = Arc::new(OutQueue::new(1 << 20));
+            self.state.conns.insert(id, ConnState::new(domid, domid == 0, out, a, None));
+            self._peers.push(b);
+            id
+        }
+
+        /// Runs one request and returns everything queued for `id`, in order.
+        fn run(&mut self, id: ConnId, t: MsgType, tx: u32, payload: &[u8]) -> Vec<Message> {
+            self.state.process(id, &Message { msg_type: t, req_id: 7, tx_id: tx, payload: payload.to_vec() });
+            self.drain(id)
+        }
+
+        fn drain(&mut self, id: ConnId) -> Vec<Message> {
+            let out = self.state.conns[&id].out.clone();
+            let mut msgs = Vec::new();
+            out.take_all(|bytes| {
+                let mut dec = Decoder::new();
+                dec.decode_all(&bytes, &mut msgs).unwrap();
+            });
+            msgs
+        }
+
+        fn err(&mut self, id: ConnId, t: MsgType, tx: u32, payload: &[u8]) -> Option<XsErrno> {
+            let msgs = self.run(id, t, tx, payload);
+            assert_eq!(msgs.len(), 1, "{msgs:?}");
+            assert_eq!((msgs[0].req_id, msgs[0].tx_id), (7, tx));
+            msgs[0].as_error()
+        }
+    }
+
+    #[test]
+    fn unknown_and_client_only_types_are_enosys() {
+        let mut h = Harness::new();
+        let c = h.conn(0);
+        for t in [20, 15, 16, 23, 26, 27, 0xffff] {
+            assert_eq!(h.err(c, MsgType(t), 0, b""), Some(XsErrno::ENOSYS), "type {t}");
+        }
+    }
+
+    #[test]
+    fn privileged_requests_from_domains_are_eacces() {
+        let mut h = Harness::new();
+        let c = h.conn(3);
+        for t in [
+            MsgType::CONTROL,
+            MsgType::INTRODUCE,
+            MsgType::RELEASE,
+            MsgType::IS_DOMAIN_INTRODUCED,
+            MsgType::RESUME,
+            MsgType::SET_TARGET,
+        ] {
+            assert_eq!(h.err(c, t, 0, b"1\0"), Some(XsErrno::EACCES), "{t:?}");
+        }
+        assert_eq!(h.err(c, MsgType::GET_DOMAIN_PATH, 0, b"3\0"), None);
+        assert_eq!(h.err(c, MsgType::RESET_WATCHES, 0, b""), None);
+    }
+
+    #[test]
+    fn unknown_transaction_id_is_enoent_except_for_watches() {
+        let mut h = Harness::new();
+        let c = h.conn(0);
+        assert_eq!(h.err(c, MsgType::READ, 42, b"/tool\0"), Some(XsErrno::ENOENT));
+        assert_eq!(h.err(c, MsgType::GET_DOMAIN_PATH, 42, b"1\0"), Some(XsErrno::ENOENT));
+        let msgs = h.run(c, MsgType::WATCH, 42, b"/tool\0t\0");
+        assert_eq!(msgs[0].payload, ACK, "XS_FLAG_NOTID");
+    }
+
+    #[test]
+    fn own_watch_event_precedes_write_reply_and_follows_watch_reply() {
+        let mut h = Harness::new();
+        let c = h.conn(0);
+        let msgs = h.run(c, MsgType::WATCH, 0, b"/a\0t\0");
+        assert_eq!(msgs.iter().map(|m| m.msg_type).collect::<Vec<_>>(), [MsgType::WATCH, MsgType::WATCH_EVENT]);
+        let msgs = h.run(c, MsgType::WRITE, 0, b"/a\0v");
+        assert_eq!(msgs.iter().map(|m| m.msg_type).collect::<Vec<_>>(), [MsgType::WATCH_EVENT, MsgType::WRITE]);
+        assert_eq!(msgs[0].payload, b"/a\0t\0");
+    }
+
+    #[test]
+    fn nested_transaction_start_is_ebusy_and_ids_are_decimal() {
+        let mut h = Harness::new();
+        let c = h.conn(0);
+        let msgs = h.run(c, MsgType::TRANSACTION_START, 0, b"\0");
+        assert_eq!(msgs[0].payload, b"1\0");
+        assert_eq!(h.err(c, MsgType::TRANSACTION_START, 1, b"\0"), Some(XsErrno::EBUSY));
+        assert_eq!(h.run(c, MsgType::TRANSACTION_START, 0, b"\0")[0].payload, b"2\0");
+    }
+
+    #[test]
+    fn directory_reply_over_payload_max_is_e2big() {
+        let mut h = Harness::new();
+        let c = h.conn(0);
+        for i in 0..300 {
+            h.run(c, MsgType::WRITE, 0, format!("/big/child-number-{i}\0").as_bytes());
+        }
+        assert_eq!(h.err(c, MsgType::DIRECTORY, 0, b"/big\0"), Some(XsErrno::E2BIG));
+        assert_eq!(h.err(c, MsgType::DIRECTORY_PART, 0, b"/big\x000\0"), None);
+    }
+
+    #[test]
+    fn control_accepts_harmless_commands_only() {
+        let mut h = Harness::new();
+        let c = h.conn(0);
+        assert_eq!(h.err(c, MsgType::CONTROL, 0, b"print\0hello\0"), None);
+        assert_eq!(h.err(c, MsgType::CONTROL, 0, b"log\0on\0"), None);
+        assert_eq!(h.err(c, MsgType::CONTROL, 0, b"live-update\0-s\0"), Some(XsErrno::EINVAL));
+        assert_eq!(h.err(c, MsgType::CONTROL, 0, b""), Some(XsErrno::EINVAL));
+    }
+
+    #[test]
+    fn reset_watches_drops_watches_and_transactions() {
+        let mut h = Harness::new();
+        let c = h.conn(0);
+        h.run(c, MsgType::WATCH, 0, b"/a\0t\0");
+        h.run(c, MsgType::TRANSACTION_START, 0, b"\0");
+        h.run(c, MsgType::RESET_WATCHES, 0, b"");
+        assert_eq!(h.err(c, MsgType::READ, 1, b"/tool\0"), Some(XsErrno::ENOENT));
+        assert!(h.run(c, MsgType::WRITE, 0, b"/a\0").iter().all(|m| m.msg_type == MsgType::WRITE));
+    }
+}
