@@ -12,13 +12,15 @@
 //!   `ENOENT` for an unknown transaction id);
 //! - watches of `xenstored_watch.c` (`watch.rs`), transactions of
 //!   `xenstored_transaction.c` (`transaction.rs`);
-//! - domains of `xenstored_domain.c`: introduce, release, resume, set-target,
+//! - domains of `xenstored_domain.c`: introduce, release (which removes the
+//!   nodes the domain owns), resume, set-target,
 //!   `@introduceDomain` / `@releaseDomain`, and the quotas ([`Quotas`]).
 //!
 //! Where it departs: there are no rings or event channels (a domain is a
 //! socketpair from [`Xenstored::connect_as`]); watch events queued inside a
-//! transaction are checked against the permissions seen when queued; nodes of
-//! a released domain are kept; `XS_CONTROL` knows `check`, `log`, `print`,
+//! transaction are checked against the permissions seen when queued; a
+//! released domain's nodes are removed at once (xenstored without
+//! `--keep-orphans`), and permissions naming a gone domain are kept as they are; `XS_CONTROL` knows `check`, `log`, `print`,
 //! `help`, `quota` and `memreport`; the output bound applies to dom0 too
 //! (see `conn.rs`).
 

@@ -397,14 +397,19 @@ impl State {
         vec![Fire { path: "@introduceDomain".into(), exact: false, perm_sets: Vec::new() }]
     }
 
-    /// Forgets `domid` and closes the connections acting as it (its ring, in
-    /// xenstored); the `@releaseDomain` fire.
+    /// Forgets `domid`, closes the connections acting as it (its ring, in
+    /// xenstored) and removes the nodes it owns (`domain_tree_remove()`,
+    /// xenstored without `--keep-orphans`); returns the fires: the removed
+    /// nodes', then `@releaseDomain`.
     pub fn release(&mut self, domid: u32) -> Vec<Fire> {
         let Some(d) = self.domains.get_mut(&domid) else { return Vec::new() };
         if !d.introduced || domid == 0 {
             return Vec::new();
         }
         *d = DomainInfo::default();
+        for d in self.domains.values_mut().filter(|d| d.target == Some(domid)) {
+            d.target = None;
+        }
         let gone: Vec<ConnId> =
             self.conns.iter().filter(|(_, c)| c.domid == domid && c.server.is_none()).map(|(&i, _)| i).collect();
         for id in gone {
@@ -413,7 +418,31 @@ impl State {
                 let _ = c.stream.shutdown(std::net::Shutdown::Both);
             }
         }
-        vec![Fire { path: "@releaseDomain".into(), exact: false, perm_sets: Vec::new() }]
+        let mut fires = Vec::new();
+        for path in self.owned_subtrees(domid) {
+            let mut op =
+                Op { store: &mut self.tree, caller: Caller::dom0(), quotas: &self.config.quotas, fires: Vec::new() };
+            if op.rm(&with_nul(&path)).is_ok() {
+                fires.append(&mut op.fires);
+            }
+        }
+        fires.push(Fire { path: "@releaseDomain".into(), exact: false, perm_sets: Vec::new() });
+        fires
+    }
+
+    /// The topmost nodes owned by `domid`, in tree order.
+    fn owned_subtrees(&self, domid: u32) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut stack = vec!["/".to_string()];
+        while let Some(path) = stack.pop() {
+            let Some(node) = self.tree.get(&path) else { continue };
+            if path != "/" && node.owner() == domid {
+                found.push(path);
+                continue;
+            }
+            stack.extend(node.children.iter().rev().map(|c| super::node::child_path(&path, c)));
+        }
+        found
     }
 
     /// `onearg_domain()`: an introduced domain other than 0.
@@ -620,6 +649,26 @@ mod tests {
         assert_eq!(h.err(c, MsgType::CONTROL, 0, b"log\0on\0"), None);
         assert_eq!(h.err(c, MsgType::CONTROL, 0, b"live-update\0-s\0"), Some(XsErrno::EINVAL));
         assert_eq!(h.err(c, MsgType::CONTROL, 0, b""), Some(XsErrno::EINVAL));
+    }
+
+    #[test]
+    fn release_removes_the_domains_nodes_and_fires_release() {
+        let mut h = Harness::new();
+        let c = h.conn(0);
+        h.run(c, MsgType::WRITE, 0, b"/local/domain/5/x\0");
+        h.run(c, MsgType::SET_PERMS, 0, b"/local/domain/5\0n5\0");
+        h.run(c, MsgType::WRITE, 0, b"/backend/vbd/5/0\0");
+        h.run(c, MsgType::SET_PERMS, 0, b"/backend/vbd/5/0\0n0\0r5\0");
+        h.run(c, MsgType::WATCH, 0, b"@releaseDomain\0r\0");
+        h.run(c, MsgType::WATCH, 0, b"/local/domain/5/x\0x\0");
+        h.state.introduce_domain(5);
+        let fires = h.state.release(5);
+        h.state.fire(&fires);
+        assert!(h.state.tree.get("/local/domain/5").is_none());
+        assert!(h.state.tree.get("/backend/vbd/5/0").is_some(), "owned by dom0");
+        let events: Vec<Vec<u8>> = h.drain(c).into_iter().map(|m| m.payload).collect();
+        assert_eq!(events, [&b"/local/domain/5/x\0x\0"[..], b"@releaseDomain\0r\0"]);
+        assert!(h.state.release(5).is_empty(), "released once");
     }
 
     #[test]
