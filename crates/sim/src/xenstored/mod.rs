@@ -18,11 +18,24 @@
 //!
 //! Where it departs: there are no rings or event channels (a domain is a
 //! socketpair from [`Xenstored::connect_as`]); watch events queued inside a
-//! transaction are checked against the permissions seen when queued; a
-//! released domain's nodes are removed at once (xenstored without
-//! `--keep-orphans`), and permissions naming a gone domain are kept as they are; `XS_CONTROL` knows `check`, `log`, `print`,
+//! transaction are checked against the permissions seen when queued;
+//! permissions naming a gone domain are kept as they are; pending watch
+//! events never time out; `XS_CONTROL` knows `check`, `log`, `print`,
 //! `help`, `quota` and `memreport`; the output bound applies to dom0 too
 //! (see `conn.rs`).
+//!
+//! ```no_run
+//! use xen_sim::xenstored::Xenstored;
+//!
+//! let xs = Xenstored::new();
+//! // Privileged connections, for tools run with XENSTORED_PATH=/tmp/xs.sock:
+//! let socket = xs.serve_socket(std::path::Path::new("/tmp/xs.sock"))?;
+//! // A guest's connection (relative paths under /local/domain/5):
+//! let guest = xs.connect_as(5)?;
+//! xs.introduce_domain(5); // fires @introduceDomain
+//! assert_eq!(xs.read_node("/tool/xenstored"), Some(Vec::new()));
+//! # Ok::<(), std::io::Error>(())
+//! ```
 
 mod config;
 mod conn;
