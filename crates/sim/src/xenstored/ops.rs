@@ -419,6 +419,10 @@ impl Op<'_> {
         }
         let perms = parse_perms(&args[1..])?;
         let name = canonicalize(&self.caller, self.quotas, Some(args[0]), true)?;
+        if name.starts_with('@') && self.store.peek(&name).is_none() {
+            // set_perms_special(): only the two special nodes exist.
+            return Err(XsErrno::EINVAL);
+        }
         let mut node = self.get_node(&name, PERM_WRITE | PERM_OWNER)?;
         if self.unprivileged() && perms[0].domid != node.owner() {
             return Err(XsErrno::EINVAL);
@@ -566,6 +570,19 @@ mod tests {
         assert_eq!(r.unwrap_err(), XsErrno::EINVAL);
         let (r, _) = run(&mut t, Caller::domain(5), |op| op.set_perms(b"/tool\0n5\0r6\0"));
         assert_eq!(r.unwrap(), ACK);
+    }
+
+    #[test]
+    fn special_node_permissions_are_settable_by_dom0_only() {
+        let mut t = Tree::new();
+        let (r, _) = run(&mut t, Caller::domain(3), |op| op.set_perms(b"@releaseDomain\0r3\0"));
+        assert_eq!(r.unwrap_err(), XsErrno::EACCES);
+        run(&mut t, Caller::dom0(), |op| op.set_perms(b"@releaseDomain\0n0\0r3\0")).0.unwrap();
+        assert_eq!(perms_of(&t, "@releaseDomain"), vec!["n0", "r3"]);
+        let (r, _) = run(&mut t, Caller::domain(3), |op| op.get_perms(b"@releaseDomain\0"));
+        assert_eq!(r.unwrap(), b"n0\0r3\0");
+        let (r, _) = run(&mut t, Caller::dom0(), |op| op.set_perms(b"@other\0n0\0"));
+        assert_eq!(r.unwrap_err(), XsErrno::EINVAL);
     }
 
     #[test]
