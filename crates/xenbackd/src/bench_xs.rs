@@ -1,9 +1,10 @@
-//! `xenbackd bench xs [--socket PATH] [--ops N]`: xenstore client throughput
-//! (operations per second) for read, write and directory, from 1 and 16
-//! threads sharing one connection, and pipelined batches from one thread.
-//! Without `--socket` it connects as libxenstore would (`XENSTORED_PATH`,
-//! the xenstored socket, `/dev/xen/xenbus`). It writes below `/bench` and
-//! removes that subtree at the end.
+//! `xenbackd bench xs [--socket PATH | --system] [--ops N]`: xenstore client
+//! throughput (operations per second) for read, write and directory, from 1
+//! and 16 threads sharing one connection, and pipelined batches from one
+//! thread. By default against the simulated xenstored in this process;
+//! `--socket` names a xenstored socket, `--system` connects as libxenstore
+//! would (`XENSTORED_PATH`, the xenstored socket, `/dev/xen/xenbus`). It
+//! writes below `/bench` and removes that subtree at the end.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -94,17 +95,31 @@ fn measure(c: &Client, op: Op, threads: usize, ops: usize, pipelined: bool) -> R
 pub fn run(args: Vec<String>) -> Result<u8> {
     let mut a = Args::new(args);
     let socket: Option<PathBuf> = a.value("--socket")?.map(PathBuf::from);
+    let system = a.flag("--system");
     let ops: usize = a.parsed("--ops")?.unwrap_or(32_000);
     let rest = a.positionals()?;
-    if !rest.is_empty() {
-        bail!("unexpected arguments {rest:?}; usage: xenbackd bench xs [--socket PATH] [--ops N]");
+    if !rest.is_empty() || ops == 0 {
+        bail!("usage: xenbackd bench xs [--socket PATH | --system] [--ops N>0]");
     }
-    let client = match socket {
-        Some(path) => Client::connect_socket(&path).with_context(|| format!("connecting to {}", path.display()))?,
-        None => Client::connect().context("connecting to xenstore")?,
+    let mut sim = None;
+    let (client, target) = match (socket, system) {
+        (Some(_), true) => bail!("--socket and --system exclude each other"),
+        (Some(path), false) => (
+            Client::connect_socket(&path).with_context(|| format!("connecting to {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        (None, true) => {
+            (Client::connect().context("connecting to xenstore")?, "xenstore (libxenstore's choice)".into())
+        }
+        (None, false) => {
+            let xs = xen_sim::xenstored::Xenstored::new();
+            let stream = xs.connect_as(0).context("connecting to the simulated xenstored")?;
+            sim = Some(xs);
+            (Client::from_stream(stream)?, "the simulated xenstored (in process)".into())
+        }
     };
     setup(&client, 16)?;
-    println!("xenstore client benchmark, {ops} operations per case (ops/s)");
+    println!("xenstore client benchmark against {target}, {ops} operations per case (ops/s)");
     println!("{:<10} {:>12} {:>12} {:>14}", "op", "1 thread", "16 threads", "pipelined x64");
     for op in [Op::Read, Op::Write, Op::Directory] {
         let one = measure(&client, op, 1, ops, false)?;
@@ -113,5 +128,6 @@ pub fn run(args: Vec<String>) -> Result<u8> {
         println!("{:<10} {:>12.0} {:>12.0} {:>14.0}", op.name(), one, many, piped);
     }
     client.rm(TxId::NONE, "/bench")?;
+    drop(sim);
     Ok(0)
 }

@@ -55,7 +55,7 @@ fn main() -> ExitCode {
         "bench" => match rest.first().map(String::as_str) {
             Some("xs") => bench_xs::run(rest[1..].to_vec()),
             _ => {
-                eprintln!("Usage: xenbackd bench xs [--socket PATH] [--ops N]");
+                eprintln!("Usage: xenbackd bench xs [--socket PATH | --system] [--ops N]");
                 Ok(2)
             }
         },

@@ -584,7 +584,8 @@ impl Client {
 
     /// Runs `f` in a transaction and commits it, rerunning all of it when
     /// xenstored answers `EAGAIN` (conflict), up to [`TRANSACTION_ATTEMPTS`]
-    /// times. An error from `f` other than `EAGAIN` aborts the transaction.
+    /// times, after a short random pause that grows with each attempt. An
+    /// error from `f` other than `EAGAIN` aborts the transaction.
     pub fn transaction<T>(&self, mut f: impl FnMut(TxId) -> Result<T>) -> Result<T> {
         for attempt in 1..=TRANSACTION_ATTEMPTS {
             let tx = self.transaction_start()?;
@@ -604,6 +605,9 @@ impl Client {
                         return Err(e);
                     }
                 }
+            }
+            if attempt < TRANSACTION_ATTEMPTS {
+                std::thread::sleep(retry_backoff(attempt));
             }
         }
         Err(ClientError::TooManyRetries { attempts: TRANSACTION_ATTEMPTS })
@@ -656,6 +660,16 @@ impl Client {
     pub fn control(&self, args: &[&[u8]]) -> Result<Vec<u8>> {
         Ok(self.request(Self::checked(MsgType::CONTROL, Request::control(args))?)?.payload)
     }
+}
+
+/// A random pause before rerunning a conflicted transaction, so that writers
+/// that keep colliding fall out of step: up to 50 µs doubled per attempt,
+/// capped at about 50 ms.
+fn retry_backoff(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let max_us = 50u64 << attempt.min(10);
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    Duration::from_micros(random % max_us)
 }
 
 fn duration_ms(d: Duration) -> u64 {
