@@ -5,16 +5,20 @@
 //! flush / discard workload whose data is checked against what was written.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use blkback::abi::BLKIF_RSP_OKAY;
-use blkback::{Disk, FrontendConfig, Offer, QueueWorker};
-use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, FrontQueue};
+use blkback::{BlkDeviceType, BlkOptions, Offer};
+use xen_backend::{Backend, Config, Platform};
+use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, DiskInfo, FrontQueue};
+use xen_sim::frontend::{DeviceSpec, FrontendDevice, Toolstack};
 use xen_sim::host::SimHost;
+use xen_sim::xenstored::Xenstored;
+use xs_wire::Client;
 
 use crate::args::Args;
 
@@ -96,28 +100,61 @@ impl Drop for TempFile {
     }
 }
 
-/// One attached disk: its frontend's queues and the backend serving them.
-struct Attached {
-    queues: Vec<FrontQueue>,
-    _workers: Vec<QueueWorker>,
+/// The simulated machine: host, xenstored, the toolstack's connection and
+/// the backend framework serving `qdisk` from dom0.
+struct Machine {
+    host: Arc<SimHost>,
+    xenstored: Arc<Xenstored>,
+    toolstack: Toolstack,
+    backend: Backend,
 }
 
-/// Connects a blkfront of `domid` to the backend serving `path`: the
-/// frontend's nodes are read by the backend's own rules
-/// ([`FrontendConfig::read`]), its rings mapped and served by queue workers.
-fn attach(host: &Arc<SimHost>, domid: u16, path: &std::path::Path, opts: BlkfrontOptions) -> Result<Attached> {
-    let front = Blkfront::new(host, domid, 0, opts).context("frontend setup")?;
-    let nodes: HashMap<String, String> = front.nodes().into_iter().collect();
-    let offer = Offer::default();
-    let cfg = FrontendConfig::read(|k| nodes.get(k).cloned(), &offer).context("frontend nodes")?;
-    let disk = Arc::new(Disk::open(path, false, true).context("disk")?);
-    let limits = blkback::config::disk_limits(&disk, &offer);
-    let grants = host.grant_mapper(0);
-    let queues = blkback::map_queues(domid, &cfg, &disk, limits, &grants, 2)?;
-    let h = host.clone();
-    let open = move || -> evtchn::Result<Box<dyn evtchn::EventChannel>> { Ok(h.evtchn(0)) };
-    let workers = blkback::spawn_workers(&format!("blk-d{domid}"), domid, &cfg, queues, &open)?;
-    Ok(Attached { queues: front.into_queues(), _workers: workers })
+impl Machine {
+    fn start() -> Result<Machine> {
+        let host = SimHost::new();
+        host.create_domain(0)?;
+        let xenstored = Xenstored::new();
+        let toolstack = Toolstack::new(Client::from_stream(xenstored.connect_as(0)?)?);
+        let h = host.clone();
+        let platform = Platform::new(
+            0,
+            Client::from_stream(xenstored.connect_as(0)?)?,
+            move || Ok(h.evtchn(0)),
+            host.grant_mapper(0),
+        );
+        let types = vec![BlkDeviceType::new("qdisk", BlkOptions::default()) as _];
+        let backend = Backend::start(platform, types, Config::default()).context("starting the backend")?;
+        Ok(Machine { host, xenstored, toolstack, backend })
+    }
+
+    /// Creates guest `domid` with its own xenstore connection.
+    fn guest(&self, domid: u16) -> Result<Client> {
+        self.host.create_domain(domid)?;
+        self.xenstored.introduce_domain(domid.into());
+        Ok(Client::from_stream(self.xenstored.connect_as(domid.into())?)?)
+    }
+
+    /// Adds disk `index` of `domid` backed by `path` as xl does for
+    /// `backendtype=qdisk`, and connects the guest's blkfront through xenbus.
+    fn attach(&self, xs: &Client, domid: u16, index: u32, path: &Path, opts: BlkfrontOptions) -> Result<Attached> {
+        let devid = 51712 + index * 16; // xvda, xvdb, ...
+        let mut spec = DeviceSpec::new("qdisk", 0, domid, devid);
+        spec.frontend_kind = "vbd".into();
+        spec.backend_nodes.push(("params".into(), format!("aio:{}", path.display())));
+        spec.backend_nodes.push(("mode".into(), "w".into()));
+        spec.frontend_nodes.push(("virtual-device".into(), devid.to_string()));
+        self.toolstack.create(&spec)?;
+        let mut dev = FrontendDevice::new(&self.host, xs.clone(), spec);
+        let (front, info) = Blkfront::connect(&self.host, &mut dev, opts, Duration::from_secs(30))?;
+        Ok(Attached { dev, front: Some(front), info })
+    }
+}
+
+/// One attached disk: the guest's xenbus device and its blkfront.
+struct Attached {
+    dev: FrontendDevice,
+    front: Option<Blkfront>,
+    info: DiskInfo,
 }
 
 /// Fills `out` (one block) with the pattern of `seed` at `block`.
@@ -312,8 +349,7 @@ fn temp_dir() -> PathBuf {
 /// Runs the demo; exit status 1 if any data check or request failed.
 pub fn run(args: Vec<String>) -> Result<u8> {
     let Some(o) = parse(args)? else { return Ok(0) };
-    let host = SimHost::new();
-    host.create_domain(0)?;
+    let machine = Machine::start()?;
     let dir = temp_dir();
     let mut files = Vec::new();
     let mut runs: Vec<(u16, QueueRun)> = Vec::new();
@@ -331,7 +367,7 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     );
     for g in 0..o.guests {
         let domid = g + 1;
-        host.create_domain(domid)?;
+        let xs = machine.guest(domid)?;
         for d in 0..o.disks {
             let path = dir.join(format!("xenbackd-demo-{}-d{domid}-{d}.img", std::process::id()));
             std::fs::File::create(&path)
@@ -345,11 +381,20 @@ pub fn run(args: Vec<String>) -> Result<u8> {
                 depth: 32,
                 ..Default::default()
             };
-            let mut a =
-                attach(&host, domid, &path, opts).with_context(|| format!("attaching disk {d} of dom{domid}"))?;
+            let mut a = machine
+                .attach(&xs, domid, u32::from(d), &path, opts)
+                .with_context(|| format!("attaching disk {d} of dom{domid}"))?;
+            let front = a.front.take().expect("just connected");
+            println!(
+                "  dom{domid}: xvd{} connected through xenbus: {} queue(s), ring order {}, {} sectors",
+                (b'a' + d as u8) as char,
+                front.num_queues(),
+                front.options().ring_page_order,
+                a.info.sectors
+            );
             let blocks = bytes as usize / BLOCK;
             let per_queue = blocks / o.queues as usize;
-            for (i, queue) in a.queues.drain(..).enumerate() {
+            for (i, queue) in front.into_queues().into_iter().enumerate() {
                 let run = QueueRun {
                     queue,
                     first_block: (i * per_queue) as u64,
@@ -366,7 +411,6 @@ pub fn run(args: Vec<String>) -> Result<u8> {
             }
             attached.push(a);
         }
-        println!("  dom{domid}: {} disk(s) connected", o.disks);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
@@ -413,7 +457,15 @@ pub fn run(args: Vec<String>) -> Result<u8> {
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    for a in &mut attached {
+        if let Err(e) = a.dev.close(Duration::from_secs(30)) {
+            eprintln!("xenbackd demo: closing {}: {e:#}", a.dev.spec().backend_path());
+            failed = true;
+        }
+    }
     drop(attached);
+    let mut machine = machine;
+    machine.backend.shutdown();
     println!();
     println!(
         "{:<8} {:>10} {:>9} {:>10} {:>10} {:>14} {:>7} {:>10}",
