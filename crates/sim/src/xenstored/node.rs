@@ -243,6 +243,32 @@ impl Tree {
         }
     }
 
+    /// Checks the tree's structure: every node but `/` and the special ones
+    /// is listed by its parent, every listed child exists, the owner counts
+    /// match the nodes. Returns the first inconsistency found.
+    #[cfg(test)]
+    pub fn check(&self) -> Result<(), String> {
+        let mut owners: HashMap<u32, usize> = HashMap::new();
+        for (path, node) in &self.nodes {
+            *owners.entry(node.owner()).or_default() += 1;
+            for c in &node.children {
+                if !self.nodes.contains_key(&child_path(path, c)) {
+                    return Err(format!("{path} lists missing child {c}"));
+                }
+            }
+            if path != "/" && !path.starts_with('@') {
+                let parent = self.nodes.get(parent_of(path)).ok_or(format!("{path} has no parent"))?;
+                if parent.children.iter().filter(|c| *c == basename(path)).count() != 1 {
+                    return Err(format!("{path} not listed once by its parent"));
+                }
+            }
+        }
+        if owners != self.entries {
+            return Err(format!("owner counts {:?} != {:?}", self.entries, owners));
+        }
+        Ok(())
+    }
+
     /// Nodes owned by `domid`.
     pub fn owned_by(&self, domid: u32) -> usize {
         self.entries.get(&domid).copied().unwrap_or(0)

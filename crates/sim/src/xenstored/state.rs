@@ -671,6 +671,64 @@ mod tests {
         assert!(h.state.release(5).is_empty(), "released once");
     }
 
+    /// xorshift64*: a fixed-seed generator, so that a failure reproduces.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a [u8]]) -> &'a [u8] {
+            items[(self.next() % items.len() as u64) as usize]
+        }
+    }
+
+    #[test]
+    fn random_requests_never_break_the_tree_or_the_server() {
+        let mut h = Harness::new();
+        let conns = [h.conn(0), h.conn(0), h.conn(5), h.conn(6)];
+        h.state.introduce_domain(5);
+        h.run(conns[0], MsgType::WRITE, 0, b"/local/domain/5\0");
+        h.run(conns[0], MsgType::SET_PERMS, 0, b"/local/domain/5\0n5\0r6\0");
+        let paths: &[&[u8]] = &[
+            b"/a",
+            b"/a/b",
+            b"/a/b/c",
+            b"/local/domain/5/x",
+            b"x/y",
+            b"/",
+            b"",
+            b"@releaseDomain",
+            b"/a//b",
+            b"/a/",
+            b"\xff",
+            b"/local/domain/6/z",
+        ];
+        let tails: &[&[u8]] = &[b"", b"\0", b"\0v", b"\0t\0", b"\0n5\0r6\0", b"\0b0\0", b"\0T\0", b"\x001\x002\0"];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let c = conns[(rng.next() % conns.len() as u64) as usize];
+            let t = MsgType((rng.next() % 28) as u32);
+            let tx = (rng.next() % 4) as u32;
+            let mut payload = rng.pick(paths).to_vec();
+            payload.extend_from_slice(rng.pick(tails));
+            if t == MsgType::TRANSACTION_END {
+                payload = rng.pick(&[b"T\0", b"F\0", b"X\0"]).to_vec();
+            }
+            let msgs = h.run(c, t, tx, &payload);
+            let replies = msgs.iter().filter(|m| m.msg_type != MsgType::WATCH_EVENT).count();
+            assert_eq!(replies, 1, "one reply per request: {t:?} {payload:?}");
+        }
+        h.state.tree.check().unwrap();
+        let fires = h.state.release(5);
+        h.state.fire(&fires);
+        h.state.tree.check().unwrap();
+    }
+
     #[test]
     fn reset_watches_drops_watches_and_transactions() {
         let mut h = Harness::new();
