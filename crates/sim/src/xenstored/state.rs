@@ -279,12 +279,11 @@ impl State {
                 let t = conns.get_mut(&id).and_then(|c| c.transactions.get_mut(&txid)).ok_or(XsErrno::ENOENT)?;
                 let mut store = t.store(tree);
                 let mut op = Op { store: &mut store, caller, quotas: &config.quotas, fires: Vec::new() };
-                let reply = f(&mut op);
-                let fires = std::mem::take(&mut op.fires);
-                for fire in fires {
+                let reply = f(&mut op)?;
+                for fire in std::mem::take(&mut op.fires) {
                     t.queue_fire(fire);
                 }
-                Ok(Outcome::reply(reply?))
+                Ok(Outcome::reply(reply))
             }
         }
     }
