@@ -94,3 +94,37 @@ fn removal_of_one_device_leaves_its_neighbour_connected() -> Result<()> {
     assert_eq!(b.backend_state()?, Some(state::CONNECTED));
     Ok(())
 }
+
+#[test]
+fn online_written_late_still_connects_a_waiting_frontend() -> Result<()> {
+    let h = Harness::new(1)?;
+    let guest = h.guest(5)?;
+    let mut spec = xen_sim::frontend::DeviceSpec::new(common::KIND, 0, 5, 0);
+    spec.backend_nodes.push(("online".into(), "0".into()));
+    h.toolstack.create(&spec)?;
+    let mut dev = xen_sim::frontend::FrontendDevice::new(&h.host, guest, spec);
+    let opts = ConnectOptions { wait_init_wait: false, wait_connected: false, ..Default::default() };
+    dev.connect(&opts)?;
+
+    h.toolstack.write_backend(dev.spec(), "online", "1")?;
+    wait_backend(&mut dev, state::CONNECTED)?;
+    let mut echo = EchoClient::new(&dev, 0)?;
+
+    check_echo(&dev, &mut echo, 5)?;
+    Ok(())
+}
+
+#[test]
+fn shutdown_closes_every_device_and_unmaps_its_rings() -> Result<()> {
+    let mut h = Harness::new(2)?;
+    let (a, _) = h.connected_device(1, 0)?;
+    let (b, _) = h.connected_device(2, 0)?;
+
+    h.backend.shutdown();
+
+    assert_eq!(a.backend_state()?, Some(state::CLOSED));
+    assert_eq!(b.backend_state()?, Some(state::CLOSED));
+    assert_eq!(h.host.grant_table(1).live_maps()?, 0);
+    assert_eq!(h.host.grant_table(2).live_maps()?, 0);
+    Ok(())
+}
