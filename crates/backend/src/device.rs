@@ -315,3 +315,83 @@ fn bad(node: &str, value: &[u8]) -> DeviceError {
     let value = String::from_utf8_lossy(&value[..value.len().min(VALUE_IN_ERROR)]).into_owned();
     DeviceError::BadNode { node: node.to_string(), value }
 }
+
+#[cfg(test)]
+mod tests {
+    use xen_sim::host::SimHost;
+    use xen_sim::xenstored::Xenstored;
+    use xs_wire::Client;
+
+    use super::*;
+
+    const FE: &str = "/local/domain/1/device/echo/0";
+
+    /// A context for dom1's echo device 0 whose frontend directory holds `nodes`.
+    fn ctx_with(nodes: &[(&str, &str)]) -> DeviceCtx {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        let xs = Client::from_stream(Xenstored::new().connect_as(0).unwrap()).unwrap();
+        for (node, value) in nodes {
+            xs.write(TxId::NONE, &format!("{FE}/{node}"), value.as_bytes()).unwrap();
+        }
+        let h = host.clone();
+        let platform = Platform::new(0, xs, move || Ok(h.evtchn(0)), host.grant_mapper(0));
+        let key = DeviceKey { kind: "echo".into(), frontend: 1, devid: 0 };
+        DeviceCtx::new(platform, key, "/local/domain/0/backend/echo/1/0".into(), FE.into())
+    }
+
+    #[test]
+    fn single_page_ring_reads_ring_ref() {
+        let ctx = ctx_with(&[("ring-ref", "8"), ("ring-page-order", "0")]);
+        assert_eq!(ctx.ring_refs("", 4).unwrap(), vec![GrantRef(8)]);
+    }
+
+    #[test]
+    fn multi_page_ring_reads_every_numbered_ref_below_prefix() {
+        let ctx =
+            ctx_with(&[("queue-1/ring-page-order", "1"), ("queue-1/ring-ref0", "10"), ("queue-1/ring-ref1", "11")]);
+        assert_eq!(ctx.ring_refs("queue-1/", 4).unwrap(), vec![GrantRef(10), GrantRef(11)]);
+    }
+
+    #[test]
+    fn ring_page_order_above_max_is_bad_node() {
+        let ctx = ctx_with(&[("ring-page-order", "99"), ("ring-ref", "8")]);
+        let err = ctx.ring_refs("", 4).unwrap_err();
+        assert!(
+            matches!(err, DeviceError::BadNode { ref node, ref value } if node == "ring-page-order" && value == "99")
+        );
+    }
+
+    #[test]
+    fn garbage_number_is_bad_node_with_value_cut() {
+        let long = "x".repeat(500);
+        let ctx = ctx_with(&[("ring-ref", &long)]);
+        let err = ctx.frontend_int::<u32>("ring-ref").unwrap_err();
+        assert!(matches!(err, DeviceError::BadNode { ref value, .. } if value.len() == VALUE_IN_ERROR), "{err:?}");
+    }
+
+    #[test]
+    fn missing_node_is_named_and_optional_read_is_none() {
+        let ctx = ctx_with(&[]);
+        assert!(
+            matches!(ctx.frontend_int::<u32>("event-channel"), Err(DeviceError::MissingNode(n)) if n == "event-channel")
+        );
+        assert_eq!(ctx.frontend_str_opt("event-channel").unwrap(), None);
+    }
+
+    #[test]
+    fn protocol_node_is_parsed_and_unknown_is_fatal() {
+        assert_eq!(ctx_with(&[]).protocol().unwrap(), Protocol::Native);
+        assert_eq!(ctx_with(&[("protocol", "x86_32-abi")]).protocol().unwrap(), Protocol::X86_32);
+        assert!(matches!(ctx_with(&[("protocol", "mips")]).protocol(), Err(DeviceError::UnknownProtocol(_))));
+    }
+
+    #[test]
+    fn writes_are_queued_until_taken() {
+        let ctx = ctx_with(&[]);
+        ctx.write("feature-x", 1);
+        ctx.write("name", "disk");
+        assert_eq!(ctx.take_writes(), vec![("feature-x".into(), b"1".to_vec()), ("name".into(), b"disk".to_vec())]);
+        assert!(ctx.take_writes().is_empty());
+    }
+}
