@@ -4,6 +4,7 @@
 mod args;
 mod bench_xs;
 mod demo;
+mod serve;
 mod selftest;
 mod xenstored_cmd;
 mod xs;
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
         "xs" => xs::run_os(raw[2..].to_vec()),
         "selftest" => selftest::run(rest.clone()),
         "demo" => demo::run(rest.clone()),
+        "serve" => serve::run(rest.clone()),
         "xenstored" => xenstored_cmd::run(rest.clone()),
         "bench" => match rest.first().map(String::as_str) {
             Some("xs") => bench_xs::run(rest[1..].to_vec()),

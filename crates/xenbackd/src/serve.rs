@@ -1,0 +1,91 @@
+//! `xenbackd serve`: the daemon. Connects to xenstore (socket or
+//! `/dev/xen/xenbus`), opens `/dev/xen/evtchn` and `/dev/xen/gntdev`, and
+//! serves every frontend domain's block devices below
+//! `backend/<type>` of this domain from one process, until SIGTERM or SIGINT;
+//! then every device is quiesced, its backend state set Closing then Closed,
+//! and the process exits 0.
+
+use anyhow::{bail, Context, Result};
+use blkback::{BlkDeviceType, BlkOptions};
+use nix::sys::signal::{SigSet, Signal};
+use xen_backend::{Backend, Config, DeviceType, Platform};
+use xs_wire::Client;
+
+use crate::args::Args;
+
+const HELP: &str = "\
+Usage: xenbackd serve [--type NAME]... [--workers N] [--io-threads N] [--buffered]
+
+Serves Xen PV block backends for every guest from this domain: devices the
+toolstack creates below /local/domain/<self>/backend/<NAME>/ (xl's
+backendtype=qdisk by default) are connected to their frontends; disks are
+the files or block devices named by `params` (`aio:/path`, `raw:/path` or
+`/path`; `format` must be raw). Runs until SIGTERM or SIGINT, then closes
+every device (backend state Closing, then Closed) and exits 0.
+
+Options:
+  --type NAME       serve backend/NAME (repeatable; default qdisk; e.g. vbd
+                    when the kernel's blkback is not loaded)
+  --workers N       ring worker threads (default: number of CPUs)
+  --io-threads N    I/O threads per queue (default 4)
+  --buffered        use the page cache instead of O_DIRECT
+  -h, --help        this text
+
+Xenstore: XENSTORED_PATH or /var/run/xenstored/socket, else /dev/xen/xenbus.
+Logging: RUST_LOG (default info).
+";
+
+/// Runs the daemon.
+pub fn run(args: Vec<String>) -> Result<u8> {
+    let mut a = Args::new(args);
+    if a.flag("--help") || a.flag("-h") {
+        print!("{HELP}");
+        return Ok(0);
+    }
+    let mut types = a.values("--type")?;
+    if types.is_empty() {
+        types.push("qdisk".into());
+    }
+    let mut config = Config::default();
+    if let Some(w) = a.parsed::<usize>("--workers")? {
+        if w == 0 {
+            bail!("--workers must be at least 1");
+        }
+        config.workers = w;
+    }
+    let mut opts = BlkOptions::default();
+    if let Some(n) = a.parsed::<usize>("--io-threads")? {
+        opts.io_threads = n.max(1);
+    }
+    opts.direct = !a.flag("--buffered");
+    if let Some(p) = a.positionals()?.first() {
+        bail!("unexpected argument {p:?} (see xenbackd serve --help)");
+    }
+    for t in &types {
+        if t.is_empty() || t.contains('/') {
+            bail!("bad --type {t:?}");
+        }
+    }
+
+    // Block the stop signals before any thread starts, so every thread
+    // inherits the mask and only `wait` below receives them.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGTERM);
+    stop.add(Signal::SIGINT);
+    stop.thread_block().context("blocking SIGTERM/SIGINT")?;
+
+    let xs = Client::connect().context("connecting to xenstore")?;
+    let platform = Platform::xen(xs).context("opening the Xen devices")?;
+    let domid = platform.domid();
+    let device_types: Vec<std::sync::Arc<dyn DeviceType>> =
+        types.iter().map(|t| BlkDeviceType::new(t.clone(), opts) as _).collect();
+    let workers = config.workers;
+    let mut backend = Backend::start(platform, device_types, config).context("starting the backend")?;
+    log::info!("serving backend/{{{}}} of dom{domid} with {workers} workers", types.join(","));
+
+    let sig = stop.wait().context("waiting for a signal")?;
+    log::info!("{sig:?}: closing every device");
+    backend.shutdown();
+    log::info!("stopped");
+    Ok(0)
+}
