@@ -440,6 +440,12 @@ impl FrontQueue {
         self.poll(out)
     }
 
+    /// Notifies the backend without publishing anything (after scribbling
+    /// on the ring, as a hostile guest).
+    pub fn kick(&self) -> Result<(), BlkfrontError> {
+        Ok(self.evtchn.notify(self.port)?)
+    }
+
     /// The shared ring pages (to scribble on the indices, as a hostile guest).
     pub fn ring_mapping(&self) -> &GrantMapping {
         self.ring.mapping()

@@ -1,0 +1,68 @@
+//! What the toolstack writes decides the disk: read-only mode, `params`
+//! forms, the `vbd` and `qdisk` types, and fatal errors (non-raw format, a
+//! missing file) that close one device and leave the others running.
+
+mod blk_support;
+
+use blk_support::*;
+use blkback::abi::*;
+use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
+use xen_sim::frontend::state;
+
+#[test]
+fn read_only_disk_refuses_writes_and_serves_reads() {
+    let h = Harness::new().unwrap();
+    let disk = TempDisk::new("ro", 1 << 20);
+    std::fs::write(&disk.path, pattern(4, 1 << 20)).unwrap();
+    let mut g = h.attach(1, 0, &disk, "r", BlkfrontOptions::default()).unwrap();
+    assert_eq!(g.info.info & 4, 4, "VDISK_READONLY");
+    assert!(!g.info.discard && !g.info.flush);
+    let q = g.front.queue(0);
+    let c = run(q, BlkOp::Write { sector: 0, data: &[0u8; 4096] });
+    assert_eq!(c.status, BLKIF_RSP_ERROR);
+    let c = run(q, BlkOp::Discard { sector: 0, nr_sectors: 8, secure: false });
+    assert_ne!(c.status, BLKIF_RSP_OKAY);
+    let c = run(q, BlkOp::Read { sector: 0, len: 4096 });
+    assert_eq!(c.status, BLKIF_RSP_OKAY);
+    assert!(c.data == pattern(4, 1 << 20)[..4096], "reads serve the file");
+    assert!(std::fs::read(&disk.path).unwrap() == pattern(4, 1 << 20), "file unchanged");
+}
+
+#[test]
+fn vbd_type_with_raw_params_and_qdisk_with_a_plain_path_are_served() {
+    let h = Harness::new().unwrap();
+    let d1 = TempDisk::new("vbd", 1 << 20);
+    let d2 = TempDisk::new("plain", 1 << 20);
+    let spec = h.spec("vbd", 1, 51712, &format!("raw:{}", d1.path.display()), "w", &[("format", "raw")]);
+    let mut g1 = h.connect(spec, BlkfrontOptions::default()).unwrap();
+    let spec = h.spec("qdisk", 1, 51728, &d2.path.display().to_string(), "w", &[]);
+    let mut g2 = h.connect(spec, BlkfrontOptions::default()).unwrap();
+    for (g, d, seed) in [(&mut g1, &d1, 1), (&mut g2, &d2, 2)] {
+        let data = pattern(seed, 4096);
+        assert_eq!(run(g.front.queue(0), BlkOp::Write { sector: 16, data: &data }).status, BLKIF_RSP_OKAY);
+        assert!(std::fs::read(&d.path).unwrap()[16 * 512..16 * 512 + 4096] == data[..]);
+    }
+}
+
+#[test]
+fn non_raw_format_is_fatal_with_an_error_node() {
+    let h = Harness::new().unwrap();
+    let disk = TempDisk::new("qcow", 1 << 20);
+    let spec = h.spec("qdisk", 1, 51712, &format!("aio:{}", disk.path.display()), "w", &[("format", "qcow2")]);
+    let mut dev = h.create(spec).unwrap();
+    dev.wait_backend_state("Closed", WAIT, |s| s == Some(state::CLOSED)).unwrap();
+    let error = dev.read_backend("error").unwrap().expect("error node");
+    assert!(error.contains("qcow2"), "error names the format: {error}");
+}
+
+#[test]
+fn missing_disk_file_fails_its_device_and_others_connect() {
+    let h = Harness::new().unwrap();
+    let spec = h.spec("qdisk", 1, 51712, "aio:/nonexistent/disk.img", "w", &[]);
+    let mut dev = h.create(spec).unwrap();
+    dev.wait_backend_state("Closed", WAIT, |s| s == Some(state::CLOSED)).unwrap();
+    assert!(dev.read_backend("error").unwrap().expect("error node").contains("/nonexistent/disk.img"));
+    let disk = TempDisk::new("fine", 1 << 20);
+    let mut g = h.attach(2, 0, &disk, "w", BlkfrontOptions::default()).unwrap();
+    assert_eq!(run(g.front.queue(0), BlkOp::Read { sector: 0, len: 512 }).status, BLKIF_RSP_OKAY);
+}
