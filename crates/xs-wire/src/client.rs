@@ -236,6 +236,14 @@ impl std::fmt::Debug for Pending {
     }
 }
 
+impl Drop for Pending {
+    /// Forgets the request, so that an abandoned one (never waited for, or
+    /// never answered) does not stay registered: a late reply is then dropped.
+    fn drop(&mut self) {
+        self.shared.waiters().by_req.remove(&self.req_id);
+    }
+}
+
 impl Pending {
     /// The request's id on the wire.
     pub fn req_id(&self) -> u32 {
@@ -250,9 +258,7 @@ impl Pending {
         let reply = match self.rx.recv_timeout(after) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => {
-                let mut w = self.shared.waiters();
-                w.by_req.remove(&self.req_id);
-                drop(w);
+                self.shared.waiters().by_req.remove(&self.req_id);
                 // The reply may have landed between the timeout and the removal.
                 match self.rx.try_recv() {
                     Ok(r) => r,
@@ -811,6 +817,15 @@ mod tests {
     fn garbage_after_close_gives_disconnected_not_panic() {
         let (c, _) = fake(Box::new(|_| vec![vec![0xff; 40]]));
         assert!(matches!(c.mkdir(TxId::NONE, "/x").unwrap_err(), ClientError::Disconnected { .. }));
+    }
+
+    #[test]
+    fn abandoned_pending_requests_are_forgotten() {
+        let (c, _) = fake(Box::new(|_| vec![]));
+        for i in 0..100 {
+            drop(c.submit(MsgType::READ, TxId::NONE, format!("/{i}\0").into_bytes()).unwrap());
+        }
+        assert!(c.shared().waiters().by_req.is_empty());
     }
 
     #[test]
