@@ -48,7 +48,7 @@ impl Default for Config {
 pub struct Stats {
     /// Watch events taken off the queue.
     pub events: AtomicU64,
-    /// Times a device reached Connected.
+    /// Times a device's rings were handed to workers (Connected written next).
     pub connects: AtomicU64,
     /// Devices failed (an `error` node written).
     pub failures: AtomicU64,
@@ -516,8 +516,10 @@ impl Xenbus {
         if let Some(slot) = self.devices.get_mut(key) {
             slot.rings = placements;
         }
+        // Counted before the state is written, so that whoever sees Connected
+        // sees the count too.
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
         if self.set_state(key, XenbusState::Connected, &[]) {
-            self.stats.connects.fetch_add(1, Ordering::Relaxed);
             log::info!("{key}: connected");
             let _ = self.call(key, |d, ctx| d.connected(ctx));
         }
@@ -592,6 +594,12 @@ impl Xenbus {
     /// domain), tear the device down and go Closing, then Closed.
     fn fail(&mut self, key: &DeviceKey, error: DeviceError) {
         let text = error.node_text();
+        if self.devices.get(key).is_some_and(|s| s.failed && s.state == XenbusState::Closed) {
+            // Already failed and closed: the first error stays (a frontend
+            // repeating its garbage does not rewrite it).
+            log::debug!("{key}: again: {text}");
+            return;
+        }
         log::error!("{key}: {text}");
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         let linux_error = format!("{}/error/backend/{}/{}/{}/error", self.home, key.kind, key.frontend, key.devid);
