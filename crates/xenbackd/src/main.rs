@@ -4,8 +4,8 @@
 mod args;
 mod bench_xs;
 mod demo;
-mod serve;
 mod selftest;
+mod serve;
 mod xenstored_cmd;
 mod xs;
 
