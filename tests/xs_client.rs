@@ -49,6 +49,22 @@ fn every_operation_round_trips() {
 }
 
 #[test]
+fn domain_and_control_requests_reach_xenstored() {
+    let xs = Xenstored::new();
+    let c = dom0(&xs);
+    assert!(!c.is_domain_introduced(5).unwrap());
+    c.introduce(5, 0x1234, 7).unwrap();
+    assert!(c.is_domain_introduced(5).unwrap());
+    c.set_target(5, 0).unwrap();
+    c.resume(5).unwrap();
+    c.release(5).unwrap();
+    assert!(!c.is_domain_introduced(5).unwrap());
+    assert!(!c.control(&[b"print", b"from the client test"]).unwrap().is_empty());
+    let guest = Client::from_stream(xs.connect_as(3).unwrap()).unwrap();
+    assert_eq!(guest.introduce(4, 1, 1).unwrap_err().errno(), Some(XsErrno::EACCES));
+}
+
+#[test]
 fn sixteen_threads_share_one_connection_and_every_reply_reaches_its_caller() {
     const THREADS: usize = 16;
     const OPS: usize = 10_000;
