@@ -104,3 +104,23 @@ fn frontend_vanishing_mid_connect_leaves_others_running() -> Result<()> {
     assert_eq!(h.host.grant_table(2).live_maps()?, 0);
     Ok(())
 }
+
+#[test]
+fn frontend_flooding_its_state_node_does_not_starve_others() -> Result<()> {
+    let h = Harness::new(2)?;
+    let (good, mut good_echo) = h.connected_device(1, 0)?;
+    let (flooder, _) = h.connected_device(2, 0)?;
+
+    // Reconfiguring/Reconfigured are ignored by the state machine; each
+    // write still fires a watch event at the backend.
+    for i in 0..5000 {
+        flooder.set_state(if i % 2 == 0 { 7 } else { 8 })?;
+    }
+    check_echo(&good, &mut good_echo, 4)?;
+    flooder.set_state(state::CONNECTED)?;
+
+    assert_eq!(good.backend_state()?, Some(state::CONNECTED));
+    assert_eq!(flooder.backend_state()?, Some(state::CONNECTED));
+    assert_eq!(h.backend.stats().failures.load(Ordering::Relaxed), 0);
+    Ok(())
+}
