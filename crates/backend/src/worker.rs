@@ -535,4 +535,52 @@ mod tests {
         assert_eq!(Token::from_u64(3 << 32), None);
         assert_eq!(Token::from_u64(5), None);
     }
+
+    /// Reports what its completion eventfd carried, and being quiesced.
+    struct Completions {
+        fd: EventFd,
+        seen: Sender<&'static str>,
+    }
+
+    impl RingHandler for Completions {
+        fn process(&mut self, _budget: usize) -> Result<Progress, DeviceError> {
+            if self.fd.read().is_ok() {
+                self.seen.send("completion").unwrap();
+            }
+            Ok(Progress::default())
+        }
+
+        fn completion_fd(&self) -> Option<RawFd> {
+            Some(std::os::fd::AsRawFd::as_raw_fd(&self.fd))
+        }
+
+        fn quiesce(&mut self) -> bool {
+            self.seen.send("quiesce").unwrap();
+            false
+        }
+    }
+
+    #[test]
+    fn completion_fd_wakes_the_handler_and_removal_quiesces_it() {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        host.create_domain(5).unwrap();
+        let (failures, _failed) = crossbeam_channel::unbounded();
+        let mut pool = WorkerPool::new(1, 64, failures).unwrap();
+        let guest = host.evtchn(5);
+        let remote = guest.bind_unbound_port(0).unwrap();
+        let port = BoundPort::bind(host.evtchn(0), 5, remote).unwrap();
+        let fd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
+        let completion = fd.as_fd().try_clone_to_owned().unwrap();
+        let (seen, events) = crossbeam_channel::unbounded();
+        let owner = Owner { key: DeviceKey { kind: "t".into(), frontend: 5, devid: 0 }, generation: 1 };
+        let placement = pool.add(owner, RingSetup { port, handler: Box::new(Completions { fd, seen }) });
+
+        nix::unistd::write(&completion, &1u64.to_ne_bytes()).unwrap();
+        let first = events.recv_timeout(Duration::from_secs(30)).unwrap();
+        pool.remove(placement);
+        let second = events.try_recv().unwrap();
+
+        assert_eq!((first, second), ("completion", "quiesce"));
+    }
 }
