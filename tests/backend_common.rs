@@ -32,6 +32,12 @@ pub struct Harness {
 impl Harness {
     /// Starts the framework with `workers` ring workers.
     pub fn new(workers: usize) -> Result<Self> {
+        Self::with_watch_queue(workers, xs_wire::client::DEFAULT_WATCH_QUEUE)
+    }
+
+    /// As [`Harness::new`], the backend's connection queueing at most
+    /// `watch_queue` watch events before it overflows.
+    pub fn with_watch_queue(workers: usize, watch_queue: usize) -> Result<Self> {
         let _ = env_logger::builder().is_test(true).try_init();
         let host = SimHost::new();
         host.create_domain(0)?;
@@ -40,7 +46,10 @@ impl Harness {
         let h = host.clone();
         let platform = Platform::new(
             0,
-            Client::from_stream(xenstored.connect_as(0)?)?,
+            Client::from_transport(
+                Box::new(xs_wire::transport::SocketTransport::new(xenstored.connect_as(0)?)),
+                xs_wire::client::Options { watch_queue, ..Default::default() },
+            )?,
             move || Ok(h.evtchn(0)),
             host.grant_mapper(0),
         );

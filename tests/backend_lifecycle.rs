@@ -132,3 +132,27 @@ fn shutdown_closes_every_device_and_unmaps_its_rings() -> Result<()> {
     assert_eq!(h.host.grant_table(2).live_maps()?, 0);
     Ok(())
 }
+
+#[test]
+fn watch_queue_overflow_is_recovered_by_rescanning() -> Result<()> {
+    // A backend connection that holds 4 watch events: creating 40 devices
+    // at once overflows it; the overflow marker makes the backend rescan.
+    let h = Harness::with_watch_queue(2, 4)?;
+    let guest = h.guest(6)?;
+    let opts = ConnectOptions { wait_init_wait: false, wait_connected: false, ..Default::default() };
+    let mut devices = Vec::new();
+    for devid in 0..40 {
+        let mut dev = h.device(&guest, 6, devid)?;
+        dev.connect(&opts)?;
+        devices.push(dev);
+    }
+
+    for dev in &mut devices {
+        wait_backend(dev, state::CONNECTED)?;
+    }
+    let mut echo = EchoClient::new(&devices[39], 0)?;
+
+    check_echo(&devices[39], &mut echo, 6)?;
+    println!("rescans: {}", h.backend.stats().rescans.load(std::sync::atomic::Ordering::Relaxed));
+    Ok(())
+}
