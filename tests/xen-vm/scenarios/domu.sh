@@ -55,9 +55,9 @@ CFG
 }
 # alive DOMID NAME: gone only after two failed reads in a row, a second apart
 alive() {
-    [ "$(xenstore-read /local/domain/$1/name 2>/dev/null)" = "$2" ] && return 0
+    [ "$(timeout 10 xenstore-read /local/domain/$1/name 2>/dev/null)" = "$2" ] && return 0
     sleep 1
-    [ "$(xenstore-read /local/domain/$1/name 2>/dev/null)" = "$2" ]
+    [ "$(timeout 10 xenstore-read /local/domain/$1/name 2>/dev/null)" = "$2" ]
 }
 # check_domu NAME: after the guest is gone, its verdict and its marker
 check_domu() {
@@ -86,7 +86,19 @@ run_domus() {
         for n in "$@"; do eval "d=\$DOMID_$n"; alive $d $n && left="$left $n"; done
         [ -z "$left" ] && break
         el=$(( $(cut -d. -f1 /proc/uptime) - t0 ))
-        [ $el -ge $T ] && { bad "still running after ${T}s:$left"; break; }
+        if [ $el -ge $T ]; then
+            bad "still running after ${T}s:$left"
+            timeout 20 xl list 2>&1; ps | grep -v ' \[' | tail -25; dmesg | tail -15
+            break
+        fi
+        if [ $((el / 20)) != "${last:-}" ]; then
+            last=$((el / 20)); st=
+            for n in $left; do
+                eval "d=\$DOMID_$n"; b=/local/domain/0/backend/qdisk/$d/$DEVID
+                st="$st $n(be=$(timeout 5 xenstore-read $b/state 2>&1) fe=$(timeout 5 xenstore-read /local/domain/$d/device/vbd/$DEVID/state 2>&1) console=$(tail -1 /var/log/xen/console/guest-$n.log 2>/dev/null | cut -c1-60))"
+            done
+            step "waiting ${el}s:$st"
+        fi
         sleep 2
     done
     step "guests gone after $(( $(cut -d. -f1 /proc/uptime) - t0 ))s"

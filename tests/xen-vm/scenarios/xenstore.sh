@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 240
+# timeout: 900
 # Scenario 1: `xenbackd xs` against the real C xenstored, over /dev/xen/xenbus
 # and over the xenstored socket (XENSTORED_PATH), compared with Xen's
 # xenstore-utils run with the same arguments: stdout byte for byte and the
@@ -141,6 +141,16 @@ for XP in /dev/xen/xenbus /run/xenstored/socket; do
     cp /tmp/ref.watch /tmp/ref.out; cp /tmp/our.watch /tmp/our.out; : > /tmp/ref.err; : > /tmp/our.err
     compare "watch -n 3 $W (3 events: registration, 2 writes)"
     [ "$(wc -l < /tmp/our.out)" = 3 ] || bad "$T: watch: expected 3 lines from ours, got $(wc -l < /tmp/our.out)"
+
+    # invoked through a symlink named like the C tool, it behaves as that tool
+    mkdir -p /tmp/xsbin
+    for t in read ls; do ln -sf $XB /tmp/xsbin/xenstore-$t; done
+    xenstore-read /lab/tree/a /lab/tree/b > /tmp/ref.out 2> /tmp/ref.err; rr=$?
+    /tmp/xsbin/xenstore-read /lab/tree/a /lab/tree/b > /tmp/our.out 2> /tmp/our.err; ro=$?
+    compare "symlink xenstore-read /lab/tree/a /lab/tree/b"
+    xenstore-ls -f /lab/tree > /tmp/ref.out 2> /tmp/ref.err; rr=$?
+    /tmp/xsbin/xenstore-ls -f /lab/tree > /tmp/our.out 2> /tmp/our.err; ro=$?
+    compare "symlink xenstore-ls -f /lab/tree"
 
     # the transport is really the one asked for: a bad path fails both
     XENSTORED_PATH=/nonexistent/xenstore
