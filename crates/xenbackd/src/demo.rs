@@ -92,7 +92,7 @@ struct GuestStats {
 }
 
 /// A disk file, removed on drop.
-struct TempFile(PathBuf);
+pub(crate) struct TempFile(pub(crate) PathBuf);
 
 impl Drop for TempFile {
     fn drop(&mut self) {
@@ -102,7 +102,7 @@ impl Drop for TempFile {
 
 /// The simulated machine: host, xenstored, the toolstack's connection and
 /// the backend framework serving `qdisk` from dom0.
-struct Machine {
+pub(crate) struct Machine {
     host: Arc<SimHost>,
     xenstored: Arc<Xenstored>,
     toolstack: Toolstack,
@@ -110,7 +110,7 @@ struct Machine {
 }
 
 impl Machine {
-    fn start() -> Result<Machine> {
+    pub(crate) fn start() -> Result<Machine> {
         let host = SimHost::new();
         host.create_domain(0)?;
         let xenstored = Xenstored::new();
@@ -128,7 +128,7 @@ impl Machine {
     }
 
     /// Creates guest `domid` with its own xenstore connection.
-    fn guest(&self, domid: u16) -> Result<Client> {
+    pub(crate) fn guest(&self, domid: u16) -> Result<Client> {
         self.host.create_domain(domid)?;
         self.xenstored.introduce_domain(domid.into());
         Ok(Client::from_stream(self.xenstored.connect_as(domid.into())?)?)
@@ -136,7 +136,14 @@ impl Machine {
 
     /// Adds disk `index` of `domid` backed by `path` as xl does for
     /// `backendtype=qdisk`, and connects the guest's blkfront through xenbus.
-    fn attach(&self, xs: &Client, domid: u16, index: u32, path: &Path, opts: BlkfrontOptions) -> Result<Attached> {
+    pub(crate) fn attach(
+        &self,
+        xs: &Client,
+        domid: u16,
+        index: u32,
+        path: &Path,
+        opts: BlkfrontOptions,
+    ) -> Result<Attached> {
         let devid = 51712 + index * 16; // xvda, xvdb, ...
         let mut spec = DeviceSpec::new("qdisk", 0, domid, devid);
         spec.frontend_kind = "vbd".into();
@@ -151,10 +158,10 @@ impl Machine {
 }
 
 /// One attached disk: the guest's xenbus device and its blkfront.
-struct Attached {
-    dev: FrontendDevice,
-    front: Option<Blkfront>,
-    info: DiskInfo,
+pub(crate) struct Attached {
+    pub(crate) dev: FrontendDevice,
+    pub(crate) front: Option<Blkfront>,
+    pub(crate) info: DiskInfo,
 }
 
 /// Fills `out` (one block) with the pattern of `seed` at `block`.
@@ -337,7 +344,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i])
 }
 
-fn temp_dir() -> PathBuf {
+pub(crate) fn temp_dir() -> PathBuf {
     let shm = std::path::Path::new("/dev/shm");
     if shm.is_dir() {
         shm.into()

@@ -2,6 +2,7 @@
 //! xenstore tools for dom0 images without libxen.
 
 mod args;
+mod bench;
 mod bench_xs;
 mod demo;
 mod selftest;
@@ -56,8 +57,9 @@ fn main() -> ExitCode {
         "xenstored" => xenstored_cmd::run(rest.clone()),
         "bench" => match rest.first().map(String::as_str) {
             Some("xs") => bench_xs::run(rest[1..].to_vec()),
+            Some("blk") => bench::run(rest[1..].to_vec()),
             _ => {
-                eprintln!("Usage: xenbackd bench xs [--socket PATH | --system] [--ops N]");
+                eprintln!("Usage: xenbackd bench xs [--socket PATH | --system] [--ops N]\n       xenbackd bench blk [--seconds S] [--size MIB]");
                 Ok(2)
             }
         },

@@ -1,0 +1,227 @@
+//! `xenbackd bench blk`: the block backend through the simulated blkfront,
+//! xenbus and the framework, against the same workload done directly with
+//! `pread`/`pwrite` on the same file in the same run. The ratio is the
+//! figure: what the PV path (ring, event channels, grant copies, queue
+//! workers) costs over the storage itself.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use blkback::abi::BLKIF_RSP_OKAY;
+use xen_sim::blkfront::{BlkOp, BlkfrontOptions, FrontQueue};
+
+use crate::args::Args;
+use crate::demo::Machine;
+
+const HELP: &str = "\
+Usage: xenbackd bench blk [--seconds S] [--size MIB]
+
+On a file in /dev/shm (else the temporary directory): 4 KiB random reads at
+queue depth 32 per queue with 1 and 4 queues (IOPS), and 1 MiB sequential
+reads and writes at depth 8 (MB/s), each through the simulated blkfront and
+the block backend, then directly with pread/pwrite from as many threads as
+the backend has I/O threads (4 per queue).
+
+Options:
+  --seconds S   time per workload (default 3)
+  --size MIB    file size (default 256)
+";
+
+const IO_THREADS: usize = 4;
+
+struct Workload {
+    name: &'static str,
+    queues: u32,
+    depth: usize,
+    block: usize,
+    random: bool,
+    write: bool,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload { name: "4k randread qd32 x1q", queues: 1, depth: 32, block: 4096, random: true, write: false },
+    Workload { name: "4k randread qd32 x4q", queues: 4, depth: 32, block: 4096, random: true, write: false },
+    Workload { name: "1M seqread qd8", queues: 1, depth: 8, block: 1 << 20, random: false, write: false },
+    Workload { name: "1M seqwrite qd8", queues: 1, depth: 8, block: 1 << 20, random: false, write: true },
+];
+
+/// Offsets of one stream: random blocks, or sequential with wrap-around.
+struct Offsets {
+    random: bool,
+    block: u64,
+    blocks: u64,
+    next: u64,
+    rng: u64,
+}
+
+impl Offsets {
+    fn new(w: &Workload, size: u64, stream: u64, streams: u64) -> Offsets {
+        let blocks = size / w.block as u64;
+        Offsets {
+            random: w.random,
+            block: w.block as u64,
+            blocks,
+            next: blocks * stream / streams.max(1),
+            rng: 0x9E37_79B9_7F4A_7C15 ^ (stream + 1).wrapping_mul(0x2545_F491_4F6C_DD1D),
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        let b = if self.random {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            self.rng % self.blocks
+        } else {
+            let b = self.next % self.blocks;
+            self.next += 1;
+            b
+        };
+        b * self.block
+    }
+}
+
+/// Drives one queue at `depth` until `stop`; returns completed requests.
+fn drive_queue(mut q: FrontQueue, w: &Workload, mut offs: Offsets, stop: &AtomicBool) -> Result<u64> {
+    let data = vec![0x5Au8; w.block];
+    let mut done = 0u64;
+    let mut out = Vec::new();
+    let mut in_flight = 0usize;
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if stopping && in_flight == 0 {
+            return Ok(done);
+        }
+        while !stopping && in_flight < w.depth && q.can_submit() {
+            let sector = offs.next() / 512;
+            let op = match w.write {
+                true => BlkOp::Write { sector, data: &data },
+                false => BlkOp::Read { sector, len: w.block },
+            };
+            q.submit(0, op)?;
+            in_flight += 1;
+        }
+        out.clear();
+        q.wait(Duration::from_millis(50), &mut out)?;
+        for c in &out {
+            if c.status != BLKIF_RSP_OKAY {
+                bail!("request failed with status {}", c.status);
+            }
+        }
+        in_flight -= out.len();
+        done += out.len() as u64;
+    }
+}
+
+fn through_backend(m: &Machine, domid: u16, path: &std::path::Path, w: &Workload, secs: f64, size: u64) -> Result<f64> {
+    let xs = m.guest(domid)?;
+    let opts = BlkfrontOptions {
+        queues: w.queues,
+        ring_page_order: 1,
+        max_request_bytes: w.block.max(4096),
+        depth: w.depth,
+        ..Default::default()
+    };
+    let mut a = m.attach(&xs, domid, 0, path, opts)?;
+    let queues = a.front.take().expect("connected").into_queues();
+    let stop = Arc::new(AtomicBool::new(false));
+    let n = queues.len() as u64;
+    let start = Instant::now();
+    let threads: Vec<_> = queues
+        .into_iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let (stop, offs) = (stop.clone(), Offsets::new(w, size, i as u64, n));
+            let w = Workload { name: w.name, ..*w };
+            std::thread::spawn(move || drive_queue(q, &w, offs, &stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for t in threads {
+        total += t.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    a.dev.close(Duration::from_secs(30))?;
+    Ok(total as f64 / elapsed)
+}
+
+fn direct(path: &std::path::Path, w: &Workload, secs: f64, size: u64) -> Result<f64> {
+    let file = Arc::new(std::fs::OpenOptions::new().read(true).write(true).open(path)?);
+    let threads = IO_THREADS * w.queues as usize;
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let (file, stop, count) = (file.clone(), stop.clone(), count.clone());
+            let mut offs = Offsets::new(w, size, i as u64, threads as u64);
+            let (block, write) = (w.block, w.write);
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut buf = vec![0x5Au8; block];
+                while !stop.load(Ordering::Relaxed) {
+                    let off = offs.next();
+                    match write {
+                        true => file.write_all_at(&buf, off)?,
+                        false => file.read_exact_at(&mut buf, off)?,
+                    }
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Runs `bench blk`.
+pub fn run(args: Vec<String>) -> Result<u8> {
+    let mut a = Args::new(args);
+    if a.flag("--help") || a.flag("-h") {
+        print!("{HELP}");
+        return Ok(0);
+    }
+    let secs: f64 = a.parsed("--seconds")?.unwrap_or(3.0);
+    let size = a.parsed::<u64>("--size")?.unwrap_or(256) << 20;
+    if let Some(p) = a.positionals()?.first() {
+        bail!("unexpected argument {p:?}");
+    }
+    if size < 8 << 20 {
+        bail!("--size must be at least 8 MiB");
+    }
+    let path = crate::demo::temp_dir().join(format!("xenbackd-bench-{}.img", std::process::id()));
+    let file = crate::demo::TempFile(path.clone());
+    // Filled, so reads touch real pages on both paths.
+    {
+        let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let chunk = vec![0xA5u8; 1 << 20];
+        for i in 0..size >> 20 {
+            f.write_all_at(&chunk, i << 20)?;
+        }
+    }
+    let m = Machine::start()?;
+    println!("xenbackd bench blk: {} MiB file {}, {secs} s per workload", size >> 20, path.display());
+    println!("{:<22} {:>14} {:>14} {:>7}", "workload", "blkback", "pread/pwrite", "ratio");
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let pv = through_backend(&m, i as u16 + 1, &path, w, secs, size)?;
+        let raw = direct(&path, w, secs, size)?;
+        let (pv_s, raw_s) = if w.block >= 1 << 20 {
+            (format!("{:.0} MB/s", pv * w.block as f64 / 1e6), format!("{:.0} MB/s", raw * w.block as f64 / 1e6))
+        } else {
+            (format!("{pv:.0} IOPS"), format!("{raw:.0} IOPS"))
+        };
+        println!("{:<22} {:>14} {:>14} {:>6.0}%", w.name, pv_s, raw_s, 100.0 * pv / raw);
+    }
+    drop(m);
+    drop(file);
+    Ok(0)
+}
