@@ -124,3 +124,23 @@ fn frontend_flooding_its_state_node_does_not_starve_others() -> Result<()> {
     assert_eq!(h.backend.stats().failures.load(Ordering::Relaxed), 0);
     Ok(())
 }
+
+#[test]
+fn failed_device_recovers_when_the_frontend_starts_over() -> Result<()> {
+    let h = Harness::new(1)?;
+    let guest = h.guest(2)?;
+    let mut dev = h.device(&guest, 2, 0)?;
+    let bad = ConnectOptions { misbehave: vec![Misbehaviour::RingRef("abc".into())], ..Default::default() };
+    dev.connect(&ConnectOptions { wait_connected: false, ..bad })?;
+    wait_failed(&mut dev)?;
+
+    dev.reinitialise()?;
+    common::wait_backend(&mut dev, state::INIT_WAIT)?;
+    dev.connect(&ConnectOptions::default())?;
+    let mut echo = common::EchoClient::new(&dev, 0)?;
+
+    check_echo(&dev, &mut echo, 8)?;
+    assert_eq!(dev.read_backend("error")?, None);
+    assert_eq!(h.toolstack.linux_error(dev.spec())?, None);
+    Ok(())
+}

@@ -450,23 +450,30 @@ impl Xenbus {
 
     /// `init` then InitWait (with `hotplug-status = connected`).
     fn init(&mut self, key: &DeviceKey) {
+        // A new attempt: a failure now is recorded afresh.
+        let was_failed = self.devices.get_mut(key).is_some_and(|s| std::mem::replace(&mut s.failed, false));
         match self.call(key, |d, ctx| d.init(ctx)) {
             Some(Ok(Ok(()))) => {}
             Some(Ok(Err(e)) | Err(e)) => return self.fail(key, e),
             None => return,
         }
-        let failed = self.devices.get(key).is_some_and(|s| s.failed);
         let mut extra: Vec<(&str, &[u8])> = vec![("hotplug-status", b"connected")];
-        if failed {
+        if was_failed {
             extra.push(("error", b""));
+            if let Err(e) = rm_quiet(self.xs(), TxId::NONE, &self.linux_error_path(key)) {
+                log::warn!("{key}: removing the old error: {e}");
+            }
         }
         if self.set_state(key, XenbusState::InitWait, &extra) {
-            if let Some(slot) = self.devices.get_mut(key) {
-                slot.failed = false;
-            }
             // The frontend may be Initialised already (e.g. `online` came late).
             self.frontend_changed(key);
         }
+    }
+
+    /// Where Linux's `xenbus_dev_fatal` writes a device's error:
+    /// `error/<nodename>/error` below the backend domain's home.
+    fn linux_error_path(&self, key: &DeviceKey) -> String {
+        format!("{}/error/backend/{}/{}/{}/error", self.home, key.kind, key.frontend, key.devid)
     }
 
     fn frontend_changed(&mut self, key: &DeviceKey) {
@@ -602,7 +609,7 @@ impl Xenbus {
         }
         log::error!("{key}: {text}");
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
-        let linux_error = format!("{}/error/backend/{}/{}/{}/error", self.home, key.kind, key.frontend, key.devid);
+        let linux_error = self.linux_error_path(key);
         if let Err(e) = self.xs().write(TxId::NONE, &linux_error, text.as_bytes()) {
             log::warn!("{key}: writing {linux_error}: {e}");
         }
