@@ -162,11 +162,11 @@ impl RingQueue {
             left -= n;
             self.exec.poll(&mut self.responses);
             pass.notify |= self.respond()?;
-            if left == 0 {
-                pass.more = self.ring.unconsumed().map_err(ring_err)? > 0;
-                return Ok(pass);
-            }
-            if !self.ring.final_check_for_requests().map_err(ring_err)? {
+            // With the budget spent, report more work; else (or if the ring
+            // is empty now) arm req_event so the next request notifies us.
+            let waiting = self.ring.final_check_for_requests().map_err(ring_err)?;
+            if left == 0 || !waiting {
+                pass.more = waiting;
                 return Ok(pass);
             }
         }
