@@ -8,6 +8,7 @@
 //! `fuzz_targets/<name>.rs` wrapper (see `docs/fuzzing.md`).
 #![deny(missing_docs)]
 
+pub mod blkif_parse;
 pub mod input;
 pub mod ring_back;
 pub mod xs_decoder;
@@ -26,4 +27,5 @@ pub struct Target {
 pub const TARGETS: &[Target] = &[
     Target { name: "xs_decoder", run: xs_decoder::run, seeds: xs_decoder::seeds },
     Target { name: "ring_back", run: ring_back::run, seeds: ring_back::seeds },
+    Target { name: "blkif_parse", run: blkif_parse::run, seeds: blkif_parse::seeds },
 ];
