@@ -3,16 +3,11 @@
 //! calls whenever the port fired or storage completed.
 
 use std::os::fd::RawFd;
-use std::sync::Arc;
 
 use evtchn::Port;
 use gnttab::{DomId, GrantMapper, GrantMapping, GrantRef};
 
-use crate::config::FrontendConfig;
-use crate::disk::Disk;
-use crate::engine::ThreadPoolEngine;
 use crate::queue::{QueueExecutor, QueueStats};
-use crate::request::DiskLimits;
 use crate::request::{Abi, Response};
 use crate::ring::BlkBackRing;
 use xen_ring::RingError;
@@ -79,7 +74,7 @@ pub struct Pass {
 }
 
 /// A connected queue: the mapped ring and the executor behind it. Event
-/// channels are the caller's (the framework's worker or [`crate::QueueWorker`]).
+/// channels are the caller's (the framework's worker).
 pub struct RingQueue {
     index: usize,
     ring: BlkBackRing,
@@ -194,28 +189,6 @@ impl RingQueue {
         }
         self.ring.push_responses().map_err(|source| QueueError::Ring { queue, source })
     }
-}
-
-/// Maps every queue `cfg` describes and gives each an executor with
-/// `io_threads` I/O threads on `disk`.
-pub fn map_queues(
-    frontend: DomId,
-    cfg: &FrontendConfig,
-    disk: &Arc<Disk>,
-    limits: DiskLimits,
-    grants: &Arc<dyn GrantMapper>,
-    io_threads: usize,
-) -> Result<Vec<RingQueue>, QueueError> {
-    cfg.queues
-        .iter()
-        .enumerate()
-        .map(|(i, q)| {
-            let engine = ThreadPoolEngine::new(disk.clone(), io_threads)
-                .map_err(|source| QueueError::Engine { queue: i, source })?;
-            let exec = QueueExecutor::new(cfg.abi, limits, frontend, grants.clone(), Box::new(engine));
-            RingQueue::map(i, frontend, &q.ring_refs, &**grants, exec)
-        })
-        .collect()
 }
 
 /// Blocks until `fd` is readable (or a second passed, to re-check).

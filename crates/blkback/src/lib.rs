@@ -13,11 +13,10 @@ pub mod engine;
 pub mod queue;
 pub mod request;
 pub mod ring;
-pub mod worker;
 
 pub use buffer::AlignedBuf;
 pub use config::{ConfigError, DiskConfig, FrontendConfig, Offer, QueueConfig};
-pub use connection::{map_queues, Pass, QueueError, RingQueue};
+pub use connection::{Pass, QueueError, RingQueue};
 pub use device::{BlkDeviceType, BlkOptions};
 pub use disk::{Disk, DiskError, DiskKind};
 pub use engine::{Completion, EngineError, IoEngine, IoOp, ThreadPoolEngine};
@@ -27,5 +26,4 @@ pub use request::{
     Segment, Status,
 };
 pub use ring::{BlkBackRing, BlkFrontRing, RawResponse};
-pub use worker::{spawn_workers, QueueWorker, WorkerError};
 pub use xen_ring::RingError;
