@@ -11,6 +11,8 @@
 pub mod blkif_parse;
 pub mod input;
 pub mod ring_back;
+pub mod xenstored_unpriv;
+pub mod xs_client_hostile;
 pub mod xs_decoder;
 
 /// A fuzz target: its name (the cargo-fuzz binary), its harness and its seeds.
@@ -28,4 +30,6 @@ pub const TARGETS: &[Target] = &[
     Target { name: "xs_decoder", run: xs_decoder::run, seeds: xs_decoder::seeds },
     Target { name: "ring_back", run: ring_back::run, seeds: ring_back::seeds },
     Target { name: "blkif_parse", run: blkif_parse::run, seeds: blkif_parse::seeds },
+    Target { name: "xenstored_unpriv", run: xenstored_unpriv::run, seeds: xenstored_unpriv::seeds },
+    Target { name: "xs_client_hostile", run: xs_client_hostile::run, seeds: xs_client_hostile::seeds },
 ];
