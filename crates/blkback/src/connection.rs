@@ -201,3 +201,105 @@ fn wait_readable(fd: RawFd) {
         log::debug!("poll of completion fd: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::{BlkifRequest64, BLKIF_OP_FLUSH_DISKCACHE};
+    use crate::disk::Disk;
+    use crate::engine::ThreadPoolEngine;
+    use crate::request::DiskLimits;
+    use crate::ring::BlkFrontRing;
+    use gnttab::{CopySegment, GrantStatus, PAGE_SIZE};
+    use std::sync::Arc;
+    use zerocopy::IntoBytes;
+
+    /// A mapper for requests that carry no data: nothing is granted.
+    struct NoGrants;
+
+    impl GrantMapper for NoGrants {
+        fn map(&self, _: DomId, _: &[GrantRef], _: bool) -> gnttab::Result<GrantMapping> {
+            Err(gnttab::Error::InvalidArgument("not used"))
+        }
+
+        fn copy(&self, _: &mut [CopySegment<'_>], status: &mut [GrantStatus]) -> gnttab::Result<()> {
+            status.fill(GrantStatus::BadGntref);
+            Ok(())
+        }
+    }
+
+    /// Keeps the shared memory mapped while the back end's view lives.
+    struct Keep(#[allow(dead_code)] Arc<GrantMapping>);
+    impl gnttab::Unmap for Keep {
+        fn unmap(&mut self, _: std::ptr::NonNull<u8>, _: usize) {}
+    }
+
+    fn setup(name: &str) -> (BlkFrontRing<Arc<GrantMapping>>, RingQueue, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("blkback-conn-{}-{name}", std::process::id()));
+        std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let disk = Arc::new(Disk::open(&path, false, false).unwrap());
+        let limits = DiskLimits {
+            sectors: 2048,
+            read_only: false,
+            discard: true,
+            barrier: true,
+            flush: true,
+            max_indirect_segments: 0,
+        };
+        let engine = Box::new(ThreadPoolEngine::new(disk, 1).unwrap());
+        let exec = QueueExecutor::new(Abi::Native, limits, 1, Arc::new(NoGrants), engine);
+        let shared = Arc::new(GrantMapping::anonymous(PAGE_SIZE).unwrap());
+        let front = BlkFrontRing::new(shared.clone(), Abi::Native).unwrap();
+        let addr = std::ptr::NonNull::new(shared.as_ptr()).unwrap();
+        // SAFETY: `Keep` holds the anonymous mapping until this view is dropped.
+        let back = unsafe { GrantMapping::from_raw(addr, PAGE_SIZE, true, Box::new(Keep(shared))) };
+        (front, RingQueue::new(0, back, exec).unwrap(), path)
+    }
+
+    fn flush(id: u64) -> Vec<u8> {
+        let mut r = BlkifRequest64 { operation: BLKIF_OP_FLUSH_DISKCACHE, ..Default::default() };
+        r.id = id.into();
+        r.as_bytes().to_vec()
+    }
+
+    fn drain(front: &mut BlkFrontRing<Arc<GrantMapping>>, q: &mut RingQueue, n: usize) -> Vec<u64> {
+        let mut ids = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ids.len() < n {
+            assert!(std::time::Instant::now() < deadline, "responses missing");
+            wait_readable(q.completion_fd());
+            q.process(64).unwrap();
+            while let Some(r) = front.next_response().unwrap() {
+                assert_eq!(r.status, 0);
+                ids.push(r.id);
+            }
+        }
+        ids
+    }
+
+    #[test]
+    fn a_pass_that_spends_its_budget_and_empties_the_ring_still_asks_for_the_next_event() {
+        let (mut front, mut q, path) = setup("budget");
+        front.put_request(&flush(1)).unwrap();
+        front.put_request(&flush(2)).unwrap();
+        front.push_requests().unwrap();
+        let pass = q.process(2).unwrap();
+        assert!(!pass.more, "the ring is empty after two requests");
+        let req_event = front.mapping().load_u32(4, std::sync::atomic::Ordering::Acquire).unwrap();
+        assert_eq!(req_event, 3, "req_event = req_cons + 1");
+        assert_eq!(drain(&mut front, &mut q, 2), vec![1, 2]);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_pass_stops_at_its_budget_and_reports_more() {
+        let (mut front, mut q, path) = setup("more");
+        for id in 0..5 {
+            front.put_request(&flush(id)).unwrap();
+        }
+        front.push_requests().unwrap();
+        assert!(q.process(3).unwrap().more);
+        assert_eq!(drain(&mut front, &mut q, 5), vec![0, 1, 2, 3, 4]);
+        let _ = std::fs::remove_file(path);
+    }
+}
