@@ -19,6 +19,9 @@ use crate::request::{
     parse, parse_indirect_segments, Abi, Direction, DiskLimits, Request, RequestKind, Response, Segment, Status,
 };
 
+/// Bytes of bounce buffers kept per queue for reuse.
+const SPARE_BYTES: usize = 8 << 20;
+
 /// Counters of a queue, for the demo and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
@@ -61,6 +64,9 @@ pub struct QueueExecutor {
     held: VecDeque<Request>,
     barrier_in_flight: bool,
     completions: Vec<Completion>,
+    /// Bounce buffers of finished requests, reused (allocating and freeing
+    /// a large buffer per request costs page faults and `munmap`s).
+    spare: Vec<AlignedBuf>,
     stats: QueueStats,
 }
 
@@ -84,6 +90,7 @@ impl QueueExecutor {
             held: VecDeque::new(),
             barrier_in_flight: false,
             completions: Vec::new(),
+            spare: Vec::new(),
             stats: QueueStats::default(),
         }
     }
@@ -209,7 +216,10 @@ impl QueueExecutor {
         out: &mut Vec<Response>,
     ) {
         let len: usize = segments.iter().map(Segment::len).sum();
-        let mut buf = AlignedBuf::new(len);
+        let mut buf = match self.spare.iter().position(|b| b.capacity() >= len) {
+            Some(i) => self.spare.swap_remove(i),
+            None => AlignedBuf::new(len),
+        };
         buf.set_len(len);
         if direction == Direction::Write && !self.copy_from_guest(&segments, &mut buf) {
             self.answer(Response { id, operation, status: Status::Error }, out);
@@ -265,6 +275,9 @@ impl QueueExecutor {
                     }
                 }
                 if status == Status::Okay && then_flush {
+                    if let Some(b) = c.buf {
+                        self.recycle(b);
+                    }
                     let next = InFlight { id: f.id, operation: f.operation, stage: Stage::Flush, barrier: f.barrier };
                     self.launch(next, IoOp::Flush, out);
                     return;
@@ -272,10 +285,21 @@ impl QueueExecutor {
             }
             Stage::Flush | Stage::Discard => {}
         }
+        if let Some(b) = c.buf {
+            self.recycle(b);
+        }
         if f.barrier {
             self.barrier_in_flight = false;
         }
         self.answer(Response { id: f.id, operation: f.operation, status }, out);
+    }
+
+    /// Keeps `buf` for a later request, within [`SPARE_BYTES`].
+    fn recycle(&mut self, buf: AlignedBuf) {
+        let kept: usize = self.spare.iter().map(AlignedBuf::capacity).sum();
+        if kept + buf.capacity() <= SPARE_BYTES {
+            self.spare.push(buf);
+        }
     }
 
     fn guest_page(&self, seg: &Segment) -> GuestPage {
