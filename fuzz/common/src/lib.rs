@@ -8,6 +8,7 @@
 //! `fuzz_targets/<name>.rs` wrapper (see `docs/fuzzing.md`).
 #![deny(missing_docs)]
 
+pub mod backend_state;
 pub mod blkif_parse;
 pub mod input;
 pub mod ring_back;
@@ -32,4 +33,5 @@ pub const TARGETS: &[Target] = &[
     Target { name: "blkif_parse", run: blkif_parse::run, seeds: blkif_parse::seeds },
     Target { name: "xenstored_unpriv", run: xenstored_unpriv::run, seeds: xenstored_unpriv::seeds },
     Target { name: "xs_client_hostile", run: xs_client_hostile::run, seeds: xs_client_hostile::seeds },
+    Target { name: "backend_state", run: backend_state::run, seeds: backend_state::seeds },
 ];

@@ -1,0 +1,246 @@
+//! Target `backend_state`: the parsing of what a frontend writes to its
+//! xenstore directory: `state` values ([`XenbusState::parse`]), the
+//! `protocol` node ([`Protocol::parse`], [`Abi::from_protocol`]) and the
+//! ring details read at `Initialised` ([`FrontendConfig::read`], against an
+//! offer within the backend's limits).
+//!
+//! Properties: no panic, no allocation beyond what the offer allows; a
+//! parsed state is the node's trimmed decimal and round-trips through its
+//! number; a parsed protocol round-trips through its name and agrees with
+//! the block backend's [`Abi::from_protocol`]; a frontend configuration read
+//! `Ok` holds exactly the nodes' values, `1 <= queues <= max_queues` and
+//! `2^order` ring pages per queue with `order <= max_ring_page_order`; an
+//! error names a node that is missing or holds what it says.
+//!
+//! Input: the offer's queues (`% 17`) and ring order (`% 5`), then nodes
+//! (a name from [`NAMES`], a value) until the end; a node given twice keeps
+//! the last value.
+
+use std::collections::BTreeMap;
+
+use blkback::config::{ConfigError, FrontendConfig, Offer, MAX_RING_PAGE_ORDER};
+use blkback::Abi;
+use xen_backend::{Protocol, XenbusState};
+
+use crate::input::Input;
+
+/// Node names the input picks from (relative to the frontend directory).
+pub const NAMES: &[&str] = &[
+    "protocol",
+    "ring-page-order",
+    "multi-queue-num-queues",
+    "feature-persistent",
+    "event-channel",
+    "ring-ref",
+    "ring-ref0",
+    "ring-ref1",
+    "ring-ref2",
+    "ring-ref3",
+    "queue-0/event-channel",
+    "queue-0/ring-ref",
+    "queue-0/ring-ref0",
+    "queue-0/ring-ref1",
+    "queue-1/event-channel",
+    "queue-1/ring-ref0",
+    "queue-1/ring-ref1",
+    "queue-2/event-channel",
+    "queue-2/ring-ref0",
+    "state",
+];
+
+/// One decoded input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Case {
+    /// The offer's `multi-queue-max-queues` (0..=16).
+    pub max_queues: u8,
+    /// The offer's `max-ring-page-order` (0..=4).
+    pub max_order: u8,
+    /// The nodes: name index and value bytes (at most 255).
+    pub nodes: Vec<(u8, Vec<u8>)>,
+}
+
+impl Case {
+    /// Decodes an input.
+    pub fn decode(data: &[u8]) -> Case {
+        let mut input = Input::new(data);
+        let max_queues = input.u8() % 17;
+        let max_order = input.u8() % (MAX_RING_PAGE_ORDER as u8 + 1);
+        let mut nodes = Vec::new();
+        while !input.is_empty() {
+            let name = input.u8();
+            let n = usize::from(input.u8());
+            nodes.push((name, input.bytes(n).to_vec()));
+        }
+        Case { max_queues, max_order, nodes }
+    }
+
+    /// Encodes it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![self.max_queues, self.max_order];
+        for (name, v) in &self.nodes {
+            out.extend([*name, u8::try_from(v.len()).expect("at most 255 bytes")]);
+            out.extend(v);
+        }
+        out
+    }
+}
+
+/// What a `u32` node holds, as the backend reads it.
+fn num(v: &str) -> Option<u32> {
+    v.trim().parse().ok()
+}
+
+fn check_state(value: &[u8]) {
+    let Some(s) = XenbusState::parse(value) else { return };
+    let text = std::str::from_utf8(value).expect("a parsed state is UTF-8");
+    let n: u32 = text.trim_end_matches('\0').trim().parse().expect("a parsed state is a decimal");
+    assert_eq!(s.as_u32(), n, "{value:?} parsed as {s}");
+    assert!(n <= 8);
+    assert_eq!(XenbusState::from_u32(n), Some(s));
+    assert_eq!(XenbusState::parse(n.to_string().as_bytes()), Some(s));
+}
+
+fn check_protocol(value: &str) {
+    let p = Protocol::parse(Some(value));
+    if let Ok(p) = p {
+        assert_eq!(Protocol::parse(p.name()).ok(), Some(p), "{value:?}: {p:?} does not round-trip");
+    }
+    // The block backend reads the same node with `Abi::from_protocol`; they
+    // agree on every value a frontend writes (no trailing NUL), except that
+    // only the block backend also takes the word "native".
+    if !value.ends_with('\0') && value != "native" {
+        let abi = Abi::from_protocol(value);
+        let same = match (&p, abi) {
+            (Ok(Protocol::Native), Some(Abi::Native))
+            | (Ok(Protocol::X86_32), Some(Abi::X86_32))
+            | (Ok(Protocol::X86_64), Some(Abi::X86_64))
+            | (Err(_), None) => true,
+            _ => false,
+        };
+        assert!(same, "protocol {value:?}: framework {p:?}, blkback {abi:?}");
+    }
+}
+
+/// The harness.
+pub fn run(data: &[u8]) {
+    let case = Case::decode(data);
+    let offer = Offer {
+        max_queues: u32::from(case.max_queues),
+        max_ring_page_order: u32::from(case.max_order),
+        ..Offer::default()
+    };
+    let mut nodes: BTreeMap<&str, String> = BTreeMap::new();
+    for (name, v) in &case.nodes {
+        check_state(v);
+        let v = String::from_utf8_lossy(v).into_owned();
+        check_protocol(&v);
+        nodes.insert(NAMES[usize::from(*name) % NAMES.len()], v);
+    }
+    let read = |node: &str| nodes.get(node).cloned();
+    match FrontendConfig::read(read, &offer) {
+        Ok(cfg) => {
+            let want_abi = nodes.get("protocol").map_or(Some(Abi::Native), |p| Abi::from_protocol(p));
+            assert_eq!(Some(cfg.abi), want_abi);
+            let order = nodes.get("ring-page-order").map_or(Some(0), |v| num(v));
+            assert_eq!(Some(cfg.ring_page_order), order);
+            assert!(cfg.ring_page_order <= offer.max_ring_page_order);
+            let nr = nodes.get("multi-queue-num-queues").map_or(Some(1), |v| num(v));
+            assert_eq!(Some(cfg.queues.len() as u32), nr);
+            assert!((1..=offer.max_queues as usize).contains(&cfg.queues.len()));
+            let persistent = nodes.get("feature-persistent").map_or(Some(0), |v| num(v));
+            assert_eq!(Some(u32::from(cfg.persistent)), persistent.map(|p| u32::from(p != 0)));
+            for (q, queue) in cfg.queues.iter().enumerate() {
+                let dir = if cfg.queues.len() == 1 { String::new() } else { format!("queue-{q}/") };
+                let node = |n: &str| nodes.get(format!("{dir}{n}").as_str()).and_then(|v| num(v));
+                assert_eq!(Some(queue.event_channel.0), node("event-channel"), "queue {q}");
+                assert_eq!(queue.ring_refs.len(), 1 << cfg.ring_page_order, "queue {q}");
+                for (i, r) in queue.ring_refs.iter().enumerate() {
+                    let want = if cfg.ring_page_order == 0 {
+                        node("ring-ref").or_else(|| node("ring-ref0"))
+                    } else {
+                        node(&format!("ring-ref{i}"))
+                    };
+                    assert_eq!(Some(r.0), want, "queue {q} ring-ref {i}");
+                }
+            }
+        }
+        Err(ConfigError::Missing(node)) => assert!(!nodes.contains_key(node.as_str()), "{node} is there"),
+        Err(ConfigError::Bad { node, value }) => {
+            assert_eq!(nodes.get(node.as_str()), Some(&value), "bad value reported for {node}");
+            if node != "protocol" {
+                assert_eq!(num(&value), None, "{node} = {value:?} is a number");
+            } else {
+                assert_eq!(Abi::from_protocol(&value), None);
+            }
+        }
+        Err(ConfigError::TooManyQueues { asked, offered }) => {
+            assert_eq!(offered, offer.max_queues);
+            assert!(asked == 0 || asked > offered);
+        }
+        Err(ConfigError::RingOrder { asked, offered }) => {
+            assert_eq!(offered, offer.max_ring_page_order);
+            assert!(asked > offered);
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+fn case(max_queues: u8, max_order: u8, nodes: &[(&str, &str)]) -> Vec<u8> {
+    let idx = |n: &str| NAMES.iter().position(|x| *x == n).expect("a known name") as u8;
+    Case { max_queues, max_order, nodes: nodes.iter().map(|(n, v)| (idx(n), v.as_bytes().to_vec())).collect() }
+        .encode()
+}
+
+/// Seeds: frontends as Linux and other guests write them (one queue of one
+/// page, several queues of several pages, 32-bit), states, and bad values.
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("linux-single", case(4, 4, &[("ring-ref", "8"), ("event-channel", "5"), ("protocol", "x86_64-abi"), ("state", "3")])),
+        (
+            "multi-queue",
+            case(
+                4,
+                4,
+                &[
+                    ("ring-page-order", "1"),
+                    ("multi-queue-num-queues", "2"),
+                    ("queue-0/ring-ref0", "10"),
+                    ("queue-0/ring-ref1", "11"),
+                    ("queue-0/event-channel", "3"),
+                    ("queue-1/ring-ref0", "12"),
+                    ("queue-1/ring-ref1", "13"),
+                    ("queue-1/event-channel", "4"),
+                    ("feature-persistent", "1"),
+                ],
+            ),
+        ),
+        (
+            "order-two",
+            case(1, 2, &[("ring-page-order", "2"), ("ring-ref0", "1"), ("ring-ref1", "2"), ("ring-ref2", "3"), ("ring-ref3", "4"), ("event-channel", " 9 ")]),
+        ),
+        ("x86_32-ring-ref0", case(1, 0, &[("ring-ref0", "8"), ("event-channel", "5"), ("protocol", "x86_32-abi")])),
+        ("bad-values", case(4, 4, &[("ring-ref", "-1"), ("event-channel", "5"), ("protocol", "arm-abi"), ("state", "4\0")])),
+        ("too-many-queues", case(2, 0, &[("multi-queue-num-queues", "3"), ("state", " 9")])),
+        ("order-too-high", case(4, 1, &[("ring-page-order", "2"), ("ring-ref0", "1")])),
+        ("missing-event-channel", case(4, 4, &[("ring-ref", "8"), ("state", "6")])),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases_round_trip_through_bytes() {
+        for (_, bytes) in seeds() {
+            assert_eq!(Case::decode(&bytes).encode(), bytes);
+        }
+    }
+
+    #[test]
+    fn harness_accepts_empty_and_garbage_inputs() {
+        run(&[]);
+        run(&[0xff; 64]);
+        run(&[4, 4, 1, 2, b'3', b'1']);
+    }
+}
