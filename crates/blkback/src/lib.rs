@@ -1,6 +1,7 @@
 //! The Xen PV block backend (`xen/include/public/io/blkif.h`): the ABI in its
-//! three layouts, pure request parsing, and (in later modules) the storage
-//! engines and the device type served through the backend framework.
+//! three layouts, pure request parsing, rings per layout, storage engines,
+//! per-queue execution by grant copy, and [`BlkDeviceType`], the device type
+//! the backend framework serves as `qdisk` or `vbd`. See `docs/blkback.md`.
 #![deny(missing_docs)]
 
 pub mod abi;
