@@ -17,7 +17,7 @@ DEV=/dev/xvda
 say() { echo "BENCH [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
 na() { echo "BENCHNA $1 $2"; }
 
-command -v fio >/dev/null || { say "no fio in the image (needs the fio archive)"; exit 1; }
+[ -x /usr/bin/fio ] || { say "no fio in the image (needs the fio archive)"; exit 1; }
 modprobe brd rd_nr=1 rd_size=$((SIZE_MB * 1024)) max_part=0 || { say "modprobe brd failed"; exit 1; }
 [ -b /dev/ram0 ] || { say "no /dev/ram0"; exit 1; }
 # fill it once so that reads hit allocated pages everywhere
@@ -33,6 +33,8 @@ say "fio $(fio --version), ioengine=$ENGINE, ${SECS}s per test, cpus=$(grep -c ^
 
 # runfio BACKEND TARGET: the three tests; field 8 = read IOPS, 7 = read KiB/s,
 # 48 = write KiB/s in fio's terse (v3) output
+# Each fio run is bounded: a hung backend gives "not available", not a hung VM.
+fio() { timeout -s KILL $((SECS * 3 + 30)) /usr/bin/fio "$@" || { echo "fio exited with $? (137: killed by the time limit)" >&2; return 1; }; }
 runfio() {
     b=$1 t=$2
     common="--filename=$t --direct=1 --ioengine=$ENGINE --time_based --runtime=$SECS --ramp_time=1 --size=${SIZE_MB}M --minimal"
