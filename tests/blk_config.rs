@@ -66,3 +66,21 @@ fn missing_disk_file_fails_its_device_and_others_connect() {
     let mut g = h.attach(2, 0, &disk, "w", BlkfrontOptions::default()).unwrap();
     assert_eq!(run(g.front.queue(0), BlkOp::Read { sector: 0, len: 512 }).status, BLKIF_RSP_OKAY);
 }
+
+#[test]
+fn a_guest_that_reconnects_finds_its_data_on_new_rings() {
+    let h = Harness::new().unwrap();
+    let disk = TempDisk::new("reconnect", 1 << 20);
+    let opts = BlkfrontOptions { queues: 2, ring_page_order: 1, ..Default::default() };
+    let mut g = h.attach(1, 0, &disk, "w", opts).unwrap();
+    let data = pattern(8, 8192);
+    assert_eq!(run(g.front.queue(1), BlkOp::Write { sector: 32, data: &data }).status, BLKIF_RSP_OKAY);
+    drop(g.front);
+    g.dev.close(WAIT).unwrap();
+    g.dev.reinitialise().unwrap();
+    let (mut front, info) = xen_sim::blkfront::Blkfront::connect(&h.host, &mut g.dev, opts, WAIT).unwrap();
+    assert_eq!(info.sectors, 2048);
+    let c = run(front.queue(0), BlkOp::Read { sector: 32, len: 8192 });
+    assert_eq!(c.status, BLKIF_RSP_OKAY);
+    assert!(c.data == data, "data written before the reconnection");
+}
