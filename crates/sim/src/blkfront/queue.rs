@@ -115,6 +115,7 @@ pub struct FrontQueue {
     in_flight: HashMap<u64, InFlight>,
     next_id: u64,
     ports: Vec<Port>,
+    grants: SimGrantTable,
 }
 
 impl FrontQueue {
@@ -155,6 +156,7 @@ impl FrontQueue {
             in_flight: HashMap::new(),
             next_id: 1,
             ports: Vec::new(),
+            grants: grants.clone(),
         })
     }
 
@@ -454,5 +456,21 @@ impl FrontQueue {
     /// Whether requests above 11 pages go as indirect requests.
     pub fn uses_indirect(&self) -> bool {
         self.indirect
+    }
+}
+
+impl Drop for FrontQueue {
+    /// Revokes every grant and closes the port, as blkfront does when it
+    /// frees a ring; a grant the backend still maps stays (and is logged).
+    fn drop(&mut self) {
+        let buffers = self.buffers.iter().flat_map(|b| b.grefs.iter().chain(b.indirect.iter().flat_map(|i| &i.1)));
+        for g in self.ring_refs.iter().chain(buffers) {
+            if let Err(e) = self.grants.end_access(*g) {
+                log::debug!("blkfront queue {}: end_access({}): {e}", self.index, g.0);
+            }
+        }
+        if let Err(e) = self.evtchn.unbind(self.port) {
+            log::debug!("blkfront queue {}: unbind of port {}: {e}", self.index, self.port);
+        }
     }
 }
