@@ -202,3 +202,36 @@ impl RingHandler for BlkRing {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_xenstore_error_while_reading_nodes_is_reported_not_taken_as_absent() {
+        let reader = Reader::new(|n: &str| match n {
+            "params" => Ok(Some("/disk.img".to_string())),
+            "mode" => Err(DeviceError::msg("Xenstore went away")),
+            _ => Ok(None),
+        });
+        let cfg = DiskConfig::read(|n| reader.read(n));
+        assert!(cfg.is_ok(), "the rules alone would accept it");
+        let err = reader.check().unwrap_err();
+        assert_eq!(err.to_string(), "Xenstore went away");
+    }
+
+    #[test]
+    fn absent_nodes_are_none_and_no_error() {
+        let reader = Reader::new(|_: &str| Ok(None));
+        assert_eq!(reader.read("params"), None);
+        assert!(reader.check().is_ok());
+    }
+
+    #[test]
+    fn config_errors_keep_the_node_name_for_the_error_node() {
+        let e = config_error(crate::config::ConfigError::Missing("params".into()));
+        assert!(matches!(e, DeviceError::MissingNode(n) if n == "params"));
+        let e = config_error(crate::config::ConfigError::Format("vhd".into()));
+        assert!(e.to_string().contains("vhd"));
+    }
+}
