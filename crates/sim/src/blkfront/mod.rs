@@ -184,3 +184,57 @@ impl Blkfront {
         self.queues
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Arc<SimHost> {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        host.create_domain(1).unwrap();
+        host
+    }
+
+    #[test]
+    fn nodes_follow_linux_order_for_two_queues_of_two_pages() {
+        let h = host();
+        let opts = BlkfrontOptions { abi: Abi::X86_32, queues: 2, ring_page_order: 1, ..Default::default() };
+        let front = Blkfront::new(&h, 1, 0, opts).unwrap();
+        let names: Vec<String> = front.nodes().into_iter().map(|(k, _)| k).collect();
+        let want = [
+            "ring-page-order",
+            "multi-queue-num-queues",
+            "queue-0/ring-ref0",
+            "queue-0/ring-ref1",
+            "queue-0/event-channel",
+            "queue-1/ring-ref0",
+            "queue-1/ring-ref1",
+            "queue-1/event-channel",
+            "protocol",
+            "feature-persistent",
+        ];
+        assert_eq!(names, want);
+        let protocol = front.nodes().into_iter().find(|(k, _)| k == "protocol").unwrap().1;
+        assert_eq!(protocol, "x86_32-abi");
+    }
+
+    #[test]
+    fn one_page_native_frontend_writes_ring_ref_and_no_protocol() {
+        let h = host();
+        let front = Blkfront::new(&h, 1, 0, BlkfrontOptions::default()).unwrap();
+        let names: Vec<String> = front.nodes().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(names, ["ring-ref", "event-channel", "feature-persistent"]);
+    }
+
+    #[test]
+    fn requests_above_eleven_pages_need_indirect() {
+        let h = host();
+        let opts = BlkfrontOptions { max_request_bytes: 64 * PAGE_SIZE, indirect: false, ..Default::default() };
+        assert!(matches!(Blkfront::new(&h, 1, 0, opts), Err(BlkfrontError::BadOption(_))));
+        let opts = BlkfrontOptions { max_request_bytes: 64 * PAGE_SIZE, depth: 2, ..Default::default() };
+        let mut front = Blkfront::new(&h, 1, 0, opts).unwrap();
+        assert!(front.queue(0).uses_indirect());
+        assert_eq!(front.queue(0).max_request_bytes(), 64 * PAGE_SIZE);
+    }
+}
