@@ -72,15 +72,16 @@ impl GrantMapping {
         GrantMapping { addr, len, writable, unmap: Some(unmap) }
     }
 
-    /// Zeroed anonymous shared memory of `len` bytes, writable (tests, fuzzing,
-    /// and the frontend side of simulated rings).
+    /// Zeroed anonymous memory of `len` bytes, writable (tests, fuzzing, and
+    /// the frontend side of simulated rings). Private to this process, which
+    /// all its threads share; miri supports only such mappings.
     pub fn anonymous(len: usize) -> std::io::Result<Self> {
         use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
         let size =
             std::num::NonZeroUsize::new(len).ok_or_else(|| std::io::Error::from_raw_os_error(nix::libc::EINVAL))?;
         // SAFETY: a fresh anonymous mapping aliases nothing in this process.
         let addr =
-            unsafe { mmap_anonymous(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED) }
+            unsafe { mmap_anonymous(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE) }
                 .map_err(std::io::Error::from)?;
         // SAFETY: `addr` is a new mapping of `len` bytes released only by AnonUnmap.
         Ok(unsafe { GrantMapping::from_raw(addr.cast(), len, true, Box::new(AnonUnmap)) })
