@@ -311,7 +311,11 @@ pub fn parse(abi: Abi, slot: &[u8], disk: &DiskLimits) -> Result<Request, Reques
     let n = slot.len().min(SLOT_SIZE_64);
     padded[..n].copy_from_slice(&slot[..n]);
     let slot = &padded[..];
-    let operation = slot[0];
+    // The operation echoed in the response: Linux's blkfront (blkif_interrupt)
+    // and blkback answer an indirect request with its inner `indirect_op`, and
+    // blkfront disables the disk on anything else. Byte 1 is `indirect_op` in
+    // every layout, so even a malformed indirect request gets what it expects.
+    let operation = if slot[0] == BLKIF_OP_INDIRECT { slot[1] } else { slot[0] };
     let wide = !matches!(abi, Abi::X86_32);
     let id = if wide { read_slot::<BlkifRequest64>(slot).id.get() } else { read_slot::<BlkifRequest32>(slot).id.get() };
     let fail = |fault| RequestError { id, operation, fault };
@@ -588,6 +592,22 @@ mod tests {
         assert!(matches!(parse(Abi::Native, r.as_bytes(), &DISK).unwrap_err().fault, Fault::BadSegmentCount { .. }));
         r.indirect_op = BLKIF_OP_DISCARD;
         assert_eq!(parse(Abi::Native, r.as_bytes(), &big).unwrap_err().fault, Fault::BadIndirectOperation(5));
+    }
+
+    #[test]
+    fn indirect_responses_carry_the_inner_operation_as_linux_expects() {
+        let mut r = BlkifRequestIndirect64 {
+            operation: BLKIF_OP_INDIRECT,
+            indirect_op: BLKIF_OP_WRITE,
+            nr_segments: 2.into(),
+            id: 3.into(),
+            ..Default::default()
+        };
+        assert_eq!(parse(Abi::Native, r.as_bytes(), &DISK).unwrap().operation, BLKIF_OP_WRITE);
+        r.nr_segments = 0.into();
+        assert_eq!(parse(Abi::Native, r.as_bytes(), &DISK).unwrap_err().response().operation, BLKIF_OP_WRITE);
+        let d = BlkifRequest32 { operation: BLKIF_OP_INDIRECT, nr_segments: BLKIF_OP_READ, ..Default::default() };
+        assert_eq!(parse(Abi::X86_32, d.as_bytes(), &DISK).unwrap_err().response().operation, BLKIF_OP_READ);
     }
 
     #[test]

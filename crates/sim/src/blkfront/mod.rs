@@ -72,6 +72,15 @@ pub enum BlkfrontError {
     /// No free ring slot or buffer: collect completions first.
     #[error("Queue full")]
     Full,
+    /// A response whose `operation` Linux's blkfront would refuse ("response
+    /// has wrong operation"), disabling the disk.
+    #[error("Response has wrong operation ({got} instead of {expected})")]
+    WrongOperation {
+        /// What Linux expects.
+        expected: u8,
+        /// What the backend sent.
+        got: u8,
+    },
     /// A request larger than the buffers, not a multiple of 512, or needing
     /// more indirect segments than allowed.
     #[error("Bad request size {0}")]

@@ -85,6 +85,9 @@ struct Buffer {
 
 struct InFlight {
     tag: u64,
+    /// The `operation` Linux's blkfront accepts in the response: the request's,
+    /// or for `BLKIF_OP_INDIRECT` the inner `indirect_op` (set by `post`).
+    expected_op: u8,
     buffer: Option<usize>,
     read_len: usize,
     submitted: Instant,
@@ -200,11 +203,11 @@ impl FrontQueue {
         match op {
             BlkOp::Flush => {
                 let slot = self.data_request(BLKIF_OP_FLUSH_DISKCACHE, id, 0, &[]);
-                self.post(id, InFlight { tag, buffer: None, read_len: 0, submitted: Instant::now() }, &slot)
+                self.post(id, InFlight { tag, expected_op: 0, buffer: None, read_len: 0, submitted: Instant::now() }, &slot)
             }
             BlkOp::Discard { sector, nr_sectors, secure } => {
                 let slot = self.discard_request(id, sector, nr_sectors, secure);
-                self.post(id, InFlight { tag, buffer: None, read_len: 0, submitted: Instant::now() }, &slot)
+                self.post(id, InFlight { tag, expected_op: 0, buffer: None, read_len: 0, submitted: Instant::now() }, &slot)
             }
             BlkOp::Read { sector, len } => self.submit_data(tag, id, BLKIF_OP_READ, sector, len, None),
             BlkOp::Write { sector, data } => self.submit_data(tag, id, BLKIF_OP_WRITE, sector, data.len(), Some(data)),
@@ -221,7 +224,7 @@ impl FrontQueue {
         if self.ring.free() == 0 || slot.len() > self.abi.slot_size() {
             return Err(BlkfrontError::Full);
         }
-        self.post(id, InFlight { tag, buffer: None, read_len: 0, submitted: Instant::now() }, slot)
+        self.post(id, InFlight { tag, expected_op: 0, buffer: None, read_len: 0, submitted: Instant::now() }, slot)
     }
 
     /// A grant reference of this queue's data buffers (for hand-made requests).
@@ -278,11 +281,12 @@ impl FrontQueue {
             self.indirect_request(op, id, sector, segs.len() as u16, &grefs[..n])
         };
         let read_len = if op == BLKIF_OP_READ { len } else { 0 };
-        let f = InFlight { tag, buffer: Some(b), read_len, submitted: Instant::now() };
+        let f = InFlight { tag, expected_op: 0, buffer: Some(b), read_len, submitted: Instant::now() };
         self.post(id, f, &slot)
     }
 
-    fn post(&mut self, id: u64, f: InFlight, slot: &[u8]) -> Result<(), BlkfrontError> {
+    fn post(&mut self, id: u64, mut f: InFlight, slot: &[u8]) -> Result<(), BlkfrontError> {
+        f.expected_op = if slot[0] == BLKIF_OP_INDIRECT { slot[1] } else { slot[0] };
         if let Err(e) = self.ring.put_request(slot) {
             if let Some(b) = f.buffer {
                 self.free.push(b);
@@ -398,6 +402,10 @@ impl FrontQueue {
                     log::warn!("blkfront queue {}: response for unknown id {id:#x}", self.index);
                     continue;
                 };
+                // Linux's blkif_interrupt disables the disk on a mismatch.
+                if operation != f.expected_op {
+                    return Err(BlkfrontError::WrongOperation { expected: f.expected_op, got: operation });
+                }
                 let mut data = Vec::new();
                 if let Some(b) = f.buffer {
                     if status == BLKIF_RSP_OKAY && f.read_len > 0 {
