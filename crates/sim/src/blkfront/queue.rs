@@ -203,11 +203,19 @@ impl FrontQueue {
         match op {
             BlkOp::Flush => {
                 let slot = self.data_request(BLKIF_OP_FLUSH_DISKCACHE, id, 0, &[]);
-                self.post(id, InFlight { tag, expected_op: 0, buffer: None, read_len: 0, submitted: Instant::now() }, &slot)
+                self.post(
+                    id,
+                    InFlight { tag, expected_op: 0, buffer: None, read_len: 0, submitted: Instant::now() },
+                    &slot,
+                )
             }
             BlkOp::Discard { sector, nr_sectors, secure } => {
                 let slot = self.discard_request(id, sector, nr_sectors, secure);
-                self.post(id, InFlight { tag, expected_op: 0, buffer: None, read_len: 0, submitted: Instant::now() }, &slot)
+                self.post(
+                    id,
+                    InFlight { tag, expected_op: 0, buffer: None, read_len: 0, submitted: Instant::now() },
+                    &slot,
+                )
             }
             BlkOp::Read { sector, len } => self.submit_data(tag, id, BLKIF_OP_READ, sector, len, None),
             BlkOp::Write { sector, data } => self.submit_data(tag, id, BLKIF_OP_WRITE, sector, data.len(), Some(data)),
