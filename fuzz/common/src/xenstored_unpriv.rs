@@ -280,6 +280,12 @@ thread_local! {
     static SERVER: std::cell::RefCell<Option<(Arc<Xenstored>, Conn)>> = const { std::cell::RefCell::new(None) };
 }
 
+/// The process's thread count (`Threads:` of `/proc/self/status`; 0 if unknown).
+fn threads() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok()).unwrap_or(0)
+}
+
 fn secret_perms() -> Vec<Perm> {
     vec![Perm::new(Access::None, 0)]
 }
@@ -289,6 +295,7 @@ pub fn run(data: &[u8]) {
     let ops = decode(data);
     // Taken out while in use: after a panic the next run starts afresh.
     let (xs, mut dom0) = SERVER.with(|s| s.borrow_mut().take()).unwrap_or_else(setup);
+    let threads_before = threads();
     let mut guest = Conn::new(xs.connect_as(GUEST).expect("guest connection"), true);
     let mut last_tx = 0u32;
     for op in &ops {
@@ -347,6 +354,17 @@ pub fn run(data: &[u8]) {
         }
     }
     drop(guest);
+    // The guest's connection is forgotten once it hung up.
+    let start = std::time::Instant::now();
+    while xs.stats().open_connections > 1 {
+        assert!(start.elapsed() < Duration::from_secs(5), "guest connection still open after it hung up");
+        std::thread::yield_now();
+    }
+    // And its two threads are gone: LeakSanitizer took the handle of a
+    // thread still exiting at the end of a run for a leak.
+    while threads() > threads_before && start.elapsed() < Duration::from_secs(1) {
+        std::thread::yield_now();
+    }
 
     assert_eq!(xs.read_node("/secret").as_deref(), Some(SECRET), "/secret changed");
     assert_eq!(xs.node_perms("/secret"), Some(secret_perms()), "/secret's perms changed");
