@@ -8,7 +8,8 @@
 //! disk; no write, barrier or discard on a read-only disk; unoffered features
 //! are refused; an indirect request names `ceil(nr / 512)` pages and
 //! `nr <= max_indirect_segments`. On `Err`: the response carries the id at
-//! the layout's offset (8, or 4 for x86_32), the operation byte, and status
+//! the layout's offset (8, or 4 for x86_32), the operation byte (an indirect
+//! request's inner operation, as Linux's blkfront requires), and status
 //! `Error` or `NotSupported` (the latter exactly for unknown or unoffered
 //! operations).
 //!
@@ -131,6 +132,9 @@ pub fn run(data: &[u8]) {
     // Offsets of the layout: id, sector, direct segments, discard's nr_sectors, indirect grefs.
     let (id_at, sector_at, seg_at, grefs_at) = if wide { (8, 16, 24, 28) } else { (4, 12, 20, 24) };
     let op = field(slot, 0, 1) as u8;
+    // The operation a response echoes: an indirect request's inner one (byte
+    // 1 in every layout), as Linux's blkfront requires.
+    let echo = if op == BLKIF_OP_INDIRECT { field(slot, 1, 1) as u8 } else { op };
     let id = field(slot, id_at, 8);
     let sector = field(slot, sector_at, 8);
 
@@ -138,7 +142,7 @@ pub fn run(data: &[u8]) {
     match parse(case.abi, slot, disk) {
         Ok(req) => {
             assert_eq!(req.id, id, "id not from offset {id_at}");
-            assert_eq!(req.operation, op);
+            assert_eq!(req.operation, echo, "operation {op} echoed wrongly");
             match &req.kind {
                 RequestKind::Data { direction, sector: s, segments, barrier, flush } => {
                     assert!(
@@ -191,9 +195,9 @@ pub fn run(data: &[u8]) {
         }
         Err(e) => {
             assert_eq!(e.id, id, "error id not from offset {id_at}");
-            assert_eq!(e.operation, op);
+            assert_eq!(e.operation, echo, "operation {op} echoed wrongly");
             let rsp = e.response();
-            assert_eq!((rsp.id, rsp.operation), (id, op));
+            assert_eq!((rsp.id, rsp.operation), (id, echo));
             let unsupported = match op {
                 BLKIF_OP_READ | BLKIF_OP_WRITE => false,
                 BLKIF_OP_WRITE_BARRIER => !disk.barrier,
