@@ -8,9 +8,12 @@
 # own marker at 1 MiB and a 1 MiB pattern it reads back, and powers off; dom0
 # then checks the guest's marker in the backing file. First one guest, then
 # two guests at once from the same daemon.
-# Env: DOMU_MEM (MiB, default 128), DOMU_TIMEOUT (s, default 300).
+# Env: DOMU_MEM (MiB, default 128), DOMU_TIMEOUT (s, default 300),
+#      DOMU_BACKEND=ours (default) or vbd (the kernel's blkback on a loop
+#      device, to compare or to check this script without xenbackd).
 . /test/lib/vbd.sh
 DEVID=51712
+BACKEND=${DOMU_BACKEND:-ours}
 npass=0; nfail=0
 ok() { echo "PASS $*"; npass=$((npass + 1)); }
 bad() { echo "FAIL $*"; nfail=$((nfail + 1)); }
@@ -27,8 +30,10 @@ finish() {
 [ -f /boot/domu/vmlinuz ] || { bad "no /boot/domu (the domu-kit archive is missing)"; finish; }
 mkdir -p /var/log/xen/console /var/lib/xen/dump /run/xen /var/lock
 xenconsoled --log=guest --log-dir=/var/log/xen/console --pid-file=/run/xenconsoled.pid || { bad "xenconsoled"; finish; }
-if ! xenbackd_start; then bad "domu: $XENBACKD_WHY"; finish; fi
-step "xenbackd serve pid $XENBACKD_PID"
+if [ "$BACKEND" = ours ]; then
+    if ! xenbackd_start; then bad "domu: $XENBACKD_WHY"; finish; fi
+    step "xenbackd serve pid $XENBACKD_PID"
+fi
 
 # create_domu NAME: paused domU with a vbd served by xenbackd; sets DOMID_<NAME>
 create_domu() {
@@ -49,7 +54,13 @@ CFG
     d=$(xl domid $n) || { bad "$n: xl domid"; return 1; }
     dd if=/dev/zero of=/tmp/$n.img bs=1M count=32 2>/dev/null
     printf 'XENVM-DOM0-MARKER-%s' "$d" | dd of=/tmp/$n.img conv=notrunc 2>/dev/null
-    vbd_attach qdisk "$d" $DEVID "aio:/tmp/$n.img" || { bad "$n: xenstore writes"; return 1; }
+    if [ "$BACKEND" = ours ]; then
+        vbd_attach qdisk "$d" $DEVID "aio:/tmp/$n.img" || { bad "$n: xenstore writes"; return 1; }
+    else
+        l=$(losetup -f) && losetup "$l" /tmp/$n.img || { bad "$n: losetup"; return 1; }
+        vbd_attach vbd "$d" $DEVID "$l" "$(phys_of "$l")" || { bad "$n: xenstore writes"; return 1; }
+    fi
+    eval "B_$n=$VBD_B"
     eval "DOMID_$n=$d"
     step "$n: domid $d, vbd $VBD_B -> /tmp/$n.img"
 }
@@ -72,8 +83,7 @@ check_domu() {
         "XENVM-DOMU-MARKER XENVM-DOM0-MARKER-$d") ok "$n: guest's marker in the backing file: '$m'";;
         *) bad "$n: backing file at 1 MiB holds '$m'";;
     esac
-    B=/local/domain/0/backend/qdisk/$d/$DEVID
-    xenstore-rm $B 2>/dev/null
+    eval "xenstore-rm \$B_$n" 2>/dev/null
 }
 # run_domus NAME...: create all paused, unpause all, wait until all are gone
 run_domus() {
@@ -94,7 +104,7 @@ run_domus() {
         if [ $((el / 20)) != "${last:-}" ]; then
             last=$((el / 20)); st=
             for n in $left; do
-                eval "d=\$DOMID_$n"; b=/local/domain/0/backend/qdisk/$d/$DEVID
+                eval "d=\$DOMID_$n; b=\$B_$n"
                 st="$st $n(be=$(timeout 5 xenstore-read $b/state 2>&1) fe=$(timeout 5 xenstore-read /local/domain/$d/device/vbd/$DEVID/state 2>&1) console=$(tail -1 /var/log/xen/console/guest-$n.log 2>/dev/null | cut -c1-60))"
             done
             step "waiting ${el}s:$st"
@@ -103,6 +113,7 @@ run_domus() {
     done
     step "guests gone after $(( $(cut -d. -f1 /proc/uptime) - t0 ))s"
     for n in "$@"; do check_domu $n; done
+    [ "$BACKEND" = ours ] || return 0
     kill -0 $XENBACKD_PID 2>/dev/null && ok "xenbackd alive after: $*" || bad "xenbackd died serving: $*"
 }
 
