@@ -163,7 +163,7 @@ pub fn disk_limits(disk: &Disk, offer: &Offer) -> DiskLimits {
     DiskLimits {
         sectors: disk.sectors(),
         read_only,
-        discard: !read_only,
+        discard: disk.supports_discard(),
         barrier: !read_only,
         flush: !read_only,
         max_indirect_segments: offer.max_indirect_segments,
@@ -183,13 +183,14 @@ pub fn connect_nodes(disk: &Disk, cfg: &DiskConfig) -> Vec<(&'static str, String
     let flag = |b: bool| u8::from(b).to_string();
     let writable = !disk.is_read_only();
     let mut nodes = vec![("feature-flush-cache", flag(writable))];
-    if writable {
+    let discard = disk.supports_discard();
+    if discard {
         // Discard of a file punches holes, sector by sector.
         nodes.push(("discard-granularity", disk.logical_sector_size().to_string()));
         nodes.push(("discard-alignment", "0".into()));
         nodes.push(("discard-secure", "0".into()));
     }
-    nodes.push(("feature-discard", flag(writable)));
+    nodes.push(("feature-discard", flag(discard)));
     nodes.push(("feature-barrier", flag(writable)));
     // blkif counts 512-byte sectors whatever the logical sector size.
     nodes.push(("sectors", disk.sectors().to_string()));

@@ -68,6 +68,17 @@ pub struct Disk {
     physical_sector: u32,
     read_only: bool,
     direct: bool,
+    discard: bool,
+}
+
+/// Whether the block device `rdev` accepts discards: its queue's
+/// `discard_max_bytes` is non-zero (Linux 6.1's brd, for one, has none).
+fn block_device_discards(rdev: u64) -> bool {
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/queue/discard_max_bytes"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|max| max > 0)
 }
 
 impl Disk {
@@ -91,6 +102,11 @@ impl Disk {
         let probe = |op, source| DiskError::Probe { op, path: path.into(), source };
         let meta = file.metadata().map_err(|e| probe("fstat", e))?;
         let ft = meta.file_type();
+        let discard = if ft.is_block_device() {
+            block_device_discards(std::os::unix::fs::MetadataExt::rdev(&meta))
+        } else {
+            true
+        };
         let (kind, size, logical_sector, physical_sector) = if ft.is_file() {
             (DiskKind::File, meta.len(), 512, 4096)
         } else if ft.is_block_device() {
@@ -115,7 +131,7 @@ impl Disk {
         } else {
             return Err(DiskError::NotADisk(path.into()));
         };
-        Ok(Disk { file, path: path.into(), kind, size, logical_sector, physical_sector, read_only, direct })
+        Ok(Disk { file, path: path.into(), kind, size, logical_sector, physical_sector, read_only, direct, discard })
     }
 
     /// The path it was opened from.
@@ -151,6 +167,12 @@ impl Disk {
     /// Opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Discard is offered: writable, and a file (holes are punched) or a
+    /// block device whose queue accepts discards.
+    pub fn supports_discard(&self) -> bool {
+        self.discard && !self.read_only
     }
 
     /// Opened with `O_DIRECT`.
@@ -248,6 +270,16 @@ mod tests {
         assert!(buf[..4096].iter().all(|&b| b == 0));
         assert!(buf[4096..].iter().all(|&b| b == 0xaa));
         std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn discard_is_offered_on_writable_files_and_only_where_a_block_queue_takes_it() {
+        let p = temp_disk(3 << 12);
+        assert!(Disk::open(&p, false, false).unwrap().supports_discard());
+        assert!(!Disk::open(&p, true, false).unwrap().supports_discard());
+        std::fs::remove_file(p).unwrap();
+        // No such device (major 0, minor 0 has no queue in sysfs): no discard.
+        assert!(!block_device_discards(0));
     }
 
     #[test]
