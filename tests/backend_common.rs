@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use xen_backend::echo::EchoType;
-use xen_backend::{Backend, Config, Platform};
+use xen_backend::{Backend, Config};
 use xen_ring::FrontRing;
+use xen_sim::dom0::SimDom0;
 use xen_sim::frontend::{state, ConnectOptions, DeviceSpec, FrontendDevice, RingMemory, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
@@ -39,20 +40,12 @@ impl Harness {
     /// `watch_queue` watch events before it overflows.
     pub fn with_watch_queue(workers: usize, watch_queue: usize) -> Result<Self> {
         let _ = env_logger::builder().is_test(true).try_init();
-        let host = SimHost::new();
-        host.create_domain(0)?;
-        let xenstored = Xenstored::new();
-        let toolstack = Toolstack::new(Client::from_stream(xenstored.connect_as(0)?)?);
-        let h = host.clone();
-        let platform = Platform::new(
-            0,
-            Client::from_transport(
-                Box::new(xs_wire::transport::SocketTransport::new(xenstored.connect_as(0)?)),
-                xs_wire::client::Options { watch_queue, ..Default::default() },
-            )?,
-            move || Ok(h.evtchn(0)),
-            host.grant_mapper(0),
-        );
+        let dom0 = SimDom0::start()?;
+        let platform = dom0.platform_with(Client::from_transport(
+            Box::new(xs_wire::transport::SocketTransport::new(dom0.xenstored.connect_as(0)?)),
+            xs_wire::client::Options { watch_queue, ..Default::default() },
+        )?);
+        let SimDom0 { host, xenstored, toolstack } = dom0;
         let config = Config { workers, ..Config::default() };
         let backend = Backend::start(platform, vec![EchoType::new(KIND) as _], config)?;
         Ok(Harness { host, xenstored, toolstack, backend })

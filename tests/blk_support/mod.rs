@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use blkback::{BlkDeviceType, BlkOptions};
-use xen_backend::{Backend, Config, Platform};
+use xen_backend::{Backend, Config};
 use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, DiskInfo, FrontQueue};
+use xen_sim::dom0::SimDom0;
 use xen_sim::frontend::{DeviceSpec, FrontendDevice, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
@@ -56,17 +57,9 @@ pub struct Guest {
 
 impl Harness {
     pub fn new() -> Result<Self> {
-        let host = SimHost::new();
-        host.create_domain(0)?;
-        let xenstored = Xenstored::new();
-        let toolstack = Toolstack::new(Client::from_stream(xenstored.connect_as(0)?)?);
-        let h = host.clone();
-        let platform = Platform::new(
-            0,
-            Client::from_stream(xenstored.connect_as(0)?)?,
-            move || Ok(h.evtchn(0)),
-            host.grant_mapper(0),
-        );
+        let dom0 = SimDom0::start()?;
+        let platform = dom0.platform()?;
+        let SimDom0 { host, xenstored, toolstack } = dom0;
         let opts = BlkOptions { io_threads: 2, ..BlkOptions::default() };
         let types = vec![BlkDeviceType::new("qdisk", opts) as _, BlkDeviceType::new("vbd", opts) as _];
         let backend = Backend::start(platform, types, Config { workers: 2, ..Config::default() })?;

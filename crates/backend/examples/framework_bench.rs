@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use xen_backend::echo::EchoType;
-use xen_backend::{Backend, Config, Platform};
+use xen_backend::{Backend, Config};
 use xen_ring::FrontRing;
+use xen_sim::dom0::SimDom0;
 use xen_sim::frontend::{state, ConnectOptions, DeviceSpec, FrontendDevice, RingMemory, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
@@ -28,17 +29,9 @@ struct Sim {
 
 impl Sim {
     fn new(workers: usize) -> Result<Self> {
-        let host = SimHost::new();
-        host.create_domain(0)?;
-        let xenstored = Xenstored::new();
-        let toolstack = Toolstack::new(Client::from_stream(xenstored.connect_as(0)?)?);
-        let h = host.clone();
-        let platform = Platform::new(
-            0,
-            Client::from_stream(xenstored.connect_as(0)?)?,
-            move || Ok(h.evtchn(0)),
-            host.grant_mapper(0),
-        );
+        let dom0 = SimDom0::start()?;
+        let platform = dom0.platform()?;
+        let SimDom0 { host, xenstored, toolstack } = dom0;
         let backend =
             Backend::start(platform, vec![EchoType::new("echo") as _], Config { workers, ..Config::default() })?;
         Ok(Sim { host, xenstored, toolstack, backend })

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use blkback::abi::BLKIF_RSP_OKAY;
 use blkback::{BlkDeviceType, BlkOptions, Offer};
-use xen_backend::{Backend, Config, Platform};
+use xen_backend::{Backend, Config};
 use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, DiskInfo, FrontQueue};
+use xen_sim::dom0::SimDom0;
 use xen_sim::frontend::{DeviceSpec, FrontendDevice, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
@@ -111,17 +112,9 @@ pub(crate) struct Machine {
 
 impl Machine {
     pub(crate) fn start() -> Result<Machine> {
-        let host = SimHost::new();
-        host.create_domain(0)?;
-        let xenstored = Xenstored::new();
-        let toolstack = Toolstack::new(Client::from_stream(xenstored.connect_as(0)?)?);
-        let h = host.clone();
-        let platform = Platform::new(
-            0,
-            Client::from_stream(xenstored.connect_as(0)?)?,
-            move || Ok(h.evtchn(0)),
-            host.grant_mapper(0),
-        );
+        let dom0 = SimDom0::start()?;
+        let platform = dom0.platform()?;
+        let SimDom0 { host, xenstored, toolstack } = dom0;
         let types = vec![BlkDeviceType::new("qdisk", BlkOptions::default()) as _];
         let backend = Backend::start(platform, types, Config::default()).context("starting the backend")?;
         Ok(Machine { host, xenstored, toolstack, backend })

@@ -1,0 +1,63 @@
+//! A simulated host with dom0 up: the host, the xenstored, a toolstack
+//! connection, and the [`Platform`] a backend in dom0 runs on. What every
+//! simulator user (demo, benchmarks, scenario tests) starts with.
+
+use std::sync::Arc;
+
+use xen_backend::Platform;
+use xs_wire::Client;
+
+use crate::frontend::Toolstack;
+use crate::host::SimHost;
+use crate::xenstored::Xenstored;
+
+/// Errors of bringing up the simulated dom0.
+#[derive(Debug, thiserror::Error)]
+pub enum Dom0Error {
+    /// Creating domain 0 failed.
+    #[error("Cannot create domain 0")]
+    Host(#[from] crate::host::Error),
+    /// A xenstore connection could not be made.
+    #[error("Cannot connect to the simulated xenstored")]
+    Connect(#[from] std::io::Error),
+    /// The xenstore client could not start.
+    #[error("Cannot start a xenstore client")]
+    Client(#[from] xs_wire::ClientError),
+}
+
+/// The simulated host with dom0 created and a toolstack connected.
+pub struct SimDom0 {
+    /// The host: domains, event channels, grant tables.
+    pub host: Arc<SimHost>,
+    /// The xenstored.
+    pub xenstored: Arc<Xenstored>,
+    /// dom0's toolstack connection (creates device directories).
+    pub toolstack: Toolstack,
+}
+
+impl SimDom0 {
+    /// Creates the host and domain 0, a xenstored, and the toolstack's connection.
+    pub fn start() -> Result<SimDom0, Dom0Error> {
+        let host = SimHost::new();
+        host.create_domain(0)?;
+        let xenstored = Xenstored::new();
+        let toolstack = Toolstack::new(Client::from_stream(xenstored.connect_as(0)?)?);
+        Ok(SimDom0 { host, xenstored, toolstack })
+    }
+
+    /// A new dom0 xenstore connection.
+    pub fn dom0_client(&self) -> Result<Client, Dom0Error> {
+        Ok(Client::from_stream(self.xenstored.connect_as(0)?)?)
+    }
+
+    /// The platform of a backend in dom0 on its own xenstore connection.
+    pub fn platform(&self) -> Result<Platform, Dom0Error> {
+        Ok(self.platform_with(self.dom0_client()?))
+    }
+
+    /// The platform of a backend in dom0 on the given xenstore connection.
+    pub fn platform_with(&self, xenstore: Client) -> Platform {
+        let host = self.host.clone();
+        Platform::new(0, xenstore, move || Ok(host.evtchn(0)), self.host.grant_mapper(0))
+    }
+}
