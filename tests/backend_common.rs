@@ -39,6 +39,12 @@ impl Harness {
     /// As [`Harness::new`], the backend's connection queueing at most
     /// `watch_queue` watch events before it overflows.
     pub fn with_watch_queue(workers: usize, watch_queue: usize) -> Result<Self> {
+        Self::with_config(Config { workers, ..Config::default() }, watch_queue)
+    }
+
+    /// Starts the framework with `config`, its connection queueing at most
+    /// `watch_queue` watch events.
+    pub fn with_config(config: Config, watch_queue: usize) -> Result<Self> {
         let _ = env_logger::builder().is_test(true).try_init();
         let dom0 = SimDom0::start()?;
         let platform = dom0.platform_with(Client::from_transport(
@@ -46,7 +52,6 @@ impl Harness {
             xs_wire::client::Options { watch_queue, ..Default::default() },
         )?);
         let SimDom0 { host, xenstored, toolstack } = dom0;
-        let config = Config { workers, ..Config::default() };
         let backend = Backend::start(platform, vec![EchoType::new(KIND) as _], config)?;
         Ok(Harness { host, xenstored, toolstack, backend })
     }

@@ -3,11 +3,14 @@
 #[path = "backend_common.rs"]
 mod common;
 
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use common::{check_echo, wait_backend, EchoClient, Harness, WAIT};
+use xen_backend::Config;
 use xen_sim::frontend::{state, ConnectOptions};
+use xs_wire::TxId;
 
 /// Waits until no grant of `domid` is mapped by the backend.
 fn wait_unmapped(h: &Harness, domid: u16) -> Result<()> {
@@ -39,22 +42,99 @@ fn frontend_close_then_reconnect_serves_again() -> Result<()> {
     Ok(())
 }
 
+/// Waits until `path` does not exist.
+fn wait_absent(h: &Harness, path: &str) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while h.toolstack.xenstore().read(TxId::NONE, path).is_ok() {
+        anyhow::ensure!(Instant::now() < deadline, "{path} still exists");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Waits until the framework tracks no device.
+fn wait_untracked(h: &Harness) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while h.backend.stats().devices.load(Ordering::Relaxed) > 0 {
+        anyhow::ensure!(Instant::now() < deadline, "device still tracked");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 #[test]
-fn backend_directory_removed_while_connected_unmaps_and_forgets() -> Result<()> {
+fn backend_directory_removed_while_connected_tells_the_frontend_then_cleans_up() -> Result<()> {
     let h = Harness::new(1)?;
-    let (dev, mut echo) = h.connected_device(2, 5)?;
+    let (mut dev, mut echo) = h.connected_device(2, 5)?;
     check_echo(&dev, &mut echo, 1)?;
 
     h.toolstack.remove_backend(dev.spec())?;
+    // As Linux's blkback: Closed in place of the removed directory, which
+    // the guest (its own connection, its own permissions) can read.
+    wait_backend(&mut dev, state::CLOSED)?;
     wait_unmapped(&h, 2)?;
-    let deadline = std::time::Instant::now() + WAIT;
-    while h.backend.stats().devices.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "device still tracked");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_untracked(&h)?;
+    let nodes = h.toolstack.xenstore().directory(TxId::NONE, &dev.spec().backend_path())?;
+    assert_eq!(nodes, ["state"], "only the state node is written back");
 
-    // Nothing re-created the directory behind the toolstack's back.
-    assert_eq!(h.toolstack.backend_state(dev.spec())?, None);
+    dev.set_state(state::CLOSED)?;
+    wait_absent(&h, &dev.spec().backend_path())?;
+    assert_eq!(h.backend.stats().departures.load(Ordering::Relaxed), 1);
+    // The frontend-domain directory was not removed, so it stays.
+    assert!(h.toolstack.xenstore().read(TxId::NONE, "/local/domain/0/backend/echo/2").is_ok());
+    Ok(())
+}
+
+#[test]
+fn removed_backend_of_a_frontend_that_never_closes_is_cleaned_after_the_timeout() -> Result<()> {
+    let config = Config { workers: 1, departure_timeout: Duration::from_millis(300), ..Config::default() };
+    let h = Harness::with_config(config, xs_wire::client::DEFAULT_WATCH_QUEUE)?;
+    let (mut dev, _echo) = h.connected_device(3, 0)?;
+
+    // The toolstack removes the whole domain directory.
+    h.toolstack.xenstore().rm(TxId::NONE, "/local/domain/0/backend/echo/3")?;
+    wait_backend(&mut dev, state::CLOSED)?;
+    // The frontend stays Connected; the stray node and the re-created
+    // domain directory go after the timeout.
+    wait_absent(&h, "/local/domain/0/backend/echo/3")?;
+    assert_eq!(dev.read("state")?.as_deref(), Some("4"));
+    wait_untracked(&h)?;
+    Ok(())
+}
+
+#[test]
+fn directory_recreated_while_the_frontend_closes_is_left_to_the_new_device() -> Result<()> {
+    let config = Config { workers: 1, departure_timeout: Duration::from_millis(300), ..Config::default() };
+    let h = Harness::with_config(config, xs_wire::client::DEFAULT_WATCH_QUEUE)?;
+    let guest = h.guest(4)?;
+    let mut old = h.device(&guest, 4, 1)?;
+    old.connect(&ConnectOptions::default())?;
+
+    h.toolstack.remove_backend(old.spec())?;
+    wait_backend(&mut old, state::CLOSED)?;
+    // The guest's driver starts over on a connection of its own.
+    let guest = xs_wire::Client::from_stream(h.xenstored.connect_as(4)?)?;
+    let mut dev = h.device(&guest, 4, 1)?;
+    dev.connect(&ConnectOptions::default())?;
+    let mut echo = EchoClient::new(&dev, 0)?;
+    check_echo(&dev, &mut echo, 3)?;
+
+    // Past the departure timeout the new device's directory is untouched.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(dev.backend_state()?, Some(state::CONNECTED));
+    check_echo(&dev, &mut echo, 4)?;
+    Ok(())
+}
+
+#[test]
+fn removal_of_both_directories_leaves_nothing_behind() -> Result<()> {
+    let h = Harness::new(1)?;
+    let (dev, _echo) = h.connected_device(5, 2)?;
+
+    h.toolstack.remove(dev.spec())?;
+    wait_unmapped(&h, 5)?;
+    wait_absent(&h, &dev.spec().backend_path())?;
+    wait_untracked(&h)?;
     Ok(())
 }
 

@@ -6,10 +6,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 use evtchn::DomId;
-use xs_wire::{ClientError, TxId, WatchEvent, XsErrno};
+use xs_wire::{Access, ClientError, Perm, TxId, WatchEvent, XsErrno};
 
 use crate::device::{Device, DeviceCtx, DeviceType};
 use crate::error::{DeviceError, Error};
@@ -25,6 +26,10 @@ const EVENT_BATCH: usize = 256;
 /// Requests a ring handler may take per pass before other rings get a turn.
 pub const DEFAULT_RING_BUDGET: usize = 64;
 
+/// How long a frontend is given to close after its backend directory was
+/// removed under it (see [`Config::departure_timeout`]).
+pub const DEFAULT_DEPARTURE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Backend configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -32,6 +37,11 @@ pub struct Config {
     pub workers: usize,
     /// Requests per ring per pass ([`DEFAULT_RING_BUDGET`]).
     pub ring_budget: usize,
+    /// When the toolstack removes a backend directory under an attached
+    /// frontend, the framework writes `state = Closed` in its place so that
+    /// the frontend lets go, and removes that node again once the frontend is
+    /// Closed or gone, or after this long ([`DEFAULT_DEPARTURE_TIMEOUT`]).
+    pub departure_timeout: Duration,
 }
 
 impl Default for Config {
@@ -39,6 +49,7 @@ impl Default for Config {
         Config {
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             ring_budget: DEFAULT_RING_BUDGET,
+            departure_timeout: DEFAULT_DEPARTURE_TIMEOUT,
         }
     }
 }
@@ -56,6 +67,9 @@ pub struct Stats {
     pub devices: AtomicU64,
     /// Full rescans after a watch-queue overflow.
     pub rescans: AtomicU64,
+    /// Backend directories removed under an attached frontend, for which
+    /// `state = Closed` was written in their place.
+    pub departures: AtomicU64,
 }
 
 /// A running backend: the xenbus thread and its worker pool. Dropping it
@@ -92,6 +106,8 @@ impl Backend {
             home,
             kinds,
             devices: HashMap::new(),
+            departing: HashMap::new(),
+            departure_timeout: config.departure_timeout,
             dirty: Vec::new(),
             next_generation: 1,
             pool,
@@ -143,12 +159,26 @@ struct Slot {
     rings: Vec<Placement>,
 }
 
+/// A removed device whose frontend is being told to close: we wrote
+/// `state = Closed` into the removed directory and watch the frontend.
+struct Departing {
+    generation: u64,
+    frontend_state_path: String,
+    /// The frontend-domain directory was absent too (we re-created it).
+    created_domain_dir: bool,
+    deadline: Instant,
+}
+
 /// The xenbus thread's state (owned by it).
 struct Xenbus {
     platform: Platform,
     home: String,
     kinds: HashMap<String, Arc<dyn DeviceType>>,
     devices: HashMap<DeviceKey, Slot>,
+    /// Devices whose backend directory was removed under an attached
+    /// frontend, until that frontend has closed.
+    departing: HashMap<DeviceKey, Departing>,
+    departure_timeout: Duration,
     /// Devices whose frontend state changed, handled after a batch of events.
     dirty: Vec<(DeviceKey, u64)>,
     next_generation: u64,
@@ -163,6 +193,11 @@ const OWN_NODES: [&str; 3] = ["state", "hotplug-status", "error"];
 impl Xenbus {
     fn run(&mut self, events: Receiver<WatchEvent>, failures: Receiver<Failure>, stop: Receiver<()>) {
         loop {
+            let next_deadline = self.departing.values().map(|d| d.deadline).min();
+            let timer = match next_deadline {
+                Some(t) => crossbeam_channel::at(t),
+                None => crossbeam_channel::never(),
+            };
             select! {
                 recv(events) -> ev => match ev {
                     Ok(ev) => {
@@ -184,6 +219,7 @@ impl Xenbus {
                     self.ring_failed(f);
                 },
                 recv(stop) -> _ => break,
+                recv(timer) -> _ => self.departures_expired(),
             }
         }
         self.shutdown();
@@ -196,6 +232,11 @@ impl Xenbus {
             self.set_state(&key, XenbusState::Closing, &[]);
             self.set_state(&key, XenbusState::Closed, &[]);
             self.forget(&key);
+        }
+        if !self.departing.is_empty() {
+            // Their frontends may not have seen Closed yet: the stray `state`
+            // nodes stay for the toolstack, as Linux's blkback leaves them.
+            log::info!("Leaving {} removed device(s) with state Closed", self.departing.len());
         }
         self.pool.shutdown();
         log::info!("Backend shut down");
@@ -254,6 +295,9 @@ impl Xenbus {
                         self.dirty.push((key, generation));
                     }
                 }
+                _ if self.departing.get(&key).is_some_and(|d| d.generation == generation) => {
+                    self.departing_frontend_changed(&key)
+                }
                 _ => log::debug!("Stale frontend event for {key} (generation {generation})"),
             }
         } else {
@@ -296,7 +340,7 @@ impl Xenbus {
             .cloned()
             .collect();
         for key in gone {
-            self.remove(&key);
+            self.removed(&key);
         }
         for devid in devids {
             let key = DeviceKey { kind: kind.to_string(), frontend: domid, devid };
@@ -338,7 +382,7 @@ impl Xenbus {
     fn directory_changed(&mut self, key: DeviceKey) {
         let dir = self.backend_dir(&key);
         if !self.exists(&dir) {
-            return self.remove(&key);
+            return self.removed(&key);
         }
         let on_disk = self.xs().read(TxId::NONE, &format!("{dir}/state")).ok().and_then(|v| XenbusState::parse(&v));
         let ours = self.devices.get(&key).map(|s| s.state);
@@ -379,6 +423,11 @@ impl Xenbus {
             return;
         }
         let online = text(2).as_deref() == Some("1");
+        if let Some(d) = self.departing.remove(&key) {
+            // Re-created by the toolstack: the directory is theirs again.
+            log::info!("{key}: re-created while its frontend was closing");
+            self.unwatch_frontend(&key, &d.frontend_state_path, d.generation);
+        }
         let generation = self.next_generation;
         self.next_generation += 1;
         let ctx = DeviceCtx::new(self.platform.clone(), key.clone(), dir, frontend.clone());
@@ -583,7 +632,7 @@ impl Xenbus {
             }
             Ok(false) => {
                 log::info!("{key}: backend directory gone");
-                self.remove(key);
+                self.removed(key);
                 false
             }
             Err(e) => {
@@ -631,7 +680,8 @@ impl Xenbus {
         }
     }
 
-    /// The backend directory is gone: tear down and forget, writing nothing.
+    /// Tears a device down and forgets it, writing nothing (its directory
+    /// was re-created, so it is no longer ours to write).
     fn remove(&mut self, key: &DeviceKey) {
         if !self.devices.contains_key(key) {
             return;
@@ -641,13 +691,147 @@ impl Xenbus {
         self.forget(key);
     }
 
+    /// The backend directory is gone. Tear down; then, if a frontend is
+    /// still attached, tell it: Linux's frontends learn of a vanished
+    /// backend only from its `state` node (the kernel's blkback re-creates it
+    /// with Closed; QEMU closes before removing). So write `state = Closed`
+    /// in its place, only while the directory is still absent, and remove
+    /// that node again once the frontend has closed.
+    fn removed(&mut self, key: &DeviceKey) {
+        let Some(slot) = self.devices.get(key) else { return };
+        let (generation, path) = (slot.generation, slot.frontend_state_path.clone());
+        log::info!("{key}: backend directory removed");
+        self.teardown(key);
+        if self.devices.remove(key).is_some() {
+            self.stats.devices.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !self.frontend_attached(&path) {
+            return self.unwatch_frontend(key, &path, generation);
+        }
+        match self.write_departure(key) {
+            Ok(Some(created_domain_dir)) => {
+                log::info!("{key}: frontend still attached; wrote state Closed in the removed directory");
+                self.stats.departures.fetch_add(1, Ordering::Relaxed);
+                let deadline = Instant::now() + self.departure_timeout;
+                self.departing.insert(
+                    key.clone(),
+                    Departing { generation, frontend_state_path: path, created_domain_dir, deadline },
+                );
+                // The frontend may have closed before the watch could tell.
+                self.departing_frontend_changed(key);
+            }
+            Ok(None) => self.unwatch_frontend(key, &path, generation),
+            Err(e) => {
+                log::warn!("{key}: telling the frontend of the removal: {e}");
+                self.unwatch_frontend(key, &path, generation);
+            }
+        }
+    }
+
+    /// Whether a frontend state is one that waits for its backend (not
+    /// absent, Unknown or Closed).
+    fn frontend_attached(&self, frontend_state_path: &str) -> bool {
+        match self.xs().read(TxId::NONE, frontend_state_path) {
+            Ok(v) => !matches!(XenbusState::parse(&v), None | Some(XenbusState::Unknown | XenbusState::Closed)),
+            Err(_) => false,
+        }
+    }
+
+    /// Writes `state = Closed` into the removed backend directory, owned by
+    /// us and readable by the frontend (as the toolstack creates it), only
+    /// if the directory is still absent. `Some(created_domain_dir)` if
+    /// written, `None` if the directory exists again.
+    fn write_departure(&self, key: &DeviceKey) -> Result<Option<bool>, ClientError> {
+        let dir = self.backend_dir(key);
+        let domain_dir = format!("{}/{}", self.root(&key.kind), key.frontend);
+        let perms =
+            [Perm::new(Access::None, self.platform.domid().into()), Perm::new(Access::Read, key.frontend.into())];
+        let xs = self.xs();
+        xs.transaction(|tx| {
+            if exists_in(xs, tx, &dir)? {
+                return Ok(None);
+            }
+            let created_domain_dir = !exists_in(xs, tx, &domain_dir)?;
+            xs.mkdir(tx, &dir)?;
+            xs.set_perms(tx, &dir, &perms)?;
+            let state = format!("{dir}/state");
+            xs.write(tx, &state, XenbusState::Closed.as_u32().to_string().as_bytes())?;
+            xs.set_perms(tx, &state, &perms)?;
+            Ok(Some(created_domain_dir))
+        })
+    }
+
+    /// A departing device's frontend state changed: once it is no longer
+    /// attached, remove what we wrote.
+    fn departing_frontend_changed(&mut self, key: &DeviceKey) {
+        let Some(d) = self.departing.get(key) else { return };
+        if self.frontend_attached(&d.frontend_state_path) {
+            return;
+        }
+        log::info!("{key}: frontend closed after the removal");
+        self.finish_departure(key);
+    }
+
+    fn departures_expired(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<DeviceKey> =
+            self.departing.iter().filter(|(_, d)| d.deadline <= now).map(|(k, _)| k.clone()).collect();
+        for key in expired {
+            log::warn!("{key}: frontend did not close within {:?} of the removal", self.departure_timeout);
+            self.finish_departure(&key);
+        }
+    }
+
+    /// Removes the `state` node written by [`Xenbus::write_departure`], and
+    /// the directories it re-created, unless the toolstack has since put
+    /// anything else there.
+    fn finish_departure(&mut self, key: &DeviceKey) {
+        let Some(d) = self.departing.remove(key) else { return };
+        self.unwatch_frontend(key, &d.frontend_state_path, d.generation);
+        let dir = self.backend_dir(key);
+        let domain_dir = format!("{}/{}", self.root(&key.kind), key.frontend);
+        let closed = XenbusState::Closed.as_u32().to_string();
+        let xs = self.xs();
+        let res = xs.transaction(|tx| {
+            let children = match xs.directory(tx, &dir) {
+                Err(e) if e.errno() == Some(XsErrno::ENOENT) => return Ok(()),
+                r => r?,
+            };
+            let ours = children == ["state"] && xs.read(tx, &format!("{dir}/state"))? == closed.as_bytes();
+            if !ours {
+                return Ok(());
+            }
+            xs.rm(tx, &dir)?;
+            if d.created_domain_dir && xs.directory(tx, &domain_dir)?.is_empty() {
+                xs.rm(tx, &domain_dir)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = res {
+            log::warn!("{key}: removing the Closed state left for the frontend: {e}");
+        }
+    }
+
     fn forget(&mut self, key: &DeviceKey) {
         if let Some(slot) = self.devices.remove(key) {
             self.stats.devices.fetch_sub(1, Ordering::Relaxed);
-            if let Err(e) = self.xs().unwatch(&slot.frontend_state_path, &frontend_token(key, slot.generation)) {
-                log::debug!("{key}: unwatch: {e}");
-            }
+            self.unwatch_frontend(key, &slot.frontend_state_path, slot.generation);
         }
+    }
+
+    fn unwatch_frontend(&self, key: &DeviceKey, frontend_state_path: &str, generation: u64) {
+        if let Err(e) = self.xs().unwatch(frontend_state_path, &frontend_token(key, generation)) {
+            log::debug!("{key}: unwatch: {e}");
+        }
+    }
+}
+
+/// Whether a node exists, inside a transaction.
+fn exists_in(xs: &xs_wire::Client, tx: TxId, path: &str) -> Result<bool, ClientError> {
+    match xs.read(tx, path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.errno() == Some(XsErrno::ENOENT) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -198,9 +198,15 @@ impl FrontendDevice {
         self.write("state", state)
     }
 
-    /// The backend's `state` (`None` if absent or not a number).
+    /// The backend's `state` (`None` if absent or not a number). A removed
+    /// backend directory may read as EACCES (xenstored hides whether a node
+    /// exists below a directory the reader may not read): `None` too, as
+    /// Linux's `xenbus_read_driver_state` reads Unknown on any error.
     pub fn backend_state(&self) -> Result<Option<u32>, FrontendError> {
-        Ok(self.read_backend("state")?.and_then(|s| s.trim().parse().ok()))
+        match read_opt(&self.xs, &format!("{}/state", self.spec.backend_path())) {
+            Err(e) if e.errno() == Some(xs_wire::XsErrno::EACCES) => Ok(None),
+            r => Ok(r?.and_then(|s| s.trim().parse().ok())),
+        }
     }
 
     /// Waits until the backend's state satisfies `done`, on a watch of the
