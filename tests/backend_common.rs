@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use xen_backend::echo::EchoType;
 use xen_backend::{Backend, Config};
 use xen_ring::FrontRing;
-use xen_sim::dom0::SimDom0;
+use xen_sim::dom0::{dom0_platform, SimDom0};
 use xen_sim::frontend::{state, ConnectOptions, DeviceSpec, FrontendDevice, RingMemory, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
@@ -28,6 +28,22 @@ pub struct Harness {
     pub xenstored: Arc<Xenstored>,
     pub toolstack: Toolstack,
     pub backend: Backend,
+    config: Config,
+    watch_queue: usize,
+}
+
+/// A backend in dom0 serving the echo type on a connection of its own.
+fn start_backend(
+    host: &Arc<SimHost>,
+    xenstored: &Arc<Xenstored>,
+    config: Config,
+    watch_queue: usize,
+) -> Result<Backend> {
+    let client = Client::from_transport(
+        Box::new(xs_wire::transport::SocketTransport::new(xenstored.connect_as(0)?)),
+        xs_wire::client::Options { watch_queue, ..Default::default() },
+    )?;
+    Ok(Backend::start(dom0_platform(host, client), vec![EchoType::new(KIND) as _], config)?)
 }
 
 impl Harness {
@@ -46,14 +62,19 @@ impl Harness {
     /// `watch_queue` watch events.
     pub fn with_config(config: Config, watch_queue: usize) -> Result<Self> {
         let _ = env_logger::builder().is_test(true).try_init();
-        let dom0 = SimDom0::start()?;
-        let platform = dom0.platform_with(Client::from_transport(
-            Box::new(xs_wire::transport::SocketTransport::new(dom0.xenstored.connect_as(0)?)),
-            xs_wire::client::Options { watch_queue, ..Default::default() },
-        )?);
-        let SimDom0 { host, xenstored, toolstack } = dom0;
-        let backend = Backend::start(platform, vec![EchoType::new(KIND) as _], config)?;
-        Ok(Harness { host, xenstored, toolstack, backend })
+        let SimDom0 { host, xenstored, toolstack } = SimDom0::start()?;
+        let backend = start_backend(&host, &xenstored, config.clone(), watch_queue)?;
+        Ok(Harness { host, xenstored, toolstack, backend, config, watch_queue })
+    }
+
+    /// Restarts the backend as `xenbackd serve` does by default: the
+    /// running one detaches (leaving the devices Connected), then `gap` runs
+    /// (with no backend), then a new one starts on a new connection.
+    pub fn restart(&mut self, gap: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.backend.detach();
+        gap()?;
+        self.backend = start_backend(&self.host, &self.xenstored, self.config.clone(), self.watch_queue)?;
+        Ok(())
     }
 
     /// Creates guest `domid` and returns its own xenstore connection.
@@ -108,22 +129,35 @@ impl EchoClient {
     pub fn round_trip(&mut self, dev: &FrontendDevice, values: &[u64]) -> Result<Vec<u64>> {
         let mut out = Vec::with_capacity(values.len());
         for chunk in values.chunks(self.ring.size() as usize) {
-            for v in chunk {
-                self.ring.push_request(v)?;
-            }
-            if self.ring.push_requests_and_check_notify()? {
-                dev.notify(self.port)?;
-            }
-            let deadline = Instant::now() + WAIT;
-            let want = out.len() + chunk.len();
-            while out.len() < want {
-                self.ring.take_responses(want - out.len(), &mut out)?;
-                if out.len() < want && !self.ring.final_check_for_responses()? {
-                    if Instant::now() > deadline {
-                        bail!("no response after {} of {}", out.len(), want);
-                    }
-                    dev.wait_event(Duration::from_millis(100))?;
+            self.send(dev, chunk)?;
+            out.extend(self.receive(dev, chunk.len())?);
+        }
+        Ok(out)
+    }
+
+    /// Publishes `values` as requests (no more than the free slots) and
+    /// notifies the backend if the ring says so.
+    pub fn send(&mut self, dev: &FrontendDevice, values: &[u64]) -> Result<()> {
+        for v in values {
+            self.ring.push_request(v)?;
+        }
+        if self.ring.push_requests_and_check_notify()? {
+            dev.notify(self.port)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for `n` responses.
+    pub fn receive(&mut self, dev: &FrontendDevice, n: usize) -> Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(n);
+        let deadline = Instant::now() + WAIT;
+        while out.len() < n {
+            self.ring.take_responses(n - out.len(), &mut out)?;
+            if out.len() < n && !self.ring.final_check_for_responses()? {
+                if Instant::now() > deadline {
+                    bail!("no response after {} of {}", out.len(), n);
                 }
+                dev.wait_event(Duration::from_millis(100))?;
             }
         }
         Ok(out)

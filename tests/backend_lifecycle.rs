@@ -139,6 +139,54 @@ fn removal_of_both_directories_leaves_nothing_behind() -> Result<()> {
 }
 
 #[test]
+fn restarted_backend_resumes_connected_devices_without_the_guest_noticing() -> Result<()> {
+    let mut h = Harness::new(2)?;
+    let (dev, mut echo) = h.connected_device(6, 0)?;
+    check_echo(&dev, &mut echo, 1)?;
+    let connects_before = h.backend.stats().connects.load(Ordering::Relaxed);
+    assert_eq!(connects_before, 1);
+
+    let grants = h.host.grant_table(6);
+    h.restart(|| {
+        // No backend: the ring is unmapped, the state still Connected, and
+        // the guest's requests (and its notification) wait in the ring.
+        anyhow::ensure!(grants.live_maps()? == 0, "ring still mapped after detach");
+        anyhow::ensure!(dev.backend_state()? == Some(state::CONNECTED), "state changed on detach");
+        echo.send(&dev, &[10, 20, 30])
+    })?;
+
+    assert_eq!(echo.receive(&dev, 3)?, [11, 21, 31]);
+    check_echo(&dev, &mut echo, 2)?;
+    assert_eq!(dev.backend_state()?, Some(state::CONNECTED));
+    assert_eq!(h.backend.stats().resumes.load(Ordering::Relaxed), 1);
+    assert_eq!(dev.read_backend("error")?, None);
+    Ok(())
+}
+
+#[test]
+fn restart_resumes_only_connected_devices_and_a_later_close_works() -> Result<()> {
+    let mut h = Harness::new(1)?;
+    let (mut connected, mut echo) = h.connected_device(7, 0)?;
+    let guest = h.guest(8)?;
+    let mut waiting = h.device(&guest, 8, 0)?;
+    wait_backend(&mut waiting, state::INIT_WAIT)?;
+
+    h.restart(|| Ok(()))?;
+    // The one never connected goes through the handshake again.
+    wait_backend(&mut waiting, state::INIT_WAIT)?;
+    waiting.connect(&ConnectOptions::default())?;
+    let mut echo_waiting = EchoClient::new(&waiting, 0)?;
+    check_echo(&waiting, &mut echo_waiting, 3)?;
+    check_echo(&connected, &mut echo, 4)?;
+    assert_eq!(h.backend.stats().resumes.load(Ordering::Relaxed), 1);
+
+    connected.close(WAIT)?;
+    assert_eq!(connected.backend_state()?, Some(state::CLOSED));
+    assert_eq!(h.host.grant_table(7).live_maps()?, 0);
+    Ok(())
+}
+
+#[test]
 fn fast_remove_and_recreate_ends_with_one_working_device() -> Result<()> {
     let h = Harness::new(2)?;
     let guest = h.guest(3)?;

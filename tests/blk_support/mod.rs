@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use blkback::{BlkDeviceType, BlkOptions};
 use xen_backend::{Backend, Config};
 use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, DiskInfo, FrontQueue};
-use xen_sim::dom0::SimDom0;
+use xen_sim::dom0::{dom0_platform, SimDom0};
 use xen_sim::frontend::{DeviceSpec, FrontendDevice, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
@@ -48,6 +48,14 @@ pub struct Harness {
     pub backend: Backend,
 }
 
+/// The framework in dom0 serving `qdisk` and `vbd` with the block device type.
+fn start_backend(host: &Arc<SimHost>, xenstored: &Arc<Xenstored>) -> Result<Backend> {
+    let platform = dom0_platform(host, Client::from_stream(xenstored.connect_as(0)?)?);
+    let opts = BlkOptions { io_threads: 2, ..BlkOptions::default() };
+    let types = vec![BlkDeviceType::new("qdisk", opts) as _, BlkDeviceType::new("vbd", opts) as _];
+    Ok(Backend::start(platform, types, Config { workers: 2, ..Config::default() })?)
+}
+
 /// A guest's disk: the generic frontend device (xenbus side) and the blkfront.
 pub struct Guest {
     pub dev: FrontendDevice,
@@ -57,13 +65,19 @@ pub struct Guest {
 
 impl Harness {
     pub fn new() -> Result<Self> {
-        let dom0 = SimDom0::start()?;
-        let platform = dom0.platform()?;
-        let SimDom0 { host, xenstored, toolstack } = dom0;
-        let opts = BlkOptions { io_threads: 2, ..BlkOptions::default() };
-        let types = vec![BlkDeviceType::new("qdisk", opts) as _, BlkDeviceType::new("vbd", opts) as _];
-        let backend = Backend::start(platform, types, Config { workers: 2, ..Config::default() })?;
+        let SimDom0 { host, xenstored, toolstack } = SimDom0::start()?;
+        let backend = start_backend(&host, &xenstored)?;
         Ok(Harness { host, xenstored, toolstack, backend })
+    }
+
+    /// Restarts the backend as `xenbackd serve` does by default: the
+    /// running one detaches (devices stay Connected), `gap` runs with no
+    /// backend, then a new one starts on a new xenstore connection.
+    pub fn restart(&mut self, gap: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.backend.detach();
+        gap()?;
+        self.backend = start_backend(&self.host, &self.xenstored)?;
+        Ok(())
     }
 
     /// Creates guest `domid` (if new) and returns its own xenstore connection.

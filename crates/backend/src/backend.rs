@@ -70,12 +70,24 @@ pub struct Stats {
     /// Backend directories removed under an attached frontend, for which
     /// `state = Closed` was written in their place.
     pub departures: AtomicU64,
+    /// Devices found Connected (left by a previous backend process) and
+    /// taken over where they were.
+    pub resumes: AtomicU64,
+}
+
+/// How the xenbus thread ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// Close every device (Closing, then Closed).
+    Close,
+    /// Leave every device as it is, for a later process to resume.
+    Detach,
 }
 
 /// A running backend: the xenbus thread and its worker pool. Dropping it
 /// shuts it down.
 pub struct Backend {
-    stop: Sender<()>,
+    stop: Sender<Stop>,
     thread: Option<JoinHandle<Option<()>>>,
     stats: Arc<Stats>,
 }
@@ -113,7 +125,7 @@ impl Backend {
             pool,
             stats: stats.clone(),
         };
-        let (stop, stop_rx) = crossbeam_channel::bounded(1);
+        let (stop, stop_rx) = crossbeam_channel::bounded::<Stop>(1);
         let thread = spawn_named(
             "xenbackd-xenbus",
             |msg| log::error!("Xenbus thread died: {msg}; no device changes are handled"),
@@ -131,8 +143,22 @@ impl Backend {
     /// and respond, disconnects every device (backend state Closing, then
     /// Closed) and stops the threads. Idempotent.
     pub fn shutdown(&mut self) {
+        self.stop(Stop::Close);
+    }
+
+    /// Stops for a restart, without hurting the guests: every ring finishes
+    /// its in-flight requests and responds, then is unmapped and its port
+    /// closed, and nothing is written to xenstore. Connected devices stay
+    /// Connected; the frontends' new requests wait in their rings until a
+    /// new backend process resumes the devices (it finds backend and
+    /// frontend Connected and attaches to the rings where they are).
+    pub fn detach(&mut self) {
+        self.stop(Stop::Detach);
+    }
+
+    fn stop(&mut self, how: Stop) {
         if let Some(t) = self.thread.take() {
-            let _ = self.stop.try_send(());
+            let _ = self.stop.try_send(how);
             let _ = t.join();
         }
     }
@@ -191,7 +217,8 @@ struct Xenbus {
 const OWN_NODES: [&str; 3] = ["state", "hotplug-status", "error"];
 
 impl Xenbus {
-    fn run(&mut self, events: Receiver<WatchEvent>, failures: Receiver<Failure>, stop: Receiver<()>) {
+    fn run(&mut self, events: Receiver<WatchEvent>, failures: Receiver<Failure>, stop: Receiver<Stop>) {
+        let mut how = Stop::Close;
         loop {
             let next_deadline = self.departing.values().map(|d| d.deadline).min();
             let timer = match next_deadline {
@@ -218,19 +245,24 @@ impl Xenbus {
                 recv(failures) -> f => if let Ok(f) = f {
                     self.ring_failed(f);
                 },
-                recv(stop) -> _ => break,
+                recv(stop) -> s => {
+                    how = s.unwrap_or(Stop::Close);
+                    break;
+                }
                 recv(timer) -> _ => self.departures_expired(),
             }
         }
-        self.shutdown();
+        self.shutdown(how);
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self, how: Stop) {
         let keys: Vec<DeviceKey> = self.devices.keys().cloned().collect();
         for key in keys {
             self.teardown(&key);
-            self.set_state(&key, XenbusState::Closing, &[]);
-            self.set_state(&key, XenbusState::Closed, &[]);
+            if how == Stop::Close {
+                self.set_state(&key, XenbusState::Closing, &[]);
+                self.set_state(&key, XenbusState::Closed, &[]);
+            }
             self.forget(&key);
         }
         if !self.departing.is_empty() {
@@ -239,7 +271,7 @@ impl Xenbus {
             log::info!("Leaving {} removed device(s) with state Closed", self.departing.len());
         }
         self.pool.shutdown();
-        log::info!("Backend shut down");
+        log::info!("Backend {}", if how == Stop::Close { "shut down" } else { "detached" });
     }
 
     fn root(&self, kind: &str) -> String {
@@ -423,6 +455,11 @@ impl Xenbus {
             return;
         }
         let online = text(2).as_deref() == Some("1");
+        // Left Connected by a previous backend process, with its frontend
+        // Connected: take it over without a state change (see `resume`).
+        let resume = online
+            && self.read_state(&format!("{dir}/state")) == Some(XenbusState::Connected)
+            && self.read_state(&format!("{frontend}/state")) == Some(XenbusState::Connected);
         if let Some(d) = self.departing.remove(&key) {
             // Re-created by the toolstack: the directory is theirs again.
             log::info!("{key}: re-created while its frontend was closing");
@@ -460,7 +497,7 @@ impl Xenbus {
                 return;
             }
         }
-        if !self.set_state(&key, XenbusState::Initialising, &[]) {
+        if !resume && !self.set_state(&key, XenbusState::Initialising, &[]) {
             return;
         }
         let slot = &self.devices[&key];
@@ -468,8 +505,37 @@ impl Xenbus {
             self.fail(&key, e.into());
             return;
         }
-        if online {
+        if resume {
+            self.resume(&key);
+        } else if online {
             self.init(&key);
+        }
+    }
+
+    /// A state node's value (`None` if absent, unreadable or not a state).
+    fn read_state(&self, path: &str) -> Option<XenbusState> {
+        self.xs().read(TxId::NONE, path).ok().and_then(|v| XenbusState::parse(&v))
+    }
+
+    /// Takes over a device a previous backend process left Connected:
+    /// `init` and `connect` with [`DeviceCtx::resuming`] set, so that the
+    /// rings are attached where they are; the guest sees its backend's state
+    /// rewritten as Connected and nothing else.
+    fn resume(&mut self, key: &DeviceKey) {
+        log::info!("{key}: found Connected; resuming it");
+        match self.call(key, |d, ctx| d.init(ctx)) {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e)) | Err(e)) => return self.fail(key, e),
+            None => return,
+        }
+        let Some(slot) = self.devices.get_mut(key) else { return };
+        // What the device is now, though not written: teardown disconnects it.
+        slot.state = XenbusState::InitWait;
+        slot.ctx.set_resuming(true);
+        self.stats.resumes.fetch_add(1, Ordering::Relaxed);
+        self.connect(key);
+        if let Some(slot) = self.devices.get(key) {
+            slot.ctx.set_resuming(false);
         }
     }
 

@@ -142,12 +142,32 @@ pub struct DeviceCtx {
     backend_path: String,
     frontend_path: String,
     writes: std::sync::Mutex<Vec<(String, Vec<u8>)>>,
+    resuming: std::sync::atomic::AtomicBool,
 }
 
 impl DeviceCtx {
     /// A context for the device `key` with its backend and frontend directories.
     pub fn new(platform: Platform, key: DeviceKey, backend_path: String, frontend_path: String) -> Self {
-        DeviceCtx { platform, key, backend_path, frontend_path, writes: Default::default() }
+        DeviceCtx {
+            platform,
+            key,
+            backend_path,
+            frontend_path,
+            writes: Default::default(),
+            resuming: Default::default(),
+        }
+    }
+
+    /// True during an `init`/`connect` that takes over a device a previous
+    /// backend process left Connected (a restart): the frontend's rings are
+    /// in use, so attach to them where they are (e.g.
+    /// `xen_ring::BackRing::resume`) instead of from index 0.
+    pub fn resuming(&self) -> bool {
+        self.resuming.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_resuming(&self, on: bool) {
+        self.resuming.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The device's key.

@@ -52,7 +52,9 @@ impl Device for EchoDevice {
     fn connect(&mut self, ctx: &DeviceCtx) -> Result<Vec<RingSetup>, DeviceError> {
         // All three ABIs lay out u64 entries alike; an unknown one is fatal.
         ctx.protocol()?;
-        let ring = BackRing::new(ctx.map_ring("", ECHO_MAX_RING_ORDER)?)?;
+        let mem = ctx.map_ring("", ECHO_MAX_RING_ORDER)?;
+        // After a backend restart the ring is in use: take it where it is.
+        let ring = if ctx.resuming() { BackRing::resume(mem)? } else { BackRing::new(mem)? };
         let port = ctx.bind_event_channel("event-channel")?;
         Ok(vec![RingSetup { port, handler: Box::new(EchoRing { ring, batch: Vec::new() }) }])
     }

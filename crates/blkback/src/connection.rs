@@ -88,8 +88,22 @@ impl RingQueue {
     /// Queue `index` over the mapped `ring` memory, served by `exec` (whose
     /// ABI sets the slot size).
     pub fn new(index: usize, mem: GrantMapping, exec: QueueExecutor) -> Result<Self, QueueError> {
+        Self::with_ring(index, exec, |abi| BlkBackRing::new(mem, abi))
+    }
+
+    /// As [`RingQueue::new`], taking over a ring a previous backend left
+    /// with every request it took answered ([`BlkBackRing::resume`]).
+    pub fn resume(index: usize, mem: GrantMapping, exec: QueueExecutor) -> Result<Self, QueueError> {
+        Self::with_ring(index, exec, |abi| BlkBackRing::resume(mem, abi))
+    }
+
+    fn with_ring(
+        index: usize,
+        exec: QueueExecutor,
+        ring: impl FnOnce(Abi) -> Result<BlkBackRing, xen_ring::RingError>,
+    ) -> Result<Self, QueueError> {
         let abi = exec.abi();
-        let ring = BlkBackRing::new(mem, abi).map_err(|source| QueueError::Ring { queue: index, source })?;
+        let ring = ring(abi).map_err(|source| QueueError::Ring { queue: index, source })?;
         Ok(RingQueue { index, ring, abi, exec, slot: vec![0; abi.slot_size()], responses: Vec::new() })
     }
 

@@ -154,7 +154,8 @@ impl Device for BlkDevice {
                 .map_err(|e| DeviceError::other(format!("Cannot start I/O for queue {i}"), e))?;
             let exec = QueueExecutor::new(fe.abi, limits, frontend, ctx.grants().clone(), Box::new(engine));
             let mem = ctx.map_grants(&q.ring_refs, true)?;
-            let queue = RingQueue::new(i, mem, exec).map_err(|e| DeviceError::other("Bad ring", e))?;
+            let queue = if ctx.resuming() { RingQueue::resume(i, mem, exec) } else { RingQueue::new(i, mem, exec) };
+            let queue = queue.map_err(|e| DeviceError::other("Bad ring", e))?;
             let node = if multi { format!("queue-{i}/event-channel") } else { "event-channel".to_string() };
             let port = ctx.bind_event_channel(&node)?;
             setups.push(RingSetup { port, handler: Box::new(BlkRing { queue }) });

@@ -40,6 +40,15 @@ impl BlkBackRing {
         })
     }
 
+    /// Takes over a ring in use after a backend restart
+    /// ([`BackRing::resume`]).
+    pub fn resume(mem: GrantMapping, abi: Abi) -> Result<Self, RingError> {
+        Ok(match abi {
+            Abi::X86_32 => BlkBackRing::Narrow(BackRing::resume(mem)?),
+            Abi::Native | Abi::X86_64 => BlkBackRing::Wide(BackRing::resume(mem)?),
+        })
+    }
+
     /// Slots in the ring.
     pub fn size(&self) -> u32 {
         match self {

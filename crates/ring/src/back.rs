@@ -56,6 +56,18 @@ impl<Req: RingEntry, Rsp: RingEntry, M: Borrow<GrantMapping>> BackRing<Req, Rsp,
         })
     }
 
+    /// Takes over a ring in use from a previous backend that answered every
+    /// request it took (a backend restart): both private indices at the
+    /// published `rsp_prod`, so the requests after it are taken next. The
+    /// value is the guest's to scribble on; a bad one is caught as an
+    /// overflow by the first request load, as any bad index is.
+    pub fn resume(mem: M) -> Result<Self, RingError> {
+        let shared = Shared::new(mem, entry_size::<Req, Rsp>())?;
+        // Acquire: pairs with the previous backend's release of rsp_prod.
+        let index = shared.load(RSP_PROD, Ordering::Acquire)?;
+        Self::attach(shared.into_inner(), index)
+    }
+
     /// Entries in the ring (`RING_SIZE`), a power of two.
     pub fn size(&self) -> u32 {
         self.shared.size()
@@ -268,6 +280,51 @@ mod tests {
         let mut got = Vec::new();
         assert_eq!(front.take_responses(usize::MAX, &mut got).unwrap(), 5);
         assert_eq!(got.iter().map(|r| r.id).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn resumed_backend_takes_the_requests_its_predecessor_left() {
+        let (mut front, mut back) = pair(1);
+        for id in 0..3 {
+            front.push_request(&req(id)).unwrap();
+        }
+        front.push_requests_and_check_notify().unwrap();
+        for _ in 0..3 {
+            let r = back.next_request().unwrap().unwrap();
+            back.push_response(&rsp(r.id)).unwrap();
+        }
+        back.push_responses_and_check_notify().unwrap();
+        let mem = back.into_mapping();
+        // Published while no backend was attached.
+        for id in 3..5 {
+            front.push_request(&req(id)).unwrap();
+        }
+        front.push_requests_and_check_notify().unwrap();
+
+        let mut back = Back::resume(mem).unwrap();
+        assert_eq!((back.req_cons(), back.rsp_prod_pvt()), (3, 3));
+        let mut got = Vec::new();
+        back.take_requests(usize::MAX, &mut got).unwrap();
+        assert_eq!(got.iter().map(|r| r.id).collect::<Vec<_>>(), vec![3, 4]);
+        for r in &got {
+            back.push_response(&rsp(r.id)).unwrap();
+        }
+        back.push_responses_and_check_notify().unwrap();
+        let mut rsps = Vec::new();
+        front.take_responses(usize::MAX, &mut rsps).unwrap();
+        assert_eq!(rsps.iter().map(|r| r.id).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn resume_on_a_scribbled_rsp_prod_breaks_the_ring_instead_of_reading_garbage() {
+        let (mut front, back) = pair(1);
+        front.push_request(&req(1)).unwrap();
+        front.push_requests_and_check_notify().unwrap();
+        let mem = back.into_mapping();
+        mem.store_u32(RSP_PROD, 0x8000_0000, Ordering::Relaxed).unwrap();
+        let mut back = Back::resume(mem).unwrap();
+        assert!(matches!(back.next_request(), Err(RingError::Overflow { .. })));
+        assert!(back.is_broken());
     }
 
     #[test]

@@ -57,7 +57,13 @@ impl SimDom0 {
 
     /// The platform of a backend in dom0 on the given xenstore connection.
     pub fn platform_with(&self, xenstore: Client) -> Platform {
-        let host = self.host.clone();
-        Platform::new(0, xenstore, move || Ok(host.evtchn(0)), self.host.grant_mapper(0))
+        dom0_platform(&self.host, xenstore)
     }
+}
+
+/// The platform of a backend in dom0 of `host` on the given xenstore
+/// connection (e.g. a second backend process, after a restart).
+pub fn dom0_platform(host: &Arc<SimHost>, xenstore: Client) -> Platform {
+    let evtchn_host = host.clone();
+    Platform::new(0, xenstore, move || Ok(evtchn_host.evtchn(0)), host.grant_mapper(0))
 }

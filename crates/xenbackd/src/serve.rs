@@ -1,9 +1,10 @@
 //! `xenbackd serve`: the daemon. Connects to xenstore (socket or
 //! `/dev/xen/xenbus`), opens `/dev/xen/evtchn` and `/dev/xen/gntdev`, and
 //! serves every frontend domain's block devices below
-//! `backend/<type>` of this domain from one process, until SIGTERM or SIGINT;
-//! then every device is quiesced, its backend state set Closing then Closed,
-//! and the process exits 0.
+//! `backend/<type>` of this domain from one process, until SIGTERM or SIGINT.
+//! Then every ring finishes its requests in flight and the process exits 0,
+//! leaving the devices Connected for the next `serve` to resume (a restart
+//! the guests see as a pause), or, with `--close-on-exit`, closing them.
 
 use anyhow::{bail, Context, Result};
 use blkback::{BlkDeviceType, BlkOptions};
@@ -15,13 +16,21 @@ use crate::args::Args;
 
 const HELP: &str = "\
 Usage: xenbackd serve [--type NAME]... [--workers N] [--io-threads N] [--buffered]
+                      [--close-on-exit]
 
 Serves Xen PV block backends for every guest from this domain: devices the
 toolstack creates below /local/domain/<self>/backend/<NAME>/ (xl's
 backendtype=qdisk by default) are connected to their frontends; disks are
 the files or block devices named by `params` (`aio:/path`, `raw:/path` or
-`/path`; `format` must be raw). Runs until SIGTERM or SIGINT, then closes
-every device (backend state Closing, then Closed) and exits 0.
+`/path`; `format` must be raw).
+
+Runs until SIGTERM or SIGINT. Then every ring finishes the requests in
+flight and answers them, and the process exits 0 leaving xenstore as it is:
+the devices stay Connected, and the guests' new requests wait in their rings
+until the next `xenbackd serve` resumes every Connected device where it was
+(so a restart or an upgrade is a pause to the guests, not an error). With
+--close-on-exit, every device is closed instead (backend state Closing, then
+Closed), as when a backend driver is unloaded.
 
 Options:
   --type NAME       serve backend/NAME (repeatable; default qdisk; e.g. vbd
@@ -29,6 +38,8 @@ Options:
   --workers N       ring worker threads (default: number of CPUs)
   --io-threads N    I/O threads per queue (default 4)
   --buffered        use the page cache instead of O_DIRECT
+  --close-on-exit   close every device on SIGTERM/SIGINT instead of leaving
+                    them for the next serve to resume
   -h, --help        this text
 
 Xenstore: XENSTORED_PATH or /var/run/xenstored/socket, else /dev/xen/xenbus.
@@ -58,6 +69,7 @@ pub fn run(args: Vec<String>) -> Result<u8> {
         opts.io_threads = n.max(1);
     }
     opts.direct = !a.flag("--buffered");
+    let close_on_exit = a.flag("--close-on-exit");
     if let Some(p) = a.positionals()?.first() {
         bail!("unexpected argument {p:?} (see xenbackd serve --help)");
     }
@@ -84,8 +96,13 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     log::info!("serving backend/{{{}}} of dom{domid} with {workers} workers", types.join(","));
 
     let sig = stop.wait().context("waiting for a signal")?;
-    log::info!("{sig:?}: closing every device");
-    backend.shutdown();
+    if close_on_exit {
+        log::info!("{sig:?}: closing every device");
+        backend.shutdown();
+    } else {
+        log::info!("{sig:?}: finishing the requests in flight; devices stay connected for the next serve");
+        backend.detach();
+    }
     log::info!("stopped");
     Ok(0)
 }
