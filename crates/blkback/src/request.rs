@@ -4,6 +4,7 @@
 //! storage, so it is fuzzed directly.
 
 use gnttab::GrantRef;
+use xen_backend::Protocol;
 use zerocopy::FromBytes;
 
 use crate::abi::*;
@@ -19,15 +20,24 @@ pub enum Abi {
     X86_64,
 }
 
-impl Abi {
-    /// From the `protocol` node's value (`XEN_IO_PROTO_ABI_*` in `io/protocols.h`).
-    pub fn from_protocol(value: &str) -> Option<Abi> {
-        match value {
-            "x86_32-abi" => Some(Abi::X86_32),
-            "x86_64-abi" => Some(Abi::X86_64),
-            "native" | "" => Some(Abi::Native),
-            _ => None,
+impl From<Protocol> for Abi {
+    fn from(p: Protocol) -> Abi {
+        match p {
+            Protocol::Native => Abi::Native,
+            Protocol::X86_32 => Abi::X86_32,
+            Protocol::X86_64 => Abi::X86_64,
         }
+    }
+}
+
+impl Abi {
+    /// From the `protocol` node's value (`XEN_IO_PROTO_ABI_*` in
+    /// `io/protocols.h`), by the framework's rules ([`Protocol::parse`]):
+    /// empty is native, trailing NULs are ignored, and anything else unknown
+    /// (including the word "native", which no frontend writes: Linux's
+    /// blkback refuses it too) is `None`.
+    pub fn from_protocol(value: &str) -> Option<Abi> {
+        Protocol::parse(Some(value)).ok().map(Abi::from)
     }
 
     /// Size of a ring slot (the request/response union).
@@ -640,6 +650,9 @@ mod tests {
         assert_eq!(Abi::from_protocol("x86_32-abi"), Some(Abi::X86_32));
         assert_eq!(Abi::from_protocol("x86_64-abi"), Some(Abi::X86_64));
         assert_eq!(Abi::from_protocol("arm-abi"), None);
+        assert_eq!(Abi::from_protocol("native"), None);
+        assert_eq!(Abi::from_protocol(""), Some(Abi::Native));
+        assert_eq!(Abi::from_protocol("x86_32-abi\0"), Some(Abi::X86_32));
         assert_eq!(Abi::X86_32.slot_size(), 108);
     }
 
