@@ -358,7 +358,12 @@ fn parse_kind(wide: bool, slot: &[u8], disk: &DiskLimits) -> Result<RequestKind,
             if direction == Direction::Write && disk.read_only {
                 return Err(Fault::ReadOnly);
             }
-            check_range(sector, segments.iter().map(Segment::sectors).sum(), disk)?;
+            // A flush without data has no range: Linux sends the block
+            // layer's unset position (sector -1) there, and Linux's blkback
+            // checks the range only when there are sectors.
+            if !segments.is_empty() {
+                check_range(sector, segments.iter().map(Segment::sectors).sum(), disk)?;
+            }
             Ok(RequestKind::Data { direction, sector, segments, barrier, flush })
         }
         BLKIF_OP_DISCARD => {
@@ -549,10 +554,17 @@ mod tests {
     }
 
     #[test]
-    fn flush_without_segments_is_a_pure_flush() {
-        let r = rw64(BLKIF_OP_FLUSH_DISKCACHE, 0, 0);
-        let req = parse(Abi::Native, r.as_bytes(), &DISK).unwrap();
-        assert!(matches!(req.kind, RequestKind::Data { flush: true, ref segments, .. } if segments.is_empty()));
+    fn flush_without_segments_is_a_pure_flush_whatever_its_sector() {
+        // Linux's blkfront sends an empty flush with sector -1 (the block
+        // layer's unset position); refusing it makes blkfront turn flushes off.
+        for sector in [0, DISK.sectors, u64::MAX] {
+            let r = rw64(BLKIF_OP_FLUSH_DISKCACHE, 0, sector);
+            let req = parse(Abi::Native, r.as_bytes(), &DISK).unwrap();
+            assert!(matches!(req.kind, RequestKind::Data { flush: true, ref segments, .. } if segments.is_empty()));
+        }
+        // With data, the range is checked as for any write.
+        let r = rw64(BLKIF_OP_FLUSH_DISKCACHE, 1, u64::MAX);
+        assert!(matches!(parse(Abi::Native, r.as_bytes(), &DISK).unwrap_err().fault, Fault::OutOfRange { .. }));
     }
 
     #[test]

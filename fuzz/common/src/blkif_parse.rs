@@ -5,8 +5,8 @@
 //! Properties: no panic. On `Ok`: the fields are the slot's bytes at the
 //! layout's offsets; every segment has `first_sect <= last_sect <= 7`; 1..=11
 //! direct segments (0 only for `FLUSH_DISKCACHE`); the sectors are within the
-//! disk; no write, barrier or discard on a read-only disk; unoffered features
-//! are refused; an indirect request names `ceil(nr / 512)` pages and
+//! disk (a flush without data has no range, whatever its sector); no write,
+//! barrier or discard on a read-only disk; unoffered features are refused; an indirect request names `ceil(nr / 512)` pages and
 //! `nr <= max_indirect_segments`. On `Err`: the response carries the id at
 //! the layout's offset (8, or 4 for x86_32), the operation byte (an indirect
 //! request's inner operation, as Linux's blkfront requires), and status
@@ -163,7 +163,7 @@ pub fn run(data: &[u8]) {
                     assert!(!(op == BLKIF_OP_FLUSH_DISKCACHE && !disk.flush), "flush not offered");
                     assert!(!(*direction == Direction::Write && disk.read_only), "write on a read-only disk");
                     let total: u64 = segments.iter().map(Segment::sectors).sum();
-                    assert!(in_range(sector, total, disk), "{sector}+{total} beyond {}", disk.sectors);
+                    assert!(segments.is_empty() || in_range(sector, total, disk), "{sector}+{total} beyond {}", disk.sectors);
                 }
                 RequestKind::Discard { sector: s, nr_sectors, secure } => {
                     assert_eq!(op, BLKIF_OP_DISCARD);

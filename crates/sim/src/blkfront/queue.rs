@@ -202,7 +202,9 @@ impl FrontQueue {
         let id = self.next_id;
         match op {
             BlkOp::Flush => {
-                let slot = self.data_request(BLKIF_OP_FLUSH_DISKCACHE, id, 0, &[]);
+                // As Linux: an empty flush carries the block layer's unset
+                // position, sector -1.
+                let slot = self.data_request(BLKIF_OP_FLUSH_DISKCACHE, id, u64::MAX, &[]);
                 self.post(
                     id,
                     InFlight { tag, expected_op: 0, buffer: None, read_len: 0, submitted: Instant::now() },
