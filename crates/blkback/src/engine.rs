@@ -4,6 +4,7 @@
 //! on a few threads, so a queue keeps many requests in flight.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -77,6 +78,40 @@ pub trait IoEngine: Send {
     fn in_flight(&self) -> usize;
 }
 
+/// The completion eventfd, written only when the consumer may not have
+/// seen the queue yet: the first completion after a [`Wakeup::clear`] writes
+/// it, those that follow before the consumer drains do not (at a queue depth
+/// of 32 most completions then cost no system call).
+struct Wakeup {
+    fd: EventFd,
+    /// An eventfd write happened (or is about to) since the last clear.
+    signalled: AtomicBool,
+}
+
+impl Wakeup {
+    /// After a completion is queued.
+    fn signal(&self) {
+        // Both sides swap (read-modify-write), so they are ordered in the
+        // flag's modification order: either this swap comes after the
+        // consumer's and reads its `false` (and writes the eventfd), or the
+        // consumer's swap comes after and acquires this release, and its
+        // drain finds the completion queued before it.
+        if !self.signalled.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.fd.write(1) {
+                log::warn!("I/O completion wakeup failed: {e}");
+            }
+        }
+    }
+
+    /// Before draining the completion queue.
+    fn clear(&self) {
+        // Reset the counter (epoll's level) first, then re-arm `signal`: a
+        // completion queued after this swap writes again.
+        let _ = self.fd.read();
+        self.signalled.swap(false, Ordering::AcqRel);
+    }
+}
+
 struct Job {
     tag: u64,
     op: IoOp,
@@ -86,7 +121,7 @@ struct Job {
 pub struct ThreadPoolEngine {
     jobs: Option<Sender<Job>>,
     done: Receiver<Completion>,
-    wakeup: Arc<EventFd>,
+    wakeup: Arc<Wakeup>,
     in_flight: usize,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -94,10 +129,11 @@ pub struct ThreadPoolEngine {
 impl ThreadPoolEngine {
     /// An engine with `threads` I/O threads on `disk`.
     pub fn new(disk: Arc<Disk>, threads: usize) -> Result<Self, EngineError> {
-        let wakeup = Arc::new(
-            EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+        let wakeup = Arc::new(Wakeup {
+            fd: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
                 .map_err(|e| EngineError::Create(e.into()))?,
-        );
+            signalled: AtomicBool::new(false),
+        });
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let mut handles = Vec::new();
@@ -111,9 +147,7 @@ impl ThreadPoolEngine {
                         if tx.send(completion).is_err() {
                             break;
                         }
-                        if let Err(e) = wakeup.write(1) {
-                            log::warn!("I/O completion wakeup failed: {e}");
-                        }
+                        wakeup.signal();
                     }
                 })
                 .map_err(EngineError::Create)?;
@@ -150,8 +184,7 @@ impl IoEngine for ThreadPoolEngine {
     }
 
     fn completions(&mut self, out: &mut Vec<Completion>) {
-        // Reset the counter first: a completion arriving after it re-arms the fd.
-        let _ = self.wakeup.read();
+        self.wakeup.clear();
         while let Ok(c) = self.done.try_recv() {
             self.in_flight -= 1;
             out.push(c);
@@ -159,7 +192,7 @@ impl IoEngine for ThreadPoolEngine {
     }
 
     fn completion_fd(&self) -> RawFd {
-        self.wakeup.as_raw_fd()
+        self.wakeup.fd.as_raw_fd()
     }
 
     fn in_flight(&self) -> usize {

@@ -139,11 +139,63 @@ impl QueueExecutor {
     pub fn poll(&mut self, out: &mut Vec<Response>) {
         let mut done = std::mem::take(&mut self.completions);
         self.engine.completions(&mut done);
-        for c in done.drain(..) {
-            self.complete(c, out);
+        let copied = self.copy_reads_to_guest(&done);
+        for (c, read_copied) in done.drain(..).zip(copied) {
+            self.complete(c, read_copied, out);
         }
         self.completions = done;
         self.release_held(out);
+    }
+
+    /// Copies the data of every read in `done` that succeeded to the guest
+    /// in ONE grant copy (one ioctl for the batch, not one per request).
+    /// Per completion: whether its data reached the guest (true for
+    /// anything that is not a successful read).
+    fn copy_reads_to_guest(&self, done: &[Completion]) -> Vec<bool> {
+        let mut copies = Vec::new();
+        // Per completion: its copies' range in `copies`, if it is a read to copy.
+        let mut spans = Vec::with_capacity(done.len());
+        for c in done {
+            let read = match (self.in_flight.get(&c.tag), &c.buf) {
+                (Some(InFlight { stage: Stage::Data { direction: Direction::Read, segments, .. }, .. }), Some(buf))
+                    if c.result.is_ok() =>
+                {
+                    Some((segments, buf))
+                }
+                _ => None,
+            };
+            let Some((segments, buf)) = read else {
+                spans.push(None);
+                continue;
+            };
+            let first = copies.len();
+            let mut rest: &[u8] = buf;
+            for seg in segments {
+                let (src, tail) = rest.split_at(seg.len().min(rest.len()));
+                rest = tail;
+                copies.push(CopySegment::ToGuest { src, dst: self.guest_page(seg) });
+            }
+            spans.push(Some(first..copies.len()));
+        }
+        if copies.is_empty() {
+            return vec![true; done.len()];
+        }
+        let mut status = vec![GrantStatus::Okay; copies.len()];
+        if let Err(e) = self.grants.copy(&mut copies, &mut status) {
+            log::warn!("dom{}: grant copy failed: {e}", self.frontend);
+            return spans.iter().map(Option::is_none).collect();
+        }
+        spans
+            .into_iter()
+            .map(|span| {
+                let Some(r) = span else { return true };
+                let bad = status[r].iter().find(|s| !s.is_ok());
+                if let Some(bad) = bad {
+                    log::debug!("dom{}: grant copy segment failed: {bad:?}", self.frontend);
+                }
+                bad.is_none()
+            })
+            .collect()
     }
 
     fn answer(&mut self, rsp: Response, out: &mut Vec<Response>) {
@@ -249,7 +301,9 @@ impl QueueExecutor {
         }
     }
 
-    fn complete(&mut self, c: Completion, out: &mut Vec<Response>) {
+    /// `read_copied`: for a read, whether its data reached the guest
+    /// ([`Self::copy_reads_to_guest`]).
+    fn complete(&mut self, c: Completion, read_copied: bool, out: &mut Vec<Response>) {
         let Some(f) = self.in_flight.remove(&c.tag) else {
             log::error!("dom{}: completion for unknown tag {}", self.frontend, c.tag);
             return;
@@ -264,8 +318,7 @@ impl QueueExecutor {
                 if status == Status::Okay {
                     match direction {
                         Direction::Read => {
-                            let ok = c.buf.as_ref().is_some_and(|b| self.copy_to_guest(&segments, b));
-                            if ok {
+                            if read_copied && c.buf.is_some() {
                                 self.stats.bytes_read += len;
                             } else {
                                 status = Status::Error;
@@ -317,17 +370,6 @@ impl QueueExecutor {
         self.run_copy(&mut copies)
     }
 
-    fn copy_to_guest(&self, segments: &[Segment], buf: &[u8]) -> bool {
-        let mut copies = Vec::with_capacity(segments.len());
-        let mut rest = buf;
-        for seg in segments {
-            let (src, tail) = rest.split_at(seg.len());
-            rest = tail;
-            copies.push(CopySegment::ToGuest { src, dst: self.guest_page(seg) });
-        }
-        self.run_copy(&mut copies)
-    }
-
     fn copy_pages_in(&self, pages: &[GrantRef], raw: &mut [u8]) -> bool {
         let mut copies: Vec<CopySegment<'_>> = raw
             .chunks_mut(PAGE_SIZE)
@@ -372,6 +414,8 @@ mod tests {
     /// Guest pages as plain memory, indexed by grant ref; refs >= 1000 are not granted.
     struct FakeGrants {
         pages: Mutex<HashMap<u32, Vec<u8>>>,
+        /// Calls of `copy` (each one ioctl on real Xen).
+        copies: std::sync::atomic::AtomicUsize,
     }
 
     impl GrantMapper for FakeGrants {
@@ -380,6 +424,7 @@ mod tests {
         }
 
         fn copy(&self, segments: &mut [CopySegment<'_>], status: &mut [GrantStatus]) -> gnttab::Result<()> {
+            self.copies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut pages = self.pages.lock().unwrap();
             for (seg, st) in segments.iter_mut().zip(status.iter_mut()) {
                 let g = seg.guest();
@@ -416,7 +461,7 @@ mod tests {
         std::fs::File::create(&p).unwrap().set_len(2048 * 512).unwrap();
         let disk = Arc::new(Disk::open(&p, false, true).unwrap());
         let pages = (0..16u32).map(|g| (g, vec![0u8; PAGE_SIZE])).collect();
-        let grants = Arc::new(FakeGrants { pages: Mutex::new(pages) });
+        let grants = Arc::new(FakeGrants { pages: Mutex::new(pages), copies: Default::default() });
         let engine = Box::new(ThreadPoolEngine::new(disk, 2).unwrap());
         (QueueExecutor::new(Abi::Native, LIMITS, 5, grants.clone(), engine), grants, p)
     }
@@ -470,6 +515,39 @@ mod tests {
         assert!(out.contains(&Response { id: 7, operation: 1, status: Status::Error }));
         assert!(out.contains(&Response { id: 8, operation: 0, status: Status::Okay }));
         assert_eq!(q.stats().failed, 1);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn reads_finished_together_go_to_the_guest_in_one_copy_and_fail_alone() {
+        let (mut q, grants, p) = setup();
+        grants.pages.lock().unwrap().get_mut(&1).unwrap().fill(0x33);
+        let w = request(BLKIF_OP_WRITE, 1, 0, &[(1, 0, 7)]);
+        assert_eq!(run(&mut q, &[w.as_bytes()])[0].status, Status::Okay);
+        let before = grants.copies.load(std::sync::atomic::Ordering::Relaxed);
+
+        let mut out = Vec::new();
+        for id in 0..8u32 {
+            // Read 3 goes to a page the guest did not grant.
+            let gref = if id == 3 { 1000 } else { 2 + id };
+            q.submit(request(BLKIF_OP_READ, id.into(), 0, &[(gref, 0, 7)]).as_bytes(), &mut out);
+        }
+        // Let every read finish, so that one poll collects them all.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while q.pending() > 0 {
+            q.poll(&mut out);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            assert!(std::time::Instant::now() < deadline, "requests never completed");
+        }
+        let copies = grants.copies.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(copies < 7, "{copies} grant copies for 7 good reads: not batched");
+        for id in 0..8u64 {
+            let status = out.iter().find(|r| r.id == id).expect("answered").status;
+            assert_eq!(status, if id == 3 { Status::Error } else { Status::Okay }, "read {id}");
+        }
+        let pages = grants.pages.lock().unwrap();
+        assert!((0..8u32).filter(|&i| i != 3).all(|i| pages[&(2 + i)].iter().all(|&b| b == 0x33)));
         std::fs::remove_file(p).unwrap();
     }
 
