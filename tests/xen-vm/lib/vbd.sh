@@ -64,11 +64,11 @@ vbd_detach() {
     return $_rc
 }
 
-# xenbackd_start: `xenbackd serve [ARGS]` in the background, log in
+# xenbackd_start: `xenbackd serve [ARGS]` in the background, log appended to
 # /tmp/xenbackd.log; fails if the binary has no serve command or exits at once
 xenbackd_start() {
     [ -x /test/xenbackd ] || { XENBACKD_WHY="no /test/xenbackd"; return 1; }
-    RUST_LOG=${RUST_LOG:-info} /test/xenbackd serve "$@" > /tmp/xenbackd.log 2>&1 &
+    RUST_LOG=${RUST_LOG:-info} /test/xenbackd serve "$@" >> /tmp/xenbackd.log 2>&1 &
     XENBACKD_PID=$!
     sleep 1
     if ! kill -0 $XENBACKD_PID 2>/dev/null; then
@@ -80,10 +80,15 @@ xenbackd_start() {
         return 1
     fi
 }
+# xenbackd_stop: SIGTERM (the daemon finishes its requests in flight and
+# exits, leaving devices Connected for the next serve); SIGKILL after 10 s,
+# which sets XENBACKD_KILLED
 xenbackd_stop() {
+    XENBACKD_KILLED=
     [ -n "${XENBACKD_PID:-}" ] || return 0
     kill $XENBACKD_PID 2>/dev/null
-    wait_for "xenbackd exit" 10 eval "! kill -0 $XENBACKD_PID 2>/dev/null" || kill -9 $XENBACKD_PID 2>/dev/null
+    wait_for "xenbackd exit" 10 eval "! kill -0 $XENBACKD_PID 2>/dev/null" ||
+        { kill -9 $XENBACKD_PID 2>/dev/null; XENBACKD_KILLED=1; }
     XENBACKD_PID=
 }
 
