@@ -69,7 +69,7 @@ fn backend_directory_removed_while_connected_tells_the_frontend_then_cleans_up()
     check_echo(&dev, &mut echo, 1)?;
 
     h.toolstack.remove_backend(dev.spec())?;
-    // As Linux's blkback: Closed in place of the removed directory, which
+    // Closed in place of the removed directory, which
     // the guest (its own connection, its own permissions) can read.
     wait_backend(&mut dev, state::CLOSED)?;
     wait_unmapped(&h, 2)?;

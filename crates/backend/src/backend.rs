@@ -267,7 +267,7 @@ impl Xenbus {
         }
         if !self.departing.is_empty() {
             // Their frontends may not have seen Closed yet: the stray `state`
-            // nodes stay for the toolstack, as Linux's blkback leaves them.
+            // nodes stay, for the toolstack to remove with the frontends'.
             log::info!("Leaving {} removed device(s) with state Closed", self.departing.len());
         }
         self.pool.shutdown();
@@ -759,8 +759,9 @@ impl Xenbus {
 
     /// The backend directory is gone. Tear down; then, if a frontend is
     /// still attached, tell it: Linux's frontends learn of a vanished
-    /// backend only from its `state` node (the kernel's blkback re-creates it
-    /// with Closed; QEMU closes before removing). So write `state = Closed`
+    /// backend only from its `state` node (Linux 6.1's blkback writes nothing
+    /// then, and the guest's I/O hangs; QEMU closes before removing). So
+    /// write `state = Closed`
     /// in its place, only while the directory is still absent, and remove
     /// that node again once the frontend has closed.
     fn removed(&mut self, key: &DeviceKey) {
