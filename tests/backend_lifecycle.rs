@@ -69,8 +69,8 @@ fn backend_directory_removed_while_connected_tells_the_frontend_then_cleans_up()
     check_echo(&dev, &mut echo, 1)?;
 
     h.toolstack.remove_backend(dev.spec())?;
-    // Closed in place of the removed directory, which
-    // the guest (its own connection, its own permissions) can read.
+    // Closed in place of the removed directory, readable by the guest (its
+    // own connection, its own permissions).
     wait_backend(&mut dev, state::CLOSED)?;
     wait_unmapped(&h, 2)?;
     wait_untracked(&h)?;
