@@ -15,7 +15,7 @@ mod state;
 mod thread;
 mod worker;
 
-pub use backend::{Backend, Config, Stats, DEFAULT_RING_BUDGET};
+pub use backend::{Backend, Config, Stats, DEFAULT_DEPARTURE_TIMEOUT, DEFAULT_RING_BUDGET};
 pub use device::{BoundPort, Device, DeviceCtx, DeviceType, Progress, RingHandler, RingSetup};
 pub use error::{DeviceError, Error};
 pub use key::DeviceKey;
