@@ -761,17 +761,15 @@ impl Xenbus {
     /// still attached, tell it: Linux's frontends learn of a vanished
     /// backend only from its `state` node (Linux 6.1's blkback writes nothing
     /// then, and the guest's I/O hangs; QEMU closes before removing). So
-    /// write `state = Closed`
-    /// in its place, only while the directory is still absent, and remove
-    /// that node again once the frontend has closed.
+    /// write `state = Closed` in its place, only while the directory is
+    /// still absent, and remove that node again once the frontend has closed.
     fn removed(&mut self, key: &DeviceKey) {
         let Some(slot) = self.devices.get(key) else { return };
         let (generation, path) = (slot.generation, slot.frontend_state_path.clone());
         log::info!("{key}: backend directory removed");
         self.teardown(key);
-        if self.devices.remove(key).is_some() {
-            self.stats.devices.fetch_sub(1, Ordering::Relaxed);
-        }
+        // Untracked, but the frontend watch stays while it departs.
+        self.untrack(key);
         if !self.frontend_attached(&path) {
             return self.unwatch_frontend(key, &path, generation);
         }
@@ -880,10 +878,15 @@ impl Xenbus {
     }
 
     fn forget(&mut self, key: &DeviceKey) {
-        if let Some(slot) = self.devices.remove(key) {
-            self.stats.devices.fetch_sub(1, Ordering::Relaxed);
+        if let Some(slot) = self.untrack(key) {
             self.unwatch_frontend(key, &slot.frontend_state_path, slot.generation);
         }
+    }
+
+    fn untrack(&mut self, key: &DeviceKey) -> Option<Slot> {
+        let slot = self.devices.remove(key)?;
+        self.stats.devices.fetch_sub(1, Ordering::Relaxed);
+        Some(slot)
     }
 
     fn unwatch_frontend(&self, key: &DeviceKey, frontend_state_path: &str, generation: u64) {
