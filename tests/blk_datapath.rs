@@ -157,3 +157,27 @@ fn flush_succeeds_and_discarded_range_reads_zeros() {
     let c = run(q, BlkOp::Barrier { sector: 0, data: &data[..4096] });
     assert_eq!((c.status, c.operation), (BLKIF_RSP_OKAY, BLKIF_OP_WRITE_BARRIER));
 }
+
+#[test]
+fn writes_around_a_barrier_in_one_batch_all_complete_in_order_on_disk() {
+    let h = Harness::new().unwrap();
+    let disk = TempDisk::new("barrier-batch", 4 << 20);
+    let mut g = h.attach(1, 0, &disk, "w", BlkfrontOptions::default()).unwrap();
+    let q = g.front.queue(0);
+    let (a, b, c) = (pattern(11, 4096), pattern(12, 4096), pattern(13, 4096));
+    // One notification for all three: the write after the barrier is
+    // released by the barrier's completion, with no further event.
+    q.submit(1, BlkOp::Write { sector: 0, data: &a }).unwrap();
+    q.submit(2, BlkOp::Barrier { sector: 0, data: &b }).unwrap();
+    q.submit(3, BlkOp::Write { sector: 8, data: &c }).unwrap();
+    let mut done = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while done.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "{} of 3 completed", done.len());
+        q.wait(std::time::Duration::from_millis(100), &mut done).unwrap();
+    }
+    assert!(done.iter().all(|c| c.status == BLKIF_RSP_OKAY));
+    let on_disk = std::fs::read(&disk.path).unwrap();
+    assert!(on_disk[..4096] == b[..], "the barrier's data, written after the first write");
+    assert!(on_disk[4096..8192] == c[..], "the write after the barrier");
+}

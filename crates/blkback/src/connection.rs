@@ -185,12 +185,15 @@ impl RingQueue {
     /// (before the ring is unmapped). Returns whether to notify.
     pub fn quiesce(&mut self) -> Result<bool, QueueError> {
         let mut notify = false;
-        while self.exec.pending() > 0 {
-            wait_readable(self.exec.completion_fd());
+        loop {
+            // The first poll also starts writes taken but not started.
             self.exec.poll(&mut self.responses);
             notify |= self.respond()?;
+            if self.exec.pending() == 0 {
+                return Ok(notify);
+            }
+            wait_readable(self.exec.completion_fd());
         }
-        Ok(notify)
     }
 
     fn respond(&mut self) -> Result<bool, QueueError> {

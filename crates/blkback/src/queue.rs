@@ -51,6 +51,15 @@ struct InFlight {
     barrier: bool,
 }
 
+/// A plain write whose data is not copied from the guest yet.
+struct UnstartedWrite {
+    id: u64,
+    operation: u8,
+    segments: Vec<Segment>,
+    offset: u64,
+    buf: AlignedBuf,
+}
+
 /// Executes the requests of one queue.
 pub struct QueueExecutor {
     abi: Abi,
@@ -63,6 +72,9 @@ pub struct QueueExecutor {
     /// Requests held behind a barrier, in ring order.
     held: VecDeque<Request>,
     barrier_in_flight: bool,
+    /// Plain writes whose data is still in the guest: their grant copies
+    /// are done together, in one call, at the next poll.
+    unstarted_writes: Vec<UnstartedWrite>,
     completions: Vec<Completion>,
     /// Bounce buffers of finished requests, reused (allocating and freeing
     /// a large buffer per request costs page faults and `munmap`s).
@@ -89,6 +101,7 @@ impl QueueExecutor {
             next_tag: 0,
             held: VecDeque::new(),
             barrier_in_flight: false,
+            unstarted_writes: Vec::new(),
             completions: Vec::new(),
             spare: Vec::new(),
             stats: QueueStats::default(),
@@ -107,7 +120,12 @@ impl QueueExecutor {
 
     /// Requests taken and not yet answered.
     pub fn pending(&self) -> usize {
-        self.in_flight.len() + self.held.len()
+        self.in_flight.len() + self.held.len() + self.unstarted_writes.len()
+    }
+
+    /// No request is started and unanswered (what a barrier waits for).
+    fn idle(&self) -> bool {
+        self.in_flight.is_empty() && self.unstarted_writes.is_empty()
     }
 
     /// Counters so far.
@@ -117,11 +135,12 @@ impl QueueExecutor {
 
     /// Takes a request copied out of a ring slot. Requests that fail at once
     /// (malformed, out of range, a grant the guest did not give) are answered
-    /// through `out`; others are answered by later calls to [`Self::poll`].
+    /// through `out`; others are answered by later calls to [`Self::poll`]
+    /// (which also starts plain writes: call it after a batch of submits).
     pub fn submit(&mut self, slot: &[u8], out: &mut Vec<Response>) {
         match parse(self.abi, slot, &self.limits) {
             Ok(req) => {
-                if self.barrier_in_flight || !self.held.is_empty() || (is_barrier(&req) && !self.in_flight.is_empty()) {
+                if self.barrier_in_flight || !self.held.is_empty() || (is_barrier(&req) && !self.idle()) {
                     self.held.push_back(req);
                 } else {
                     self.start(req, out);
@@ -134,9 +153,12 @@ impl QueueExecutor {
         }
     }
 
-    /// Collects finished storage operations and answers them (and starts
-    /// requests a finished barrier was holding back).
+    /// Starts the plain writes taken since the last poll (their data copied
+    /// from the guest in one grant copy), collects finished storage
+    /// operations and answers them, and starts requests a finished barrier
+    /// was holding back.
     pub fn poll(&mut self, out: &mut Vec<Response>) {
+        self.start_writes(out);
         let mut done = std::mem::take(&mut self.completions);
         self.engine.completions(&mut done);
         let copied = self.copy_reads_to_guest(&done);
@@ -145,6 +167,9 @@ impl QueueExecutor {
         }
         self.completions = done;
         self.release_held(out);
+        // Writes a finished barrier let go: started now, as nothing else
+        // would wake the worker for them.
+        self.start_writes(out);
     }
 
     /// Copies the data of every read in `done` that succeeded to the guest
@@ -177,11 +202,18 @@ impl QueueExecutor {
             }
             spans.push(Some(first..copies.len()));
         }
+        self.copy_batch(&mut copies, spans)
+    }
+
+    /// Runs `copies` in one grant copy. Per span (one request's copies, or
+    /// `None` for a request with nothing to copy): whether all its copies
+    /// succeeded (`None`: true). A failed call fails every span.
+    fn copy_batch(&self, copies: &mut [CopySegment<'_>], spans: Vec<Option<std::ops::Range<usize>>>) -> Vec<bool> {
         if copies.is_empty() {
-            return vec![true; done.len()];
+            return vec![true; spans.len()];
         }
         let mut status = vec![GrantStatus::Okay; copies.len()];
-        if let Err(e) = self.grants.copy(&mut copies, &mut status) {
+        if let Err(e) = self.grants.copy(copies, &mut status) {
             log::warn!("dom{}: grant copy failed: {e}", self.frontend);
             return spans.iter().map(Option::is_none).collect();
         }
@@ -209,7 +241,7 @@ impl QueueExecutor {
     fn release_held(&mut self, out: &mut Vec<Response>) {
         while !self.barrier_in_flight {
             let Some(front) = self.held.front() else { return };
-            if is_barrier(front) && !self.in_flight.is_empty() {
+            if is_barrier(front) && !self.idle() {
                 return;
             }
             let req = self.held.pop_front().expect("front exists");
@@ -273,17 +305,61 @@ impl QueueExecutor {
             None => AlignedBuf::new(len),
         };
         buf.set_len(len);
-        if direction == Direction::Write && !self.copy_from_guest(&segments, &mut buf) {
+        // Plain writes get their data at the next poll, all in one grant
+        // copy; ordered ones (barrier, flush after) get it now.
+        let plain_write = direction == Direction::Write && !barrier && !then_flush;
+        if direction == Direction::Write && !plain_write && !self.copy_from_guest(&segments, &mut buf) {
             self.answer(Response { id, operation, status: Status::Error }, out);
             return;
         }
         let offset = sector * 512;
+        if plain_write {
+            self.unstarted_writes.push(UnstartedWrite { id, operation, segments, offset, buf });
+            return;
+        }
         let op = match direction {
             Direction::Read => IoOp::Read { offset, buf },
             Direction::Write => IoOp::Write { offset, buf },
         };
-        let stage = Stage::Data { direction, segments, then_flush };
-        self.launch(InFlight { id, operation, stage, barrier }, op, out);
+        let f = InFlight { id, operation, stage: Stage::Data { direction, segments, then_flush }, barrier };
+        self.launch(f, op, out);
+    }
+
+    /// Copies the data of every plain write taken since the last poll from
+    /// the guest in ONE grant copy, then starts them (each failing alone on
+    /// a bad grant).
+    fn start_writes(&mut self, out: &mut Vec<Response>) {
+        if self.unstarted_writes.is_empty() {
+            return;
+        }
+        let mut writes = std::mem::take(&mut self.unstarted_writes);
+        let copied = {
+            let mut copies = Vec::new();
+            let mut spans = Vec::with_capacity(writes.len());
+            for w in writes.iter_mut() {
+                let first = copies.len();
+                let mut rest: &mut [u8] = &mut w.buf;
+                for seg in &w.segments {
+                    let (dst, tail) = std::mem::take(&mut rest).split_at_mut(seg.len());
+                    rest = tail;
+                    copies.push(CopySegment::FromGuest { src: self.guest_page(seg), dst });
+                }
+                spans.push(Some(first..copies.len()));
+            }
+            self.copy_batch(&mut copies, spans)
+        };
+        for (w, ok) in writes.drain(..).zip(copied) {
+            let UnstartedWrite { id, operation, segments, offset, buf } = w;
+            if ok {
+                let stage = Stage::Data { direction: Direction::Write, segments, then_flush: false };
+                self.launch(InFlight { id, operation, stage, barrier: false }, IoOp::Write { offset, buf }, out);
+            } else {
+                self.recycle(buf);
+                self.answer(Response { id, operation, status: Status::Error }, out);
+            }
+        }
+        // Keep the allocation for the next pass.
+        self.unstarted_writes = writes;
     }
 
     fn launch(&mut self, f: InFlight, op: IoOp, out: &mut Vec<Response>) {
@@ -548,6 +624,39 @@ mod tests {
         }
         let pages = grants.pages.lock().unwrap();
         assert!((0..8u32).filter(|&i| i != 3).all(|i| pages[&(2 + i)].iter().all(|&b| b == 0x33)));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn writes_taken_together_are_copied_in_one_call_and_fail_alone() {
+        let (mut q, grants, p) = setup();
+        for g in 2..10u32 {
+            grants.pages.lock().unwrap().get_mut(&g).unwrap().fill(g as u8);
+        }
+        let before = grants.copies.load(std::sync::atomic::Ordering::Relaxed);
+        let mut out = Vec::new();
+        for id in 0..8u32 {
+            // Write 5 names a page the guest did not grant.
+            let gref = if id == 5 { 1000 } else { 2 + id };
+            q.submit(request(BLKIF_OP_WRITE, id.into(), u64::from(id) * 8, &[(gref, 0, 7)]).as_bytes(), &mut out);
+        }
+        assert_eq!(grants.copies.load(std::sync::atomic::Ordering::Relaxed), before, "copied before the poll");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while q.pending() > 0 {
+            q.poll(&mut out);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            assert!(std::time::Instant::now() < deadline, "requests never completed");
+        }
+        assert_eq!(grants.copies.load(std::sync::atomic::Ordering::Relaxed), before + 1, "one grant copy for 8 writes");
+        for id in 0..8u64 {
+            let status = out.iter().find(|r| r.id == id).expect("answered").status;
+            assert_eq!(status, if id == 5 { Status::Error } else { Status::Okay }, "write {id}");
+        }
+        let disk = std::fs::read(&p).unwrap();
+        for id in (0..8usize).filter(|&i| i != 5) {
+            assert!(disk[id * 4096..(id + 1) * 4096].iter().all(|&b| b == 2 + id as u8), "write {id} on disk");
+        }
+        assert!(disk[5 * 4096..6 * 4096].iter().all(|&b| b == 0), "the failed write reached the disk");
         std::fs::remove_file(p).unwrap();
     }
 
