@@ -304,6 +304,36 @@ fn transaction_conflict_gives_eagain_and_commit_fires_watches() {
 }
 
 #[test]
+fn transaction_sees_its_first_copy_of_each_node_as_test_xenstore_ta_err_does() {
+    // test-xenstore's "ta err": TRANSACTION_START; READ in it; WRITE outside;
+    // READ in it must still answer the first value, and the commit EAGAIN.
+    let (_xs, s) = serve("tx-snapshot");
+    let mut a = Conn::socket(&s);
+    let mut b = Conn::socket(&s);
+    a.write("/s/v", "a").unwrap();
+    a.write("/s/list/x", "").unwrap();
+
+    let tx = a.start();
+    assert_eq!(a.request(MsgType::READ, tx, &nul("/s/v")).unwrap(), b"a");
+    assert_eq!(a.request(MsgType::DIRECTORY, tx, &nul("/s/list")).unwrap(), b"x\0");
+    b.write("/s/v", "b").unwrap();
+    b.write("/s/list/y", "").unwrap();
+    assert_eq!(a.request(MsgType::READ, tx, &nul("/s/v")).unwrap(), b"a");
+    assert_eq!(a.request(MsgType::DIRECTORY, tx, &nul("/s/list")).unwrap(), b"x\0");
+    a.write_tx(tx, "/s/v", "c").unwrap();
+    assert_eq!(a.request(MsgType::READ, tx, &nul("/s/v")).unwrap(), b"c");
+    assert_eq!(a.end(tx, true).unwrap_err(), XsErrno::EAGAIN);
+    assert_eq!(b.read("/s/v").unwrap(), b"b");
+
+    let tx = a.start();
+    assert_eq!(a.request(MsgType::READ, tx, &nul("/s/v")).unwrap(), b"b");
+    b.write("/s/other", "").unwrap();
+    a.write_tx(tx, "/s/v", "d").unwrap();
+    a.end(tx, true).expect("a change to a node not accessed is no conflict");
+    assert_eq!(b.read("/s/v").unwrap(), b"d");
+}
+
+#[test]
 fn unknown_types_get_enosys_and_malformed_payloads_einval() {
     let (_xs, s) = serve("types");
     let mut c = Conn::socket(&s);

@@ -217,10 +217,16 @@ impl Tree {
         self.nodes.len()
     }
 
+    /// A generation no node has had yet (xenstored's global `generation++`).
+    pub fn fresh_generation(&mut self) -> u64 {
+        let g = self.next_generation;
+        self.next_generation += 1;
+        g
+    }
+
     /// Stores `node` with a fresh generation, keeping the owner counts.
     pub fn put(&mut self, path: &str, mut node: Node) {
-        node.generation = self.next_generation;
-        self.next_generation += 1;
+        node.generation = self.fresh_generation();
         *self.entries.entry(node.owner()).or_default() += 1;
         if let Some(old) = self.nodes.insert(path.to_string(), node) {
             self.dec_owner(old.owner());

@@ -630,6 +630,62 @@ mod tests {
     }
 
     #[test]
+    fn read_in_tx_does_not_see_a_later_outside_write_and_commit_is_eagain() {
+        let mut h = Harness::new();
+        let (c, other) = (h.conn(0), h.conn(0));
+        h.run(c, MsgType::WRITE, 0, b"/a\0a");
+        assert_eq!(h.run(c, MsgType::TRANSACTION_START, 0, b"\0")[0].payload, b"1\0");
+        assert_eq!(h.run(c, MsgType::READ, 1, b"/a\0")[0].payload, b"a");
+        assert_eq!(h.err(other, MsgType::WRITE, 0, b"/a\0b"), None);
+        assert_eq!(h.run(c, MsgType::READ, 1, b"/a\0")[0].payload, b"a");
+        assert_eq!(h.err(c, MsgType::TRANSACTION_END, 1, b"T\0"), Some(XsErrno::EAGAIN));
+        assert_eq!(h.run(c, MsgType::READ, 0, b"/a\0")[0].payload, b"b");
+    }
+
+    #[test]
+    fn ending_a_transaction_twice_is_enoent_and_f_discards_it() {
+        let mut h = Harness::new();
+        let c = h.conn(0);
+        h.run(c, MsgType::TRANSACTION_START, 0, b"\0");
+        h.run(c, MsgType::WRITE, 1, b"/x\0v");
+        assert_eq!(h.err(c, MsgType::TRANSACTION_END, 1, b"F\0"), None);
+        assert_eq!(h.err(c, MsgType::TRANSACTION_END, 1, b"F\0"), Some(XsErrno::ENOENT));
+        assert_eq!(h.err(c, MsgType::TRANSACTION_END, 1, b"T\0"), Some(XsErrno::ENOENT));
+        assert_eq!(h.err(c, MsgType::WRITE, 1, b"/x\0v"), Some(XsErrno::ENOENT));
+        assert_eq!(h.err(c, MsgType::READ, 0, b"/x\0"), Some(XsErrno::ENOENT), "aborted write gone");
+    }
+
+    #[test]
+    fn transaction_ids_belong_to_their_connection() {
+        let mut h = Harness::new();
+        let (c, other) = (h.conn(0), h.conn(0));
+        h.run(c, MsgType::TRANSACTION_START, 0, b"\0");
+        assert_eq!(h.err(other, MsgType::READ, 1, b"/tool\0"), Some(XsErrno::ENOENT));
+        assert_eq!(h.err(other, MsgType::TRANSACTION_END, 1, b"T\0"), Some(XsErrno::ENOENT));
+        assert_eq!(h.err(c, MsgType::TRANSACTION_END, 1, b"T\0"), None);
+    }
+
+    #[test]
+    fn domain_gets_enospc_past_quota_plus_one_open_transactions_dom0_never() {
+        // xenstored 4.17: `transaction_started > quota_max_transaction`,
+        // counted per connection, for unprivileged connections only.
+        let mut h = Harness::new();
+        let (d5, dom0) = (h.conn(5), h.conn(0));
+        let quota = h.state.config.quotas.transactions;
+        for _ in 0..=quota {
+            assert_eq!(h.err(d5, MsgType::TRANSACTION_START, 0, b"\0"), None);
+        }
+        assert_eq!(h.err(d5, MsgType::TRANSACTION_START, 0, b"\0"), Some(XsErrno::ENOSPC));
+        let second = h.conn(5);
+        assert_eq!(h.err(second, MsgType::TRANSACTION_START, 0, b"\0"), None, "per connection");
+        assert_eq!(h.err(d5, MsgType::TRANSACTION_END, 3, b"F\0"), None);
+        assert_eq!(h.err(d5, MsgType::TRANSACTION_START, 0, b"\0"), None, "an ended one frees a slot");
+        for _ in 0..3 * quota {
+            assert_eq!(h.err(dom0, MsgType::TRANSACTION_START, 0, b"\0"), None);
+        }
+    }
+
+    #[test]
     fn directory_reply_over_payload_max_is_e2big() {
         let mut h = Harness::new();
         let c = h.conn(0);
