@@ -93,3 +93,75 @@ fn a_guest_breaking_its_ring_fails_only_its_own_device() {
     assert!(c.data == data);
     assert_eq!(other.dev.backend_state().unwrap(), Some(state::CONNECTED));
 }
+
+/// The flapping frontend of issue 18: 4 queues of 16-page rings, its state
+/// cycled (Initialised, Closing, Closed, Initialising, ...) as fast as it
+/// can write, then left on Initialised. The backend misses states as the
+/// events coalesce; as Linux's blkback it must still connect, serve every
+/// queue and, after a clean close, keep nothing mapped; a bystander's I/O
+/// never fails meanwhile. Repeated `XENBACKD_FLAP_RUNS` times (default 20).
+#[test]
+fn a_frontend_flapping_its_state_then_stopping_on_initialised_is_connected() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use xen_sim::blkfront::Blkfront;
+
+    let runs: u64 = std::env::var("XENBACKD_FLAP_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let h = Harness::new().unwrap();
+    let disk = TempDisk::new("flapper", 4 << 20);
+    let bystander_disk = TempDisk::new("flap-bystander", 1 << 20);
+    let bystander = h.attach(1, 0, &bystander_disk, "w", BlkfrontOptions::default()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let bystander_io = {
+        let stop = stop.clone();
+        let mut q = bystander.front.into_queues().remove(0);
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let data = pattern(n, 4096);
+                let sector = (n % 256) * 8;
+                assert_eq!(run(&mut q, BlkOp::Write { sector, data: &data }).status, BLKIF_RSP_OKAY);
+                let c = run(&mut q, BlkOp::Read { sector, len: 4096 });
+                assert!(c.status == BLKIF_RSP_OKAY && c.data == data, "bystander read {n}");
+                n += 1;
+            }
+            n
+        })
+    };
+    let spec = h.spec("qdisk", 2, 0, &format!("aio:{}", disk.path.display()), "w", &[]);
+    let mut dev = h.create(spec).unwrap();
+    let options = BlkfrontOptions { queues: 4, ring_page_order: 4, ..BlkfrontOptions::default() };
+    let cycle = [state::INITIALISED, state::CLOSING, state::CLOSED, state::INITIALISING];
+    for run_no in 0..runs {
+        dev.wait_backend_state("InitWait", WAIT, |s| s == Some(state::INIT_WAIT)).unwrap();
+        let mut front = Blkfront::new(&h.host, 2, 0, options).unwrap();
+        for (node, value) in front.nodes() {
+            dev.write(&node, &value).unwrap();
+        }
+        for i in 0..(50 + run_no * 37 % 200) {
+            dev.set_state(cycle[i as usize % cycle.len()]).unwrap();
+        }
+        dev.set_state(state::INITIALISED).unwrap();
+        assert!(h.backend.sync(WAIT));
+        assert_eq!(dev.backend_state().unwrap(), Some(state::CONNECTED), "run {run_no}");
+        assert_eq!(dev.read_backend("error").unwrap(), None, "run {run_no}");
+        dev.set_state(state::CONNECTED).unwrap();
+        for q in 0..4 {
+            let data = pattern(run_no * 4 + q as u64, 32 << 10);
+            let sector = q as u64 * 2048;
+            let fq = front.queue(q);
+            assert_eq!(run(fq, BlkOp::Write { sector, data: &data }).status, BLKIF_RSP_OKAY, "run {run_no} queue {q}");
+            let c = run(fq, BlkOp::Read { sector, len: data.len() });
+            assert!(c.status == BLKIF_RSP_OKAY && c.data == data, "run {run_no} queue {q}: data");
+        }
+        dev.close(WAIT).unwrap();
+        assert_eq!(h.host.grant_table(2).live_maps().unwrap(), 0, "run {run_no}: still mapped after close");
+        drop(front);
+        dev.set_state(state::INITIALISING).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let served = bystander_io.join().expect("bystander I/O failed");
+    assert!(served > 0);
+    assert_eq!(bystander.dev.backend_state().unwrap(), Some(state::CONNECTED));
+    assert_eq!(h.backend.stats().failures.load(Ordering::Relaxed), 0);
+}

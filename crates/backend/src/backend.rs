@@ -88,6 +88,7 @@ enum Stop {
 /// shuts it down.
 pub struct Backend {
     stop: Sender<Stop>,
+    sync: Sender<Sender<()>>,
     thread: Option<JoinHandle<Option<()>>>,
     stats: Arc<Stats>,
 }
@@ -126,17 +127,27 @@ impl Backend {
             stats: stats.clone(),
         };
         let (stop, stop_rx) = crossbeam_channel::bounded::<Stop>(1);
+        let (sync, sync_rx) = crossbeam_channel::unbounded::<Sender<()>>();
         let thread = spawn_named(
             "xenbackd-xenbus",
             |msg| log::error!("Xenbus thread died: {msg}; no device changes are handled"),
-            move || xenbus.run(events, fail_rx, stop_rx),
+            move || xenbus.run(events, fail_rx, stop_rx, sync_rx),
         )?;
-        Ok(Backend { stop, thread: Some(thread), stats })
+        Ok(Backend { stop, sync, thread: Some(thread), stats })
     }
 
     /// The counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Waits (at most `timeout`) until the xenbus thread has handled every
+    /// watch event that xenstored sent it before this call: after a write
+    /// whose reply the caller has seen, the backend has acted on it. False
+    /// if the thread is gone or did not answer in time.
+    pub fn sync(&self, timeout: Duration) -> bool {
+        let (done, wait) = crossbeam_channel::bounded(1);
+        self.sync.send(done).is_ok() && wait.recv_timeout(timeout).is_ok()
     }
 
     /// Stops taking requests, lets every ring finish its in-flight requests
@@ -217,7 +228,13 @@ struct Xenbus {
 const OWN_NODES: [&str; 3] = ["state", "hotplug-status", "error"];
 
 impl Xenbus {
-    fn run(&mut self, events: Receiver<WatchEvent>, failures: Receiver<Failure>, stop: Receiver<Stop>) {
+    fn run(
+        &mut self,
+        events: Receiver<WatchEvent>,
+        failures: Receiver<Failure>,
+        stop: Receiver<Stop>,
+        sync: Receiver<Sender<()>>,
+    ) {
         let mut how = Stop::Close;
         loop {
             let next_deadline = self.departing.values().map(|d| d.deadline).min();
@@ -250,9 +267,26 @@ impl Xenbus {
                     break;
                 }
                 recv(timer) -> _ => self.departures_expired(),
+                recv(sync) -> done => if let Ok(done) = done {
+                    self.sync(&events);
+                    let _ = done.send(());
+                },
             }
         }
         self.shutdown(how);
+    }
+
+    /// One round trip to xenstored, then every event queued by then: the
+    /// reply comes after the events xenstored sent before it, and the
+    /// client queues events in the order they arrive.
+    fn sync(&mut self, events: &Receiver<WatchEvent>) {
+        if let Err(e) = self.xs().read(TxId::NONE, &self.home) {
+            log::debug!("Sync read of {}: {e}", self.home);
+        }
+        for ev in events.try_iter().take(events.len()) {
+            self.event(ev);
+        }
+        self.run_dirty();
     }
 
     fn shutdown(&mut self, how: Stop) {

@@ -17,8 +17,9 @@ pub enum DeviceError {
         /// The value read (lossy UTF-8, truncated).
         value: String,
     },
-    /// The frontend's `protocol` names an ABI we do not serve.
-    #[error("Unknown protocol {0:?}")]
+    /// The frontend's `protocol` names an ABI we do not serve (`arm-abi`
+    /// on a backend not built for Arm).
+    #[error("Unknown protocol {0:?}{}", if .0 == "arm-abi" { " (an Arm guest's ABI; this backend is not built for Arm)" } else { "" })]
     UnknownProtocol(String),
     /// The frontend's state node holds a value Xen does not define.
     #[error("Bad frontend state {0:?}")]

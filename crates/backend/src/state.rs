@@ -82,7 +82,15 @@ pub enum Protocol {
     X86_32,
     /// `x86_64-abi` (`XEN_IO_PROTO_ABI_X86_64`).
     X86_64,
+    /// `arm-abi` (`XEN_IO_PROTO_ABI_ARM`): Linux writes it on Arm and arm64,
+    /// where it is `XEN_IO_PROTO_ABI_NATIVE`. Its ring layouts are
+    /// x86_64's. Accepted only by a backend built for Arm: no x86 host runs
+    /// Arm guests.
+    Arm,
 }
+
+/// Whether `arm-abi` is this build's native ABI (`io/protocols.h`).
+const ARM_IS_NATIVE: bool = cfg!(any(target_arch = "arm", target_arch = "aarch64"));
 
 impl Protocol {
     /// Parses the node's value; an absent node is [`Protocol::Native`], an
@@ -92,6 +100,7 @@ impl Protocol {
             None | Some("") => Ok(Protocol::Native),
             Some("x86_32-abi") => Ok(Protocol::X86_32),
             Some("x86_64-abi") => Ok(Protocol::X86_64),
+            Some("arm-abi") if ARM_IS_NATIVE => Ok(Protocol::Arm),
             Some(other) => Err(DeviceError::UnknownProtocol(other.to_string())),
         }
     }
@@ -102,19 +111,23 @@ impl Protocol {
             Protocol::Native => None,
             Protocol::X86_32 => Some("x86_32-abi"),
             Protocol::X86_64 => Some("x86_64-abi"),
+            Protocol::Arm => Some("arm-abi"),
         }
     }
 }
 
 /// What the backend does on seeing the frontend's state (the pure part of
-/// the state machine; `docs/backend.md` has the table).
+/// the state machine; `docs/backend.md` has the table, row by row against
+/// Linux's blkback and QEMU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Step {
     /// Nothing to do.
     Nothing,
-    /// Tear down if needed and `init` again (InitWait): reconnection after a
-    /// close, or a frontend that restarted while Connected (then Closing is
-    /// written first).
+    /// Tear down if needed and `init` again (InitWait), which then looks at
+    /// the frontend once more: a frontend already Initialised or Connected
+    /// is connected next. Reconnection after a close, a frontend that
+    /// restarted while Connected (then Closing is written first), and a
+    /// frontend whose Initialising we never saw.
     Reinitialise {
         /// The backend was Connected.
         close_first: bool,
@@ -126,6 +139,15 @@ pub(crate) enum Step {
 }
 
 /// The step for frontend state `fe`, backend state `be`, and `online`.
+///
+/// Decided from the current pair alone, never from the frontend's previous
+/// value: watch events coalesce (ours by design, Linux's when two fire in
+/// close succession), so the backend may see any subsequence of the
+/// frontend's writes that ends in its last, and every such subsequence must
+/// lead where the whole sequence does. A frontend that is Initialised or
+/// Connected is therefore connected from any backend state but Connected,
+/// as Linux's blkback does ("Ensure we connect even when two watches fire in
+/// close succession and we miss the intermediate value of frontend_state").
 pub(crate) fn step(fe: XenbusState, be: XenbusState, online: bool) -> Step {
     use XenbusState as S;
     match (fe, be) {
@@ -133,7 +155,15 @@ pub(crate) fn step(fe: XenbusState, be: XenbusState, online: bool) -> Step {
             Step::Reinitialise { close_first: be == S::Connected }
         }
         (S::Initialised | S::Connected, S::InitWait) => Step::Connect,
-        (S::Closing, S::Unknown | S::Closing | S::Closed) => Step::Nothing,
+        (S::Initialised | S::Connected, S::Connected) => Step::Nothing,
+        // Offline, a Closed backend is being removed by the toolstack: it
+        // stays Closed whatever the frontend wants.
+        (S::Initialised | S::Connected, S::Unknown | S::Initialising | S::Closing | S::Closed) if online => {
+            Step::Reinitialise { close_first: false }
+        }
+        // As Linux and QEMU: Closing is mirrored even from Closed (a frontend
+        // closing after a failure waits for it).
+        (S::Closing, S::Unknown | S::Closing) => Step::Nothing,
         (S::Closing, _) => Step::Close(S::Closing),
         (S::Closed | S::Unknown, S::Unknown | S::Closed) => Step::Nothing,
         (S::Closed | S::Unknown, _) => Step::Close(S::Closed),
@@ -163,13 +193,25 @@ mod tests {
     }
 
     #[test]
-    fn frontend_ready_connects_only_from_init_wait() {
+    fn frontend_ready_connects_from_init_wait_and_stays_connected() {
         use XenbusState as S;
         assert_eq!(step(S::Initialised, S::InitWait, true), Step::Connect);
         assert_eq!(step(S::Connected, S::InitWait, true), Step::Connect);
-        assert_eq!(step(S::Initialised, S::Initialising, true), Step::Nothing);
         assert_eq!(step(S::Connected, S::Connected, true), Step::Nothing);
-        assert_eq!(step(S::Initialised, S::Closed, true), Step::Nothing);
+        assert_eq!(step(S::Initialised, S::Connected, true), Step::Nothing);
+    }
+
+    #[test]
+    fn frontend_ready_reconnects_from_any_other_state_when_online() {
+        use XenbusState as S;
+        for fe in [S::Initialised, S::Connected] {
+            for be in [S::Unknown, S::Initialising, S::Closing, S::Closed] {
+                assert_eq!(step(fe, be, true), Step::Reinitialise { close_first: false }, "{fe} {be}");
+            }
+            // Offline: the toolstack is removing the device.
+            assert_eq!(step(fe, S::Closed, false), Step::Nothing);
+            assert_eq!(step(fe, S::Initialising, false), Step::Nothing);
+        }
     }
 
     #[test]
@@ -182,7 +224,74 @@ mod tests {
         }
         assert_eq!(step(S::Closed, S::Closing, true), Step::Close(S::Closed));
         assert_eq!(step(S::Closed, S::Closed, true), Step::Nothing);
-        assert_eq!(step(S::Closing, S::Closed, true), Step::Nothing);
+        assert_eq!(step(S::Closing, S::Closing, true), Step::Nothing);
+        assert_eq!(step(S::Closing, S::Closed, true), Step::Close(S::Closing));
+    }
+
+    /// The backend state after the xenbus thread acts on `fe`, as
+    /// `Xenbus::frontend_changed` does: `init` (InitWait) re-reads the
+    /// frontend, so a Reinitialise may connect at once.
+    fn act(be: XenbusState, fe: XenbusState, online: bool) -> XenbusState {
+        match step(fe, be, online) {
+            Step::Nothing => be,
+            Step::Reinitialise { .. } => act(XenbusState::InitWait, fe, online),
+            Step::Connect => XenbusState::Connected,
+            Step::Close(s) => s,
+        }
+    }
+
+    /// Where the backend ends once the frontend settles on `fe` (online).
+    fn settled(fe: XenbusState) -> XenbusState {
+        use XenbusState as S;
+        match fe {
+            S::Initialising => S::InitWait,
+            S::Initialised | S::Connected => S::Connected,
+            S::Closing => S::Closing,
+            S::Closed | S::Unknown => S::Closed,
+            S::InitWait | S::Reconfiguring | S::Reconfigured => unreachable!("not a frontend state"),
+        }
+    }
+
+    /// Every frontend sequence of up to 6 states, and every subsequence of
+    /// it that ends in its last value (what coalesced watch events may show
+    /// the backend), from InitWait: the backend ends where the frontend's
+    /// last state says, whatever it missed.
+    #[test]
+    fn every_subsequence_of_frontend_states_converges_to_the_same_end() {
+        use XenbusState as S;
+        const FE: [XenbusState; 6] = [S::Initialising, S::Initialised, S::Connected, S::Closing, S::Closed, S::Unknown];
+        let mut checked = 0u64;
+        for len in 1..=6u32 {
+            for code in 0..FE.len().pow(len) {
+                let seq: Vec<XenbusState> = (0..len).map(|i| FE[code / FE.len().pow(i) % FE.len()]).collect();
+                let last = *seq.last().unwrap();
+                // Bit i of `mask` keeps seq[i]; the last value is always seen.
+                for mask in 0..1u32 << (len - 1) {
+                    let seen = seq[..seq.len() - 1]
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| mask & 1 << i != 0)
+                        .map(|(_, s)| *s)
+                        .chain([last]);
+                    let end = seen.fold(S::InitWait, |be, fe| act(be, fe, true));
+                    assert_eq!(end, settled(last), "{seq:?} seen as mask {mask:b}");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, (1..=6u32).map(|n| 6u64.pow(n) << (n - 1)).sum::<u64>());
+    }
+
+    /// Offline (the toolstack is removing the device), a Closed backend
+    /// never connects again, whatever the frontend writes.
+    #[test]
+    fn offline_closed_backend_stays_closed() {
+        use XenbusState as S;
+        for fe in [S::Initialising, S::Initialised, S::Connected, S::Closing, S::Closed, S::Unknown] {
+            let end = act(S::Closed, fe, false);
+            assert!(matches!(end, S::Closed | S::Closing), "{fe}: {end}");
+            assert_eq!(act(end, S::Initialised, false), end);
+        }
     }
 
     #[test]
@@ -199,6 +308,20 @@ mod tests {
         assert_eq!(Protocol::parse(None).unwrap(), Protocol::Native);
         assert_eq!(Protocol::parse(Some("x86_32-abi")).unwrap(), Protocol::X86_32);
         assert_eq!(Protocol::parse(Some("x86_64-abi")).unwrap(), Protocol::X86_64);
-        assert!(matches!(Protocol::parse(Some("arm-abi")), Err(DeviceError::UnknownProtocol(p)) if p == "arm-abi"));
+        assert!(matches!(Protocol::parse(Some("mips-abi")), Err(DeviceError::UnknownProtocol(p)) if p == "mips-abi"));
+        assert!(matches!(Protocol::parse(Some("native")), Err(DeviceError::UnknownProtocol(_))));
+    }
+
+    #[test]
+    fn arm_abi_is_accepted_only_where_it_is_native() {
+        let p = Protocol::parse(Some("arm-abi"));
+        if cfg!(any(target_arch = "arm", target_arch = "aarch64")) {
+            assert_eq!(p.unwrap(), Protocol::Arm);
+            assert_eq!(Protocol::Arm.name(), Some("arm-abi"));
+        } else {
+            let err = p.unwrap_err();
+            assert!(matches!(&err, DeviceError::UnknownProtocol(p) if p == "arm-abi"));
+            assert!(err.to_string().contains("Arm"), "{err}");
+        }
     }
 }

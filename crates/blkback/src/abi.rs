@@ -181,6 +181,9 @@ pub struct BlkifRequestIndirect32 {
     pub _pad1: U16,
     /// `grant_ref_t indirect_grefs[8]`.
     pub indirect_grefs: [U32; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST],
+    /// `uint64_t pad` ("Make it 64 byte aligned on i386" in `io/blkif.h`;
+    /// Linux's `blkif_x86_32_request_indirect` has it too).
+    pub _pad2: U64,
 }
 
 /// `struct blkif_response`, x86_64 layout (native on x86_64).
@@ -226,7 +229,7 @@ const _: () = {
     assert!(core::mem::size_of::<BlkifRequestDiscard64>() == 32);
     assert!(core::mem::size_of::<BlkifRequestDiscard32>() == 28);
     assert!(core::mem::size_of::<BlkifRequestIndirect64>() == 64);
-    assert!(core::mem::size_of::<BlkifRequestIndirect32>() == 56);
+    assert!(core::mem::size_of::<BlkifRequestIndirect32>() == 64);
     assert!(core::mem::size_of::<BlkifResponse64>() == 16);
     assert!(core::mem::size_of::<BlkifResponse32>() == 12);
 };

@@ -87,3 +87,89 @@ fn native_layout_matches_xen_public_blkif_h() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `io/blkif.h` layouts as `(C expression, Rust value)` for a guest whose
+/// structs are the `Req`/`Discard`/`Indirect`/`Rsp` of one Rust layout.
+macro_rules! layout {
+    ($req:ty, $discard:ty, $indirect:ty, $rsp:ty) => {
+        vec![
+            ("sizeof(struct blkif_request_segment)", size_of::<BlkifRequestSegment>()),
+            ("sizeof(struct blkif_request)", size_of::<$req>()),
+            ("offsetof(struct blkif_request, id)", offset_of!($req, id)),
+            ("offsetof(struct blkif_request, sector_number)", offset_of!($req, sector_number)),
+            ("offsetof(struct blkif_request, seg)", offset_of!($req, seg)),
+            ("sizeof(struct blkif_request_discard)", size_of::<$discard>()),
+            ("offsetof(struct blkif_request_discard, id)", offset_of!($discard, id)),
+            ("offsetof(struct blkif_request_discard, nr_sectors)", offset_of!($discard, nr_sectors)),
+            ("sizeof(struct blkif_request_indirect)", size_of::<$indirect>()),
+            ("offsetof(struct blkif_request_indirect, id)", offset_of!($indirect, id)),
+            ("offsetof(struct blkif_request_indirect, handle)", offset_of!($indirect, handle)),
+            ("offsetof(struct blkif_request_indirect, indirect_grefs)", offset_of!($indirect, indirect_grefs)),
+            ("sizeof(struct blkif_response)", size_of::<$rsp>()),
+            ("offsetof(struct blkif_response, status)", offset_of!($rsp, status)),
+        ]
+    };
+}
+
+/// Compiles `io/blkif.h` with `cc args` for another architecture and checks
+/// each layout value with a `_Static_assert`: nothing has to run there.
+/// Freestanding, so that the compiler's own `stdint.h` is used, with only
+/// `xen/` of the host's headers on the include path.
+fn check_foreign_layout(cc: &str, args: &[&str], protocol: &str, layout: &[(&str, usize)]) {
+    if !std::path::Path::new("/usr/include/xen/io/blkif.h").exists() {
+        eprintln!("SKIP: /usr/include/xen/io/blkif.h absent (install libxen-dev: scripts/setup)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("blkif-{cc}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let xen = dir.join("xen");
+    if !xen.exists() {
+        std::os::unix::fs::symlink("/usr/include/xen", &xen).unwrap();
+    }
+    let mut program = String::from(
+        "#include <stddef.h>\n#include <stdint.h>\n#include <xen/xen.h>\n#include <xen/io/blkif.h>\n\
+         #include <xen/io/protocols.h>\n",
+    );
+    for (expr, value) in layout {
+        program.push_str(&format!("_Static_assert({expr} == {value}, \"{expr} is not {value}\");\n"));
+    }
+    let src = dir.join("layout.c");
+    std::fs::write(&src, program).unwrap();
+    let out = match Command::new(cc)
+        .args(args)
+        .args(["-ffreestanding", "-fsyntax-only", "-I"])
+        .arg(&dir)
+        .arg(&src)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("SKIP: no {cc} ({e}); scripts/setup installs it");
+            return;
+        }
+    };
+    assert!(out.status.success(), "{cc} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    // The protocol name the guest's Linux writes (`XEN_IO_PROTO_ABI_NATIVE`),
+    // from the preprocessor alone.
+    let probe = dir.join("native.c");
+    std::fs::write(&probe, "#include <xen/io/protocols.h>\nXEN_IO_PROTO_ABI_NATIVE\n").unwrap();
+    let out =
+        Command::new(cc).args(args).args(["-ffreestanding", "-E", "-P", "-I"]).arg(&dir).arg(&probe).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim().lines().last(), Some(format!("\"{protocol}\"").as_str()), "{cc} {args:?}");
+}
+
+#[test]
+fn arm64_layout_is_x86_64_and_matches_xen_public_blkif_h() {
+    // What `Protocol::Arm` (`arm-abi`) is served with.
+    assert_eq!(blkback::Abi::from(xen_backend::Protocol::Arm), blkback::Abi::X86_64);
+    let layout = layout!(BlkifRequest64, BlkifRequestDiscard64, BlkifRequestIndirect64, BlkifResponse64);
+    check_foreign_layout("aarch64-linux-gnu-gcc", &[], "arm-abi", &layout);
+}
+
+#[test]
+fn x86_32_layout_matches_xen_public_blkif_h() {
+    let layout = layout!(BlkifRequest32, BlkifRequestDiscard32, BlkifRequestIndirect32, BlkifResponse32);
+    check_foreign_layout("gcc", &["-m32"], "x86_32-abi", &layout);
+}

@@ -111,7 +111,7 @@ fn check_protocol(value: &str) {
     let same = match (&p, abi) {
         (Ok(Protocol::Native), Some(Abi::Native))
         | (Ok(Protocol::X86_32), Some(Abi::X86_32))
-        | (Ok(Protocol::X86_64), Some(Abi::X86_64))
+        | (Ok(Protocol::X86_64 | Protocol::Arm), Some(Abi::X86_64))
         | (Err(_), None) => true,
         _ => false,
     };

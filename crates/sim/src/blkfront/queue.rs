@@ -382,6 +382,7 @@ impl FrontQueue {
                 handle: 0.into(),
                 _pad1: 0.into(),
                 indirect_grefs: grefs,
+                _pad2: 0.into(),
             }
             .as_bytes()
             .to_vec(),
