@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use blkback::{BlkDeviceType, BlkOptions};
+use blkback::{BlkDeviceType, BlkOptions, EngineChoice};
 use xen_backend::{Backend, Config};
 use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, DiskInfo, FrontQueue};
 use xen_sim::dom0::{dom0_platform, SimDom0};
@@ -48,10 +48,21 @@ pub struct Harness {
     pub backend: Backend,
 }
 
+/// The I/O engine of these tests: io_uring in the test targets whose name
+/// ends in `_uring` (the same source built twice, see tests/Cargo.toml),
+/// the thread pool in the others.
+pub fn engine() -> EngineChoice {
+    if env!("CARGO_CRATE_NAME").ends_with("_uring") {
+        EngineChoice::IoUring
+    } else {
+        EngineChoice::Threads
+    }
+}
+
 /// The framework in dom0 serving `qdisk` and `vbd` with the block device type.
 fn start_backend(host: &Arc<SimHost>, xenstored: &Arc<Xenstored>) -> Result<Backend> {
     let platform = dom0_platform(host, Client::from_stream(xenstored.connect_as(0)?)?);
-    let opts = BlkOptions { io_threads: 2, ..BlkOptions::default() };
+    let opts = BlkOptions { io_threads: 2, engine: engine(), ..BlkOptions::default() };
     let types = vec![BlkDeviceType::new("qdisk", opts) as _, BlkDeviceType::new("vbd", opts) as _];
     Ok(Backend::start(platform, types, Config { workers: 2, ..Config::default() })?)
 }

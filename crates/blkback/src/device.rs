@@ -23,23 +23,52 @@ use xen_backend::{Device, DeviceCtx, DeviceError, DeviceType, Progress, RingHand
 use crate::config::{connect_nodes, disk_limits, DiskConfig, FrontendConfig, Offer};
 use crate::connection::RingQueue;
 use crate::disk::Disk;
-use crate::engine::ThreadPoolEngine;
+use crate::engine::{IoEngine, ThreadPoolEngine};
 use crate::queue::QueueExecutor;
+use crate::uring::IoUringEngine;
+
+/// Which I/O engine serves the queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// io_uring where the kernel allows it, else the thread pool (decided
+    /// once, when the device type is made, with a log line).
+    Auto,
+    /// io_uring, driven by the ring worker: no thread per request.
+    IoUring,
+    /// Blocking I/O on `io_threads` threads per queue.
+    Threads,
+}
+
+impl core::str::FromStr for EngineChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(EngineChoice::Auto),
+            "io-uring" | "io_uring" => Ok(EngineChoice::IoUring),
+            "threads" => Ok(EngineChoice::Threads),
+            _ => Err(format!("unknown I/O engine {s:?} (auto, io-uring or threads)")),
+        }
+    }
+}
 
 /// Options of the block device type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlkOptions {
     /// What is offered to frontends.
     pub offer: Offer,
-    /// I/O threads per queue.
+    /// I/O threads per queue (thread-pool engine).
     pub io_threads: usize,
     /// Open disks with `O_DIRECT` where the file system allows it.
     pub direct: bool,
+    /// The I/O engine. The thread pool until the io_uring engine is
+    /// measured in the lab (docs/blkback.md).
+    pub engine: EngineChoice,
 }
 
 impl Default for BlkOptions {
     fn default() -> Self {
-        BlkOptions { offer: Offer::default(), io_threads: 4, direct: true }
+        BlkOptions { offer: Offer::default(), io_threads: 4, direct: true, engine: EngineChoice::Threads }
     }
 }
 
@@ -52,8 +81,19 @@ pub struct BlkDeviceType {
 
 impl BlkDeviceType {
     /// Serves `backend/<name>` with `options`.
-    pub fn new(name: impl Into<String>, options: BlkOptions) -> Arc<Self> {
-        Arc::new(BlkDeviceType { name: name.into(), options })
+    pub fn new(name: impl Into<String>, mut options: BlkOptions) -> Arc<Self> {
+        let name = name.into();
+        if options.engine == EngineChoice::Auto {
+            options.engine = match crate::uring::probe() {
+                Ok(()) => EngineChoice::IoUring,
+                Err(e) => {
+                    log::info!("{name}: io_uring unavailable ({e}); using the thread-pool engine");
+                    EngineChoice::Threads
+                }
+            };
+        }
+        log::info!("{name}: I/O engine {:?}", options.engine);
+        Arc::new(BlkDeviceType { name, options })
     }
 }
 
@@ -150,9 +190,14 @@ impl Device for BlkDevice {
         let multi = fe.queues.len() > 1;
         let mut setups = Vec::with_capacity(fe.queues.len());
         for (i, q) in fe.queues.iter().enumerate() {
-            let engine = ThreadPoolEngine::new(disk.clone(), self.options.io_threads)
-                .map_err(|e| DeviceError::other(format!("Cannot start I/O for queue {i}"), e))?;
-            let exec = QueueExecutor::new(fe.abi, limits, frontend, ctx.grants().clone(), Box::new(engine));
+            let engine: Result<Box<dyn IoEngine>, _> = match self.options.engine {
+                EngineChoice::IoUring => IoUringEngine::new(disk.clone()).map(|e| Box::new(e) as _),
+                EngineChoice::Threads | EngineChoice::Auto => {
+                    ThreadPoolEngine::new(disk.clone(), self.options.io_threads).map(|e| Box::new(e) as _)
+                }
+            };
+            let engine = engine.map_err(|e| DeviceError::other(format!("Cannot start I/O for queue {i}"), e))?;
+            let exec = QueueExecutor::new(fe.abi, limits, frontend, ctx.grants().clone(), engine);
             let mem = ctx.map_grants(&q.ring_refs, true)?;
             let queue = if ctx.resuming() { RingQueue::resume(i, mem, exec) } else { RingQueue::new(i, mem, exec) };
             let queue = queue.map_err(|e| DeviceError::other("Bad ring", e))?;

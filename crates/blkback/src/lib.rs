@@ -14,11 +14,12 @@ pub mod engine;
 pub mod queue;
 pub mod request;
 pub mod ring;
+pub mod uring;
 
 pub use buffer::AlignedBuf;
 pub use config::{ConfigError, DiskConfig, FrontendConfig, Offer, QueueConfig};
 pub use connection::{Pass, QueueError, RingQueue};
-pub use device::{BlkDeviceType, BlkOptions};
+pub use device::{BlkDeviceType, BlkOptions, EngineChoice};
 pub use disk::{Disk, DiskError, DiskKind};
 pub use engine::{Completion, EngineError, IoEngine, IoOp, ThreadPoolEngine};
 pub use queue::{QueueExecutor, QueueStats};
@@ -27,4 +28,5 @@ pub use request::{
     Segment, Status,
 };
 pub use ring::{BlkBackRing, BlkFrontRing, RawResponse};
+pub use uring::IoUringEngine;
 pub use xen_ring::RingError;

@@ -170,6 +170,11 @@ impl QueueExecutor {
         // Writes a finished barrier let go: started now, as nothing else
         // would wake the worker for them.
         self.start_writes(out);
+        // The pass's operations go to the kernel together (io_uring: one
+        // system call); a failure leaves them queued for the next poll.
+        if let Err(e) = self.engine.submit_pending() {
+            log::error!("dom{}: {e}", self.frontend);
+        }
     }
 
     /// Copies the data of every read in `done` that succeeded to the guest

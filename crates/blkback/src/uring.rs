@@ -1,0 +1,343 @@
+//! The io_uring engine: driven by the ring worker itself, with no thread
+//! per request. `submit` only fills submission entries; `submit_pending`
+//! hands a pass's worth to the kernel in one `io_uring_enter`; completions
+//! are reaped from the shared completion queue without a system call, and
+//! an eventfd registered with the ring makes the queue's fd readable for
+//! the worker's epoll. Discards of block devices (`BLKDISCARD`, which
+//! io_uring cannot issue before Linux 6.12) run on one helper thread that
+//! signals the same eventfd.
+
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use io_uring::{opcode, squeue, types, IoUring};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::buffer::AlignedBuf;
+use crate::disk::{Disk, DiskKind};
+use crate::engine::{Completion, EngineError, IoEngine, IoOp};
+
+/// Submission queue entries per queue: a pass rarely submits more (the
+/// ring budget), and a full queue is entered early, never refused.
+const ENTRIES: u32 = 128;
+
+/// What an operation in flight keeps until its completion is reaped: the
+/// buffer the kernel reads or writes, which must not move or be freed.
+struct Pending {
+    tag: u64,
+    kind: Kind,
+    offset: u64,
+    buf: Option<AlignedBuf>,
+    /// A discard's length.
+    len: u64,
+    /// Bytes of `buf` already transferred (a short read or write goes on
+    /// from there).
+    done: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+}
+
+/// Whether io_uring can be used here (kernel support, not disabled by
+/// `kernel.io_uring_disabled` or a seccomp filter): the error if not.
+pub fn probe() -> std::io::Result<()> {
+    IoUring::new(2).map(drop)
+}
+
+/// io_uring on one disk, for one queue.
+pub struct IoUringEngine {
+    ring: IoUring,
+    disk: Arc<Disk>,
+    eventfd: EventFd,
+    /// Operations by slot; the slot index is the entry's `user_data`.
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    /// Entries pushed and not yet handed to the kernel.
+    unsubmitted: usize,
+    in_flight: usize,
+    /// The eventfd may hold a count for completions already reaped.
+    stale: bool,
+    discards: Option<DiscardThread>,
+}
+
+/// Runs block-device discards off the worker thread.
+struct DiscardThread {
+    jobs: Option<Sender<(usize, u64, u64, bool)>>,
+    done: Receiver<(usize, std::io::Result<()>)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IoUringEngine {
+    /// An engine on `disk`; fails where io_uring is unavailable.
+    pub fn new(disk: Arc<Disk>) -> Result<Self, EngineError> {
+        let ring = IoUring::builder().build(ENTRIES).map_err(EngineError::Create)?;
+        let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+            .map_err(|e| EngineError::Create(e.into()))?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(EngineError::Create)?;
+        Ok(IoUringEngine {
+            ring,
+            disk,
+            eventfd,
+            slots: Vec::new(),
+            free: Vec::new(),
+            unsubmitted: 0,
+            in_flight: 0,
+            stale: false,
+            discards: None,
+        })
+    }
+
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.disk.as_fd().as_raw_fd())
+    }
+
+    fn slot(&mut self, pending: Pending) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(pending);
+                i
+            }
+            None => {
+                self.slots.push(Some(pending));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// The entry that (re)starts the operation in `slot`.
+    fn entry(&mut self, slot: usize) -> squeue::Entry {
+        let fd = self.fd();
+        let p = self.slots[slot].as_mut().expect("slot in use");
+        let entry = match p.kind {
+            Kind::Read => {
+                let buf = p.buf.as_mut().expect("a read has a buffer");
+                let rest = &mut buf[p.done..];
+                opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32).offset(p.offset + p.done as u64).build()
+            }
+            Kind::Write => {
+                let buf = p.buf.as_ref().expect("a write has a buffer");
+                let rest = &buf[p.done..];
+                opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(p.offset + p.done as u64).build()
+            }
+            Kind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            Kind::Discard => {
+                let mode = nix::libc::FALLOC_FL_PUNCH_HOLE | nix::libc::FALLOC_FL_KEEP_SIZE;
+                opcode::Fallocate::new(fd, p.len).offset(p.offset).mode(mode).build()
+            }
+        };
+        entry.user_data(slot as u64)
+    }
+
+    fn push(&mut self, slot: usize) -> Result<(), EngineError> {
+        let entry = self.entry(slot);
+        loop {
+            // SAFETY: the entry points into the buffer of `slots[slot]`,
+            // which stays there, neither moved nor freed, until this
+            // entry's completion is reaped (`reap`), and `Drop` waits for
+            // every completion before the buffers go.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.unsubmitted += 1;
+                return Ok(());
+            }
+            // Full: hand what is there to the kernel first.
+            self.enter()?;
+        }
+    }
+
+    fn enter(&mut self) -> Result<(), EngineError> {
+        if self.unsubmitted == 0 {
+            return Ok(());
+        }
+        match self.ring.submit() {
+            Ok(_) => {
+                self.unsubmitted = 0;
+                Ok(())
+            }
+            // The completion queue is full (kernels without NODROP): the
+            // entries stay queued for the next call, after a reap.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINTR) => Ok(()),
+            Err(e) => Err(EngineError::Submit(e)),
+        }
+    }
+
+    /// Moves reaped completions to `out`; the number reaped.
+    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        let mut reaped = 0;
+        let mut again = Vec::new();
+        let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        for (slot, res) in cqes {
+            reaped += 1;
+            let slot = slot as usize;
+            let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+                log::error!("io_uring completion for unknown slot {slot}");
+                continue;
+            };
+            let result = match (p.kind, res) {
+                (_, r) if r < 0 => Err(std::io::Error::from_raw_os_error(-r)),
+                (Kind::Read | Kind::Write, n) => {
+                    p.done += n as usize;
+                    let len = p.buf.as_ref().map_or(0, |b| b.len());
+                    if p.done >= len {
+                        Ok(())
+                    } else if n == 0 {
+                        Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short transfer at end of disk"))
+                    } else {
+                        // Short: the rest goes in again.
+                        again.push(slot);
+                        continue;
+                    }
+                }
+                _ => Ok(()),
+            };
+            out.push(self.finish(slot, result));
+        }
+        for slot in again {
+            if let Err(e) = self.push(slot) {
+                out.push(self.finish(slot, Err(std::io::Error::other(e))));
+            }
+        }
+        reaped
+    }
+
+    fn finish(&mut self, slot: usize, result: std::io::Result<()>) -> Completion {
+        let p = self.slots[slot].take().expect("slot in use");
+        self.free.push(slot);
+        self.in_flight -= 1;
+        Completion { tag: p.tag, result, buf: p.buf }
+    }
+
+    fn discard_on_thread(&mut self, slot: usize, offset: u64, len: u64, secure: bool) -> Result<(), EngineError> {
+        if self.discards.is_none() {
+            let (jobs, rx) = crossbeam_channel::unbounded::<(usize, u64, u64, bool)>();
+            let (tx, done) = crossbeam_channel::unbounded();
+            let disk = self.disk.clone();
+            let wake = self.eventfd.as_fd().try_clone_to_owned().map_err(EngineError::Create)?;
+            let thread = std::thread::Builder::new()
+                .name("blk-discard".into())
+                .spawn(move || {
+                    for (slot, offset, len, secure) in rx {
+                        if tx.send((slot, disk.discard(offset, len, secure))).is_err() {
+                            break;
+                        }
+                        if let Err(e) = nix::unistd::write(&wake, &1u64.to_ne_bytes()) {
+                            log::warn!("Discard completion wakeup failed: {e}");
+                        }
+                    }
+                })
+                .map_err(EngineError::Create)?;
+            self.discards = Some(DiscardThread { jobs: Some(jobs), done, thread: Some(thread) });
+        }
+        let d = self.discards.as_ref().expect("just made");
+        d.jobs.as_ref().ok_or(EngineError::Stopped)?.send((slot, offset, len, secure)).map_err(|_| EngineError::Stopped)
+    }
+
+    fn reap_discards(&mut self, out: &mut Vec<Completion>) -> usize {
+        let Some(d) = &self.discards else { return 0 };
+        let done: Vec<_> = d.done.try_iter().collect();
+        let n = done.len();
+        for (slot, result) in done {
+            out.push(self.finish(slot, result));
+        }
+        n
+    }
+}
+
+impl IoEngine for IoUringEngine {
+    fn submit(&mut self, tag: u64, op: IoOp) -> Result<(), EngineError> {
+        let (kind, offset, buf, len) = match op {
+            IoOp::Read { offset, buf } => (Kind::Read, offset, Some(buf), 0),
+            IoOp::Write { offset, buf } => (Kind::Write, offset, Some(buf), 0),
+            IoOp::Flush => (Kind::Flush, 0, None, 0),
+            IoOp::Discard { offset, len, secure } => {
+                let slot = self.slot(Pending { tag, kind: Kind::Discard, offset, buf: None, len, done: 0 });
+                self.in_flight += 1;
+                if self.disk.kind() == DiskKind::File && len > 0 {
+                    return self.push(slot);
+                }
+                // BLKDISCARD (and the empty range, which fallocate refuses)
+                // as the thread-pool engine does it.
+                return self.discard_on_thread(slot, offset, len, secure).inspect_err(|_| {
+                    let _ = self.finish(slot, Ok(()));
+                });
+            }
+        };
+        let slot = self.slot(Pending { tag, kind, offset, buf, len, done: 0 });
+        self.in_flight += 1;
+        self.push(slot)
+    }
+
+    fn submit_pending(&mut self) -> Result<(), EngineError> {
+        self.enter()
+    }
+
+    fn completions(&mut self, out: &mut Vec<Completion>) {
+        // Entries left queued by a full completion queue go in first.
+        if let Err(e) = self.enter() {
+            log::warn!("io_uring submit: {e}");
+        }
+        let mut reaped = self.reap(out) + self.reap_discards(out);
+        if reaped > 0 || self.stale {
+            // Reset the eventfd (epoll is level-triggered on it), then reap
+            // what completed meanwhile; its count may then be stale.
+            let _ = self.eventfd.read();
+            let late = self.reap(out) + self.reap_discards(out);
+            self.stale = late > 0;
+            reaped += late;
+        }
+        if reaped > 0 {
+            // Short transfers put back in the queue.
+            if let Err(e) = self.enter() {
+                log::warn!("io_uring submit: {e}");
+            }
+        }
+    }
+
+    fn completion_fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+impl Drop for IoUringEngine {
+    fn drop(&mut self) {
+        // The kernel may still write into the buffers of operations in
+        // flight: wait for each before they are freed.
+        if let Some(d) = &mut self.discards {
+            d.jobs = None;
+            if let Some(t) = d.thread.take() {
+                let _ = t.join();
+            }
+        }
+        let mut out = Vec::new();
+        while self.in_flight > 0 {
+            self.reap_discards(&mut out);
+            if self.in_flight == 0 {
+                break;
+            }
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() != Some(nix::libc::EINTR) {
+                    log::error!(
+                        "io_uring: waiting for {} operation(s) at teardown: {e}; leaking their buffers",
+                        self.in_flight
+                    );
+                    for p in self.slots.drain(..).flatten() {
+                        std::mem::forget(p.buf);
+                    }
+                    return;
+                }
+            }
+            self.reap(&mut out);
+            out.clear();
+        }
+    }
+}
