@@ -14,6 +14,7 @@ use xs_wire::{Access, ClientError, Perm, TxId, WatchEvent, XsErrno};
 
 use crate::device::{Device, DeviceCtx, DeviceType};
 use crate::error::{DeviceError, Error};
+use crate::frontends::Frontends;
 use crate::key::{backend_token, frontend_token, parse_backend_path, parse_frontend_token, BackendPath, DeviceKey};
 use crate::platform::Platform;
 use crate::state::{step, Step, XenbusState};
@@ -42,6 +43,8 @@ pub struct Config {
     /// the frontend lets go, and removes that node again once the frontend is
     /// Closed or gone, or after this long ([`DEFAULT_DEPARTURE_TIMEOUT`]).
     pub departure_timeout: Duration,
+    /// Which frontend domains' devices this process serves (default: all).
+    pub frontends: Frontends,
 }
 
 impl Default for Config {
@@ -50,6 +53,7 @@ impl Default for Config {
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             ring_budget: DEFAULT_RING_BUDGET,
             departure_timeout: DEFAULT_DEPARTURE_TIMEOUT,
+            frontends: Frontends::All,
         }
     }
 }
@@ -110,7 +114,9 @@ impl Backend {
         }
         let events = platform.xenstore().events();
         for kind in kinds.keys() {
-            platform.xenstore().watch(&format!("{home}/backend/{kind}"), &backend_token(kind))?;
+            platform
+                .xenstore()
+                .watch(&config.frontends.watch_path(&format!("{home}/backend/{kind}")), &backend_token(kind))?;
         }
         log::info!("Serving {:?} from domain {} with {} workers", kinds.keys(), platform.domid(), pool.len());
         let stats = Arc::new(Stats::default());
@@ -125,6 +131,8 @@ impl Backend {
             next_generation: 1,
             pool,
             stats: stats.clone(),
+            frontends: config.frontends,
+            foreign: BTreeSet::new(),
         };
         let (stop, stop_rx) = crossbeam_channel::bounded::<Stop>(1);
         let (sync, sync_rx) = crossbeam_channel::unbounded::<Sender<()>>();
@@ -221,6 +229,11 @@ struct Xenbus {
     next_generation: u64,
     pool: WorkerPool,
     stats: Arc<Stats>,
+    /// Which domains' devices are ours.
+    frontends: Frontends,
+    /// Devices seen that [`Frontends`] gave to another process: left
+    /// untouched until their directory goes.
+    foreign: BTreeSet<DeviceKey>,
 }
 
 /// Nodes of the backend directory the framework writes (their watch events
@@ -384,7 +397,8 @@ impl Xenbus {
     }
 
     fn rescan(&mut self, kind: &str) {
-        let Some(domains) = self.list_numbers::<DomId>(&self.root(kind)) else { return };
+        let Some(mut domains) = self.list_numbers::<DomId>(&self.root(kind)) else { return };
+        domains.retain(|d| self.frontends.domain(*d));
         let gone: BTreeSet<DomId> = self
             .devices
             .keys()
@@ -398,7 +412,11 @@ impl Xenbus {
 
     /// Brings the devices of one frontend domain in line with its directory.
     fn rescan_domain(&mut self, kind: &str, domid: DomId) {
+        if !self.frontends.domain(domid) {
+            return;
+        }
         let Some(devids) = self.list_numbers::<u32>(&format!("{}/{domid}", self.root(kind))) else { return };
+        self.foreign.retain(|k| k.kind != kind || k.frontend != domid || devids.contains(&k.devid));
         let gone: Vec<DeviceKey> = self
             .devices
             .keys()
@@ -422,6 +440,12 @@ impl Xenbus {
 
     fn backend_changed(&mut self, key: DeviceKey, rest: &str) {
         if OWN_NODES.contains(&rest) || rest.starts_with("error/") {
+            return;
+        }
+        if self.foreign.contains(&key) {
+            if rest.is_empty() && !self.exists(&self.backend_dir(&key)) {
+                self.foreign.remove(&key);
+            }
             return;
         }
         if !self.devices.contains_key(&key) {
@@ -486,6 +510,13 @@ impl Xenbus {
         };
         if frontend_id != key.frontend.to_string() || !frontend.starts_with('/') || frontend.ends_with('/') {
             log::warn!("{dir}: frontend {frontend:?} / frontend-id {frontend_id:?} do not match the path; ignored");
+            return;
+        }
+        // Asked once the directory is complete (frontend and frontend-id
+        // written), before anything is written for the device.
+        if !self.frontends.device(self.xs(), &key, &dir) {
+            log::info!("{key}: not this process's (frontends {:?}); left to its own backend", self.frontends);
+            self.foreign.insert(key);
             return;
         }
         let online = text(2).as_deref() == Some("1");
