@@ -5,6 +5,8 @@ mod args;
 mod bench;
 mod bench_xs;
 mod demo;
+mod dm;
+mod platform;
 mod selftest;
 mod serve;
 mod xenstored_cmd;
@@ -23,6 +25,10 @@ Commands:
   xs          Xenstore tools: read write ls list rm mkdir chmod exists watch
   xenstored   Run the simulated xenstored on a unix socket
 
+Started with QEMU's arguments (-xen-domid N ... -machine xenpv), or under
+the name qemu-system-i386, xenbackd is a PV guest's device model for libxl
+(see docs/device-model.md).
+
 Logging: RUST_LOG=debug|info|warn (default warn; info for serve, demo and xenstored).
 ";
 
@@ -33,6 +39,13 @@ fn main() -> ExitCode {
     if xs::is_tool_name(&argv0) {
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
         return ExitCode::from(xs::run_as(&argv0, raw[1..].to_vec()).unwrap_or(1));
+    }
+    // Started by libxl in place of QEMU: under a QEMU name, or with QEMU's
+    // command line (`device_model_override`).
+    let all: Vec<String> = raw.iter().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
+    if xenbackd::dm_args::is_qemu_name(&argv0) || xenbackd::dm_args::looks_like_qemu(&all) {
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+        return exit(dm::run(all));
     }
     let mut argv = raw.iter().skip(1).map(|a| a.to_string_lossy().into_owned());
     let Some(cmd) = argv.next() else {
@@ -68,6 +81,10 @@ fn main() -> ExitCode {
             Ok(2)
         }
     };
+    exit(result)
+}
+
+fn exit(result: anyhow::Result<u8>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -9,8 +9,8 @@
 use anyhow::{bail, Context, Result};
 use blkback::{BlkDeviceType, BlkOptions};
 use nix::sys::signal::{SigSet, Signal};
-use xen_backend::{Backend, Config, DeviceType, Platform};
-use xs_wire::Client;
+use xen_backend::{Backend, Config, DeviceKey, DeviceType, Frontends, Platform};
+use xs_wire::{Client, TxId};
 
 use crate::args::Args;
 
@@ -23,6 +23,11 @@ toolstack creates below /local/domain/<self>/backend/<NAME>/ (xl's
 backendtype=qdisk by default) are connected to their frontends; disks are
 the files or block devices named by `params` (`aio:/path`, `raw:/path` or
 `/path`; `format` must be raw).
+
+A qdisk disk that libxl created (`xl create`, `xl block-attach`) is left to
+the device model libxl starts for its guest (xenbackd itself or QEMU, see
+docs/device-model.md): libxl records it in /libxl/<domid>/device/vbd/<devid>,
+and exactly one process must serve each device.
 
 Runs until SIGTERM or SIGINT. Then every ring finishes the requests in
 flight and answers them, and the process exits 0 leaving xenstore as it is:
@@ -46,6 +51,28 @@ Xenstore: XENSTORED_PATH or /var/run/xenstored/socket, else /dev/xen/xenbus.
 Logging: RUST_LOG (default info).
 ";
 
+/// Whether a device is `serve`'s rather than a device model's. libxl starts
+/// a device model for every guest that has a qdisk disk backed by the
+/// toolstack's domain (`libxl_device_disk_dm_needed`, `libxl__need_xenpv_qemu`)
+/// and that process serves it; libxl records the disk at
+/// `/libxl/<domid>/device/vbd/<devid>/backend` in the same transaction that
+/// creates the backend directory, so the record is there when we first see
+/// the device. Devices without the record (another toolstack, or written by
+/// hand) and libxl's `vbd` (phy) disks, which have no device model, are ours.
+pub fn not_libxl_device_model(xs: &Client, key: &DeviceKey, dir: &str) -> bool {
+    if key.kind != "qdisk" {
+        return true;
+    }
+    let record = format!("/libxl/{}/device/vbd/{}/backend", key.frontend, key.devid);
+    match xs.read(TxId::NONE, &record) {
+        Ok(v) if String::from_utf8_lossy(&v).trim_end_matches('\0') == dir => {
+            log::info!("{key}: created by libxl, which starts a device model for it; not served here");
+            false
+        }
+        _ => true,
+    }
+}
+
 /// Runs the daemon.
 pub fn run(args: Vec<String>) -> Result<u8> {
     let mut a = Args::new(args);
@@ -57,7 +84,8 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     if types.is_empty() {
         types.push("qdisk".into());
     }
-    let mut config = Config::default();
+    let mut config =
+        Config { frontends: Frontends::Filter(std::sync::Arc::new(not_libxl_device_model)), ..Config::default() };
     if let Some(w) = a.parsed::<usize>("--workers")? {
         if w == 0 {
             bail!("--workers must be at least 1");
@@ -105,4 +133,28 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     }
     log::info!("stopped");
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xen_sim::xenstored::Xenstored;
+
+    fn key(kind: &str) -> DeviceKey {
+        DeviceKey { kind: kind.into(), frontend: 3, devid: 51712 }
+    }
+
+    const DIR: &str = "/local/domain/0/backend/qdisk/3/51712";
+
+    #[test]
+    fn libxl_qdisk_is_left_to_the_device_model() {
+        let xs = Client::from_stream(Xenstored::new().connect_as(0).unwrap()).unwrap();
+        assert!(not_libxl_device_model(&xs, &key("qdisk"), DIR), "no libxl record: ours");
+        xs.write(TxId::NONE, "/libxl/3/device/vbd/51712/backend", DIR.as_bytes()).unwrap();
+        assert!(!not_libxl_device_model(&xs, &key("qdisk"), DIR), "libxl's qdisk: the device model's");
+        let vbd = "/local/domain/0/backend/vbd/3/51712";
+        assert!(not_libxl_device_model(&xs, &key("vbd"), vbd), "libxl's vbd has no device model");
+        xs.write(TxId::NONE, "/libxl/3/device/vbd/51712/backend", b"/local/domain/5/backend/qdisk/3/51712").unwrap();
+        assert!(not_libxl_device_model(&xs, &key("qdisk"), DIR), "a record naming another backend is not this one");
+    }
 }

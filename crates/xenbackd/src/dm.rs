@@ -1,0 +1,337 @@
+//! The device-model mode: `xenbackd` started by libxl in place of QEMU for
+//! one PV (or PVH) guest, with QEMU's command line (see [`crate::dm_args`]).
+//! It serves that guest's `backend/qdisk` devices and no other domain's,
+//! writes `device-model/<domid>/state = running` (what libxl waits for),
+//! answers libxl's QMP on the sockets named by `-chardev`/`-mon` (see
+//! [`crate::qmp`]), and exits on SIGHUP (libxl's destroy), SIGTERM, SIGINT
+//! or QMP `quit`, closing the guest's devices. One process per guest, as
+//! with QEMU: a fault stays with its guest. See `docs/device-model.md`.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use blkback::{BlkDeviceType, BlkOptions};
+use crossbeam_channel::{Receiver, Sender};
+use nix::sys::signal::{SigSet, Signal};
+use xen_backend::{Backend, Config, DeviceType, Frontends};
+use xs_wire::{Client, TxId};
+
+use crate::platform::lazy_xen_platform;
+use xenbackd::dm_args::{DmConfig, QmpChardev, QmpSocket};
+use xenbackd::qmp::{self, ChardevInfo, Decoder, Effect, RunState, Session, VmState};
+
+/// What the main thread waits for.
+enum Event {
+    Signal(Signal),
+    Qmp(Effect),
+}
+
+/// Runs the device model; `args` are the arguments after the program name.
+pub fn run(args: Vec<String>) -> Result<u8> {
+    let cfg = match DmConfig::parse(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("xenbackd (device model): {e}");
+            return Ok(1);
+        }
+    };
+    log::info!(
+        "device model for domain {} ({}), xenbackd {}",
+        cfg.domid,
+        cfg.name.as_deref().unwrap_or("no name"),
+        env!("CARGO_PKG_VERSION")
+    );
+    for i in &cfg.ignored {
+        log::info!("ignoring QEMU option {i}");
+    }
+    for u in &cfg.unsupported {
+        log::warn!("not provided by xenbackd (ignored): {u}");
+    }
+    if let Some(i) = &cfg.incoming {
+        log::warn!("-incoming {i}: a PV device model has no device state to load");
+    }
+    let daemon = if cfg.daemonize { Some(daemonize()?) } else { None };
+
+    // Block the stop signals before any thread starts, so every thread
+    // inherits the mask and only the signal thread receives them.
+    let mut stop = SigSet::empty();
+    for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        stop.add(s);
+    }
+    stop.thread_block().context("blocking SIGHUP/SIGTERM/SIGINT")?;
+
+    // The QMP sockets first: under dm_restrict libxl is already waiting on
+    // the one it passed.
+    let listeners: Vec<(QmpChardev, UnixListener)> =
+        cfg.qmp.iter().map(|c| Ok((c.clone(), listen(&c.socket)?))).collect::<Result<_>>()?;
+    let bound: Vec<String> = cfg
+        .qmp
+        .iter()
+        .filter_map(|c| match &c.socket {
+            QmpSocket::Path(p) => Some(p.clone()),
+            QmpSocket::Fd(_) => None,
+        })
+        .collect();
+
+    let xs = Client::connect().context("connecting to xenstore")?;
+    let platform = lazy_xen_platform(xs.clone()).context("setting up the Xen platform")?;
+    let self_domid = platform.domid();
+    let state_path = format!("/local/domain/{self_domid}/device-model/{}/state", cfg.domid);
+
+    let run = match (cfg.prelaunch, cfg.incoming.is_some()) {
+        (false, _) => RunState::Running,
+        (true, false) => RunState::Prelaunch,
+        (true, true) => RunState::Paused,
+    };
+    let vm = Arc::new(Mutex::new(VmState {
+        run,
+        name: cfg.name.clone(),
+        chardevs: cfg.qmp.iter().map(chardev_info).collect(),
+        package: format!("xenbackd {}", env!("CARGO_PKG_VERSION")),
+    }));
+
+    let device_types: Vec<Arc<dyn DeviceType>> = vec![BlkDeviceType::new("qdisk", BlkOptions::default())];
+    let config = Config { frontends: Frontends::Only(cfg.domid), ..Config::default() };
+    let mut backend = Backend::start(platform, device_types, config).context("starting the backend")?;
+    log::info!("serving backend/qdisk/{} of dom{self_domid}", cfg.domid);
+
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for (chardev, listener) in listeners {
+        spawn_qmp(chardev, listener, vm.clone(), tx.clone())?;
+    }
+    spawn_signals(stop, tx)?;
+
+    if run == RunState::Running {
+        write_state(&xs, &state_path)?;
+    }
+    if let Some(pidfile) = &cfg.pidfile {
+        std::fs::write(pidfile, format!("{}\n", std::process::id())).with_context(|| format!("writing {pidfile}"))?;
+    }
+    if let Some(d) = daemon {
+        d.ready()?;
+    }
+
+    let why = wait(&rx, &xs, &state_path);
+    log::info!("{why}: closing the devices of domain {}", cfg.domid);
+    backend.shutdown();
+    for p in &bound {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(pidfile) = &cfg.pidfile {
+        let _ = std::fs::remove_file(pidfile);
+    }
+    log::info!("device model for domain {} stopped", cfg.domid);
+    Ok(0)
+}
+
+/// Waits for the end; `Started` effects write the state node on the way.
+fn wait(rx: &Receiver<Event>, xs: &Client, state_path: &str) -> String {
+    loop {
+        match rx.recv() {
+            Ok(Event::Signal(sig)) => return format!("{sig:?}"),
+            Ok(Event::Qmp(Effect::Quit)) => return "QMP quit".into(),
+            Ok(Event::Qmp(Effect::Started)) => {
+                if let Err(e) = write_state(xs, state_path) {
+                    log::error!("{e:#}");
+                }
+            }
+            Ok(Event::Qmp(Effect::None)) => {}
+            Err(_) => return "no event source left".into(),
+        }
+    }
+}
+
+fn write_state(xs: &Client, path: &str) -> Result<()> {
+    xs.write(TxId::NONE, path, b"running").with_context(|| format!("writing {path}"))?;
+    log::info!("{path} = running");
+    Ok(())
+}
+
+fn chardev_info(c: &QmpChardev) -> ChardevInfo {
+    let filename = match &c.socket {
+        QmpSocket::Path(p) => format!("unix:{p},server=on"),
+        QmpSocket::Fd(fd) => format!("fd:{fd}"),
+    };
+    ChardevInfo { label: c.id.clone(), filename }
+}
+
+/// The listening socket of a QMP chardev.
+fn listen(socket: &QmpSocket) -> Result<UnixListener> {
+    match socket {
+        QmpSocket::Path(path) => {
+            // QEMU replaces a stale socket file, as libxl does before binding.
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing the old {path}")),
+            }
+            UnixListener::bind(path).with_context(|| format!("listening on {path}"))
+        }
+        QmpSocket::Fd(fd) => listener_from_fd(*fd),
+    }
+}
+
+/// Takes a listening unix socket passed by number, after checking that it
+/// is one (a wrong number must not become someone else's file).
+fn listener_from_fd(fd: RawFd) -> Result<UnixListener> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockaddrLike, UnixAddr};
+    use nix::sys::stat::{fstat, SFlag};
+    let st = fstat(fd).with_context(|| format!("QMP socket fd={fd} is not open"))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        bail!("fd={fd} is not a socket");
+    }
+    // SAFETY: `fd` is open (fstat succeeded) and was handed to this process
+    // for the QMP socket; we become its only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr: UnixAddr = getsockname(fd).with_context(|| format!("fd={fd}: getsockname"))?;
+    if addr.family() != Some(AddressFamily::Unix) {
+        bail!("fd={fd} is not a unix socket");
+    }
+    if !getsockopt(&owned, sockopt::AcceptConn).with_context(|| format!("fd={fd}: SO_ACCEPTCONN"))? {
+        bail!("fd={fd} is a socket that does not listen");
+    }
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .with_context(|| format!("fd={fd}: FD_CLOEXEC"))?;
+    Ok(UnixListener::from(owned))
+}
+
+fn spawn_signals(set: SigSet, tx: Sender<Event>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("xenbackd-signals".into())
+        .spawn(move || loop {
+            match set.wait() {
+                Ok(sig) => {
+                    if tx.send(Event::Signal(sig)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    log::error!("waiting for signals: {e}");
+                    return;
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+fn spawn_qmp(chardev: QmpChardev, listener: UnixListener, vm: Arc<Mutex<VmState>>, tx: Sender<Event>) -> Result<()> {
+    std::thread::Builder::new()
+        .name(format!("xenbackd-qmp-{}", chardev.id))
+        .spawn(move || {
+            // One client at a time, as a QEMU chardev serves them.
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        if let Err(e) = serve_client(stream, &vm, &tx) {
+                            log::info!("QMP {}: connection ended: {e}", chardev.id);
+                        }
+                    }
+                    Err(e) => {
+                        log::error!("QMP {}: accept: {e}", chardev.id);
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .context("starting a QMP thread")?;
+    Ok(())
+}
+
+/// Commands already logged as not found, so a client polling one does not
+/// fill the log.
+static NOT_FOUND_LOGGED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+fn serve_client(mut stream: UnixStream, vm: &Mutex<VmState>, tx: &Sender<Event>) -> std::io::Result<()> {
+    let package = vm.lock().expect("vm state lock").package.clone();
+    stream.write_all(&qmp::greeting(&package))?;
+    let mut session = Session::new();
+    let mut decoder = Decoder::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        decoder.feed(&buf[..n]);
+        while let Some(msg) = decoder.next_request() {
+            let (reply, id, effect) = match msg {
+                Ok(req) => {
+                    let (reply, effect) = session.handle(&mut vm.lock().expect("vm state lock"), &req);
+                    match &req.command {
+                        qmp::Command::Other(name) => {
+                            let mut logged = NOT_FOUND_LOGGED.lock().expect("log set lock");
+                            if logged.get_or_insert_with(HashSet::new).insert(name.clone()) {
+                                log::warn!(
+                                    "QMP command {name:?} is not provided by xenbackd; answered CommandNotFound"
+                                );
+                            }
+                        }
+                        c => log::debug!("QMP {}", c.name()),
+                    }
+                    (reply, req.id, effect)
+                }
+                Err(bad) => {
+                    log::warn!("QMP: bad request: {}", bad.error);
+                    (session.reject(&bad), bad.id, Effect::None)
+                }
+            };
+            stream.write_all(&reply.render(id.as_ref()))?;
+            if effect != Effect::None {
+                let _ = tx.send(Event::Qmp(effect));
+            }
+            if effect == Effect::Quit {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The parent side of `-daemonize`: it waits until the child is ready.
+struct Daemon {
+    ready: std::fs::File,
+}
+
+impl Daemon {
+    /// Tells the waiting parent that start-up succeeded, and detaches from
+    /// its terminal (stdio to /dev/null, as QEMU does once ready).
+    fn ready(self) -> Result<()> {
+        let mut f = self.ready;
+        f.write_all(b"1").context("telling the parent that start-up is done")?;
+        let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").context("opening /dev/null")?;
+        for target in 0..=2 {
+            nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), target).context("redirecting stdio")?;
+        }
+        Ok(())
+    }
+}
+
+/// `-daemonize`: forks; the parent exits 0 once the child reports ready
+/// (1 if it fails first), the child goes on in a new session.
+fn daemonize() -> Result<Daemon> {
+    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    // SAFETY: no other thread exists yet (the signal, QMP and backend
+    // threads start after this), so the child may run arbitrary code.
+    match unsafe { nix::unistd::fork() }.context("fork")? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(w);
+            let mut f = std::fs::File::from(r);
+            let mut b = [0u8; 1];
+            let code = match f.read(&mut b) {
+                Ok(1) => 0,
+                _ => 1,
+            };
+            std::process::exit(code);
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(r);
+            nix::unistd::setsid().context("setsid")?;
+            Ok(Daemon { ready: std::fs::File::from(w) })
+        }
+    }
+}
