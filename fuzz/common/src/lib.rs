@@ -11,6 +11,7 @@
 pub mod backend_state;
 pub mod blkif_parse;
 pub mod input;
+pub mod qmp;
 pub mod ring_back;
 pub mod xenstored_unpriv;
 pub mod xs_client_hostile;
@@ -34,4 +35,5 @@ pub const TARGETS: &[Target] = &[
     Target { name: "xenstored_unpriv", run: xenstored_unpriv::run, seeds: xenstored_unpriv::seeds },
     Target { name: "xs_client_hostile", run: xs_client_hostile::run, seeds: xs_client_hostile::seeds },
     Target { name: "backend_state", run: backend_state::run, seeds: backend_state::seeds },
+    Target { name: "qmp", run: qmp::run, seeds: qmp::seeds },
 ];
