@@ -8,4 +8,5 @@ pub mod blkfront;
 pub mod dom0;
 pub mod frontend;
 pub mod host;
+pub mod measure;
 pub mod xenstored;

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use blkback::abi::BLKIF_RSP_OKAY;
+use blkback::{BlkOptions, EngineChoice};
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions, FrontQueue};
 
 use crate::args::Args;
 use crate::demo::Machine;
 
 const HELP: &str = "\
-Usage: xenbackd bench blk [--seconds S] [--size MIB]
+Usage: xenbackd bench blk [--seconds S] [--size MIB] [--io-engine E]
 
 On a file in /dev/shm (else the temporary directory): 4 KiB random reads at
 queue depth 32 per queue with 1 and 4 queues (IOPS), and 1 MiB sequential
@@ -25,10 +26,25 @@ reads and writes at depth 8 (MB/s), each through the simulated blkfront and
 the block backend, then directly with pread/pwrite from as many threads as
 the backend has I/O threads (4 per queue).
 
+Beside each, counts that do not depend on machine noise: the backend
+threads' (ring workers and I/O threads) system calls and voluntary and
+involuntary context switches per request, from the kernel's
+raw_syscalls:sys_enter tracepoint (perf_event_open: root and a mounted
+tracefs) and /proc/self/task/*/status. \"(sim copy)\" is the part of the
+system calls that the simulator's grant copy costs (one pread/pwrite per
+4 KiB segment; Xen's gntdev copies a batch in one ioctl).
+
 Options:
-  --seconds S   time per workload (default 3)
-  --size MIB    file size (default 256)
+  --seconds S     time per workload (default 3)
+  --size MIB      file size (default 256)
+  --io-engine E   the backend's I/O engine: threads (default), io-uring, auto
 ";
+
+/// The backend's threads on the data path (`xenbackd-w*` ring workers,
+/// `blk-io-*` and `blk-discard` I/O threads).
+fn is_backend_data_thread(name: &str) -> bool {
+    name.starts_with("xenbackd-w") || name.starts_with("blk-io-") || name == "blk-discard"
+}
 
 const IO_THREADS: usize = 4;
 
@@ -116,7 +132,27 @@ fn drive_queue(mut q: FrontQueue, w: &Workload, mut offs: Offsets, stop: &Atomic
     }
 }
 
-fn through_backend(m: &Machine, domid: u16, path: &std::path::Path, w: &Workload, secs: f64, size: u64) -> Result<f64> {
+/// Requests per second through the backend, and the backend threads'
+/// counts per request.
+struct Measured {
+    rate: f64,
+    syscalls: Option<f64>,
+    /// Of those, the simulator's grant copies: one pread/pwrite per 4 KiB
+    /// segment on a ring worker (Xen's gntdev does a batch in one ioctl).
+    sim_copies: Option<f64>,
+    voluntary: f64,
+    involuntary: f64,
+    why_not: Option<String>,
+}
+
+fn through_backend(
+    m: &Machine,
+    domid: u16,
+    path: &std::path::Path,
+    w: &Workload,
+    secs: f64,
+    size: u64,
+) -> Result<Measured> {
     let xs = m.guest(domid)?;
     let opts = BlkfrontOptions {
         queues: w.queues,
@@ -129,6 +165,11 @@ fn through_backend(m: &Machine, domid: u16, path: &std::path::Path, w: &Workload
     let queues = a.front.take().expect("connected").into_queues();
     let stop = Arc::new(AtomicBool::new(false));
     let n = queues.len() as u64;
+    // Connected: every backend thread of this disk exists now.
+    let mut counters = xen_sim::measure::ThreadCounters::start(is_backend_data_thread)?;
+    let copies = xen_sim::measure::syscall_filter(&[nix::libc::SYS_pread64, nix::libc::SYS_pwrite64]);
+    let mut copy_counters =
+        xen_sim::measure::ThreadCounters::start_filtered(|n| n.starts_with("xenbackd-w"), Some(&copies))?;
     let start = Instant::now();
     let threads: Vec<_> = queues
         .into_iter()
@@ -146,8 +187,18 @@ fn through_backend(m: &Machine, domid: u16, path: &std::path::Path, w: &Workload
         total += t.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let counts = counters.read();
+    let copy_counts = copy_counters.read();
     a.dev.close(Duration::from_secs(30))?;
-    Ok(total as f64 / elapsed)
+    let per = |n: u64| n as f64 / total.max(1) as f64;
+    Ok(Measured {
+        rate: total as f64 / elapsed,
+        syscalls: counts.syscalls.map(per),
+        sim_copies: copy_counts.syscalls.map(per),
+        voluntary: per(counts.voluntary),
+        involuntary: per(counts.involuntary),
+        why_not: counts.why_not,
+    })
 }
 
 fn direct(path: &std::path::Path, w: &Workload, secs: f64, size: u64) -> Result<f64> {
@@ -192,6 +243,10 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     }
     let secs: f64 = a.parsed("--seconds")?.unwrap_or(3.0);
     let size = a.parsed::<u64>("--size")?.unwrap_or(256) << 20;
+    let engine: EngineChoice = match a.value("--io-engine")? {
+        Some(e) => e.parse().map_err(anyhow::Error::msg)?,
+        None => EngineChoice::Threads,
+    };
     if let Some(p) = a.positionals()?.first() {
         bail!("unexpected argument {p:?}");
     }
@@ -208,18 +263,41 @@ pub fn run(args: Vec<String>) -> Result<u8> {
             f.write_all_at(&chunk, i << 20)?;
         }
     }
-    let m = Machine::start()?;
-    println!("xenbackd bench blk: {} MiB file {}, {secs} s per workload", size >> 20, path.display());
-    println!("{:<22} {:>14} {:>14} {:>7}", "workload", "blkback", "pread/pwrite", "ratio");
+    let m = Machine::start_with(BlkOptions { engine, ..BlkOptions::default() })?;
+    println!(
+        "xenbackd bench blk: {} MiB file {}, {secs} s per workload, I/O engine {engine:?}",
+        size >> 20,
+        path.display()
+    );
+    println!(
+        "{:<22} {:>14} {:>14} {:>7} {:>9} {:>10} {:>9} {:>9}",
+        "workload", "xenbackd", "pread/pwrite", "ratio", "sys/req", "(sim copy)", "vcs/req", "ics/req"
+    );
+    let mut why_not = None;
     for (i, w) in WORKLOADS.iter().enumerate() {
         let pv = through_backend(&m, i as u16 + 1, &path, w, secs, size)?;
         let raw = direct(&path, w, secs, size)?;
         let (pv_s, raw_s) = if w.block >= 1 << 20 {
-            (format!("{:.0} MB/s", pv * w.block as f64 / 1e6), format!("{:.0} MB/s", raw * w.block as f64 / 1e6))
+            (format!("{:.0} MB/s", pv.rate * w.block as f64 / 1e6), format!("{:.0} MB/s", raw * w.block as f64 / 1e6))
         } else {
-            (format!("{pv:.0} IOPS"), format!("{raw:.0} IOPS"))
+            (format!("{:.0} IOPS", pv.rate), format!("{raw:.0} IOPS"))
         };
-        println!("{:<22} {:>14} {:>14} {:>6.0}%", w.name, pv_s, raw_s, 100.0 * pv / raw);
+        let show = |v: Option<f64>| v.map_or("n/a".to_string(), |s| format!("{s:.2}"));
+        println!(
+            "{:<22} {:>14} {:>14} {:>6.0}% {:>9} {:>10} {:>9.2} {:>9.2}",
+            w.name,
+            pv_s,
+            raw_s,
+            100.0 * pv.rate / raw,
+            show(pv.syscalls),
+            show(pv.sim_copies),
+            pv.voluntary,
+            pv.involuntary
+        );
+        why_not = why_not.or(pv.why_not);
+    }
+    if let Some(why) = why_not {
+        println!("system calls not counted: {why}");
     }
     drop(m);
     drop(file);

@@ -112,10 +112,15 @@ pub(crate) struct Machine {
 
 impl Machine {
     pub(crate) fn start() -> Result<Machine> {
+        Self::start_with(BlkOptions::default())
+    }
+
+    /// [`Machine::start`] with the block backend's options.
+    pub(crate) fn start_with(options: BlkOptions) -> Result<Machine> {
         let dom0 = SimDom0::start()?;
         let platform = dom0.platform()?;
         let SimDom0 { host, xenstored, toolstack } = dom0;
-        let types = vec![BlkDeviceType::new("qdisk", BlkOptions::default()) as _];
+        let types = vec![BlkDeviceType::new("qdisk", options) as _];
         let backend = Backend::start(platform, types, Config::default()).context("starting the backend")?;
         Ok(Machine { host, xenstored, toolstack, backend })
     }
