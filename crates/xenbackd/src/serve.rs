@@ -15,8 +15,8 @@ use xs_wire::{Client, TxId};
 use crate::args::Args;
 
 const HELP: &str = "\
-Usage: xenbackd serve [--type NAME]... [--workers N] [--io-threads N] [--buffered]
-                      [--close-on-exit]
+Usage: xenbackd serve [--type NAME]... [--workers N] [--io-engine E] [--io-threads N]
+                      [--buffered] [--close-on-exit]
 
 Serves Xen PV block backends for every guest from this domain: devices the
 toolstack creates below /local/domain/<self>/backend/<NAME>/ (xl's
@@ -41,7 +41,10 @@ Options:
   --type NAME       serve backend/NAME (repeatable; default qdisk; e.g. vbd
                     when the kernel's blkback is not loaded)
   --workers N       ring worker threads (default: number of CPUs)
-  --io-threads N    I/O threads per queue (default 4)
+  --io-engine E     threads (default): blocking I/O on --io-threads per
+                    queue; io-uring: io_uring driven by the ring workers;
+                    auto: io-uring where the kernel allows it
+  --io-threads N    I/O threads per queue of the threads engine (default 4)
   --buffered        use the page cache instead of O_DIRECT
   --close-on-exit   close every device on SIGTERM/SIGINT instead of leaving
                     them for the next serve to resume
@@ -95,6 +98,9 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     let mut opts = BlkOptions::default();
     if let Some(n) = a.parsed::<usize>("--io-threads")? {
         opts.io_threads = n.max(1);
+    }
+    if let Some(e) = a.value("--io-engine")? {
+        opts.engine = e.parse().map_err(anyhow::Error::msg)?;
     }
     opts.direct = !a.flag("--buffered");
     let close_on_exit = a.flag("--close-on-exit");
