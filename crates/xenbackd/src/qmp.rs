@@ -579,6 +579,13 @@ mod tests {
     }
 
     #[test]
+    fn float_id_is_echoed_exactly() {
+        let req = Request::parse(br#"{"execute":"quit","id":202043E248}"#).unwrap();
+        let out = as_json(&Reply::Return(json!({})).render(req.id.as_ref()));
+        assert_eq!(Some(&out["id"]), req.id.as_ref());
+    }
+
+    #[test]
     fn greeting_has_the_version_libxl_reads() {
         let g = as_json(&greeting("xenbackd"));
         assert_eq!(g["QMP"]["version"]["qemu"]["major"], json!(QEMU_VERSION.0));
