@@ -84,3 +84,39 @@ fn a_guest_that_reconnects_finds_its_data_on_new_rings() {
     assert_eq!(c.status, BLKIF_RSP_OKAY);
     assert!(c.data == data, "data written before the reconnection");
 }
+
+/// A frontend writing what Linux's blkback accepts but a strict parser
+/// would not (issue 13: `protocol` with a trailing word, `feature-persistent
+/// = yes`, `ring-ref` with trailing junk, `event-channel` with white space)
+/// is connected and served, as by Linux.
+#[test]
+fn frontend_nodes_linux_accepts_connect_and_serve() {
+    use blkback::Abi;
+    use xen_sim::blkfront::Blkfront;
+    let h = Harness::new().unwrap();
+    let disk = TempDisk::new("lenient", 1 << 20);
+    let spec = h.spec("qdisk", 1, 0, &format!("aio:{}", disk.path.display()), "w", &[]);
+    let mut dev = h.create(spec).unwrap();
+    dev.wait_backend_state("InitWait", WAIT, |s| s == Some(state::INIT_WAIT)).unwrap();
+    let options = BlkfrontOptions { abi: Abi::X86_64, ..BlkfrontOptions::default() };
+    let mut front = Blkfront::new(&h.host, 1, 0, options).unwrap();
+    for (node, value) in front.nodes() {
+        let value = match node.as_str() {
+            "protocol" => format!("{value} trailing"),
+            "feature-persistent" => "yes".to_string(),
+            "ring-ref" => format!("{value}junk"),
+            "event-channel" => format!(" {value}\n"),
+            _ => value,
+        };
+        dev.write(&node, &value).unwrap();
+    }
+    dev.set_state(state::INITIALISED).unwrap();
+    dev.wait_backend_state("Connected", WAIT, |s| s == Some(state::CONNECTED)).unwrap();
+    dev.set_state(state::CONNECTED).unwrap();
+    assert_eq!(dev.read_backend("error").unwrap(), None);
+    let data = pattern(13, 4096);
+    let q = front.queue(0);
+    assert_eq!(run(q, BlkOp::Write { sector: 8, data: &data }).status, BLKIF_RSP_OKAY);
+    let c = run(q, BlkOp::Read { sector: 8, len: 4096 });
+    assert!(c.status == BLKIF_RSP_OKAY && c.data == data);
+}

@@ -223,9 +223,28 @@ impl DeviceCtx {
         v.map(|s| s.trim().parse::<T>().map_err(|_| bad(node, s.as_bytes()))).transpose()
     }
 
-    /// A frontend node as a string, `None` if absent.
+    /// A frontend node as a string, `None` if absent. Read as Linux reads
+    /// a frontend's node, a C string: it ends at the first NUL, and bytes
+    /// that are not UTF-8 become U+FFFD (no name or number has them).
     pub fn frontend_str_opt(&self, node: &str) -> Result<Option<String>, DeviceError> {
-        Self::opt_string(node, self.read_opt(&self.frontend_path, node)?)
+        Ok(self.read_opt(&self.frontend_path, node)?.map(|v| {
+            let end = v.iter().position(|&b| b == 0).unwrap_or(v.len());
+            String::from_utf8_lossy(&v[..end]).into_owned()
+        }))
+    }
+
+    /// A frontend node read with `%u` as Linux's backends read it
+    /// ([`crate::scan::scan_u32`]: `"12junk"` is 12), `None` if absent; an
+    /// error if it converts nothing.
+    pub fn frontend_u32_opt(&self, node: &str) -> Result<Option<u32>, DeviceError> {
+        self.read_opt(&self.frontend_path, node)?
+            .map(|v| crate::scan::scan_u32(&v).ok_or_else(|| bad(node, &v)))
+            .transpose()
+    }
+
+    /// [`DeviceCtx::frontend_u32_opt`]; absent is an error.
+    pub fn frontend_u32(&self, node: &str) -> Result<u32, DeviceError> {
+        self.frontend_u32_opt(node)?.ok_or_else(|| DeviceError::MissingNode(node.to_string()))
     }
 
     /// A frontend node as a string; absent is an error.
@@ -278,9 +297,10 @@ impl DeviceCtx {
         std::mem::take(&mut *self.lock_writes())
     }
 
-    /// The frontend's `protocol` node (absent: native; unknown: error).
+    /// The frontend's `protocol` node (absent: native; unknown: error), as
+    /// Linux reads it ([`Protocol::parse_bytes`]).
     pub fn protocol(&self) -> Result<Protocol, DeviceError> {
-        Protocol::parse(self.frontend_str_opt("protocol")?.as_deref())
+        Protocol::parse_bytes(self.read_opt(&self.frontend_path, "protocol")?.as_deref())
     }
 
     /// Maps grants of the frontend as one contiguous range.
@@ -294,11 +314,12 @@ impl DeviceCtx {
     /// `max_order` are an error.
     pub fn ring_refs(&self, prefix: &str, max_order: u32) -> Result<Vec<GrantRef>, DeviceError> {
         let order_node = format!("{prefix}ring-page-order");
-        let order: u32 = self.frontend_int_opt(&order_node)?.unwrap_or(0);
+        // `xenbus_read_unsigned(..., 0)`: unreadable is one page, as Linux.
+        let order = crate::scan::read_unsigned(self.read_opt(&self.frontend_path, &order_node)?.as_deref(), 0);
         if order > max_order {
             return Err(DeviceError::BadNode { node: order_node, value: order.to_string() });
         }
-        let read = |node: String| self.frontend_int::<u32>(&node).map(GrantRef);
+        let read = |node: String| self.frontend_u32(&node).map(GrantRef);
         if order == 0 {
             // Linux writes `ring-ref` for a single page even when it also
             // wrote `ring-page-order = 0`; some frontends write `ring-ref0`.
@@ -319,7 +340,7 @@ impl DeviceCtx {
     /// Binds the frontend's event channel named by `node` (e.g.
     /// `event-channel` or `queue-0/event-channel`) on a new handle.
     pub fn bind_event_channel(&self, node: &str) -> Result<BoundPort, DeviceError> {
-        let remote: u32 = self.frontend_int(node)?;
+        let remote = self.frontend_u32(node)?;
         BoundPort::bind(self.platform.open_evtchn()?, self.key.frontend, Port(remote))
     }
 }

@@ -12,6 +12,7 @@ mod error;
 mod frontends;
 mod key;
 mod platform;
+pub mod scan;
 mod state;
 mod thread;
 mod worker;

@@ -96,12 +96,21 @@ impl Protocol {
     /// Parses the node's value; an absent node is [`Protocol::Native`], an
     /// unknown name an error (the device cannot be served).
     pub fn parse(value: Option<&str>) -> Result<Self, DeviceError> {
-        match value.map(|v| v.trim_end_matches('\0')) {
-            None | Some("") => Ok(Protocol::Native),
-            Some("x86_32-abi") => Ok(Protocol::X86_32),
-            Some("x86_64-abi") => Ok(Protocol::X86_64),
-            Some("arm-abi") if ARM_IS_NATIVE => Ok(Protocol::Arm),
-            Some(other) => Err(DeviceError::UnknownProtocol(other.to_string())),
+        Self::parse_bytes(value.map(str::as_bytes))
+    }
+
+    /// [`Protocol::parse`] on the node's bytes, as Linux's blkback reads it
+    /// (`xenbus_scanf(..., "%63s")`, [`crate::scan::scan_word`]): the first
+    /// word counts (`x86_32-abi\0garbage` and `x86_32-abi trailing` are
+    /// `x86_32-abi`), an empty value is native, and a value of only white
+    /// space is an unknown (empty) protocol, as in Linux.
+    pub fn parse_bytes(value: Option<&[u8]>) -> Result<Self, DeviceError> {
+        match value.and_then(|v| crate::scan::scan_word(v, 63)) {
+            None => Ok(Protocol::Native),
+            Some(b"x86_32-abi") => Ok(Protocol::X86_32),
+            Some(b"x86_64-abi") => Ok(Protocol::X86_64),
+            Some(b"arm-abi") if ARM_IS_NATIVE => Ok(Protocol::Arm),
+            Some(other) => Err(DeviceError::UnknownProtocol(String::from_utf8_lossy(other).into_owned())),
         }
     }
 
@@ -310,6 +319,18 @@ mod tests {
         assert_eq!(Protocol::parse(Some("x86_64-abi")).unwrap(), Protocol::X86_64);
         assert!(matches!(Protocol::parse(Some("mips-abi")), Err(DeviceError::UnknownProtocol(p)) if p == "mips-abi"));
         assert!(matches!(Protocol::parse(Some("native")), Err(DeviceError::UnknownProtocol(_))));
+    }
+
+    /// Values Linux's blkback accepts with `%63s` (issue 13).
+    #[test]
+    fn protocol_is_read_as_linux_reads_it() {
+        assert_eq!(Protocol::parse_bytes(Some(b"x86_32-abi\0garbage")).unwrap(), Protocol::X86_32);
+        assert_eq!(Protocol::parse(Some("x86_32-abi trailing")).unwrap(), Protocol::X86_32);
+        assert_eq!(Protocol::parse(Some("  x86_64-abi\n")).unwrap(), Protocol::X86_64);
+        assert_eq!(Protocol::parse(Some("")).unwrap(), Protocol::Native);
+        assert_eq!(Protocol::parse_bytes(Some(b"\0x86_32-abi")).unwrap(), Protocol::Native);
+        assert!(matches!(Protocol::parse(Some("   ")), Err(DeviceError::UnknownProtocol(p)) if p.is_empty()));
+        assert!(Protocol::parse_bytes(Some(b"x86_32-abi\xff")).is_err());
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::path::PathBuf;
 
 use evtchn::Port;
 use gnttab::GrantRef;
+use xen_backend::scan;
 
 use crate::disk::Disk;
 use crate::request::{Abi, DiskLimits};
@@ -157,6 +158,12 @@ impl Offer {
     }
 }
 
+/// Whether `discard-secure` is offered. Never: no sysfs attribute tells
+/// whether a block device can erase securely (`BLKSECDISCARD`), and a file
+/// cannot. A request with `BLKIF_DISCARD_SECURE` is then a plain discard,
+/// as Linux's blkback does when it does not advertise it.
+pub const SECURE_DISCARD_OFFERED: bool = false;
+
 /// The limits requests of `disk` are checked against.
 pub fn disk_limits(disk: &Disk, offer: &Offer) -> DiskLimits {
     let read_only = disk.is_read_only();
@@ -188,7 +195,7 @@ pub fn connect_nodes(disk: &Disk, cfg: &DiskConfig) -> Vec<(&'static str, String
         // Discard of a file punches holes, sector by sector.
         nodes.push(("discard-granularity", disk.logical_sector_size().to_string()));
         nodes.push(("discard-alignment", "0".into()));
-        nodes.push(("discard-secure", "0".into()));
+        nodes.push(("discard-secure", flag(SECURE_DISCARD_OFFERED)));
     }
     nodes.push(("feature-discard", flag(discard)));
     nodes.push(("feature-barrier", flag(writable)));
@@ -222,11 +229,20 @@ pub struct FrontendConfig {
     pub persistent: bool,
 }
 
+/// A node read with `%u` as Linux's blkback reads it (`xenbus_scanf`,
+/// [`xen_backend::scan::scan_u32`]: `"12junk"` is 12): `None` if absent,
+/// an error if it converts nothing.
 fn number(read: &impl Fn(&str) -> Option<String>, node: &str) -> Result<Option<u32>, ConfigError> {
     match read(node) {
         None => Ok(None),
-        Some(v) => v.trim().parse().map(Some).map_err(|_| ConfigError::Bad { node: node.into(), value: v }),
+        Some(v) => scan::scan_u32(v.as_bytes()).map(Some).ok_or(ConfigError::Bad { node: node.into(), value: v }),
     }
+}
+
+/// A node read with `xenbus_read_unsigned(..., default)`, as Linux's
+/// blkback reads optional ones: absent or converting nothing is `default`.
+fn unsigned_or(read: &impl Fn(&str) -> Option<String>, node: &str, default: u32) -> u32 {
+    scan::read_unsigned(read(node).as_deref().map(str::as_bytes), default)
 }
 
 fn required(read: &impl Fn(&str) -> Option<String>, node: &str) -> Result<u32, ConfigError> {
@@ -241,15 +257,15 @@ impl FrontendConfig {
             None => Abi::Native,
             Some(p) => Abi::from_protocol(&p).ok_or(ConfigError::Bad { node: "protocol".into(), value: p })?,
         };
-        let ring_page_order = number(&read, "ring-page-order")?.unwrap_or(0);
+        let ring_page_order = unsigned_or(&read, "ring-page-order", 0);
         if ring_page_order > offer.max_ring_page_order {
             return Err(ConfigError::RingOrder { asked: ring_page_order, offered: offer.max_ring_page_order });
         }
-        let nr_queues = number(&read, "multi-queue-num-queues")?.unwrap_or(1);
+        let nr_queues = unsigned_or(&read, "multi-queue-num-queues", 1);
         if nr_queues == 0 || nr_queues > offer.max_queues {
             return Err(ConfigError::TooManyQueues { asked: nr_queues, offered: offer.max_queues });
         }
-        let persistent = number(&read, "feature-persistent")?.unwrap_or(0) != 0;
+        let persistent = unsigned_or(&read, "feature-persistent", 0) != 0;
         let mut queues = Vec::with_capacity(nr_queues as usize);
         for q in 0..nr_queues {
             let dir = if nr_queues == 1 { String::new() } else { format!("queue-{q}/") };
@@ -337,6 +353,42 @@ mod tests {
         assert_eq!(f.abi, Abi::Native);
         assert_eq!(f.queues[1].ring_refs, vec![GrantRef(12), GrantRef(13)]);
         assert_eq!(f.queues[1].event_channel, Port(4));
+    }
+
+    /// Values Linux's blkback accepts (`%u`, `%63s`, `xenbus_read_unsigned`)
+    /// are accepted alike (issue 13); what it refuses is refused.
+    #[test]
+    fn frontend_nodes_are_read_as_linux_reads_them() {
+        let f = FrontendConfig::read(
+            reader(&[
+                ("ring-ref", "8junk"),
+                ("event-channel", " 5\n"),
+                ("protocol", "x86_32-abi trailing"),
+                ("feature-persistent", "yes"),
+                ("multi-queue-num-queues", "many"),
+                ("ring-page-order", "big"),
+            ]),
+            &Offer::default(),
+        )
+        .unwrap();
+        assert_eq!(f.abi, Abi::X86_32);
+        assert!(!f.persistent);
+        assert_eq!(f.ring_page_order, 0);
+        assert_eq!(f.queues, vec![QueueConfig { ring_refs: vec![GrantRef(8)], event_channel: Port(5) }]);
+        let f = FrontendConfig::read(
+            reader(&[("ring-ref", "8"), ("event-channel", "5"), ("feature-persistent", "2x")]),
+            &Offer::default(),
+        )
+        .unwrap();
+        assert!(f.persistent);
+        for (node, value) in [("ring-ref", "junk"), ("event-channel", "-1"), ("protocol", "x86_32"), ("protocol", " ")]
+        {
+            let mut nodes = vec![("ring-ref", "8"), ("event-channel", "5")];
+            nodes.retain(|(n, _)| *n != node);
+            nodes.push((node, value));
+            let e = FrontendConfig::read(reader(&nodes), &Offer::default()).unwrap_err();
+            assert!(matches!(&e, ConfigError::Bad { node: n, .. } if n == node), "{node}={value:?}: {e:?}");
+        }
     }
 
     #[test]

@@ -264,6 +264,8 @@ impl QueueExecutor {
         let fail = |status| Response { id, operation, status };
         match kind {
             RequestKind::Discard { sector, nr_sectors, secure } => {
+                // Secure only where offered, as Linux's blkback.
+                let secure = secure && crate::config::SECURE_DISCARD_OFFERED;
                 let op = IoOp::Discard { offset: sector * 512, len: nr_sectors * 512, secure };
                 self.launch(InFlight { id, operation, stage: Stage::Discard, barrier: false }, op, out);
             }
@@ -728,5 +730,56 @@ mod tests {
         assert_eq!(out.len(), 3);
         assert!(out.iter().all(|r| r.status == Status::Okay), "{out:?}");
         std::fs::remove_file(p).unwrap();
+    }
+
+    /// Records what reaches the engine, completing each at once.
+    struct Recorder {
+        ops: Arc<Mutex<Vec<String>>>,
+        done: Vec<Completion>,
+        fd: nix::sys::eventfd::EventFd,
+    }
+
+    impl IoEngine for Recorder {
+        fn submit(&mut self, tag: u64, op: IoOp) -> Result<(), crate::engine::EngineError> {
+            self.ops.lock().unwrap().push(format!("{op:?}"));
+            self.done.push(Completion { tag, result: Ok(()), buf: None });
+            Ok(())
+        }
+        fn completions(&mut self, out: &mut Vec<Completion>) {
+            out.append(&mut self.done);
+        }
+        fn completion_fd(&self) -> RawFd {
+            use std::os::fd::AsRawFd;
+            self.fd.as_raw_fd()
+        }
+        fn in_flight(&self) -> usize {
+            self.done.len()
+        }
+    }
+
+    /// Issue 13: `discard-secure = 0` is advertised, so a guest's secure
+    /// discard is a plain one (Linux's blkback honours the flag only when it
+    /// advertised it).
+    #[test]
+    fn secure_discard_is_plain_where_not_offered() {
+        let ops = Arc::new(Mutex::new(Vec::new()));
+        let engine =
+            Box::new(Recorder { ops: ops.clone(), done: Vec::new(), fd: nix::sys::eventfd::EventFd::new().unwrap() });
+        let grants = Arc::new(FakeGrants { pages: Mutex::new(Default::default()), copies: Default::default() });
+        let mut q = QueueExecutor::new(Abi::Native, LIMITS, 5, grants, engine);
+        let d = BlkifRequestDiscard64 {
+            operation: BLKIF_OP_DISCARD,
+            flag: BLKIF_DISCARD_SECURE,
+            id: 3.into(),
+            sector_number: 8.into(),
+            nr_sectors: 8.into(),
+            ..Default::default()
+        };
+        let mut slot = [0u8; SLOT_SIZE_64];
+        slot[..32].copy_from_slice(d.as_bytes());
+        let out = run(&mut q, &[&slot]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(*ops.lock().unwrap(), ["Discard { offset: 4096, len: 4096, secure: false }"]);
+        const { assert!(!crate::config::SECURE_DISCARD_OFFERED) };
     }
 }

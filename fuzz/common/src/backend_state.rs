@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use blkback::config::{ConfigError, FrontendConfig, Offer, MAX_RING_PAGE_ORDER};
 use blkback::Abi;
-use xen_backend::{Protocol, XenbusState};
+use xen_backend::{scan, Protocol, XenbusState};
 
 use crate::input::Input;
 
@@ -85,9 +85,28 @@ impl Case {
     }
 }
 
-/// What a `u32` node holds, as the backend reads it.
+/// What a `u32` node holds, as the backend reads it (Linux's `%u`).
 fn num(v: &str) -> Option<u32> {
-    v.trim().parse().ok()
+    scan::scan_u32(v.as_bytes())
+}
+
+/// `%u` as the kernel reads it: a value that is white space then a plain
+/// decimal that fits is that number; any result is the leading digits'
+/// value modulo 2^32 (after the white space, before the first NUL).
+fn check_scan(value: &[u8]) {
+    let c = value.split(|&b| b == 0).next().unwrap_or_default();
+    let start = c.iter().position(|&b| !matches!(b, b' ' | b'\t'..=b'\r' | 0xA0)).unwrap_or(c.len());
+    let digits: Vec<u8> = c[start..].iter().copied().take_while(u8::is_ascii_digit).collect();
+    let got = scan::scan_u32(value);
+    if digits.is_empty() {
+        assert_eq!(got, None, "{value:?}");
+        return;
+    }
+    let low = digits.iter().fold(0u32, |acc, &d| acc.wrapping_mul(10).wrapping_add(u32::from(d - b'0')));
+    assert_eq!(got, Some(low), "{value:?}");
+    if let Ok(n) = std::str::from_utf8(&digits).expect("digits").parse::<u32>() {
+        assert_eq!(got, Some(n), "{value:?}");
+    }
 }
 
 fn check_state(value: &[u8]) {
@@ -129,6 +148,7 @@ pub fn run(data: &[u8]) {
     let mut nodes: BTreeMap<&str, String> = BTreeMap::new();
     for (name, v) in &case.nodes {
         check_state(v);
+        check_scan(v);
         let v = String::from_utf8_lossy(v).into_owned();
         check_protocol(&v);
         nodes.insert(NAMES[usize::from(*name) % NAMES.len()], v);
@@ -138,14 +158,13 @@ pub fn run(data: &[u8]) {
         Ok(cfg) => {
             let want_abi = nodes.get("protocol").map_or(Some(Abi::Native), |p| Abi::from_protocol(p));
             assert_eq!(Some(cfg.abi), want_abi);
-            let order = nodes.get("ring-page-order").map_or(Some(0), |v| num(v));
-            assert_eq!(Some(cfg.ring_page_order), order);
+            // xenbus_read_unsigned: absent or no number is the default.
+            let unsigned = |n: &str, default| scan::read_unsigned(nodes.get(n).map(|v| v.as_bytes()), default);
+            assert_eq!(cfg.ring_page_order, unsigned("ring-page-order", 0));
             assert!(cfg.ring_page_order <= offer.max_ring_page_order);
-            let nr = nodes.get("multi-queue-num-queues").map_or(Some(1), |v| num(v));
-            assert_eq!(Some(cfg.queues.len() as u32), nr);
+            assert_eq!(cfg.queues.len() as u32, unsigned("multi-queue-num-queues", 1));
             assert!((1..=offer.max_queues as usize).contains(&cfg.queues.len()));
-            let persistent = nodes.get("feature-persistent").map_or(Some(0), |v| num(v));
-            assert_eq!(Some(u32::from(cfg.persistent)), persistent.map(|p| u32::from(p != 0)));
+            assert_eq!(cfg.persistent, unsigned("feature-persistent", 0) != 0);
             for (q, queue) in cfg.queues.iter().enumerate() {
                 let dir = if cfg.queues.len() == 1 { String::new() } else { format!("queue-{q}/") };
                 let node = |n: &str| nodes.get(format!("{dir}{n}").as_str()).and_then(|v| num(v));
@@ -184,15 +203,17 @@ pub fn run(data: &[u8]) {
 
 fn case(max_queues: u8, max_order: u8, nodes: &[(&str, &str)]) -> Vec<u8> {
     let idx = |n: &str| NAMES.iter().position(|x| *x == n).expect("a known name") as u8;
-    Case { max_queues, max_order, nodes: nodes.iter().map(|(n, v)| (idx(n), v.as_bytes().to_vec())).collect() }
-        .encode()
+    Case { max_queues, max_order, nodes: nodes.iter().map(|(n, v)| (idx(n), v.as_bytes().to_vec())).collect() }.encode()
 }
 
 /// Seeds: frontends as Linux and other guests write them (one queue of one
 /// page, several queues of several pages, 32-bit), states, and bad values.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     vec![
-        ("linux-single", case(4, 4, &[("ring-ref", "8"), ("event-channel", "5"), ("protocol", "x86_64-abi"), ("state", "3")])),
+        (
+            "linux-single",
+            case(4, 4, &[("ring-ref", "8"), ("event-channel", "5"), ("protocol", "x86_64-abi"), ("state", "3")]),
+        ),
         (
             "multi-queue",
             case(
@@ -213,10 +234,38 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "order-two",
-            case(1, 2, &[("ring-page-order", "2"), ("ring-ref0", "1"), ("ring-ref1", "2"), ("ring-ref2", "3"), ("ring-ref3", "4"), ("event-channel", " 9 ")]),
+            case(
+                1,
+                2,
+                &[
+                    ("ring-page-order", "2"),
+                    ("ring-ref0", "1"),
+                    ("ring-ref1", "2"),
+                    ("ring-ref2", "3"),
+                    ("ring-ref3", "4"),
+                    ("event-channel", " 9 "),
+                ],
+            ),
         ),
         ("x86_32-ring-ref0", case(1, 0, &[("ring-ref0", "8"), ("event-channel", "5"), ("protocol", "x86_32-abi")])),
-        ("bad-values", case(4, 4, &[("ring-ref", "-1"), ("event-channel", "5"), ("protocol", "arm-abi"), ("state", "4\0")])),
+        (
+            "bad-values",
+            case(4, 4, &[("ring-ref", "-1"), ("event-channel", "5"), ("protocol", "arm-abi"), ("state", "4\0")]),
+        ),
+        (
+            "linux-lenient",
+            case(
+                4,
+                4,
+                &[
+                    ("ring-ref", "8junk"),
+                    ("event-channel", "\t5\n"),
+                    ("protocol", "x86_64-abi trailing"),
+                    ("feature-persistent", "yes"),
+                    ("multi-queue-num-queues", "one"),
+                ],
+            ),
+        ),
         ("too-many-queues", case(2, 0, &[("multi-queue-num-queues", "3"), ("state", " 9")])),
         ("order-too-high", case(4, 1, &[("ring-page-order", "2"), ("ring-ref0", "1")])),
         ("missing-event-channel", case(4, 4, &[("ring-ref", "8"), ("state", "6")])),
