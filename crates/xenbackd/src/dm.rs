@@ -28,6 +28,8 @@ use xenbackd::qmp::{self, ChardevInfo, Decoder, Effect, RunState, Session, VmSta
 enum Event {
     Signal(Signal),
     Qmp(Effect),
+    /// xenstored released the guest (it died without libxl telling us).
+    DomainGone,
 }
 
 /// Runs the device model; `args` are the arguments after the program name.
@@ -104,6 +106,7 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     for (chardev, listener) in listeners {
         spawn_qmp(chardev, listener, vm.clone(), tx.clone())?;
     }
+    spawn_domain_watch(cfg.domid, tx.clone())?;
     spawn_signals(stop, tx)?;
 
     if run == RunState::Running {
@@ -141,6 +144,7 @@ fn wait(rx: &Receiver<Event>, xs: &Client, state_path: &str) -> String {
                 }
             }
             Ok(Event::Qmp(Effect::None)) => {}
+            Ok(Event::DomainGone) => return "the domain is gone".into(),
             Err(_) => return "no event source left".into(),
         }
     }
@@ -198,6 +202,45 @@ fn listener_from_fd(fd: RawFd) -> Result<UnixListener> {
     nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
         .with_context(|| format!("fd={fd}: FD_CLOEXEC"))?;
     Ok(UnixListener::from(owned))
+}
+
+/// Exits when xenstored releases the guest, so that a device model whose
+/// toolstack died (no SIGHUP will come) does not keep the guest's disks open.
+/// On its own xenstore connection (the backend's watch events are its own).
+/// Only for a guest xenstored knows (`XS_IS_DOMAIN_INTRODUCED`), as every
+/// guest libxl creates is.
+fn spawn_domain_watch(domid: evtchn::DomId, tx: Sender<Event>) -> Result<()> {
+    let xs = Client::connect().context("connecting to xenstore for @releaseDomain")?;
+    match xs.is_domain_introduced(domid.into()) {
+        Ok(true) => {}
+        Ok(false) => {
+            log::info!("domain {domid} is not introduced to xenstored; not watching @releaseDomain");
+            return Ok(());
+        }
+        Err(e) => {
+            // An unprivileged connection (a driver domain's) may not ask.
+            log::info!("XS_IS_DOMAIN_INTRODUCED {domid}: {e}; not watching @releaseDomain");
+            return Ok(());
+        }
+    }
+    let events = xs.events();
+    xs.watch("@releaseDomain", "dm-release").context("watching @releaseDomain")?;
+    std::thread::Builder::new()
+        .name("xenbackd-release".into())
+        .spawn(move || {
+            for _ in events.iter() {
+                match xs.is_domain_introduced(domid.into()) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        let _ = tx.send(Event::DomainGone);
+                        return;
+                    }
+                    Err(e) => log::warn!("XS_IS_DOMAIN_INTRODUCED {domid}: {e}"),
+                }
+            }
+        })
+        .context("starting the @releaseDomain thread")?;
+    Ok(())
 }
 
 fn spawn_signals(set: SigSet, tx: Sender<Event>) -> Result<()> {

@@ -45,7 +45,7 @@ struct Host {
     sock: PathBuf,
     xs: Client,
     _server: SocketServer,
-    _xenstored: Arc<Xenstored>,
+    xenstored: Arc<Xenstored>,
 }
 
 impl Host {
@@ -57,7 +57,7 @@ impl Host {
         let xenstored = Xenstored::new();
         let server = xenstored.serve_socket(&sock).unwrap();
         let xs = Client::connect_socket(&sock).unwrap();
-        let host = Host { dir: TempDir(dir), sock, xs, _server: server, _xenstored: xenstored };
+        let host = Host { dir: TempDir(dir), sock, xs, _server: server, xenstored };
         for domid in [GUEST, OTHER] {
             host.libxl_disk(domid);
         }
@@ -333,4 +333,22 @@ fn hvm_machine_is_refused_at_once_naming_qemu() {
     assert!(host.log().contains("keep QEMU"), "log:\n{}", host.log());
     assert_eq!(host.backend(GUEST, "state").as_deref(), Some("1"), "nothing served");
     assert_eq!(host.read(&format!("/local/domain/0/device-model/{GUEST}/state")), None);
+}
+
+#[test]
+fn released_domain_ends_its_device_model() {
+    let host = Host::new("release");
+    host.xenstored.introduce_domain(GUEST);
+    let mut child = host.spawn(&host.libxl_args(Path::new(XB), GUEST));
+    let state = format!("/local/domain/0/device-model/{GUEST}/state");
+    host.wait_for("the state node", START, || host.read(&state).as_deref() == Some("running"));
+    host.wait_for("InitWait of the guest's disk", WAIT, || host.backend(GUEST, "state").as_deref() == Some("2"));
+
+    // The guest dies and no SIGHUP comes (the toolstack is gone).
+    host.xenstored.release_domain(GUEST);
+    let status = wait_exit(&mut child, WAIT);
+
+    assert!(status.success(), "{status}; log:\n{}", host.log());
+    assert!(host.log().contains("the domain is gone"), "log:\n{}", host.log());
+    assert_eq!(host.backend(OTHER, "state").as_deref(), Some("1"));
 }
