@@ -1,7 +1,8 @@
 #!/bin/sh
 # /test/run of tests/xen-vm/bench: fio in dom0 against the same RAM disk
 # (brd, /dev/ram0) reached four ways:
-#   ours     xenbackd serve (qdisk node set)  -> dom0's xen-blkfront /dev/xvda
+#   ours     xenbackd serve --io-engine threads (qdisk node set) -> dom0's xen-blkfront /dev/xvda
+#   uring    the same with serve --io-engine io-uring
 #   blkback  the kernel's xen-blkback         -> /dev/xvda
 #   qdisk    QEMU's qdisk (qemu-system-xen)   -> /dev/xvda
 #   raw      /dev/ram0 itself, no PV layer
@@ -11,7 +12,7 @@
 # (comma list of backends, default ours,blkback,qdisk,raw).
 . /test/lib/vbd.sh
 SECS=${BENCH_SECS:-8}
-ONLY=,$(echo "${BENCH_ONLY:-ours,blkback,qdisk,raw}" | tr : ,),
+ONLY=,$(echo "${BENCH_ONLY:-ours,uring,blkback,qdisk,raw}" | tr : ,),
 SIZE_MB=256
 DEV=/dev/xvda
 say() { echo "BENCH [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
@@ -74,11 +75,19 @@ case $ONLY in *,qdisk,*)
     fi ;;
 esac
 case $ONLY in *,ours,*)
-    if xenbackd_start; then
+    if xenbackd_start --io-engine threads; then
         through ours qdisk aio:/dev/ram0 || tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'
         xenbackd_stop
     else
         na ours "$XENBACKD_WHY"
+    fi ;;
+esac
+case $ONLY in *,uring,*)
+    if xenbackd_start --io-engine io-uring; then
+        through uring qdisk aio:/dev/ram0 || tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'
+        xenbackd_stop
+    else
+        na uring "$XENBACKD_WHY"
     fi ;;
 esac
 say "done"

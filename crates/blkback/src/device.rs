@@ -61,14 +61,14 @@ pub struct BlkOptions {
     pub io_threads: usize,
     /// Open disks with `O_DIRECT` where the file system allows it.
     pub direct: bool,
-    /// The I/O engine. The thread pool until the io_uring engine is
-    /// measured in the lab (docs/blkback.md).
+    /// The I/O engine: [`EngineChoice::Auto`] by default (io_uring where
+    /// the kernel allows it; docs/blkback.md has the measurements).
     pub engine: EngineChoice,
 }
 
 impl Default for BlkOptions {
     fn default() -> Self {
-        BlkOptions { offer: Offer::default(), io_threads: 4, direct: true, engine: EngineChoice::Threads }
+        BlkOptions { offer: Offer::default(), io_threads: 4, direct: true, engine: EngineChoice::Auto }
     }
 }
 

@@ -37,7 +37,7 @@ system calls that the simulator's grant copy costs (one pread/pwrite per
 Options:
   --seconds S     time per workload (default 3)
   --size MIB      file size (default 256)
-  --io-engine E   the backend's I/O engine: threads (default), io-uring, auto
+  --io-engine E   the backend's I/O engine: auto (default), io-uring, threads
 ";
 
 /// The backend's threads on the data path (`xenbackd-w*` ring workers,
@@ -245,7 +245,7 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     let size = a.parsed::<u64>("--size")?.unwrap_or(256) << 20;
     let engine: EngineChoice = match a.value("--io-engine")? {
         Some(e) => e.parse().map_err(anyhow::Error::msg)?,
-        None => EngineChoice::Threads,
+        None => EngineChoice::Auto,
     };
     if let Some(p) = a.positionals()?.first() {
         bail!("unexpected argument {p:?}");

@@ -41,9 +41,10 @@ Options:
   --type NAME       serve backend/NAME (repeatable; default qdisk; e.g. vbd
                     when the kernel's blkback is not loaded)
   --workers N       ring worker threads (default: number of CPUs)
-  --io-engine E     threads (default): blocking I/O on --io-threads per
-                    queue; io-uring: io_uring driven by the ring workers;
-                    auto: io-uring where the kernel allows it
+  --io-engine E     auto (default): io-uring where the kernel allows it
+                    (logged at start), else threads; io-uring: io_uring
+                    driven by the ring workers; threads: blocking I/O on
+                    --io-threads per queue
   --io-threads N    I/O threads per queue of the threads engine (default 4)
   --buffered        use the page cache instead of O_DIRECT
   --close-on-exit   close every device on SIGTERM/SIGINT instead of leaving

@@ -65,10 +65,11 @@ vbd_detach() {
 }
 
 # xenbackd_start: `xenbackd serve [ARGS]` in the background, log appended to
-# /tmp/xenbackd.log; fails if the binary has no serve command or exits at once
+# /tmp/xenbackd.log; fails if the binary has no serve command or exits at once.
+# XENBACKD_IO_ENGINE (run-scenarios --env) picks serve's --io-engine.
 xenbackd_start() {
     [ -x /test/xenbackd ] || { XENBACKD_WHY="no /test/xenbackd"; return 1; }
-    RUST_LOG=${RUST_LOG:-info} /test/xenbackd serve "$@" >> /tmp/xenbackd.log 2>&1 &
+    RUST_LOG=${RUST_LOG:-info} /test/xenbackd serve ${XENBACKD_IO_ENGINE:+--io-engine $XENBACKD_IO_ENGINE} "$@" >> /tmp/xenbackd.log 2>&1 &
     XENBACKD_PID=$!
     sleep 1
     if ! kill -0 $XENBACKD_PID 2>/dev/null; then
