@@ -14,7 +14,8 @@
 #     a third guest destroyed (xl destroy) while it writes its disk.
 # After each guest: no xenbackd process for its domid, no backend node, no
 # open file of its image.
-# Env: DOMU_MEM (MiB, default 128), DOMU_TIMEOUT (s, default 300).
+# Env: DOMU_MEM (MiB, default 128), DOMU_TIMEOUT (s, default 300),
+#      XLDISK_HOLDIO=0: holding guests sleep instead of writing their disks.
 . /test/lib/vbd.sh
 npass=0; nfail=0
 ok() { echo "PASS $*"; npass=$((npass + 1)); }
@@ -24,7 +25,7 @@ T=${DOMU_TIMEOUT:-300}
 XB=/usr/lib/xen-4.17/bin
 finish() {
     for n in g1 g2 g3 g4 g5 g6; do xl domid $n >/dev/null 2>&1 && xl destroy $n; done
-    for f in /var/log/xen/qemu-dm-*.log; do
+    for f in /var/log/xen/xl-*.log /var/log/xen/qemu-dm-*.log; do
         [ -f "$f" ] || continue
         echo "----- $f (tail) -----"; tail -15 "$f"
         grep -qi 'panick' "$f" && bad "$f: xenbackd panicked"
@@ -53,7 +54,7 @@ cfg() {
     n=$1 mode=$2 ovr=${3:-}
     dd if=/dev/zero of=/tmp/$n.img bs=1M count=32 2>/dev/null
     printf 'XENVM-DOM0-MARKER-%s' "$n" | dd of=/tmp/$n.img conv=notrunc 2>/dev/null
-    extra="console=hvc0 loglevel=4 domu.wait=90 domu.mode=$mode"
+    extra="console=hvc0 loglevel=4 domu.wait=90 domu.mode=$mode domu.holdio=${XLDISK_HOLDIO:-1}"
     [ "$mode" = xvdb ] && extra="console=hvc0 loglevel=4 domu.wait=90 domu.xvdb=$T"
     cat > /tmp/$n.cfg <<CFG
 name = "$n"
@@ -74,6 +75,7 @@ CFG
 # create NAME: xl create (the device model is started; the guest runs)
 create() {
     n=$1
+    step "$n: before xl create: $(free -m | awk '/Mem:/{print "dom0 free " $4 " MiB of " $2}'), $(xl info 2>/dev/null | awk '/free_memory/{print "Xen free " $3 " MiB"}')"
     if ! xl create /tmp/$n.cfg > /tmp/xl-$n.log 2>&1; then
         cat /tmp/xl-$n.log; tail -20 /var/log/xen/qemu-dm-$n.log 2>/dev/null
         bad "$n: xl create"; return 1
@@ -133,6 +135,8 @@ clean() {
     [ -n "$rb" ] && return 0
     wait_for "image closed" 20 no_open /tmp/$n.img && ok "$n: /tmp/$n.img open nowhere" ||
         bad "$n: /tmp/$n.img still open by $(open_of /tmp/$n.img)"
+    # (checked by verdict before; tmpfs is dom0's RAM)
+    rm -f /tmp/$n.img
 }
 # verdict NAME COUNT: the guest reported success COUNT times; its marker is in the image
 verdict() {
