@@ -352,3 +352,48 @@ fn released_domain_ends_its_device_model() {
     assert!(host.log().contains("the domain is gone"), "log:\n{}", host.log());
     assert_eq!(host.backend(OTHER, "state").as_deref(), Some("1"));
 }
+
+#[test]
+fn debian_dom0_instance_daemonizes_and_writes_its_pidfile() {
+    let host = Host::new("dom0");
+    let pidfile = host.path("qemu-dom0.pid");
+    let args: Vec<String> = [
+        XB,
+        "-xen-domid",
+        "0",
+        "-xen-attach",
+        "-name",
+        "dom0",
+        "-nographic",
+        "-M",
+        "xenpv",
+        "-daemonize",
+        "-monitor",
+        "/dev/null",
+        "-serial",
+        "/dev/null",
+        "-parallel",
+        "/dev/null",
+        "-nodefaults",
+        "-no-user-config",
+        "-pidfile",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([pidfile.display().to_string()])
+    .collect();
+
+    // As /etc/init.d/xen runs it: the command returns once the daemon is up.
+    let mut parent = host.spawn(&args);
+    let status = wait_exit(&mut parent, START);
+
+    assert!(status.success(), "{status}; log:\n{}", host.log());
+    assert_eq!(host.read("/local/domain/0/device-model/0/state").as_deref(), Some("running"));
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let daemon = nix::unistd::Pid::from_raw(pid);
+    assert_ne!(pid, parent.id() as i32, "the pidfile names the daemon, not the parent");
+    nix::sys::signal::kill(daemon, None).expect("the daemon runs");
+    assert_eq!(host.backend(GUEST, "state").as_deref(), Some("1"), "domain 0's instance serves domain 0 only");
+    nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGTERM).unwrap();
+    host.wait_for("the daemon to exit", WAIT, || !pidfile.exists());
+}
