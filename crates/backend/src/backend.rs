@@ -19,7 +19,7 @@ use crate::key::{backend_token, frontend_token, parse_backend_path, parse_fronte
 use crate::platform::Platform;
 use crate::state::{step, Step, XenbusState};
 use crate::thread::{panic_message, spawn_named};
-use crate::worker::{Failure, Owner, Placement, WorkerPool};
+use crate::worker::{Failure, Owner, Placement, Released, WorkerPool};
 
 /// Watch events taken in one batch before pending frontend states are read.
 const EVENT_BATCH: usize = 256;
@@ -30,6 +30,10 @@ pub const DEFAULT_RING_BUDGET: usize = 64;
 /// How long a frontend is given to close after its backend directory was
 /// removed under it (see [`Config::departure_timeout`]).
 pub const DEFAULT_DEPARTURE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a ring being taken away may take to finish its I/O (see
+/// [`Config::drain_timeout`]).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Backend configuration.
 #[derive(Clone, Debug)]
@@ -45,6 +49,11 @@ pub struct Config {
     pub departure_timeout: Duration,
     /// Which frontend domains' devices this process serves (default: all).
     pub frontends: Frontends,
+    /// A ring taken away (disconnect) finishes its requests in flight in
+    /// the background, while every other device is served; one whose I/O
+    /// is not done after this long fails its device alone, and is finished
+    /// and dropped on a thread of its own ([`DEFAULT_DRAIN_TIMEOUT`]).
+    pub drain_timeout: Duration,
 }
 
 impl Default for Config {
@@ -54,6 +63,7 @@ impl Default for Config {
             ring_budget: DEFAULT_RING_BUDGET,
             departure_timeout: DEFAULT_DEPARTURE_TIMEOUT,
             frontends: Frontends::All,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
@@ -77,6 +87,9 @@ pub struct Stats {
     /// Devices found Connected (left by a previous backend process) and
     /// taken over where they were.
     pub resumes: AtomicU64,
+    /// Rings whose I/O was still in flight at their drain deadline after a
+    /// disconnect (each failed its device and was finished aside).
+    pub stuck_rings: AtomicU64,
 }
 
 /// How the xenbus thread ends.
@@ -127,6 +140,8 @@ impl Backend {
             devices: HashMap::new(),
             departing: HashMap::new(),
             departure_timeout: config.departure_timeout,
+            drain_timeout: config.drain_timeout,
+            released: crossbeam_channel::unbounded(),
             dirty: Vec::new(),
             next_generation: 1,
             pool,
@@ -202,6 +217,22 @@ struct Slot {
     dirty: bool,
     frontend_state_path: String,
     rings: Vec<Placement>,
+    /// Rings taken back and still draining; the device's next step waits
+    /// for them (see [`Xenbus::released`]).
+    releasing: usize,
+    /// A ring of it was still busy at its drain deadline.
+    stuck: bool,
+    /// A failure whose Closing/Closed waits for the rings to be released.
+    pending_error: Option<String>,
+    /// The step whose state write waits for the rings to be released.
+    after_release: Option<Step>,
+    /// The frontend watch's first event is its registration's.
+    skip_initial_event: bool,
+    /// The frontend state last acted on.
+    last_fe: Option<XenbusState>,
+    /// The frontend state the device failed in: the same state again does
+    /// not retry it (another one does).
+    failed_with: Option<XenbusState>,
 }
 
 /// A removed device whose frontend is being told to close: we wrote
@@ -224,6 +255,9 @@ struct Xenbus {
     /// frontend, until that frontend has closed.
     departing: HashMap<DeviceKey, Departing>,
     departure_timeout: Duration,
+    drain_timeout: Duration,
+    /// Where workers report rings taken back ([`WorkerPool::remove`]).
+    released: (Sender<Released>, Receiver<Released>),
     /// Devices whose frontend state changed, handled after a batch of events.
     dirty: Vec<(DeviceKey, u64)>,
     next_generation: u64,
@@ -249,6 +283,7 @@ impl Xenbus {
         sync: Receiver<Sender<()>>,
     ) {
         let mut how = Stop::Close;
+        let released = self.released.1.clone();
         loop {
             let next_deadline = self.departing.values().map(|d| d.deadline).min();
             let timer = match next_deadline {
@@ -280,6 +315,9 @@ impl Xenbus {
                     break;
                 }
                 recv(timer) -> _ => self.departures_expired(),
+                recv(released) -> r => if let Ok(r) = r {
+                    self.released(r);
+                },
                 recv(sync) -> done => if let Ok(done) = done {
                     self.sync(&events);
                     let _ = done.send(());
@@ -300,12 +338,20 @@ impl Xenbus {
             self.event(ev);
         }
         self.run_dirty();
+        // And every step that waits for rings to drain.
+        let deadline = Instant::now() + self.drain_timeout + Duration::from_secs(1);
+        while self.devices.values().any(|s| s.releasing > 0) {
+            match self.released.1.recv_deadline(deadline) {
+                Ok(r) => self.released(r),
+                Err(_) => break,
+            }
+        }
     }
 
     fn shutdown(&mut self, how: Stop) {
         let keys: Vec<DeviceKey> = self.devices.keys().cloned().collect();
         for key in keys {
-            self.teardown(&key);
+            self.teardown_now(&key);
             if how == Stop::Close {
                 self.set_state(&key, XenbusState::Closing, &[]);
                 self.set_state(&key, XenbusState::Closed, &[]);
@@ -369,6 +415,11 @@ impl Xenbus {
         } else if let Some((key, generation)) = parse_frontend_token(&ev.token) {
             match self.devices.get_mut(&key) {
                 Some(slot) if slot.generation == generation => {
+                    if std::mem::take(&mut slot.skip_initial_event) {
+                        // xenstored's event for the watch's registration: the
+                        // state was read after it already (try_create).
+                        return;
+                    }
                     if !slot.dirty {
                         slot.dirty = true;
                         self.dirty.push((key, generation));
@@ -547,6 +598,13 @@ impl Xenbus {
                 dirty: false,
                 frontend_state_path,
                 rings: Vec::new(),
+                releasing: 0,
+                stuck: false,
+                pending_error: None,
+                after_release: None,
+                skip_initial_event: false,
+                last_fe: None,
+                failed_with: None,
             },
         );
         self.stats.devices.fetch_add(1, Ordering::Relaxed);
@@ -573,6 +631,13 @@ impl Xenbus {
         if resume {
             self.resume(&key);
         } else if online {
+            // init reads the frontend's state after the watch is set, so
+            // the watch's first event (xenstored fires one as it is set)
+            // says nothing new; acting on it would retry a device that
+            // failed just now on the same state.
+            if let Some(slot) = self.devices.get_mut(&key) {
+                slot.skip_initial_event = true;
+            }
             self.init(&key);
         }
     }
@@ -658,6 +723,10 @@ impl Xenbus {
 
     fn frontend_changed(&mut self, key: &DeviceKey) {
         let Some(slot) = self.devices.get(key) else { return };
+        if slot.releasing > 0 {
+            // Looked at again once the rings are back.
+            return;
+        }
         let (be, online) = (slot.state, slot.online);
         let fe = match self.xs().read(TxId::NONE, &slot.frontend_state_path) {
             Ok(v) => match XenbusState::parse(&v) {
@@ -674,20 +743,44 @@ impl Xenbus {
             }
         };
         log::debug!("{key}: frontend {fe}, backend {be}");
-        match step(fe, be, online) {
+        if let Some(slot) = self.devices.get_mut(key) {
+            slot.last_fe = Some(fe);
+            if slot.failed && slot.failed_with == Some(fe) {
+                // Failed in this very state: a frontend that starts over
+                // writes another one first (Linux's always do), so a
+                // repeated event or write costs no new attempt.
+                return;
+            }
+            slot.failed_with = None;
+        }
+        let step = step(fe, be, online);
+        match step {
             Step::Nothing => {}
+            Step::Connect => self.connect(key),
+            Step::Reinitialise { .. } | Step::Close(_) => {
+                if self.teardown(key) {
+                    self.finish_step(key, step);
+                } else if let Some(slot) = self.devices.get_mut(key) {
+                    // The rings drain meanwhile; every other device is served.
+                    slot.after_release = Some(step);
+                }
+            }
+        }
+    }
+
+    /// What a step does once the device's rings are back.
+    fn finish_step(&mut self, key: &DeviceKey, step: Step) {
+        match step {
             Step::Reinitialise { close_first } => {
-                self.teardown(key);
                 if close_first {
                     self.set_state(key, XenbusState::Closing, &[]);
                 }
                 self.init(key);
             }
-            Step::Connect => self.connect(key),
             Step::Close(state) => {
-                self.teardown(key);
                 self.set_state(key, state, &[]);
             }
+            Step::Nothing | Step::Connect => {}
         }
     }
 
@@ -713,19 +806,91 @@ impl Xenbus {
     }
 
     /// Takes the rings back from the workers and lets the device release
-    /// the rest (only if it was connecting or connected).
-    fn teardown(&mut self, key: &DeviceKey) {
-        let Some(slot) = self.devices.get_mut(key) else { return };
+    /// the rest (only if it was connecting or connected). The rings drain in
+    /// the background, so this never waits for I/O: false while they are
+    /// not all back, and [`Xenbus::released`] carries on once they are.
+    fn teardown(&mut self, key: &DeviceKey) -> bool {
+        let Some(slot) = self.devices.get_mut(key) else { return true };
         let rings = std::mem::take(&mut slot.rings);
-        let was_connected = matches!(slot.state, XenbusState::Connected | XenbusState::InitWait);
+        let owner = Owner { key: key.clone(), generation: slot.generation };
         for p in rings {
-            self.pool.remove(p);
+            if self.pool.remove(p, owner.clone(), self.drain_timeout, self.released.0.clone()) {
+                slot.releasing += 1;
+            } else {
+                log::error!("{owner:?}: its worker is gone; the ring is lost with it");
+            }
         }
+        if slot.releasing > 0 {
+            return false;
+        }
+        let was_connected = matches!(slot.state, XenbusState::Connected | XenbusState::InitWait);
         if was_connected {
             if let Some(Err(e)) = self.call(key, |d, ctx| d.disconnect(ctx)) {
                 log::error!("{key}: disconnect: {e}");
             }
         }
+        true
+    }
+
+    /// [`Xenbus::teardown`] that waits for the rings (at shutdown, when
+    /// nothing else is served any more).
+    fn teardown_now(&mut self, key: &DeviceKey) {
+        let deadline = Instant::now() + self.drain_timeout + Duration::from_secs(1);
+        while !self.teardown(key) {
+            match self.released.1.recv_deadline(deadline) {
+                Ok(r) => {
+                    if let Some(slot) = self.devices.get_mut(&r.owner.key) {
+                        if slot.generation == r.owner.generation {
+                            slot.releasing = slot.releasing.saturating_sub(1);
+                        }
+                    }
+                }
+                Err(_) => {
+                    log::error!("{key}: rings not released in time; shutting down without them");
+                    if let Some(slot) = self.devices.get_mut(key) {
+                        slot.releasing = 0;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A ring taken back is released. Once all of a device's are, what
+    /// waited for them goes on: a pending failure closes the device (a
+    /// ring stuck past its deadline fails it), else the frontend's state is
+    /// looked at again.
+    fn released(&mut self, r: Released) {
+        let key = r.owner.key.clone();
+        let Some(slot) = self.devices.get_mut(&key) else { return };
+        if slot.generation != r.owner.generation || slot.releasing == 0 {
+            return;
+        }
+        slot.releasing -= 1;
+        slot.stuck |= r.stuck;
+        if slot.releasing > 0 {
+            return;
+        }
+        if std::mem::take(&mut slot.stuck) {
+            self.stats.stuck_rings.fetch_add(1, Ordering::Relaxed);
+            let msg = format!("I/O still in flight {:?} after the disconnect; ring dropped aside", self.drain_timeout);
+            // A failure already pending is written first.
+            if slot.pending_error.is_none() {
+                return self.fail(&key, DeviceError::msg(msg));
+            }
+        }
+        let after = slot.after_release.take();
+        if slot.pending_error.is_some() {
+            self.finish_fail(&key);
+            return;
+        }
+        if let Some(step) = after {
+            if !self.teardown(&key) {
+                return;
+            }
+            self.finish_step(&key, step);
+        }
+        // The frontend may have moved on while the rings drained.
+        self.frontend_changed(&key);
     }
 
     /// Writes queued device nodes, `extra` and `state`, in one transaction
@@ -787,15 +952,30 @@ impl Xenbus {
             log::debug!("{key}: again: {text}");
             return;
         }
+        if self.devices.get(key).is_some_and(|s| s.pending_error.is_some()) {
+            log::debug!("{key}: again while closing: {text}");
+            return;
+        }
         log::error!("{key}: {text}");
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         let linux_error = self.linux_error_path(key);
         if let Err(e) = self.xs().write(TxId::NONE, &linux_error, text.as_bytes()) {
             log::warn!("{key}: writing {linux_error}: {e}");
         }
-        self.teardown(key);
         let Some(slot) = self.devices.get_mut(key) else { return };
         slot.failed = true;
+        slot.failed_with = slot.last_fe;
+        slot.pending_error = Some(text);
+        self.finish_fail(key);
+    }
+
+    /// The rest of [`Xenbus::fail`], once the rings are back: Closing with
+    /// the error, then Closed.
+    fn finish_fail(&mut self, key: &DeviceKey) {
+        if !self.teardown(key) {
+            return;
+        }
+        let Some(text) = self.devices.get_mut(key).and_then(|s| s.pending_error.take()) else { return };
         if self.set_state(key, XenbusState::Closing, &[("error", text.as_bytes())]) {
             self.set_state(key, XenbusState::Closed, &[]);
         }

@@ -73,10 +73,27 @@ pub trait RingHandler: Send {
     }
     /// The ring is being taken away (disconnect or shutdown): finish the
     /// requests in flight and push their responses. Returns whether the
-    /// frontend must be notified.
+    /// frontend must be notified. May block (used at shutdown).
     fn quiesce(&mut self) -> bool {
         false
     }
+    /// One step of taking the ring away without blocking: take no new
+    /// request, collect what finished and push its responses. Until it
+    /// reports `done`, the worker calls it again whenever
+    /// [`RingHandler::completion_fd`] is readable, and serves its other
+    /// rings meanwhile. The default quiesces at once.
+    fn drain(&mut self) -> Drained {
+        Drained { notify: self.quiesce(), done: true }
+    }
+}
+
+/// What a ring handler reports from [`RingHandler::drain`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Responses were pushed and the frontend asked to be notified.
+    pub notify: bool,
+    /// Nothing is in flight any more: the ring can go.
+    pub done: bool,
 }
 
 /// An event-channel port bound to the frontend, on its own handle.

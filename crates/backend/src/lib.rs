@@ -18,7 +18,7 @@ mod thread;
 mod worker;
 
 pub use backend::{Backend, Config, Stats, DEFAULT_DEPARTURE_TIMEOUT, DEFAULT_RING_BUDGET};
-pub use device::{BoundPort, Device, DeviceCtx, DeviceType, Progress, RingHandler, RingSetup};
+pub use device::{BoundPort, Device, DeviceCtx, DeviceType, Drained, Progress, RingHandler, RingSetup};
 pub use error::{DeviceError, Error};
 pub use frontends::{DeviceFilter, Frontends};
 pub use key::DeviceKey;

@@ -3,6 +3,12 @@
 //! bounded budget per pass, round-robin over the rings with work. Rings are
 //! added and removed through a bounded command channel plus an eventfd
 //! wakeup; the worker owns them.
+//!
+//! Removal never blocks anyone: the ring is drained step by step on its
+//! completion events ([`RingHandler::drain`]) while the worker serves its
+//! other rings, and the remover hears of it on a channel ([`Released`]). A
+//! ring still busy at its deadline goes to a thread of its own to finish
+//! and drop (a stuck disk keeps only that thread), and is reported stuck.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
@@ -10,6 +16,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -46,9 +53,18 @@ pub(crate) struct Placement {
     id: u64,
 }
 
+/// A removed ring is gone: drained and dropped (unmapped, port unbound),
+/// or, if `stuck`, handed to a thread of its own because its I/O did not
+/// finish by the deadline.
+#[derive(Debug)]
+pub(crate) struct Released {
+    pub owner: Owner,
+    pub stuck: bool,
+}
+
 enum Command {
     Add { id: u64, owner: Owner, setup: RingSetup },
-    Remove { id: u64, ack: Sender<()> },
+    Remove { id: u64, owner: Owner, deadline: Instant, done: Sender<Released> },
     Stop,
 }
 
@@ -163,14 +179,14 @@ impl WorkerPool {
         Placement { worker, id }
     }
 
-    /// Takes a ring back: its handler finishes in-flight requests and is
-    /// dropped (unmapping the ring, unbinding the port) before this returns.
-    pub fn remove(&self, placement: Placement) {
-        let (ack, done) = crossbeam_channel::bounded(1);
-        if self.send(placement.worker, Command::Remove { id: placement.id, ack }) {
-            // A dead worker drops the sender: recv fails instead of hanging.
-            let _ = done.recv();
-        }
+    /// Takes a ring back without waiting: its handler takes no new request
+    /// and is drained, then dropped (unmapping the ring, unbinding the
+    /// port); `done` then gets a [`Released`]. At `timeout` a ring still
+    /// busy is left to a thread of its own and reported stuck. False if
+    /// the worker is gone (nothing will be sent).
+    pub fn remove(&self, placement: Placement, owner: Owner, timeout: Duration, done: Sender<Released>) -> bool {
+        let deadline = Instant::now() + timeout;
+        self.send(placement.worker, Command::Remove { id: placement.id, owner, deadline, done })
     }
 
     /// Stops every worker after their rings are quiesced and dropped.
@@ -197,6 +213,8 @@ struct Entry {
     owner: Owner,
     setup: RingSetup,
     queued: bool,
+    /// Being taken away: whom to tell, and by when.
+    draining: Option<(Instant, Sender<Released>)>,
 }
 
 /// One worker's state, owned by its thread.
@@ -225,7 +243,17 @@ impl Worker {
         let mut events = [EpollEvent::empty(); EVENTS_PER_WAIT];
         let mut pending = Vec::new();
         loop {
-            let timeout = if self.ready.is_empty() { EpollTimeout::NONE } else { EpollTimeout::ZERO };
+            let timeout = if !self.ready.is_empty() {
+                EpollTimeout::ZERO
+            } else {
+                match self.next_drain_deadline() {
+                    None => EpollTimeout::NONE,
+                    Some(t) => {
+                        let ms = t.saturating_duration_since(Instant::now()).as_millis().clamp(1, 60_000);
+                        EpollTimeout::try_from(ms as i32).unwrap_or(EpollTimeout::NONE)
+                    }
+                }
+            };
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -245,10 +273,12 @@ impl Worker {
                         }
                     }
                     Some(Token::Port(slot)) => self.port_event(slot, &mut pending),
+                    Some(Token::Completion(slot)) if self.is_draining(slot) => self.drain_step(slot),
                     Some(Token::Completion(slot)) => self.mark_ready(slot),
                     None => log::warn!("Unknown epoll token {:#x}", ev.data()),
                 }
             }
+            self.drains_expired();
             for _ in 0..self.ready.len() {
                 let Some(slot) = self.ready.pop_front() else { break };
                 self.service(slot);
@@ -261,11 +291,14 @@ impl Worker {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 Command::Add { id, owner, setup } => self.add(id, owner, setup),
-                Command::Remove { id, ack } => {
-                    if let Some(slot) = self.slots.iter().position(|e| e.as_ref().is_some_and(|e| e.id == id)) {
-                        self.remove(slot as u32, true);
+                Command::Remove { id, owner, deadline, done } => {
+                    match self.slots.iter().position(|e| e.as_ref().is_some_and(|e| e.id == id)) {
+                        Some(slot) => self.start_drain(slot as u32, deadline, done),
+                        // Failed before (its failure is reported): gone already.
+                        None => {
+                            let _ = done.send(Released { owner, stuck: false });
+                        }
                     }
-                    let _ = ack.send(());
                 }
                 Command::Stop => return false,
             }
@@ -287,7 +320,7 @@ impl Worker {
         if let (Ok(()), Some(fd)) = (&res, completion) {
             res = self.epoll.add(borrow(fd), EpollEvent::new(EpollFlags::EPOLLIN, Token::Completion(slot).to_u64()));
         }
-        self.slots[slot as usize] = Some(Entry { id, owner, setup, queued: false });
+        self.slots[slot as usize] = Some(Entry { id, owner, setup, queued: false, draining: None });
         match res {
             // Requests may have been queued before the port was watched.
             Ok(()) => self.mark_ready(slot),
@@ -315,9 +348,89 @@ impl Worker {
         }
     }
 
+    fn is_draining(&self, slot: u32) -> bool {
+        matches!(self.slots.get(slot as usize), Some(Some(e)) if e.draining.is_some())
+    }
+
+    fn next_drain_deadline(&self) -> Option<Instant> {
+        self.slots.iter().flatten().filter_map(|e| e.draining.as_ref().map(|(t, _)| *t)).min()
+    }
+
+    /// Stops serving the ring's requests (its port leaves epoll; its
+    /// completion fd stays) and drains it.
+    fn start_drain(&mut self, slot: u32, deadline: Instant, done: Sender<Released>) {
+        let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { return };
+        let _ = self.epoll.delete(borrow(entry.setup.port.handle().as_raw_fd()));
+        entry.draining = Some((deadline, done));
+        entry.queued = false;
+        self.ready.retain(|s| *s != slot);
+        self.drain_step(slot);
+    }
+
+    fn drain_step(&mut self, slot: u32) {
+        let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { return };
+        let drained = catch_unwind(AssertUnwindSafe(|| entry.setup.handler.drain()));
+        let done = match drained {
+            Ok(d) => {
+                if d.notify {
+                    let _ = entry.setup.port.notify();
+                }
+                d.done
+            }
+            Err(payload) => {
+                log::error!("Ring of {} panicked while draining: {}", entry.owner.key, panic_message(&*payload));
+                true
+            }
+        };
+        if done {
+            if let Some(mut entry) = self.remove(slot, false) {
+                let (_, tell) = entry.draining.take().expect("draining");
+                let owner = entry.owner.clone();
+                // Unmaps the ring and unbinds the port.
+                drop(entry);
+                let _ = tell.send(Released { owner, stuck: false });
+            }
+        }
+    }
+
+    /// Rings whose drain deadline passed: each goes to a thread of its own,
+    /// which drops it once its I/O is done (the drop waits for it).
+    fn drains_expired(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(
+                |&s| matches!(&self.slots[s as usize], Some(e) if e.draining.as_ref().is_some_and(|(t, _)| *t <= now)),
+            )
+            .collect();
+        for slot in expired {
+            let Some(mut entry) = self.remove(slot, false) else { continue };
+            let (_, tell) = entry.draining.take().expect("draining");
+            let owner = entry.owner.clone();
+            log::error!("Ring of {} still has I/O in flight at its drain deadline; finishing it aside", owner.key);
+            let key = owner.key.clone();
+            let reaper = spawn_named(
+                "xenbackd-reap".to_string(),
+                move |msg| log::error!("Finishing a ring of {key} aside: {msg}"),
+                move || {
+                    let mut entry = entry;
+                    if entry.setup.handler.quiesce() {
+                        let _ = entry.setup.port.notify();
+                    }
+                },
+            );
+            if let Err(e) = reaper {
+                log::error!("Cannot start a thread to finish the ring aside ({e}); its resources are leaked");
+            }
+            let _ = tell.send(Released { owner, stuck: true });
+        }
+    }
+
     fn service(&mut self, slot: u32) {
         let budget = self.budget;
         let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { return };
+        if entry.draining.is_some() {
+            return;
+        }
         entry.queued = false;
         let res = catch_unwind(AssertUnwindSafe(|| entry.setup.handler.process(budget)));
         let res = match res {
@@ -374,7 +487,13 @@ impl Worker {
 
     fn stop(&mut self) {
         for slot in 0..self.slots.len() as u32 {
-            self.remove(slot, true);
+            if let Some(mut entry) = self.remove(slot, true) {
+                if let Some((_, tell)) = entry.draining.take() {
+                    let owner = entry.owner.clone();
+                    drop(entry);
+                    let _ = tell.send(Released { owner, stuck: false });
+                }
+            }
         }
     }
 }
@@ -521,8 +640,11 @@ mod tests {
         guest.send(&[10]);
         assert_eq!(guest.receive(1), vec![11]);
 
-        pool.remove(placement);
+        let (tx, released) = crossbeam_channel::unbounded();
+        assert!(pool.remove(placement, owner_of(4), Duration::from_secs(30), tx));
+        let r = released.recv_timeout(Duration::from_secs(30)).unwrap();
 
+        assert!(!r.stuck);
         // Only the guest's own end is left mapped.
         assert_eq!(host.grant_table(4).live_maps().unwrap(), 1);
     }
@@ -578,9 +700,104 @@ mod tests {
 
         nix::unistd::write(&completion, &1u64.to_ne_bytes()).unwrap();
         let first = events.recv_timeout(Duration::from_secs(30)).unwrap();
-        pool.remove(placement);
+        let (tx, released) = crossbeam_channel::unbounded();
+        pool.remove(placement, owner_of(5), Duration::from_secs(30), tx);
+        released.recv_timeout(Duration::from_secs(30)).unwrap();
         let second = events.try_recv().unwrap();
 
         assert_eq!((first, second), ("completion", "quiesce"));
+    }
+
+    fn owner_of(domid: u16) -> Owner {
+        Owner { key: DeviceKey { kind: "t".into(), frontend: domid, devid: 0 }, generation: 1 }
+    }
+
+    /// Drains only once its completion fd was written (an I/O that takes
+    /// as long as the test wants), or never.
+    struct SlowDrain {
+        fd: EventFd,
+        finished: bool,
+    }
+
+    impl RingHandler for SlowDrain {
+        fn process(&mut self, _budget: usize) -> Result<Progress, DeviceError> {
+            Ok(Progress::default())
+        }
+
+        fn completion_fd(&self) -> Option<RawFd> {
+            Some(std::os::fd::AsRawFd::as_raw_fd(&self.fd))
+        }
+
+        fn drain(&mut self) -> crate::device::Drained {
+            self.finished |= self.fd.read().is_ok();
+            crate::device::Drained { notify: false, done: self.finished }
+        }
+
+        fn quiesce(&mut self) -> bool {
+            false
+        }
+    }
+
+    /// The ring's placement, the fd that finishes its I/O, and the guest's
+    /// event-channel handle (its port lives as long as the handle).
+    fn slow_ring(
+        pool: &mut WorkerPool,
+        host: &Arc<SimHost>,
+        domid: u16,
+    ) -> (Placement, std::os::fd::OwnedFd, Box<dyn evtchn::EventChannel>) {
+        host.create_domain(domid).unwrap();
+        let guest = host.evtchn(domid);
+        let remote = guest.bind_unbound_port(0).unwrap();
+        let port = BoundPort::bind(host.evtchn(0), domid, remote).unwrap();
+        let fd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
+        let finish = fd.as_fd().try_clone_to_owned().unwrap();
+        let owner = Owner { key: DeviceKey { kind: "t".into(), frontend: domid, devid: 0 }, generation: 1 };
+        (pool.add(owner, RingSetup { port, handler: Box::new(SlowDrain { fd, finished: false }) }), finish, guest)
+    }
+
+    /// Issue 13: a ring draining slow I/O blocks neither the remover nor
+    /// the other rings of its worker.
+    #[test]
+    fn a_draining_ring_does_not_block_its_worker_or_the_remover() {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        let (failures, _failed) = crossbeam_channel::unbounded();
+        let mut pool = WorkerPool::new(1, 64, failures).unwrap();
+        let (mut neighbour, _) = guest_with_ring(&mut pool, &host, 1);
+        let (slow, finish, _guest) = slow_ring(&mut pool, &host, 2);
+
+        let (tx, released) = crossbeam_channel::unbounded();
+        assert!(pool.remove(slow, owner_of(2), Duration::from_secs(60), tx));
+        // The remover returned at once; the worker serves the neighbour.
+        neighbour.send(&[1, 2, 3]);
+        assert_eq!(neighbour.receive(3), vec![2, 3, 4]);
+        assert!(released.try_recv().is_err(), "released before its I/O finished");
+
+        nix::unistd::write(&finish, &1u64.to_ne_bytes()).unwrap();
+        let r = released.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(!r.stuck);
+        assert_eq!(r.owner.key.frontend, 2);
+        neighbour.send(&[7]);
+        assert_eq!(neighbour.receive(1), vec![8]);
+    }
+
+    /// A ring whose I/O outlives the drain deadline is reported stuck and
+    /// finished aside; its worker goes on serving.
+    #[test]
+    fn a_ring_stuck_past_its_deadline_is_reported_and_its_worker_goes_on() {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        let (failures, _failed) = crossbeam_channel::unbounded();
+        let mut pool = WorkerPool::new(1, 64, failures).unwrap();
+        let (mut neighbour, _) = guest_with_ring(&mut pool, &host, 1);
+        let (slow, _finish, _guest) = slow_ring(&mut pool, &host, 3);
+
+        let (tx, released) = crossbeam_channel::unbounded();
+        assert!(pool.remove(slow, owner_of(3), Duration::from_millis(100), tx));
+        let r = released.recv_timeout(Duration::from_secs(30)).unwrap();
+
+        assert!(r.stuck);
+        neighbour.send(&[41]);
+        assert_eq!(neighbour.receive(1), vec![42]);
     }
 }

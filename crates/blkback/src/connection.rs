@@ -181,6 +181,25 @@ impl RingQueue {
         }
     }
 
+    /// One step of [`RingQueue::quiesce`] that never waits: collects what
+    /// finished and publishes the responses, taking no new request.
+    /// Returns whether to notify and whether nothing is in flight any more.
+    /// A ring the guest broke gets no more responses, but its requests in
+    /// flight are still waited for (their buffers are the engine's).
+    pub fn drain(&mut self) -> (bool, bool) {
+        // The first poll also starts writes taken but not started.
+        self.exec.poll(&mut self.responses);
+        let notify = match self.respond() {
+            Ok(notify) => notify,
+            Err(e) => {
+                log::warn!("queue {}: {e}; dropping {} response(s)", self.index, self.responses.len());
+                self.responses.clear();
+                false
+            }
+        };
+        (notify, self.exec.pending() == 0)
+    }
+
     /// Waits for every request in flight and publishes the responses
     /// (before the ring is unmapped). Returns whether to notify.
     pub fn quiesce(&mut self) -> Result<bool, QueueError> {

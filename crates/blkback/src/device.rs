@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use xen_backend::{Device, DeviceCtx, DeviceError, DeviceType, Progress, RingHandler, RingSetup};
+use xen_backend::{Device, DeviceCtx, DeviceError, DeviceType, Drained, Progress, RingHandler, RingSetup};
 
 use crate::config::{connect_nodes, disk_limits, DiskConfig, FrontendConfig, Offer};
 use crate::connection::RingQueue;
@@ -246,6 +246,11 @@ impl RingHandler for BlkRing {
                 false
             }
         }
+    }
+
+    fn drain(&mut self) -> Drained {
+        let (notify, done) = self.queue.drain();
+        Drained { notify, done }
     }
 }
 
