@@ -17,7 +17,7 @@ mod state;
 mod thread;
 mod worker;
 
-pub use backend::{Backend, Config, Stats, DEFAULT_DEPARTURE_TIMEOUT, DEFAULT_RING_BUDGET};
+pub use backend::{Backend, Config, Stats, DEFAULT_DEPARTURE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_RING_BUDGET};
 pub use device::{BoundPort, Device, DeviceCtx, DeviceType, Drained, Progress, RingHandler, RingSetup};
 pub use error::{DeviceError, Error};
 pub use frontends::{DeviceFilter, Frontends};
