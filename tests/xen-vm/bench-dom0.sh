@@ -1,22 +1,29 @@
 #!/bin/sh
 # /test/run of tests/xen-vm/bench: fio in dom0 against the same RAM disk
-# (brd, /dev/ram0) reached four ways:
+# (brd, /dev/ram0) reached five ways:
 #   ours     xenbackd serve --io-engine threads (qdisk node set) -> dom0's xen-blkfront /dev/xvda
 #   uring    the same with serve --io-engine io-uring
 #   blkback  the kernel's xen-blkback         -> /dev/xvda
 #   qdisk    QEMU's qdisk (qemu-system-xen)   -> /dev/xvda
 #   raw      /dev/ram0 itself, no PV layer
-# Prints "BENCHRES <backend> <test> <value>" lines (randread4k in IOPS,
-# seqread1m/seqwrite1m in MiB/s) or "BENCHNA <backend> <reason>".
-# Env (kernel cmdline via boot --env): BENCH_SECS (default 8), BENCH_ONLY
-# (comma list of backends, default ours,blkback,qdisk,raw).
+# BENCH_ROUNDS rounds; in round R the backend order is rotated by R-1, so no
+# backend always runs first or last. Each backend runs all jobs in a row:
+#   rr32 4k randread QD32 (IOPS)     rw32 4k randwrite QD32 (IOPS)
+#   mix32 4k randrw 70/30 QD32 (IOPS, reads + writes)
+#   rr1 4k randread QD1 (IOPS), rr1p50 / rr1p99 its completion latency (us)
+#   sr1m 1M read QD8 (MiB/s)         sw1m 1M write QD8 (MiB/s)
+# Prints "BENCHRES <round> <backend> <test> <value>" lines or
+# "BENCHNA <backend> round <R>: <reason>".
+# Env (kernel cmdline via boot --env): BENCH_SECS (default 5), BENCH_ROUNDS
+# (default 3), BENCH_ONLY (colon list of backends, default all five).
 . /test/lib/vbd.sh
-SECS=${BENCH_SECS:-8}
+SECS=${BENCH_SECS:-5}
+ROUNDS=${BENCH_ROUNDS:-3}
 ONLY=,$(echo "${BENCH_ONLY:-ours,uring,blkback,qdisk,raw}" | tr : ,),
 SIZE_MB=256
 DEV=/dev/xvda
 say() { echo "BENCH [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
-na() { echo "BENCHNA $1 $2"; }
+na() { echo "BENCHNA $1 round $ROUND: $2"; }
 
 [ -x /usr/bin/fio ] || { say "no fio in the image (needs the fio archive)"; exit 1; }
 modprobe brd rd_nr=1 rd_size=$((SIZE_MB * 1024)) max_part=0 || { say "modprobe brd failed"; exit 1; }
@@ -27,26 +34,45 @@ say "ram disk /dev/ram0 ${SIZE_MB}MiB ($(phys_of /dev/ram0))"
 
 # the I/O engine: libaio if fio and the kernel accept it, else psync
 ENGINE=libaio
-fio --name=probe --filename=/dev/ram0 --rw=read --bs=4k --size=64k --direct=1 \
+/usr/bin/fio --name=probe --filename=/dev/ram0 --rw=read --bs=4k --size=64k --direct=1 \
     --ioengine=libaio --minimal > /tmp/probe.out 2>&1 || ENGINE=psync
-say "fio $(fio --version), ioengine=$ENGINE, ${SECS}s per test, cpus=$(grep -c ^processor /proc/cpuinfo)"
+say "fio $(/usr/bin/fio --version), ioengine=$ENGINE, ${SECS}s per test, $ROUNDS rounds, cpus=$(grep -c ^processor /proc/cpuinfo)"
 [ $ENGINE = psync ] && say "libaio refused: $(tail -1 /tmp/probe.out)"
 
-# runfio BACKEND TARGET: the three tests; field 8 = read IOPS, 7 = read KiB/s,
-# 48 = write KiB/s in fio's terse (v3) output
+# fio's terse (v3) output, one line of ';' fields: 7 read KiB/s, 8 read
+# IOPS, 18-37 read completion-latency percentiles as "50.000000%=N" (us),
+# 48 write KiB/s, 49 write IOPS.
 # Each fio run is bounded: a hung backend gives "not available", not a hung VM.
 fio() { timeout -s KILL $((SECS * 3 + 30)) /usr/bin/fio "$@" || { echo "fio exited with $? (137: killed by the time limit)" >&2; return 1; }; }
+res() { echo "BENCHRES $ROUND $1 $2 $3"; }
+# pct LINE P: the read completion-latency percentile P (e.g. 50.000000) in us
+pct() { echo "$1" | awk -F';' -v p="$2%" '{ for (i = 18; i <= 37; i++) { split($i, kv, "="); if (kv[1] == p) { print kv[2]; exit } } }'; }
+# job BACKEND NAME FIO-ARGS...: one fio run; the terse line in $R
+job() {
+    _b=$1 _n=$2; shift 2
+    R=$(fio --name="$_n" $COMMON "$@" 2>/tmp/fio.err) || { na "$_b" "fio $_n failed: $(tail -1 /tmp/fio.err)"; return 1; }
+    if [ -z "$RAWDONE" ]; then echo "BENCHRAW $_n $R"; fi
+}
 runfio() {
     b=$1 t=$2
-    common="--filename=$t --direct=1 --ioengine=$ENGINE --time_based --runtime=$SECS --ramp_time=1 --size=${SIZE_MB}M --minimal"
-    r=$(fio --name=rr $common --rw=randread --bs=4k --iodepth=32 2>/tmp/fio.err) || { na "$b" "fio randread failed: $(tail -1 /tmp/fio.err)"; return 1; }
-    echo "BENCHRES $b randread4k $(echo "$r" | cut -d';' -f8)"
-    r=$(fio --name=sr $common --rw=read --bs=1M --iodepth=8 2>/tmp/fio.err) || { na "$b" "fio read failed: $(tail -1 /tmp/fio.err)"; return 1; }
-    echo "BENCHRES $b seqread1m $(echo "$r" | cut -d';' -f7 | awk '{printf "%.1f", $1/1024}')"
-    r=$(fio --name=sw $common --rw=write --bs=1M --iodepth=8 2>/tmp/fio.err) || { na "$b" "fio write failed: $(tail -1 /tmp/fio.err)"; return 1; }
-    echo "BENCHRES $b seqwrite1m $(echo "$r" | cut -d';' -f48 | awk '{printf "%.1f", $1/1024}')"
+    COMMON="--filename=$t --direct=1 --ioengine=$ENGINE --time_based --runtime=$SECS --ramp_time=1 --size=${SIZE_MB}M --minimal"
+    job "$b" rr32 --rw=randread --bs=4k --iodepth=32 || return 1
+    res "$b" rr32 "$(echo "$R" | cut -d';' -f8)"
+    job "$b" rw32 --rw=randwrite --bs=4k --iodepth=32 || return 1
+    res "$b" rw32 "$(echo "$R" | cut -d';' -f49)"
+    job "$b" mix32 --rw=randrw --rwmixread=70 --bs=4k --iodepth=32 || return 1
+    res "$b" mix32 "$(echo "$R" | awk -F';' '{print $8 + $49}')"
+    job "$b" rr1 --rw=randread --bs=4k --iodepth=1 || return 1
+    res "$b" rr1 "$(echo "$R" | cut -d';' -f8)"
+    res "$b" rr1p50 "$(pct "$R" 50.000000)"
+    res "$b" rr1p99 "$(pct "$R" 99.000000)"
+    job "$b" sr1m --rw=read --bs=1M --iodepth=8 || return 1
+    res "$b" sr1m "$(echo "$R" | cut -d';' -f7 | awk '{printf "%.1f", $1/1024}')"
+    job "$b" sw1m --rw=write --bs=1M --iodepth=8 || return 1
+    res "$b" sw1m "$(echo "$R" | cut -d';' -f48 | awk '{printf "%.1f", $1/1024}')"
+    RAWDONE=1
 }
-# through KIND PARAMS [PHYS]: attach /dev/ram0 to dom0, bench /dev/xvda, detach
+# through BACKEND KIND PARAMS [PHYS]: attach /dev/ram0 to dom0, bench /dev/xvda, detach
 through() {
     b=$1 kind=$2 params=$3 phys=${4:-}
     vbd_attach "$kind" 0 51712 "$params" "$phys" || { na "$b" "xenstore writes failed"; return 1; }
@@ -55,40 +81,52 @@ through() {
         vbd_detach; return 1
     fi
     say "$b: $DEV after ${WAITED}s, $(cat /sys/block/xvda/size) sectors, queue $(cat /sys/block/xvda/queue/max_sectors_kb 2>/dev/null)KiB max"
-    runfio "$b" $DEV
+    runfio "$b" $DEV; _r=$?
     vbd_detach || say "$b: backend did not reach Closed"
-    wait_for "xvda gone" 20 no_blk $DEV || say "$b: $DEV still present after detach"
+    if ! wait_for "xvda gone" 20 no_blk $DEV; then
+        say "$b: $DEV still present after detach"; STUCK=1
+    fi
+    return $_r
+}
+# bench_one BACKEND: one backend's jobs in the current round
+bench_one() {
+    case $1 in
+    raw) runfio raw /dev/ram0 ;;
+    blkback) through blkback vbd /dev/ram0 "$(phys_of /dev/ram0)" ;;
+    qdisk)
+        if qemu_qdisk_start 0; then
+            through qdisk qdisk aio:/dev/ram0; _q=$?
+            qemu_qdisk_stop 0; return $_q
+        fi
+        na qdisk "$QEMU_WHY"; return 1 ;;
+    ours|uring)
+        [ "$1" = ours ] && _e=threads || _e=io-uring
+        if xenbackd_start --io-engine $_e; then
+            through "$1" qdisk aio:/dev/ram0 || { tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'; xenbackd_stop; return 1; }
+            xenbackd_stop
+        else
+            na "$1" "$XENBACKD_WHY"; return 1
+        fi ;;
+    esac
 }
 
-case $ONLY in *,raw,*)
-    runfio raw /dev/ram0 ;;
-esac
-case $ONLY in *,blkback,*)
-    through blkback vbd /dev/ram0 "$(phys_of /dev/ram0)" ;;
-esac
-case $ONLY in *,qdisk,*)
-    if qemu_qdisk_start 0; then
-        through qdisk qdisk aio:/dev/ram0
-        qemu_qdisk_stop 0
-    else
-        na qdisk "$QEMU_WHY"
-    fi ;;
-esac
-case $ONLY in *,ours,*)
-    if xenbackd_start --io-engine threads; then
-        through ours qdisk aio:/dev/ram0 || tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'
-        xenbackd_stop
-    else
-        na ours "$XENBACKD_WHY"
-    fi ;;
-esac
-case $ONLY in *,uring,*)
-    if xenbackd_start --io-engine io-uring; then
-        through uring qdisk aio:/dev/ram0 || tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'
-        xenbackd_stop
-    else
-        na uring "$XENBACKD_WHY"
-    fi ;;
-esac
+ALL=
+for b in raw blkback qdisk ours uring; do
+    case $ONLY in *,$b,*) ALL="$ALL $b" ;; esac
+done
+N=$(echo $ALL | wc -w)
+RAWDONE= STUCK=
+ROUND=1
+while [ $ROUND -le $ROUNDS ]; do
+    # rotate by ROUND-1
+    set -- $ALL; k=1
+    while [ $k -lt $ROUND ] && [ $N -gt 1 ]; do _f=$1; shift; set -- "$@" "$_f"; k=$((k + 1)); done
+    say "round $ROUND of $ROUNDS: $*"
+    for b in "$@"; do
+        if [ -n "$STUCK" ] && [ "$b" != raw ]; then na "$b" "skipped: $DEV stuck after an earlier detach"; continue; fi
+        bench_one "$b"
+    done
+    ROUND=$((ROUND + 1))
+done
 say "done"
 exit 0
