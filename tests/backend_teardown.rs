@@ -103,15 +103,30 @@ fn device(h: &Harness, kind: &str, domid: u16) -> Result<FrontendDevice> {
     Ok(FrontendDevice::new(&h.host, h.guest(domid)?, spec))
 }
 
+/// The backend, a connected echo neighbour (dom 1) and a connected slow
+/// device (dom 2), both on its one worker.
+struct Scene {
+    backend: Backend,
+    finishers: Arc<Mutex<Vec<OwnedFd>>>,
+    neighbour: FrontendDevice,
+    neighbour_echo: EchoClient,
+    slow: FrontendDevice,
+}
+
+fn scene(h: &Harness, drain_timeout: Duration) -> Result<Scene> {
+    let (backend, finishers) = start(h, drain_timeout)?;
+    let mut neighbour = device(h, "echo2", 1)?;
+    neighbour.connect(&ConnectOptions::default())?;
+    let neighbour_echo = EchoClient::new(&neighbour, 0)?;
+    let mut slow = device(h, "slow", 2)?;
+    slow.connect(&ConnectOptions::default())?;
+    Ok(Scene { backend, finishers, neighbour, neighbour_echo, slow })
+}
+
 #[test]
 fn a_device_draining_slow_io_blocks_no_other_device() -> Result<()> {
     let h = Harness::new(1)?;
-    let (backend, finishers) = start(&h, Duration::from_secs(120))?;
-    let mut neighbour = device(&h, "echo2", 1)?;
-    neighbour.connect(&ConnectOptions::default())?;
-    let mut neighbour_echo = EchoClient::new(&neighbour, 0)?;
-    let mut slow = device(&h, "slow", 2)?;
-    slow.connect(&ConnectOptions::default())?;
+    let Scene { backend, finishers, neighbour, mut neighbour_echo, mut slow } = scene(&h, Duration::from_secs(120))?;
 
     // The slow device's frontend closes: its ring drains, and stays
     // mapped, until its I/O is done.
@@ -143,12 +158,7 @@ fn a_device_draining_slow_io_blocks_no_other_device() -> Result<()> {
 #[test]
 fn a_device_whose_io_outlives_the_drain_deadline_fails_alone() -> Result<()> {
     let h = Harness::new(1)?;
-    let (backend, _finishers) = start(&h, Duration::from_millis(300))?;
-    let mut neighbour = device(&h, "echo2", 1)?;
-    neighbour.connect(&ConnectOptions::default())?;
-    let mut neighbour_echo = EchoClient::new(&neighbour, 0)?;
-    let mut slow = device(&h, "slow", 2)?;
-    slow.connect(&ConnectOptions::default())?;
+    let Scene { backend, neighbour, mut neighbour_echo, mut slow, .. } = scene(&h, Duration::from_millis(300))?;
 
     slow.set_state(state::CLOSING)?;
     let error = common::wait_failed(&mut slow)?;
