@@ -513,3 +513,29 @@ fn xenstore_utils_cannot_tell_it_from_xenstored() {
     assert_eq!(rest, "/w/x\n");
     assert!(watch.wait().unwrap().success());
 }
+
+/// Issue 17: a second server refuses a socket a live one serves (its
+/// clients keep their store), replaces one left by a dead server, and a
+/// server never removes a socket file that is no longer its own.
+#[test]
+fn a_live_socket_is_refused_and_a_stale_one_replaced() {
+    let path = socket_path("live");
+    let (first, server) = serve("live");
+    first.connect_as(0).unwrap();
+    let err = Xenstored::new().serve_socket(&path).err().expect("a live socket is refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    assert!(path.exists(), "the refused start left the live socket alone");
+    drop(server);
+    assert!(!path.exists(), "the server removed its own socket");
+
+    // Stale: a socket file nobody listens on.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let second = Xenstored::new().serve_socket(&path).expect("a stale socket is replaced");
+    // Someone else's file at the path by the time we stop: left alone.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, b"not ours").unwrap();
+    drop(second);
+    assert_eq!(std::fs::read(&path).unwrap(), b"not ours");
+    std::fs::remove_file(&path).unwrap();
+}

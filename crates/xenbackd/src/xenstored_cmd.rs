@@ -1,5 +1,6 @@
 //! `xenbackd xenstored --socket PATH`: the simulated xenstored in the
 //! foreground, until SIGTERM or SIGINT (the socket file is then removed).
+//! SIGHUP is logged and ignored (its log is stderr: nothing to reopen).
 
 use anyhow::{Context, Result};
 use nix::sys::signal::{SigSet, Signal};
@@ -53,13 +54,21 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
-    signals.thread_block().context("blocking SIGTERM and SIGINT")?;
+    signals.add(Signal::SIGHUP);
+    signals.thread_block().context("blocking SIGTERM, SIGINT and SIGHUP")?;
 
     let server = Xenstored::with_config(XenstoredConfig { quotas, ..XenstoredConfig::default() });
     let socket =
         server.serve_socket(std::path::Path::new(&socket)).with_context(|| format!("listening on {socket}"))?;
     println!("xenstored: listening on {}", socket.path().display());
-    let sig = signals.wait().context("waiting for a signal")?;
+    let sig = loop {
+        match signals.wait().context("waiting for a signal")? {
+            Signal::SIGHUP => {
+                log::info!("xenstored: SIGHUP: nothing to reopen (logging goes to stderr); still serving")
+            }
+            sig => break sig,
+        }
+    };
     log::info!("xenstored: {sig:?}, stopping");
     drop(socket);
     Ok(0)

@@ -4,6 +4,7 @@
 //! ([`Xenstored::connect_as`], like that domain's ring).
 
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -70,16 +71,25 @@ impl Xenstored {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Listens on a unix socket at `path` (an existing socket file is
-    /// replaced). Every connection is privileged, as on xenstored's socket.
+    /// Listens on a unix socket at `path`. Every connection is privileged,
+    /// as on xenstored's socket. A socket file left by a dead server is
+    /// replaced; one a live server answers on is refused (`AddrInUse`), so
+    /// that its clients are not taken over.
     pub fn serve_socket(self: &Arc<Self>, path: &Path) -> io::Result<SocketServer> {
         if std::fs::symlink_metadata(path).is_ok_and(|m| {
             use std::os::unix::fs::FileTypeExt;
             m.file_type().is_socket()
         }) {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("another server is listening on {}", path.display()),
+                ));
+            }
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
+        let inode = std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))?;
         let tag = self.next_server.fetch_add(1, Ordering::Relaxed);
         let stop = Arc::new(AtomicBool::new(false));
         let me = self.clone();
@@ -90,6 +100,7 @@ impl Xenstored {
         log::info!("xenstored: listening on {}", path.display());
         Ok(SocketServer {
             path: path.to_path_buf(),
+            inode,
             listener,
             stop,
             acceptor: Some(acceptor),
@@ -230,6 +241,9 @@ fn accept_loop(server: Arc<Xenstored>, listener: UnixListener, stop: Arc<AtomicB
 /// it accepted and removes the socket file.
 pub struct SocketServer {
     path: PathBuf,
+    /// The socket file's (device, inode): removed at the end only if the
+    /// path still names it.
+    inode: (u64, u64),
     listener: UnixListener,
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
@@ -263,6 +277,8 @@ impl Drop for SocketServer {
             let _ = h.join();
         }
         self.server.close_server_conns(self.tag);
-        let _ = std::fs::remove_file(&self.path);
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
