@@ -715,8 +715,21 @@ pub fn run(args: Vec<String>) -> anyhow::Result<u8> {
     run_os(args.into_iter().map(OsString::from).collect())
 }
 
+/// As the C tools: a closed pipe on stdout ends the process (`xs watch /w |
+/// head -1` exits, status 141 in the shell; `xs ls / | head` stops walking).
+/// Rust ignores SIGPIPE by default, so its default action is restored.
+fn die_on_broken_pipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_DFL installs no handler, so nothing runs in signal
+    // context; done before the tool starts any thread.
+    if let Err(e) = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        log::debug!("restoring SIGPIPE: {e}");
+    }
+}
+
 /// [`run`] with arguments that may not be UTF-8 (values written with `-R`).
 pub fn run_os(mut args: Vec<OsString>) -> anyhow::Result<u8> {
+    die_on_broken_pipe();
     const MODES: &str = "read write ls list rm mkdir chmod exists watch";
     if args.is_empty() {
         eprintln!("xenstore: Usage: xenbackd xs <mode> [-h] [...]\n  modes: {MODES}");
@@ -745,6 +758,7 @@ pub fn is_tool_name(argv0: &str) -> bool {
 /// symlink to `xenbackd`), or as the `xenstore <mode>` multicall. `None` if
 /// the name is not one of them.
 pub fn run_as(argv0: &str, args: Vec<OsString>) -> Option<u8> {
+    die_on_broken_pipe();
     let base = argv0.rsplit('/').next().unwrap_or(argv0);
     if base == "xenstore" {
         return Some(run_os(args).unwrap_or(1));

@@ -310,3 +310,38 @@ fn tools_run_as_xenstore_star_through_a_symlink() {
     let c = env.c_tool("read", &[os("/lab/tree/b"), os("/lab/missing")]);
     assert_same("read via symlink", &[], &c, &r);
 }
+
+/// Issue 17: with its reader gone, a watch dies of SIGPIPE at its next
+/// event, as the C tool does (status 141 in a shell), instead of watching
+/// for ever.
+#[test]
+fn watch_whose_reader_is_gone_dies_of_sigpipe_like_the_c_tool() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(env) = start("sigpipe") else { return };
+    assert!(env.c_tool("write", &[os("/p"), os("0")]).status.success());
+    let spawn = |program: &str, pre: &[&str]| {
+        let mut child = Command::new(program)
+            .args(pre)
+            .arg("/p")
+            .env("XENSTORED_PATH", &env.sock)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The reader goes away at once.
+        drop(child.stdout.take());
+        child
+    };
+    let mut c = spawn("xenstore-watch", &[]);
+    let mut r = spawn(XB, &["xs", "watch"]);
+    let mut i = 0u64;
+    while c.try_wait().unwrap().is_none() || r.try_wait().unwrap().is_none() {
+        i += 1;
+        assert!(i < 500, "a watcher did not exit: C {:?}, ours {:?}", c.try_wait(), r.try_wait());
+        assert!(env.c_tool("write", &[os("/p"), os(&i.to_string())]).status.success());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (c, r) = (c.wait().unwrap(), r.wait().unwrap());
+    assert_eq!(c.signal(), Some(nix::libc::SIGPIPE), "the C tool: {c:?}");
+    assert_eq!(r.signal(), Some(nix::libc::SIGPIPE), "ours: {r:?}");
+}
