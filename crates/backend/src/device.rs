@@ -269,16 +269,6 @@ impl DeviceCtx {
         self.frontend_str_opt(node)?.ok_or_else(|| DeviceError::MissingNode(node.to_string()))
     }
 
-    /// A frontend node as a number, `None` if absent.
-    pub fn frontend_int_opt<T: core::str::FromStr>(&self, node: &str) -> Result<Option<T>, DeviceError> {
-        Self::opt_int(node, self.frontend_str_opt(node)?)
-    }
-
-    /// A frontend node as a number; absent is an error.
-    pub fn frontend_int<T: core::str::FromStr>(&self, node: &str) -> Result<T, DeviceError> {
-        self.frontend_int_opt(node)?.ok_or_else(|| DeviceError::MissingNode(node.to_string()))
-    }
-
     /// A backend node (written by the toolstack) as a string, `None` if absent.
     pub fn backend_str_opt(&self, node: &str) -> Result<Option<String>, DeviceError> {
         Self::opt_string(node, self.read_opt(&self.backend_path, node)?)
@@ -424,16 +414,14 @@ mod tests {
     fn garbage_number_is_bad_node_with_value_cut() {
         let long = "x".repeat(500);
         let ctx = ctx_with(&[("ring-ref", &long)]);
-        let err = ctx.frontend_int::<u32>("ring-ref").unwrap_err();
+        let err = ctx.frontend_u32("ring-ref").unwrap_err();
         assert!(matches!(err, DeviceError::BadNode { ref value, .. } if value.len() == VALUE_IN_ERROR), "{err:?}");
     }
 
     #[test]
     fn missing_node_is_named_and_optional_read_is_none() {
         let ctx = ctx_with(&[]);
-        assert!(
-            matches!(ctx.frontend_int::<u32>("event-channel"), Err(DeviceError::MissingNode(n)) if n == "event-channel")
-        );
+        assert!(matches!(ctx.frontend_u32("event-channel"), Err(DeviceError::MissingNode(n)) if n == "event-channel"));
         assert_eq!(ctx.frontend_str_opt("event-channel").unwrap(), None);
     }
 
