@@ -226,8 +226,6 @@ struct Slot {
     pending_error: Option<String>,
     /// The step whose state write waits for the rings to be released.
     after_release: Option<Step>,
-    /// The frontend watch's first event is its registration's.
-    skip_initial_event: bool,
     /// The frontend state last acted on.
     last_fe: Option<XenbusState>,
     /// The frontend state the device failed in: the same state again does
@@ -415,11 +413,6 @@ impl Xenbus {
         } else if let Some((key, generation)) = parse_frontend_token(&ev.token) {
             match self.devices.get_mut(&key) {
                 Some(slot) if slot.generation == generation => {
-                    if std::mem::take(&mut slot.skip_initial_event) {
-                        // xenstored's event for the watch's registration: the
-                        // state was read after it already (try_create).
-                        return;
-                    }
                     if !slot.dirty {
                         slot.dirty = true;
                         self.dirty.push((key, generation));
@@ -602,7 +595,6 @@ impl Xenbus {
                 stuck: false,
                 pending_error: None,
                 after_release: None,
-                skip_initial_event: false,
                 last_fe: None,
                 failed_with: None,
             },
@@ -631,13 +623,6 @@ impl Xenbus {
         if resume {
             self.resume(&key);
         } else if online {
-            // init reads the frontend's state after the watch is set, so
-            // the watch's first event (xenstored fires one as it is set)
-            // says nothing new; acting on it would retry a device that
-            // failed just now on the same state.
-            if let Some(slot) = self.devices.get_mut(&key) {
-                slot.skip_initial_event = true;
-            }
             self.init(&key);
         }
     }

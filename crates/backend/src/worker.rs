@@ -230,6 +230,17 @@ struct Worker {
     load: Arc<AtomicUsize>,
 }
 
+/// Drops a ring taken out of its worker (unmapping it, unbinding its port),
+/// then tells whoever asked for its removal.
+fn release(mut entry: Entry) {
+    let tell = entry.draining.take().map(|(_, tell)| tell);
+    let owner = entry.owner.clone();
+    drop(entry);
+    if let Some(tell) = tell {
+        let _ = tell.send(Released { owner, stuck: false });
+    }
+}
+
 /// Borrows a fd owned by an [`Entry`] for an epoll call.
 fn borrow(fd: RawFd) -> BorrowedFd<'static> {
     // SAFETY: the fd belongs to an event-channel handle or completion fd
@@ -383,12 +394,8 @@ impl Worker {
             }
         };
         if done {
-            if let Some(mut entry) = self.remove(slot, false) {
-                let (_, tell) = entry.draining.take().expect("draining");
-                let owner = entry.owner.clone();
-                // Unmaps the ring and unbinds the port.
-                drop(entry);
-                let _ = tell.send(Released { owner, stuck: false });
+            if let Some(entry) = self.remove(slot, false) {
+                release(entry);
             }
         }
     }
@@ -487,12 +494,8 @@ impl Worker {
 
     fn stop(&mut self) {
         for slot in 0..self.slots.len() as u32 {
-            if let Some(mut entry) = self.remove(slot, true) {
-                if let Some((_, tell)) = entry.draining.take() {
-                    let owner = entry.owner.clone();
-                    drop(entry);
-                    let _ = tell.send(Released { owner, stuck: false });
-                }
+            if let Some(entry) = self.remove(slot, true) {
+                release(entry);
             }
         }
     }
