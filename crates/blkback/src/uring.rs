@@ -64,6 +64,9 @@ pub struct IoUringEngine {
     /// The eventfd may hold a count for completions already reaped.
     stale: bool,
     discards: Option<DiscardThread>,
+    /// Completion entries copied out of the ring by `reap` (kept, so that
+    /// reaping allocates nothing).
+    cqes: Vec<(u64, i32)>,
 }
 
 /// Runs block-device discards off the worker thread.
@@ -90,6 +93,7 @@ impl IoUringEngine {
             in_flight: 0,
             stale: false,
             discards: None,
+            cqes: Vec::with_capacity(ENTRIES as usize),
         })
     }
 
@@ -171,8 +175,10 @@ impl IoUringEngine {
     fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
         let mut reaped = 0;
         let mut again = Vec::new();
-        let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (slot, res) in cqes {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(slot, res) in &cqes {
             reaped += 1;
             let slot = slot as usize;
             let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
@@ -203,6 +209,7 @@ impl IoUringEngine {
                 out.push(self.finish(slot, Err(std::io::Error::other(e))));
             }
         }
+        self.cqes = cqes;
         reaped
     }
 
