@@ -14,31 +14,44 @@ use blkback::abi::BLKIF_RSP_OKAY;
 use blkback::{BlkOptions, EngineChoice};
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions, FrontQueue};
 
-use crate::args::Args;
+use crate::cli::{check_fits, seconds, usage_error, IoEngine};
 use crate::demo::Machine;
 
-const HELP: &str = "\
-Usage: xenbackd bench blk [--seconds S] [--size MIB] [--io-engine E]
+/// Largest file `--size` takes, in MiB (64 GiB).
+const MAX_SIZE_MIB: u64 = 64 << 10;
 
-On a file in /dev/shm (else the temporary directory): 4 KiB random reads at
-queue depth 32 per queue with 1 and 4 queues (IOPS), and 1 MiB sequential
-reads and writes at depth 8 (MB/s), each through the simulated blkfront and
-the block backend, then directly with pread/pwrite from as many threads as
-the backend has I/O threads (4 per queue).
-
-Beside each, counts that do not depend on machine noise: the backend
-threads' (ring workers and I/O threads) system calls and voluntary and
-involuntary context switches per request, from the kernel's
-raw_syscalls:sys_enter tracepoint (perf_event_open: root and a mounted
-tracefs) and /proc/self/task/*/status. \"(sim copy)\" is the part of the
-system calls that the simulator's grant copy costs (one pread/pwrite per
-4 KiB segment; Xen's gntdev copies a batch in one ioctl).
-
-Options:
-  --seconds S     time per workload (default 3)
-  --size MIB      file size (default 256)
-  --io-engine E   the backend's I/O engine: auto (default), io-uring, threads
-";
+/// The block backend through the simulated blkfront, against pread/pwrite
+///
+/// On a file in /dev/shm (else the temporary directory): 4 KiB random reads
+/// at queue depth 32 per queue with 1 and 4 queues (IOPS), and 1 MiB
+/// sequential reads and writes at depth 8 (MB/s), each through the
+/// simulated blkfront and the block backend, then directly with
+/// pread/pwrite from as many threads as the backend has I/O threads (4 per
+/// queue).
+///
+/// Beside each, counts that do not depend on machine noise: the backend
+/// threads' (ring workers and I/O threads) system calls and voluntary and
+/// involuntary context switches per request, from the kernel's
+/// raw_syscalls:sys_enter tracepoint (perf_event_open: root and a mounted
+/// tracefs) and /proc/self/task/*/status. "(sim copy)" is the part of the
+/// system calls that the simulator's grant copy costs (one pread/pwrite per
+/// 4 KiB segment; Xen's gntdev copies a batch in one ioctl).
+///
+/// The file is written in full: it must fit in the free space of its
+/// directory.
+#[derive(clap::Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct BlkArgs {
+    /// Time per workload, more than 0 and at most 86400
+    #[arg(long, value_name = "S", default_value_t = 3.0, value_parser = seconds, allow_negative_numbers = true)]
+    seconds: f64,
+    /// File size, 8 to 65536
+    #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(8..=MAX_SIZE_MIB), allow_negative_numbers = true)]
+    size: u64,
+    /// The backend's I/O engine
+    #[arg(long, value_name = "E", value_enum, default_value_t = IoEngine::Auto)]
+    io_engine: IoEngine,
+}
 
 /// The backend's threads on the data path (`xenbackd-w*` ring workers,
 /// `blk-io-*` and `blk-discard` I/O threads).
@@ -235,25 +248,13 @@ fn direct(path: &std::path::Path, w: &Workload, secs: f64, size: u64) -> Result<
 }
 
 /// Runs `bench blk`.
-pub fn run(args: Vec<String>) -> Result<u8> {
-    let mut a = Args::new(args);
-    if a.flag("--help") || a.flag("-h") {
-        print!("{HELP}");
-        return Ok(0);
-    }
-    let secs: f64 = a.parsed("--seconds")?.unwrap_or(3.0);
-    let size = a.parsed::<u64>("--size")?.unwrap_or(256) << 20;
-    let engine: EngineChoice = match a.value("--io-engine")? {
-        Some(e) => e.parse().map_err(anyhow::Error::msg)?,
-        None => EngineChoice::Auto,
-    };
-    if let Some(p) = a.positionals()?.first() {
-        bail!("unexpected argument {p:?}");
-    }
-    if size < 8 << 20 {
-        bail!("--size must be at least 8 MiB");
-    }
-    let path = crate::demo::temp_dir().join(format!("xenbackd-bench-{}.img", std::process::id()));
+pub fn run(args: BlkArgs) -> Result<u8> {
+    let secs = args.seconds;
+    let engine: EngineChoice = args.io_engine.into();
+    let dir = crate::demo::temp_dir();
+    check_fits("--size", args.size, &dir).unwrap_or_else(|e| usage_error(&["bench", "blk"], e));
+    let size = args.size << 20;
+    let path = dir.join(format!("xenbackd-bench-{}.img", std::process::id()));
     let file = crate::demo::TempFile(path.clone());
     // Filled, so reads touch real pages on both paths.
     {

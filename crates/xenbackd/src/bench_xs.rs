@@ -9,10 +9,35 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use xs_wire::client::{Client, Request, TxId};
 
-use crate::args::Args;
+use crate::cli::count;
+
+/// Most operations per case `--ops` takes.
+const MAX_OPS: u64 = 100_000_000;
+
+/// Xenstore client throughput
+///
+/// Xenstore client throughput (operations per second) for read, write and
+/// directory, from 1 and 16 threads sharing one connection, and pipelined
+/// batches of 64 from one thread. By default against the simulated
+/// xenstored in this process. It writes below /bench and removes that
+/// subtree at the end.
+#[derive(clap::Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct XsBenchArgs {
+    /// A xenstored's unix socket
+    #[arg(long, value_name = "PATH", conflicts_with = "system")]
+    socket: Option<PathBuf>,
+    /// Connect as libxenstore would (XENSTORED_PATH, the xenstored socket,
+    /// /dev/xen/xenbus)
+    #[arg(long)]
+    system: bool,
+    /// Operations per case, 16 (one per thread) to 100000000
+    #[arg(long, value_name = "N", default_value_t = 32_000, value_parser = count(16..=MAX_OPS), allow_negative_numbers = true)]
+    ops: usize,
+}
 
 /// Requests per pipelined batch.
 const BATCH: usize = 64;
@@ -92,19 +117,12 @@ fn measure(c: &Client, op: Op, threads: usize, ops: usize, pipelined: bool) -> R
 }
 
 /// Entry point of `xenbackd bench xs`.
-pub fn run(args: Vec<String>) -> Result<u8> {
-    let mut a = Args::new(args);
-    let socket: Option<PathBuf> = a.value("--socket")?.map(PathBuf::from);
-    let system = a.flag("--system");
-    let ops: usize = a.parsed("--ops")?.unwrap_or(32_000);
-    let rest = a.positionals()?;
-    if !rest.is_empty() || ops == 0 {
-        bail!("usage: xenbackd bench xs [--socket PATH | --system] [--ops N>0]");
-    }
+pub fn run(args: XsBenchArgs) -> Result<u8> {
+    let ops = args.ops;
     let mut sim = None;
-    let (client, target) = match (socket, system) {
-        (Some(_), true) => bail!("--socket and --system exclude each other"),
-        (Some(path), false) => (
+    // clap refuses --socket with --system.
+    let (client, target) = match (args.socket, args.system) {
+        (Some(path), _) => (
             Client::connect_socket(&path).with_context(|| format!("connecting to {}", path.display()))?,
             path.display().to_string(),
         ),

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use blkback::abi::BLKIF_RSP_OKAY;
 use blkback::{BlkDeviceType, BlkOptions, Offer};
 use xen_backend::{Backend, Config};
@@ -21,24 +21,51 @@ use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
 use xs_wire::Client;
 
-use crate::args::Args;
+use crate::cli::{check_fits, seconds, usage_error};
 
-const HELP: &str = "\
-Usage: xenbackd demo [--guests N] [--disks N] [--queues N] [--duration SECONDS] [--size MIB]
+/// Largest disk `--size` takes, in MiB (64 GiB).
+const MAX_SIZE_MIB: u64 = 64 << 10;
 
-Runs the block backend against simulated guests on this machine (no Xen
-needed): each guest's disks are temporary files; every queue runs a mixed
-read/write/flush/discard workload and checks every byte it reads back.
-Prints a progress line per second and a table per guest at the end; exits 1
-if any check failed.
-
-Options:
-  --guests N          guests (default 3)
-  --disks N           disks per guest (default 1)
-  --queues N          queues (rings) per disk (default 2)
-  --duration SECONDS  workload time (default 8)
-  --size MIB          size of each disk (default 64)
-";
+/// Run the block backend against simulated guests, no Xen needed
+///
+/// Runs the block backend against simulated guests on this machine (no Xen
+/// needed): each guest's disks are temporary files; every queue runs a
+/// mixed read/write/flush/discard workload and checks every byte it reads
+/// back. Prints a progress line per second and a table per guest at the
+/// end; exits 1 if any check failed.
+///
+/// The disks are files in /dev/shm (else the temporary directory): all of
+/// them together (guests x disks x size) must fit in its free space.
+#[derive(clap::Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct DemoArgs {
+    /// Guests, 1 to 64
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    guests: u16,
+    /// Disks per guest, 1 to 16
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    disks: u16,
+    /// Queues (rings) per disk, 1 to 4 (what the backend offers)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(Offer::default().max_queues))
+    )]
+    queues: u32,
+    /// Workload time, more than 0 and at most 86400
+    #[arg(long, value_name = "SECONDS", default_value_t = 8.0, value_parser = seconds, allow_negative_numbers = true)]
+    duration: f64,
+    /// Size of each disk, 4 to 65536
+    #[arg(
+        long = "size",
+        value_name = "MIB",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u64).range(4..=MAX_SIZE_MIB),
+        allow_negative_numbers = true
+    )]
+    size_mib: u64,
+}
 
 /// Bytes per block of the workload (the unit of verification).
 const BLOCK: usize = 4096;
@@ -53,32 +80,17 @@ struct Options {
     size_mib: u64,
 }
 
-fn parse(args: Vec<String>) -> Result<Option<Options>> {
-    let mut a = Args::new(args);
-    if a.flag("--help") || a.flag("-h") {
-        print!("{HELP}");
-        return Ok(None);
-    }
-    let o = Options {
-        guests: a.parsed("--guests")?.unwrap_or(3),
-        disks: a.parsed("--disks")?.unwrap_or(1),
-        queues: a.parsed("--queues")?.unwrap_or(2),
-        duration: Duration::from_secs_f64(a.parsed("--duration")?.unwrap_or(8.0)),
-        size_mib: a.parsed("--size")?.unwrap_or(64),
-    };
-    if let Some(p) = a.positionals()?.first() {
-        bail!("unexpected argument {p:?}");
-    }
-    if o.guests == 0 || o.guests > 64 || o.disks == 0 || o.disks > 16 {
-        bail!("--guests must be 1..=64 and --disks 1..=16");
-    }
-    if o.queues == 0 || o.queues > Offer::default().max_queues {
-        bail!("--queues must be 1..={}", Offer::default().max_queues);
-    }
-    if o.size_mib < 4 {
-        bail!("--size must be at least 4 MiB");
-    }
-    Ok(Some(o))
+/// The checks clap cannot make alone: the disks must fit in `dir`.
+fn options(a: DemoArgs, dir: &Path) -> Result<Options, String> {
+    let total = u64::from(a.guests) * u64::from(a.disks) * a.size_mib;
+    check_fits("--guests x --disks x --size", total, dir)?;
+    Ok(Options {
+        guests: a.guests,
+        disks: a.disks,
+        queues: a.queues,
+        duration: Duration::from_secs_f64(a.duration),
+        size_mib: a.size_mib,
+    })
 }
 
 /// Counters of one guest, shared by its queue threads and the progress line.
@@ -352,10 +364,10 @@ pub(crate) fn temp_dir() -> PathBuf {
 }
 
 /// Runs the demo; exit status 1 if any data check or request failed.
-pub fn run(args: Vec<String>) -> Result<u8> {
-    let Some(o) = parse(args)? else { return Ok(0) };
-    let machine = Machine::start()?;
+pub fn run(args: DemoArgs) -> Result<u8> {
     let dir = temp_dir();
+    let o = options(args, &dir).unwrap_or_else(|e| usage_error(&["demo"], e));
+    let machine = Machine::start()?;
     let mut files = Vec::new();
     let mut runs: Vec<(u16, QueueRun)> = Vec::new();
     let mut attached = Vec::new();

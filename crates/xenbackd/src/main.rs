@@ -1,9 +1,9 @@
 //! `xenbackd`: a pure-Rust Xen PV backend daemon, its simulator demo, and
 //! xenstore tools for dom0 images without libxen.
 
-mod args;
 mod bench;
 mod bench_xs;
+mod cli;
 mod demo;
 mod dm;
 mod platform;
@@ -14,71 +14,52 @@ mod xs;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "\
-Usage: xenbackd <command> [options]
+use anyhow::Context;
+use clap::Parser;
+use cli::{BenchCommand, Cli, Command};
 
-Commands:
-  serve       Serve PV backends on this Xen host (see `xenbackd serve --help`)
-  demo        Run the block backend against simulated guests, no Xen needed
-  bench       Benchmarks on the simulator
-  selftest    Check /dev/xen/evtchn, gntdev and gntalloc on a real Xen host
-  xs          Xenstore tools: read write ls list rm mkdir chmod exists watch
-  xenstored   Run the simulated xenstored on a unix socket
-
-Started with QEMU's arguments (-xen-domid N ... -machine xenpv), or under
-the name qemu-system-i386, xenbackd is a PV guest's device model for libxl
-(see docs/device-model.md).
-
-Logging: RUST_LOG=debug|info|warn (default warn; info for serve, demo and xenstored).
-";
+fn init_log(default: &str) {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default)).init();
+}
 
 fn main() -> ExitCode {
     // Raw arguments: xenstore values given with -R may not be UTF-8.
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let argv0 = raw.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
     if xs::is_tool_name(&argv0) {
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+        init_log("warn");
         return ExitCode::from(xs::run_as(&argv0, raw[1..].to_vec()).unwrap_or(1));
     }
     // Started by libxl in place of QEMU: under a QEMU name, or with QEMU's
-    // command line (`device_model_override`).
+    // command line (`device_model_override`). QEMU's single-dash options
+    // have their own parser (`xenbackd::dm_args`), not clap.
     let all: Vec<String> = raw.iter().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
     if xenbackd::dm_args::is_qemu_name(&argv0) || xenbackd::dm_args::looks_like_qemu(&all) {
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+        init_log("info");
         return exit(dm::run(all));
     }
-    let mut argv = raw.iter().skip(1).map(|a| a.to_string_lossy().into_owned());
-    let Some(cmd) = argv.next() else {
-        eprint!("{USAGE}");
-        return ExitCode::from(2);
-    };
-    let rest: Vec<String> = argv.collect();
-    let default_log = match cmd.as_str() {
-        "serve" | "demo" | "xenstored" => "info",
+    let cli = Cli::parse_from(raw);
+    init_log(match cli.command {
+        Command::Serve(_) | Command::Demo(_) | Command::Xenstored(_) => "info",
         _ => "warn",
-    };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_log)).init();
-    let result: anyhow::Result<u8> = match cmd.as_str() {
-        "-h" | "--help" | "help" => {
-            print!("{USAGE}");
+    });
+    let result = match cli.command {
+        Command::Serve(a) => serve::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Bench(BenchCommand::Blk(a)) => bench::run(a),
+        Command::Bench(BenchCommand::Xs(a)) => bench_xs::run(a),
+        Command::Selftest(a) => selftest::run(a),
+        Command::Xs(a) => xs::run_os(a.args),
+        Command::Xenstored(a) => xenstored_cmd::run(a),
+        Command::Version => {
+            print!("{}", cli::version());
             Ok(0)
         }
-        "xs" => xs::run_os(raw[2..].to_vec()),
-        "selftest" => selftest::run(rest.clone()),
-        "demo" => demo::run(rest.clone()),
-        "serve" => serve::run(rest.clone()),
-        "xenstored" => xenstored_cmd::run(rest.clone()),
-        "bench" => match rest.first().map(String::as_str) {
-            Some("xs") => bench_xs::run(rest[1..].to_vec()),
-            Some("blk") => bench::run(rest[1..].to_vec()),
-            _ => {
-                eprintln!("Usage: xenbackd bench xs [--socket PATH | --system] [--ops N]\n       xenbackd bench blk [--seconds S] [--size MIB]");
-                Ok(2)
-            }
-        },
-        other => {
-            eprintln!("xenbackd: unknown command {other:?}\n\n{USAGE}");
-            Ok(2)
+        Command::Completions { shell } => {
+            cli::completions(shell, &mut std::io::stdout()).map(|()| 0).context("writing the completions")
+        }
+        Command::Manpage { dir } => {
+            cli::manpage(dir.as_deref(), &mut std::io::stdout()).map(|()| 0).context("writing the man page")
         }
     };
     exit(result)

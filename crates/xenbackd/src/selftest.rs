@@ -24,34 +24,30 @@ use gnttab::{
     PAGE_SIZE,
 };
 
-use crate::args::Args;
+/// The first reserved domain id (`DOMID_FIRST_RESERVED`, xen/include/public/xen.h).
+const DOMID_FIRST_RESERVED: i64 = 0x7FF0;
 
-const USAGE: &str = "\
-Usage: xenbackd selftest [--domid N]
-
-Checks /dev/xen/evtchn, gntdev and gntalloc on a real Xen host: an event
-channel loopback, pages granted with gntalloc and mapped with gntdev, unmap
-notifications, and grant copy (kernel ioctl and map+copy fallback).
-Prints PASS/FAIL per check; exits 1 if any failed.
-
-  --domid N   this domain's id (default 0: dom0)
-";
+/// Check /dev/xen/evtchn, gntdev and gntalloc on a real Xen host
+///
+/// Checks /dev/xen/evtchn, gntdev and gntalloc on a real Xen host: an event
+/// channel loopback, pages granted with gntalloc and mapped with gntdev,
+/// unmap notifications, and grant copy (kernel ioctl and map+copy
+/// fallback). Prints PASS/FAIL per check; exits 1 if any failed.
+#[derive(clap::Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct SelftestArgs {
+    /// This domain's id, 0 (dom0) to 32751
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..DOMID_FIRST_RESERVED))]
+    domid: u16,
+}
 
 /// How long a notified port may take to show up.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the self-test.
-pub fn run(args: Vec<String>) -> Result<u8> {
-    let mut args = Args::new(args);
-    if args.flag("-h") || args.flag("--help") {
-        print!("{USAGE}");
-        return Ok(0);
-    }
-    let domid: u16 = args.parsed("--domid")?.unwrap_or(0);
-    let extra = args.positionals()?;
-    if !extra.is_empty() {
-        bail!("unexpected arguments {extra:?}\n\n{USAGE}");
-    }
+pub fn run(args: SelftestArgs) -> Result<u8> {
+    let domid = args.domid;
     if !Path::new(EVTCHN_PATH).exists() {
         println!("FAIL evtchn: no {EVTCHN_PATH}: not a Xen dom0 (or the xen-evtchn module is not loaded)");
         return Ok(1);

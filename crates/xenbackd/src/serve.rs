@@ -6,54 +6,78 @@
 //! leaving the devices Connected for the next `serve` to resume (a restart
 //! the guests see as a pause), or, with `--close-on-exit`, closing them.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use blkback::{BlkDeviceType, BlkOptions};
 use nix::sys::signal::{SigSet, Signal};
 use xen_backend::{Backend, Config, DeviceKey, DeviceType, Frontends, Platform};
 use xs_wire::{Client, TxId};
 
-use crate::args::Args;
+use crate::cli::{count, IoEngine};
 
-const HELP: &str = "\
-Usage: xenbackd serve [--type NAME]... [--workers N] [--io-engine E] [--io-threads N]
-                      [--buffered] [--close-on-exit]
+/// Most ring worker threads `--workers` takes.
+const MAX_WORKERS: u64 = 1024;
+/// Most I/O threads per queue `--io-threads` takes.
+const MAX_IO_THREADS: u64 = 64;
 
-Serves Xen PV block backends for every guest from this domain: devices the
-toolstack creates below /local/domain/<self>/backend/<NAME>/ (xl's
-backendtype=qdisk by default) are connected to their frontends; disks are
-the files or block devices named by `params` (`aio:/path`, `raw:/path` or
-`/path`; `format` must be raw).
-
-A qdisk disk that libxl created (`xl create`, `xl block-attach`) is left to
-the device model libxl starts for its guest (xenbackd itself or QEMU, see
-docs/device-model.md): libxl records it in /libxl/<domid>/device/vbd/<devid>,
-and exactly one process must serve each device.
-
-Runs until SIGTERM or SIGINT. Then every ring finishes the requests in
-flight and answers them, and the process exits 0 leaving xenstore as it is:
-the devices stay Connected, and the guests' new requests wait in their rings
-until the next `xenbackd serve` resumes every Connected device where it was
-(so a restart or an upgrade is a pause to the guests, not an error). With
---close-on-exit, every device is closed instead (backend state Closing, then
-Closed), as when a backend driver is unloaded.
-
-Options:
-  --type NAME       serve backend/NAME (repeatable; default qdisk; e.g. vbd
-                    when the kernel's blkback is not loaded)
-  --workers N       ring worker threads (default: number of CPUs)
-  --io-engine E     auto (default): io-uring where the kernel allows it
-                    (logged at start), else threads; io-uring: io_uring
-                    driven by the ring workers; threads: blocking I/O on
-                    --io-threads per queue
-  --io-threads N    I/O threads per queue of the threads engine (default 4)
-  --buffered        use the page cache instead of O_DIRECT
-  --close-on-exit   close every device on SIGTERM/SIGINT instead of leaving
-                    them for the next serve to resume
-  -h, --help        this text
-
+/// Serve PV backends on this Xen host
+///
+/// Serves Xen PV block backends for every guest from this domain: devices
+/// the toolstack creates below /local/domain/<self>/backend/<NAME>/ (xl's
+/// backendtype=qdisk by default) are connected to their frontends; disks are
+/// the files or block devices named by `params` (`aio:/path`, `raw:/path` or
+/// `/path`; `format` must be raw).
+///
+/// A qdisk disk that libxl created (`xl create`, `xl block-attach`) is left
+/// to the device model libxl starts for its guest (xenbackd itself or QEMU,
+/// see docs/device-model.md): libxl records it in
+/// /libxl/<domid>/device/vbd/<devid>, and exactly one process must serve
+/// each device.
+///
+/// Runs until SIGTERM or SIGINT. Then every ring finishes the requests in
+/// flight and answers them, and the process exits 0 leaving xenstore as it
+/// is: the devices stay Connected, and the guests' new requests wait in
+/// their rings until the next `xenbackd serve` resumes every Connected
+/// device where it was (so a restart or an upgrade is a pause to the guests,
+/// not an error). With --close-on-exit, every device is closed instead
+/// (backend state Closing, then Closed), as when a backend driver is
+/// unloaded.
+#[derive(clap::Args, Debug)]
+#[command(
+    verbatim_doc_comment,
+    after_help = "\
 Xenstore: XENSTORED_PATH or /var/run/xenstored/socket, else /dev/xen/xenbus.
-Logging: RUST_LOG (default info).
-";
+Logging: RUST_LOG (default info)."
+)]
+pub struct ServeArgs {
+    /// Serve backend/NAME (repeatable; e.g. vbd when the kernel's blkback is
+    /// not loaded)
+    #[arg(long = "type", value_name = "NAME", default_value = "qdisk", value_parser = device_type_name)]
+    types: Vec<String>,
+    /// Ring worker threads, 1 to 1024 [default: number of CPUs]
+    #[arg(long, value_name = "N", value_parser = count(1..=MAX_WORKERS))]
+    workers: Option<usize>,
+    /// The I/O engine
+    #[arg(long, value_name = "E", value_enum, default_value_t = IoEngine::Auto)]
+    io_engine: IoEngine,
+    /// I/O threads per queue of the threads engine, 1 to 64
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = count(1..=MAX_IO_THREADS))]
+    io_threads: usize,
+    /// Use the page cache instead of O_DIRECT
+    #[arg(long)]
+    buffered: bool,
+    /// Close every device on SIGTERM/SIGINT instead of leaving them for the
+    /// next serve to resume
+    #[arg(long)]
+    close_on_exit: bool,
+}
+
+/// A xenstore directory name under `backend/`.
+fn device_type_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains('/') {
+        return Err("must be a non-empty name without '/'".into());
+    }
+    Ok(s.to_string())
+}
 
 /// Whether a device is `serve`'s rather than a device model's. libxl starts
 /// a device model for every guest that has a qdisk disk backed by the
@@ -78,41 +102,20 @@ pub fn not_libxl_device_model(xs: &Client, key: &DeviceKey, dir: &str) -> bool {
 }
 
 /// Runs the daemon.
-pub fn run(args: Vec<String>) -> Result<u8> {
-    let mut a = Args::new(args);
-    if a.flag("--help") || a.flag("-h") {
-        print!("{HELP}");
-        return Ok(0);
-    }
-    let mut types = a.values("--type")?;
-    if types.is_empty() {
-        types.push("qdisk".into());
-    }
+pub fn run(args: ServeArgs) -> Result<u8> {
+    let types = args.types;
     let mut config =
         Config { frontends: Frontends::Filter(std::sync::Arc::new(not_libxl_device_model)), ..Config::default() };
-    if let Some(w) = a.parsed::<usize>("--workers")? {
-        if w == 0 {
-            bail!("--workers must be at least 1");
-        }
+    if let Some(w) = args.workers {
         config.workers = w;
     }
-    let mut opts = BlkOptions::default();
-    if let Some(n) = a.parsed::<usize>("--io-threads")? {
-        opts.io_threads = n.max(1);
-    }
-    if let Some(e) = a.value("--io-engine")? {
-        opts.engine = e.parse().map_err(anyhow::Error::msg)?;
-    }
-    opts.direct = !a.flag("--buffered");
-    let close_on_exit = a.flag("--close-on-exit");
-    if let Some(p) = a.positionals()?.first() {
-        bail!("unexpected argument {p:?} (see xenbackd serve --help)");
-    }
-    for t in &types {
-        if t.is_empty() || t.contains('/') {
-            bail!("bad --type {t:?}");
-        }
-    }
+    let opts = BlkOptions {
+        io_threads: args.io_threads,
+        engine: args.io_engine.into(),
+        direct: !args.buffered,
+        ..BlkOptions::default()
+    };
+    let close_on_exit = args.close_on_exit;
 
     // Block the stop signals before any thread starts, so every thread
     // inherits the mask and only `wait` below receives them.

@@ -708,13 +708,6 @@ fn run_tool(mode: Mode, prog: &str, usage_name: &str, argv: Vec<OsString>) -> u8
     }
 }
 
-/// `xenbackd xs <mode> args...`, the signature the subcommands share; `main`
-/// calls [`run_os`] so that non-UTF-8 values reach `write -R` intact.
-#[allow(dead_code)]
-pub fn run(args: Vec<String>) -> anyhow::Result<u8> {
-    run_os(args.into_iter().map(OsString::from).collect())
-}
-
 /// As the C tools: a closed pipe on stdout ends the process (`xs watch /w |
 /// head -1` exits, status 141 in the shell; `xs ls / | head` stops walking).
 /// Rust ignores SIGPIPE by default, so its default action is restored.
@@ -727,7 +720,8 @@ fn die_on_broken_pipe() {
     }
 }
 
-/// [`run`] with arguments that may not be UTF-8 (values written with `-R`).
+/// `xenbackd xs <mode> args...`; the arguments may not be UTF-8 (values
+/// written with `-R`), and clap passes them on untouched.
 pub fn run_os(mut args: Vec<OsString>) -> anyhow::Result<u8> {
     die_on_broken_pipe();
     const MODES: &str = "read write ls list rm mkdir chmod exists watch";

@@ -1,0 +1,232 @@
+//! The command line of the built binary as an operator meets it: versions,
+//! help per command on stdout with status 0, usage errors with status 2 and
+//! a message that names the problem, numbers out of range refused before
+//! anything runs, `--`, completions and man pages, and the two modes that
+//! keep their own parsers (`xs`, the device model).
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+const XB: &str = env!("CARGO_BIN_EXE_xenbackd");
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn xenbackd(args: &[&str]) -> Run {
+    let Output { status, stdout, stderr } = Command::new(XB)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("XENSTORED_PATH", "/nonexistent/xenstored-socket")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run xenbackd");
+    Run {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+/// Asserts a usage error: status 2, nothing on stdout, `message` on stderr,
+/// and no panic.
+fn assert_usage_error(args: &[&str], message: &str) {
+    let r = xenbackd(args);
+    assert_eq!(r.code, Some(2), "{args:?}: status; stderr: {}", r.stderr);
+    assert!(r.stdout.is_empty(), "{args:?}: stdout {:?}", r.stdout);
+    assert!(r.stderr.contains(message), "{args:?}: {message:?} not in {:?}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn version_flag_short_flag_and_command_print_the_version() {
+    let want = format!("xenbackd {}\n", env!("CARGO_PKG_VERSION"));
+    for args in [&["--version"][..], &["-V"], &["version"]] {
+        let r = xenbackd(args);
+        assert_eq!((r.code, r.stdout.as_str(), r.stderr.as_str()), (Some(0), want.as_str(), ""), "{args:?}");
+    }
+}
+
+#[test]
+fn help_of_every_command_goes_to_stdout_with_status_0() {
+    let commands: [&[&str]; 8] = [
+        &["serve"],
+        &["demo"],
+        &["bench"],
+        &["bench", "blk"],
+        &["bench", "xs"],
+        &["selftest"],
+        &["xenstored"],
+        &["version"],
+    ];
+    for cmd in commands {
+        let usage = format!("Usage: xenbackd {}", cmd.join(" "));
+        let by_command = [&["help"][..], cmd].concat();
+        let by_flag = [cmd, &["--help"][..]].concat();
+        let by_short = [cmd, &["-h"][..]].concat();
+        for args in [by_command, by_flag, by_short] {
+            let r = xenbackd(&args);
+            assert_eq!(r.code, Some(0), "{args:?}: {}", r.stderr);
+            assert!(r.stdout.contains(&usage), "{args:?}: {usage:?} not in {:?}", r.stdout);
+            assert!(r.stderr.is_empty(), "{args:?}: stderr {:?}", r.stderr);
+        }
+    }
+    let top = xenbackd(&["--help"]);
+    assert_eq!(top.code, Some(0));
+    for cmd in ["serve", "demo", "bench", "selftest", "xs", "xenstored", "version"] {
+        assert!(top.stdout.contains(&format!("\n  {cmd} ")), "{cmd} not listed in {}", top.stdout);
+    }
+    assert!(!top.stdout.contains("completions") && !top.stdout.contains("manpage"), "hidden: {}", top.stdout);
+}
+
+#[test]
+fn serve_help_documents_the_bounds() {
+    let r = xenbackd(&["help", "serve"]);
+    assert!(r.stdout.starts_with("Serve PV backends on this Xen host\n"), "{}", r.stdout);
+    for text in ["--workers <N>", "1 to 1024", "--io-threads <N>", "1 to 64", "--close-on-exit", "[default: qdisk]"] {
+        assert!(r.stdout.contains(text), "{text:?} not in {}", r.stdout);
+    }
+}
+
+#[test]
+fn missing_and_unknown_commands_are_usage_errors() {
+    let none = xenbackd(&[]);
+    assert_eq!(none.code, Some(2));
+    assert!(none.stderr.contains("Usage: xenbackd <COMMAND>"), "{}", none.stderr);
+    assert_usage_error(&["frob"], "unrecognized subcommand 'frob'");
+    assert_usage_error(&["bench", "frob"], "unrecognized subcommand 'frob'");
+    assert_usage_error(&["serve", "--wrkers", "2"], "tip: a similar argument exists: '--workers'");
+    assert_usage_error(&["serve", "extra"], "unexpected argument 'extra'");
+    assert_usage_error(&["xenstored"], "--socket <PATH>");
+    assert_usage_error(&["bench", "xs", "--socket", "/s", "--system"], "cannot be used with '--system'");
+    assert_usage_error(&["serve", "--io-engine", "fast"], "[possible values: auto, io-uring, threads]");
+    assert_usage_error(&["serve", "--type", "a/b"], "without '/'");
+    assert_usage_error(&["completions", "tcsh"], "invalid value 'tcsh'");
+}
+
+#[test]
+fn a_repeated_flag_is_named_as_repeated() {
+    assert_usage_error(&["demo", "--guests", "2", "--guests", "3"], "'--guests <N>' cannot be used multiple times");
+    assert_usage_error(&["serve", "--workers", "2", "--workers=3"], "'--workers <N>' cannot be used multiple times");
+}
+
+#[test]
+fn double_dash_ends_the_options() {
+    let r = xenbackd(&["version", "--"]);
+    assert_eq!((r.code, r.stdout.starts_with("xenbackd ")), (Some(0), true), "{}", r.stderr);
+    // After `--`, a flag is an argument, which demo does not take.
+    assert_usage_error(&["demo", "--", "--guests"], "unexpected argument '--guests'");
+    // A short run through to the end: 16 operations per case in process.
+    let r = xenbackd(&["bench", "xs", "--ops", "16", "--"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.contains("directory"), "{}", r.stdout);
+}
+
+#[test]
+fn numbers_out_of_range_are_refused_before_anything_runs() {
+    let cases: [(&[&str], &str); 22] = [
+        (&["demo", "--duration", "-1"], "must be more than 0"),
+        (&["demo", "--duration", "nan"], "must be more than 0"),
+        (&["demo", "--duration", "1e30"], "must be more than 0"),
+        (&["demo", "--duration", "inf"], "must be more than 0"),
+        (&["demo", "--duration", "0"], "must be more than 0"),
+        (&["demo", "--duration", "soon"], "is not a number of seconds"),
+        (&["bench", "blk", "--seconds", "-1"], "must be more than 0"),
+        (&["bench", "blk", "--seconds", "NaN"], "must be more than 0"),
+        (&["demo", "--size", "10000000"], "10000000 is not in 4..=65536"),
+        (&["demo", "--size", "3"], "3 is not in 4..=65536"),
+        (&["demo", "--size", "-4"], "invalid value '-4'"),
+        (&["bench", "blk", "--size", "7"], "7 is not in 8..=65536"),
+        (&["demo", "--guests", "0"], "0 is not in 1..=64"),
+        (&["demo", "--guests", "65"], "65 is not in 1..=64"),
+        (&["demo", "--disks", "17"], "17 is not in 1..=16"),
+        (&["demo", "--queues", "5"], "5 is not in 1..=4"),
+        (&["serve", "--workers", "999999"], "999999 is not in 1..=1024"),
+        (&["serve", "--workers", "0"], "0 is not in 1..=1024"),
+        (&["serve", "--io-threads", "100000"], "100000 is not in 1..=64"),
+        (&["serve", "--io-threads", "0"], "0 is not in 1..=64"),
+        (&["selftest", "--domid", "32752"], "32752 is not in 0..32752"),
+        (&["bench", "xs", "--ops", "0"], "0 is not in 16..=100000000"),
+    ];
+    for (args, message) in cases {
+        assert_usage_error(args, message);
+    }
+}
+
+#[test]
+fn disks_larger_than_the_free_space_are_refused() {
+    // 64 guests x 16 disks x 64 GiB = 64 TiB: more than any test machine has.
+    assert_usage_error(
+        &["demo", "--guests", "64", "--disks", "16", "--size", "65536"],
+        "--guests x --disks x --size: 67108864 MiB do not fit in",
+    );
+}
+
+#[test]
+fn completions_are_scripts_for_each_shell() {
+    for (shell, marker) in [("bash", "_xenbackd()"), ("zsh", "#compdef xenbackd"), ("fish", "complete -c xenbackd")] {
+        let r = xenbackd(&["completions", shell]);
+        assert_eq!(r.code, Some(0), "{shell}: {}", r.stderr);
+        assert!(r.stdout.contains(marker), "{shell}: {marker:?} missing");
+        assert!(r.stdout.contains("serve") && r.stdout.contains("io-threads"), "{shell}: commands missing");
+    }
+}
+
+#[test]
+fn manpage_prints_xenbackd_1_or_writes_every_page() {
+    let r = xenbackd(&["manpage"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.contains(".TH xenbackd 1"), "{}", r.stdout);
+    assert!(r.stdout.contains("xenbackd\\-serve(1)"), "{}", r.stdout);
+
+    let dir = TempDir(std::env::temp_dir().join(format!("xenbackd-cli-man-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("create the directory");
+    let r = xenbackd(&["manpage", "--dir", dir.0.to_str().expect("utf-8 temp dir")]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    for page in ["xenbackd.1", "xenbackd-serve.1", "xenbackd-demo.1", "xenbackd-bench-blk.1", "xenbackd-xs.1"] {
+        let text = std::fs::read_to_string(dir.0.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.starts_with(".ie"), "{page} is not roff");
+    }
+    let serve = std::fs::read_to_string(dir.0.join("xenbackd-serve.1")).expect("serve page");
+    assert!(serve.contains("\\-\\-close\\-on\\-exit"), "{serve}");
+}
+
+#[test]
+fn xs_arguments_reach_the_xenstore_tools_parser_unchanged() {
+    // The C tools' conventions: -h and misuse exit 1 with the tool's usage.
+    let r = xenbackd(&["xs", "read", "-h"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.starts_with("xenstore-read: Usage: xenbackd xs read [-h] [-p] [-s] [-R] key"), "{}", r.stderr);
+    let r = xenbackd(&["xs", "write", "/only-a-key"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.starts_with("xenstore-write: Usage:"), "{}", r.stderr);
+    let r = xenbackd(&["xs"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("modes: read write ls"), "{}", r.stderr);
+    let r = xenbackd(&["xs", "--help"]);
+    assert_eq!(r.code, Some(0));
+    assert!(r.stdout.contains("Usage: xenbackd xs <mode>"), "{}", r.stdout);
+    // clap's help for the command, as for the others.
+    let r = xenbackd(&["help", "xs"]);
+    assert_eq!(r.code, Some(0));
+    assert!(r.stdout.contains("Usage: xenbackd xs <MODE>"), "{}", r.stdout);
+}
+
+#[test]
+fn qemu_arguments_go_to_the_device_model_not_to_clap() {
+    // libxl's single-dash options: the device model's own parser answers.
+    let r = xenbackd(&["-xen-domid", "5"]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("xenbackd (device model): no -machine xenpv"), "{}", r.stderr);
+    assert!(!r.stderr.contains("unexpected argument"), "{}", r.stderr);
+}
