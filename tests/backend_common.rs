@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use xen_backend::echo::EchoType;
 use xen_backend::{Backend, Config};
 use xen_ring::FrontRing;
-use xen_sim::dom0::{dom0_platform, SimDom0};
+use xen_sim::dom0::{dom0_platform, RunDir, SimDom0};
 use xen_sim::frontend::{state, ConnectOptions, DeviceSpec, FrontendDevice, RingMemory, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
@@ -30,6 +30,8 @@ pub struct Harness {
     pub backend: Backend,
     config: Config,
     watch_queue: usize,
+    /// dom0's /run/xenbackd (the rings' journals), unless the config names one.
+    _run: RunDir,
 }
 
 /// A backend in dom0 serving the echo type on a connection of its own.
@@ -63,8 +65,11 @@ impl Harness {
     pub fn with_config(config: Config, watch_queue: usize) -> Result<Self> {
         let _ = env_logger::builder().is_test(true).try_init();
         let SimDom0 { host, xenstored, toolstack } = SimDom0::start()?;
+        let run = RunDir::new()?;
+        let mut config = config;
+        config.journal_dir.get_or_insert_with(|| run.path().to_path_buf());
         let backend = start_backend(&host, &xenstored, config.clone(), watch_queue)?;
-        Ok(Harness { host, xenstored, toolstack, backend, config, watch_queue })
+        Ok(Harness { host, xenstored, toolstack, backend, config, watch_queue, _run: run })
     }
 
     /// Restarts the backend as `xenbackd serve` does by default: the

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use blkback::{BlkDeviceType, BlkOptions, EngineChoice};
 use xen_backend::{Backend, Config};
 use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, DiskInfo, FrontQueue};
-use xen_sim::dom0::{dom0_platform, SimDom0};
+use xen_sim::dom0::{dom0_platform, RunDir, SimDom0};
 use xen_sim::frontend::{DeviceSpec, FrontendDevice, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
@@ -46,6 +46,8 @@ pub struct Harness {
     pub xenstored: Arc<Xenstored>,
     pub toolstack: Toolstack,
     pub backend: Backend,
+    /// dom0's /run/xenbackd (the rings' journals).
+    pub run: RunDir,
 }
 
 /// The I/O engine of these tests: io_uring in the test targets whose name
@@ -60,11 +62,13 @@ pub fn engine() -> EngineChoice {
 }
 
 /// The framework in dom0 serving `qdisk` and `vbd` with the block device type.
-fn start_backend(host: &Arc<SimHost>, xenstored: &Arc<Xenstored>) -> Result<Backend> {
+/// Request journals in `run` (as `serve` keeps them in /run/xenbackd).
+fn start_backend(host: &Arc<SimHost>, xenstored: &Arc<Xenstored>, run: &RunDir) -> Result<Backend> {
     let platform = dom0_platform(host, Client::from_stream(xenstored.connect_as(0)?)?);
     let opts = BlkOptions { io_threads: 2, engine: engine(), ..BlkOptions::default() };
     let types = vec![BlkDeviceType::new("qdisk", opts) as _, BlkDeviceType::new("vbd", opts) as _];
-    Ok(Backend::start(platform, types, Config { workers: 2, ..Config::default() })?)
+    let config = Config { workers: 2, journal_dir: Some(run.path().to_path_buf()), ..Config::default() };
+    Ok(Backend::start(platform, types, config)?)
 }
 
 /// A guest's disk: the generic frontend device (xenbus side) and the blkfront.
@@ -77,8 +81,9 @@ pub struct Guest {
 impl Harness {
     pub fn new() -> Result<Self> {
         let SimDom0 { host, xenstored, toolstack } = SimDom0::start()?;
-        let backend = start_backend(&host, &xenstored)?;
-        Ok(Harness { host, xenstored, toolstack, backend })
+        let run = RunDir::new()?;
+        let backend = start_backend(&host, &xenstored, &run)?;
+        Ok(Harness { host, xenstored, toolstack, backend, run })
     }
 
     /// Restarts the backend as `xenbackd serve` does by default: the
@@ -87,7 +92,7 @@ impl Harness {
     pub fn restart(&mut self, gap: impl FnOnce() -> Result<()>) -> Result<()> {
         self.backend.detach();
         gap()?;
-        self.backend = start_backend(&self.host, &self.xenstored)?;
+        self.backend = start_backend(&self.host, &self.xenstored, &self.run)?;
         Ok(())
     }
 

@@ -54,6 +54,12 @@ pub struct Config {
     /// is not done after this long fails its device alone, and is finished
     /// and dropped on a thread of its own ([`DEFAULT_DRAIN_TIMEOUT`]).
     pub drain_timeout: Duration,
+    /// Where rings keep their request journals, so that a process started
+    /// after a crash resumes them exactly (a tmpfs such as `/run/xenbackd`;
+    /// see docs/backend.md, "Resume after a crash"). `None`: no journals,
+    /// and a device found Connected is resumed only if its rings have no
+    /// request pending.
+    pub journal_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -64,6 +70,7 @@ impl Default for Config {
             departure_timeout: DEFAULT_DEPARTURE_TIMEOUT,
             frontends: Frontends::All,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            journal_dir: None,
         }
     }
 }
@@ -141,6 +148,8 @@ impl Backend {
             departing: HashMap::new(),
             departure_timeout: config.departure_timeout,
             drain_timeout: config.drain_timeout,
+            journal_dir: config.journal_dir.map(Arc::from),
+            detaching: false,
             released: crossbeam_channel::unbounded(),
             dirty: Vec::new(),
             next_generation: 1,
@@ -254,6 +263,9 @@ struct Xenbus {
     departing: HashMap<DeviceKey, Departing>,
     departure_timeout: Duration,
     drain_timeout: Duration,
+    journal_dir: Option<Arc<std::path::Path>>,
+    /// Stopping for a later process to resume: journals are kept.
+    detaching: bool,
     /// Where workers report rings taken back ([`WorkerPool::remove`]).
     released: (Sender<Released>, Receiver<Released>),
     /// Devices whose frontend state changed, handled after a batch of events.
@@ -347,6 +359,7 @@ impl Xenbus {
     }
 
     fn shutdown(&mut self, how: Stop) {
+        self.detaching = how == Stop::Detach;
         let keys: Vec<DeviceKey> = self.devices.keys().cloned().collect();
         for key in keys {
             self.teardown_now(&key);
@@ -576,7 +589,8 @@ impl Xenbus {
         }
         let generation = self.next_generation;
         self.next_generation += 1;
-        let ctx = DeviceCtx::new(self.platform.clone(), key.clone(), dir, frontend.clone());
+        let ctx = DeviceCtx::new(self.platform.clone(), key.clone(), dir, frontend.clone())
+            .with_journal_dir(self.journal_dir.clone());
         let frontend_state_path = format!("{frontend}/state");
         log::info!("{key}: new device (generation {generation}), frontend {frontend}");
         self.devices.insert(
@@ -812,6 +826,11 @@ impl Xenbus {
         if was_connected {
             if let Some(Err(e)) = self.call(key, |d, ctx| d.disconnect(ctx)) {
                 log::error!("{key}: disconnect: {e}");
+            }
+        }
+        if !self.detaching {
+            if let Some(slot) = self.devices.get(key) {
+                slot.ctx.remove_journals();
             }
         }
         true

@@ -160,6 +160,7 @@ pub struct DeviceCtx {
     frontend_path: String,
     writes: std::sync::Mutex<Vec<(String, Vec<u8>)>>,
     resuming: std::sync::atomic::AtomicBool,
+    journal_dir: Option<Arc<std::path::Path>>,
 }
 
 impl DeviceCtx {
@@ -172,6 +173,68 @@ impl DeviceCtx {
             frontend_path,
             writes: Default::default(),
             resuming: Default::default(),
+            journal_dir: None,
+        }
+    }
+
+    /// Keeps the rings' request journals in `dir` ([`DeviceCtx::ring_journal`]).
+    pub fn with_journal_dir(mut self, dir: Option<Arc<std::path::Path>>) -> Self {
+        self.journal_dir = dir;
+        self
+    }
+
+    fn journal_prefix(&self) -> String {
+        format!("{}-{}-{}-", self.key.kind, self.key.frontend, self.key.devid)
+    }
+
+    /// The request journal of ring `name` (e.g. `q0`) over `refs`, for
+    /// [`xen_ring::BackRing::new_journaled`] or, while
+    /// [`resuming`](Self::resuming), the one the previous process kept, for
+    /// [`xen_ring::BackRing::resume`]. `None` if no journal directory is
+    /// configured, the file cannot be made (logged: the ring is served
+    /// without, and a crash then cannot be resumed exactly), or when
+    /// resuming, there is none.
+    pub fn ring_journal(&self, name: &str, refs: &[GrantRef]) -> Option<xen_ring::JournalFile> {
+        let dir = self.journal_dir.as_ref()?;
+        let path = dir.join(format!("{}{name}", self.journal_prefix()));
+        // FNV-1a over what identifies the ring: a journal of another
+        // connection of the same device is never taken for this one's.
+        let mut identity: u64 = 0xcbf2_9ce4_8422_2325;
+        let words = [u32::from(self.key.frontend), self.key.devid].into_iter().chain(refs.iter().map(|r| r.0));
+        for b in words.flat_map(u32::to_le_bytes).chain(name.bytes()) {
+            identity = (identity ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let opened = if self.resuming() {
+            std::fs::OpenOptions::new().read(true).write(true).open(&path)
+        } else {
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&path)
+        };
+        match opened {
+            Ok(f) => Some(xen_ring::JournalFile::new(f, identity)),
+            Err(e) if self.resuming() && e.kind() == std::io::ErrorKind::NotFound => {
+                log::warn!("{}: no request journal {} to resume from", self.backend_path, path.display());
+                None
+            }
+            Err(e) => {
+                log::warn!("{}: request journal {}: {e}; serving without", self.backend_path, path.display());
+                None
+            }
+        }
+    }
+
+    /// Removes the device's request journals (its rings are gone for good).
+    pub(crate) fn remove_journals(&self) {
+        let Some(dir) = &self.journal_dir else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let prefix = self.journal_prefix();
+        for e in entries.flatten() {
+            if e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
+                if let Err(err) = std::fs::remove_file(e.path()) {
+                    log::warn!("Removing {}: {err}", e.path().display());
+                }
+            }
         }
     }
 

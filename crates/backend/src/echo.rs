@@ -52,9 +52,15 @@ impl Device for EchoDevice {
     fn connect(&mut self, ctx: &DeviceCtx) -> Result<Vec<RingSetup>, DeviceError> {
         // All three ABIs lay out u64 entries alike; an unknown one is fatal.
         ctx.protocol()?;
-        let mem = ctx.map_ring("", ECHO_MAX_RING_ORDER)?;
+        let refs = ctx.ring_refs("", ECHO_MAX_RING_ORDER)?;
+        let mem = ctx.map_grants(&refs, true)?;
+        let journal = ctx.ring_journal("ring", &refs);
         // After a backend restart the ring is in use: take it where it is.
-        let ring = if ctx.resuming() { BackRing::resume(mem)? } else { BackRing::new(mem)? };
+        let ring = match (ctx.resuming(), journal) {
+            (true, journal) => BackRing::resume(mem, journal)?,
+            (false, Some(journal)) => BackRing::new_journaled(mem, journal)?,
+            (false, None) => BackRing::new(mem)?,
+        };
         let port = ctx.bind_event_channel("event-channel")?;
         Ok(vec![RingSetup { port, handler: Box::new(EchoRing { ring, batch: Vec::new() }) }])
     }
@@ -63,15 +69,19 @@ impl Device for EchoDevice {
 /// Serves one echo ring.
 struct EchoRing {
     ring: BackRing<u64, u64>,
-    batch: Vec<u64>,
+    batch: Vec<(xen_ring::Ticket, u64)>,
 }
 
 impl RingHandler for EchoRing {
     fn process(&mut self, budget: usize) -> Result<Progress, DeviceError> {
         self.batch.clear();
-        let taken = self.ring.take_requests(budget, &mut self.batch)?;
-        for v in &self.batch {
-            self.ring.push_response(&v.wrapping_add(1))?;
+        while self.batch.len() < budget {
+            let Some(taken) = self.ring.take_request()? else { break };
+            self.batch.push(taken);
+        }
+        let taken = self.batch.len();
+        for &(ticket, v) in &self.batch {
+            self.ring.answer(ticket, &v.wrapping_add(1))?;
         }
         let notify = self.ring.push_responses_and_check_notify()?;
         let more = if taken == budget { true } else { self.ring.final_check_for_requests()? };

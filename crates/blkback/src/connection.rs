@@ -7,10 +7,12 @@ use std::os::fd::RawFd;
 use evtchn::Port;
 use gnttab::{DomId, GrantMapper, GrantMapping, GrantRef};
 
+use std::collections::HashMap;
+
 use crate::queue::{QueueExecutor, QueueStats};
-use crate::request::{Abi, Response};
+use crate::request::{request_id, Abi, Response};
 use crate::ring::BlkBackRing;
-use xen_ring::RingError;
+use xen_ring::{JournalFile, RingError, Ticket};
 
 /// Errors of connecting or serving a queue.
 #[derive(Debug, thiserror::Error)]
@@ -82,19 +84,37 @@ pub struct RingQueue {
     exec: QueueExecutor,
     slot: Vec<u8>,
     responses: Vec<Response>,
+    /// The ring's ticket of each request in flight, by the guest's id.
+    tickets: HashMap<u64, Ticket>,
+    /// Tickets of requests whose id was already in flight (a guest that
+    /// reuses ids gets as many responses with that id as it sent requests).
+    more_tickets: Vec<(u64, Ticket)>,
 }
 
 impl RingQueue {
     /// Queue `index` over the mapped `ring` memory, served by `exec` (whose
-    /// ABI sets the slot size).
-    pub fn new(index: usize, mem: GrantMapping, exec: QueueExecutor) -> Result<Self, QueueError> {
-        Self::with_ring(index, exec, |abi| BlkBackRing::new(mem, abi))
+    /// ABI sets the slot size), keeping `journal` of the requests taken so
+    /// that a later process can resume after a crash.
+    pub fn new(
+        index: usize,
+        mem: GrantMapping,
+        exec: QueueExecutor,
+        journal: Option<JournalFile>,
+    ) -> Result<Self, QueueError> {
+        Self::with_ring(index, exec, |abi| BlkBackRing::new(mem, abi, journal))
     }
 
-    /// As [`RingQueue::new`], taking over a ring a previous backend left
-    /// with every request it took answered ([`BlkBackRing::resume`]).
-    pub fn resume(index: usize, mem: GrantMapping, exec: QueueExecutor) -> Result<Self, QueueError> {
-        Self::with_ring(index, exec, |abi| BlkBackRing::resume(mem, abi))
+    /// As [`RingQueue::new`], taking over a ring a previous backend process
+    /// left, after a clean stop or a crash, with its `journal`
+    /// ([`BlkBackRing::resume`]): the requests it took and did not answer
+    /// are executed again first.
+    pub fn resume(
+        index: usize,
+        mem: GrantMapping,
+        exec: QueueExecutor,
+        journal: Option<JournalFile>,
+    ) -> Result<Self, QueueError> {
+        Self::with_ring(index, exec, |abi| BlkBackRing::resume(mem, abi, journal))
     }
 
     fn with_ring(
@@ -104,7 +124,9 @@ impl RingQueue {
     ) -> Result<Self, QueueError> {
         let abi = exec.abi();
         let ring = ring(abi).map_err(|source| QueueError::Ring { queue: index, source })?;
-        Ok(RingQueue { index, ring, abi, exec, slot: vec![0; abi.slot_size()], responses: Vec::new() })
+        let tickets = HashMap::with_capacity(ring.size() as usize);
+        let slot = vec![0; abi.slot_size()];
+        Ok(RingQueue { index, ring, abi, exec, slot, responses: Vec::new(), tickets, more_tickets: Vec::new() })
     }
 
     /// Maps queue `index`'s ring from `frontend` and serves it with `exec`.
@@ -116,7 +138,7 @@ impl RingQueue {
         exec: QueueExecutor,
     ) -> Result<Self, QueueError> {
         let mem = grants.map(frontend, refs, true).map_err(|source| QueueError::Map { queue: index, source })?;
-        let q = RingQueue::new(index, mem, exec)?;
+        let q = RingQueue::new(index, mem, exec, None)?;
         log::debug!("dom{frontend} queue {index}: {} ring pages, {} slots", refs.len(), q.ring.size());
         Ok(q)
     }
@@ -163,8 +185,10 @@ impl RingQueue {
         loop {
             let n = (self.ring.unconsumed().map_err(ring_err)? as usize).min(left);
             for _ in 0..n {
-                if !self.ring.take_request(&mut self.slot).map_err(ring_err)? {
-                    break;
+                let Some(ticket) = self.ring.take_request(&mut self.slot).map_err(ring_err)? else { break };
+                let id = request_id(self.abi, &self.slot);
+                if let Some(first) = self.tickets.insert(id, ticket) {
+                    self.more_tickets.push((id, first));
                 }
                 self.exec.submit(&self.slot, &mut self.responses);
             }
@@ -220,10 +244,26 @@ impl RingQueue {
             return Ok(false);
         }
         let queue = self.index;
-        for rsp in self.responses.drain(..) {
-            self.ring.put_response(&rsp).map_err(|source| QueueError::Ring { queue, source })?;
-        }
+        let mut responses = std::mem::take(&mut self.responses);
+        let put = responses.iter().try_for_each(|rsp| {
+            let Some(ticket) = self.take_ticket(rsp.id) else {
+                log::error!("queue {queue}: a response to request {:#x}, which is not in flight", rsp.id);
+                return Ok(());
+            };
+            self.ring.put_response(ticket, rsp)
+        });
+        responses.clear();
+        self.responses = responses;
+        put.map_err(|source| QueueError::Ring { queue, source })?;
         self.ring.push_responses().map_err(|source| QueueError::Ring { queue, source })
+    }
+
+    /// The ticket of a request with `id` in flight.
+    fn take_ticket(&mut self, id: u64) -> Option<Ticket> {
+        if let Some(i) = self.more_tickets.iter().position(|&(other, _)| other == id) {
+            return Some(self.more_tickets.swap_remove(i).1);
+        }
+        self.tickets.remove(&id)
     }
 }
 
@@ -289,7 +329,7 @@ mod tests {
         let addr = std::ptr::NonNull::new(shared.as_ptr()).unwrap();
         // SAFETY: `Keep` holds the anonymous mapping until this view is dropped.
         let back = unsafe { GrantMapping::from_raw(addr, PAGE_SIZE, true, Box::new(Keep(shared))) };
-        (front, RingQueue::new(0, back, exec).unwrap(), path)
+        (front, RingQueue::new(0, back, exec, None).unwrap(), path)
     }
 
     fn flush(id: u64) -> Vec<u8> {

@@ -199,7 +199,12 @@ impl Device for BlkDevice {
             let engine = engine.map_err(|e| DeviceError::other(format!("Cannot start I/O for queue {i}"), e))?;
             let exec = QueueExecutor::new(fe.abi, limits, frontend, ctx.grants().clone(), engine);
             let mem = ctx.map_grants(&q.ring_refs, true)?;
-            let queue = if ctx.resuming() { RingQueue::resume(i, mem, exec) } else { RingQueue::new(i, mem, exec) };
+            let journal = ctx.ring_journal(&format!("q{i}"), &q.ring_refs);
+            let queue = if ctx.resuming() {
+                RingQueue::resume(i, mem, exec, journal)
+            } else {
+                RingQueue::new(i, mem, exec, journal)
+            };
             let queue = queue.map_err(|e| DeviceError::other("Bad ring", e))?;
             let node = if multi { format!("queue-{i}/event-channel") } else { "event-channel".to_string() };
             let port = ctx.bind_event_channel(&node)?;

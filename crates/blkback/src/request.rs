@@ -315,6 +315,16 @@ fn read_slot<T: FromBytes>(slot: &[u8]) -> T {
     T::read_from_prefix(slot).map(|(v, _)| v).unwrap_or_else(|_| T::new_zeroed())
 }
 
+/// The `id` of the request in `slot` (of `abi`'s layout), whatever else the
+/// slot holds: it is at the same place in every operation's layout.
+pub fn request_id(abi: Abi, slot: &[u8]) -> u64 {
+    if matches!(abi, Abi::X86_32) {
+        read_slot::<BlkifRequest32>(slot).id.get()
+    } else {
+        read_slot::<BlkifRequest64>(slot).id.get()
+    }
+}
+
 /// Parses a request copied out of a ring slot of `abi`'s layout and checks
 /// it against `disk`. `slot` must be [`Abi::slot_size`] bytes; a shorter one
 /// is read as if zero-padded.
@@ -329,7 +339,7 @@ pub fn parse(abi: Abi, slot: &[u8], disk: &DiskLimits) -> Result<Request, Reques
     // every layout, so even a malformed indirect request gets what it expects.
     let operation = if slot[0] == BLKIF_OP_INDIRECT { slot[1] } else { slot[0] };
     let wide = !matches!(abi, Abi::X86_32);
-    let id = if wide { read_slot::<BlkifRequest64>(slot).id.get() } else { read_slot::<BlkifRequest32>(slot).id.get() };
+    let id = request_id(abi, slot);
     let fail = |fault| RequestError { id, operation, fault };
     let kind = parse_kind(wide, slot, disk).map_err(fail)?;
     Ok(Request { id, operation, kind })

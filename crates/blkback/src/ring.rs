@@ -9,7 +9,7 @@
 use std::borrow::Borrow;
 
 use gnttab::GrantMapping;
-use xen_ring::{BackRing, FrontRing, RingError};
+use xen_ring::{BackRing, FrontRing, JournalFile, RingError, Ticket};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::abi::{BlkifResponse32, BlkifResponse64, SLOT_SIZE_32, SLOT_SIZE_64};
@@ -32,20 +32,30 @@ pub enum BlkBackRing {
 }
 
 impl BlkBackRing {
-    /// Attaches to the ring the frontend initialised in `mem`.
-    pub fn new(mem: GrantMapping, abi: Abi) -> Result<Self, RingError> {
+    /// Attaches to the ring the frontend initialised in `mem`, keeping
+    /// `journal` of the requests taken if given ([`BackRing::new_journaled`]).
+    pub fn new(mem: GrantMapping, abi: Abi, journal: Option<JournalFile>) -> Result<Self, RingError> {
+        fn one<Req: xen_ring::RingEntry, Rsp: xen_ring::RingEntry>(
+            mem: GrantMapping,
+            journal: Option<JournalFile>,
+        ) -> Result<BackRing<Req, Rsp>, RingError> {
+            match journal {
+                Some(j) => BackRing::new_journaled(mem, j),
+                None => BackRing::new(mem),
+            }
+        }
         Ok(match abi {
-            Abi::X86_32 => BlkBackRing::Narrow(BackRing::new(mem)?),
-            Abi::Native | Abi::X86_64 => BlkBackRing::Wide(BackRing::new(mem)?),
+            Abi::X86_32 => BlkBackRing::Narrow(one(mem, journal)?),
+            Abi::Native | Abi::X86_64 => BlkBackRing::Wide(one(mem, journal)?),
         })
     }
 
-    /// Takes over a ring in use after a backend restart
-    /// ([`BackRing::resume`]).
-    pub fn resume(mem: GrantMapping, abi: Abi) -> Result<Self, RingError> {
+    /// Takes over a ring in use after a backend restart or crash, with the
+    /// previous backend's journal ([`BackRing::resume`]).
+    pub fn resume(mem: GrantMapping, abi: Abi, journal: Option<JournalFile>) -> Result<Self, RingError> {
         Ok(match abi {
-            Abi::X86_32 => BlkBackRing::Narrow(BackRing::resume(mem)?),
-            Abi::Native | Abi::X86_64 => BlkBackRing::Wide(BackRing::resume(mem)?),
+            Abi::X86_32 => BlkBackRing::Narrow(BackRing::resume(mem, journal)?),
+            Abi::Native | Abi::X86_64 => BlkBackRing::Wide(BackRing::resume(mem, journal)?),
         })
     }
 
@@ -65,28 +75,36 @@ impl BlkBackRing {
         }
     }
 
-    /// Copies the next request slot into `out` (at least a slot long);
-    /// false if there was none.
-    pub fn take_request(&mut self, out: &mut [u8]) -> Result<bool, RingError> {
+    /// Copies the next request slot into `out` (at least a slot long) and
+    /// returns its ticket ([`BackRing::take_request`]); `None` if there was
+    /// none.
+    pub fn take_request(&mut self, out: &mut [u8]) -> Result<Option<Ticket>, RingError> {
+        fn copy<const N: usize>(taken: Option<(Ticket, [u8; N])>, out: &mut [u8]) -> Option<Ticket> {
+            taken.map(|(t, s)| {
+                out[..N].copy_from_slice(&s);
+                t
+            })
+        }
         match self {
-            BlkBackRing::Wide(r) => Ok(r.next_request()?.map(|s| out[..s.len()].copy_from_slice(&s)).is_some()),
-            BlkBackRing::Narrow(r) => Ok(r.next_request()?.map(|s| out[..s.len()].copy_from_slice(&s)).is_some()),
+            BlkBackRing::Wide(r) => Ok(copy(r.take_request()?, out)),
+            BlkBackRing::Narrow(r) => Ok(copy(r.take_request()?, out)),
         }
     }
 
-    /// Writes a response to the next slot (published by [`Self::push_responses`]).
-    pub fn put_response(&mut self, rsp: &Response) -> Result<(), RingError> {
+    /// Writes the response to the request of `ticket` to the next slot
+    /// (published by [`Self::push_responses`]).
+    pub fn put_response(&mut self, ticket: Ticket, rsp: &Response) -> Result<(), RingError> {
         let mut raw = [0u8; 16];
         match self {
             BlkBackRing::Wide(r) => {
                 Abi::X86_64.encode_response(rsp, &mut raw);
                 let (v, _) = BlkifResponse64::read_from_prefix(&raw).expect("16 bytes");
-                r.push_response(&v)
+                r.answer(ticket, &v)
             }
             BlkBackRing::Narrow(r) => {
                 Abi::X86_32.encode_response(rsp, &mut raw);
                 let (v, _) = BlkifResponse32::read_from_prefix(&raw).expect("12 bytes");
-                r.push_response(&v)
+                r.answer(ticket, &v)
             }
         }
     }
@@ -230,7 +248,7 @@ mod tests {
         let front = BlkFrontRing::new(shared.clone(), abi).unwrap();
         // SAFETY: `Keep` holds the anonymous mapping until this view is dropped.
         let back_mem = unsafe { GrantMapping::from_raw(addr, len, true, Box::new(Keep(shared))) };
-        (front, BlkBackRing::new(back_mem, abi).unwrap())
+        (front, BlkBackRing::new(back_mem, abi, None).unwrap())
     }
 
     #[test]
@@ -251,12 +269,12 @@ mod tests {
         front.mapping().read(64 + SLOT_SIZE_32, &mut m).unwrap();
         assert_eq!(m, [2u8; SLOT_SIZE_32], "second slot at 64 + 108");
         let mut slot = [0u8; SLOT_SIZE_64];
-        assert!(back.take_request(&mut slot).unwrap());
+        let t1 = back.take_request(&mut slot).unwrap().unwrap();
         assert_eq!(slot[..SLOT_SIZE_32], [1u8; SLOT_SIZE_32]);
-        assert!(back.take_request(&mut slot).unwrap());
-        assert!(!back.take_request(&mut slot).unwrap());
-        back.put_response(&Response { id: 0xAB, operation: 1, status: Status::Error }).unwrap();
-        back.put_response(&Response { id: 0xCD, operation: 0, status: Status::Okay }).unwrap();
+        let t2 = back.take_request(&mut slot).unwrap().unwrap();
+        assert!(back.take_request(&mut slot).unwrap().is_none());
+        back.put_response(t1, &Response { id: 0xAB, operation: 1, status: Status::Error }).unwrap();
+        back.put_response(t2, &Response { id: 0xCD, operation: 0, status: Status::Okay }).unwrap();
         back.push_responses().unwrap();
         let mut r = [0u8; 12];
         front.mapping().read(64 + SLOT_SIZE_32, &mut r).unwrap();
@@ -276,9 +294,9 @@ mod tests {
         front.push_requests().unwrap();
         let mut slot = [0u8; SLOT_SIZE_64];
         for i in 0..n {
-            assert!(back.take_request(&mut slot).unwrap());
+            let t = back.take_request(&mut slot).unwrap().unwrap();
             assert_eq!((slot[0], slot[40]), (i as u8, 0), "zero-padded slot {i}");
-            back.put_response(&Response { id: u64::from(i), operation: 0, status: Status::Okay }).unwrap();
+            back.put_response(t, &Response { id: u64::from(i), operation: 0, status: Status::Okay }).unwrap();
         }
         back.push_responses().unwrap();
         for i in 0..n {

@@ -49,14 +49,15 @@ pub enum AccessError {
     Unaligned(usize),
 }
 
-struct AnonUnmap;
+struct Munmap;
 
-impl Unmap for AnonUnmap {
+impl Unmap for Munmap {
     fn unmap(&mut self, addr: NonNull<u8>, len: usize) {
-        // SAFETY: `addr`/`len` are exactly what `anonymous()` got from mmap,
-        // and this runs once, from Drop, when nothing else can reach them.
+        // SAFETY: `addr`/`len` are exactly what `anonymous()` or
+        // `shared_file()` got from mmap, and this runs once, from Drop, when
+        // nothing else can reach them.
         if let Err(e) = unsafe { nix::sys::mman::munmap(addr.cast(), len) } {
-            log::warn!("munmap of anonymous mapping failed: {e}");
+            log::warn!("munmap failed: {e}");
         }
     }
 }
@@ -83,8 +84,30 @@ impl GrantMapping {
         let addr =
             unsafe { mmap_anonymous(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE) }
                 .map_err(std::io::Error::from)?;
-        // SAFETY: `addr` is a new mapping of `len` bytes released only by AnonUnmap.
-        Ok(unsafe { GrantMapping::from_raw(addr.cast(), len, true, Box::new(AnonUnmap)) })
+        // SAFETY: `addr` is a new mapping of `len` bytes released only by Munmap.
+        Ok(unsafe { GrantMapping::from_raw(addr.cast(), len, true, Box::new(Munmap)) })
+    }
+
+    /// The first `len` bytes of `file` mapped shared and writable: memory
+    /// that outlives this process (a ring's request journal on tmpfs, read
+    /// by the next backend process after a crash). The file must be at
+    /// least `len` bytes long; the mapping keeps no reference to `file`.
+    pub fn shared_file(file: &std::fs::File, len: usize) -> std::io::Result<Self> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let size =
+            std::num::NonZeroUsize::new(len).ok_or_else(|| std::io::Error::from_raw_os_error(nix::libc::EINVAL))?;
+        if file.metadata()?.len() < len as u64 {
+            // A mapping past the end of the file faults (SIGBUS) when touched.
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shorter than the mapping"));
+        }
+        // SAFETY: a new shared mapping of a file we hold open; the address is
+        // the kernel's choice, so it aliases nothing in this process. Other
+        // processes may write the file: all access is volatile or atomic.
+        let addr =
+            unsafe { mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, file, 0) }
+                .map_err(std::io::Error::from)?;
+        // SAFETY: `addr` is a new mapping of `len` bytes released only by Munmap (a plain munmap).
+        Ok(unsafe { GrantMapping::from_raw(addr.cast(), len, true, Box::new(Munmap)) })
     }
 
     /// Length in bytes.

@@ -49,6 +49,26 @@ pub enum RingError {
     /// An earlier error left the ring unusable.
     #[error("Ring is broken by an earlier error")]
     Broken,
+    /// The request journal's file could not be created, sized or mapped.
+    #[error("Ring journal file")]
+    Journal(#[source] std::io::Error),
+    /// The journal found for a ring to resume cannot be used: the reason.
+    #[error("The ring's journal cannot be used: {0}")]
+    JournalMismatch(&'static str),
+    /// A ring with requests published and not answered, left by a backend
+    /// that kept no journal (or whose journal is gone): the slots between
+    /// `rsp_prod` and `req_prod` may hold responses it wrote but did not
+    /// publish, so nothing there can be taken as a request.
+    #[error("Cannot resume exactly: {pending} request(s) pending at rsp_prod {rsp_prod} and no journal")]
+    NotResumable {
+        /// The published `rsp_prod`.
+        rsp_prod: u32,
+        /// `req_prod - rsp_prod`.
+        pending: u32,
+    },
+    /// A response without its request's ticket on a journaled ring.
+    #[error("A journaled ring answers requests by ticket")]
+    TicketRequired,
     /// An access to the shared memory failed.
     #[error("Shared ring access failed")]
     Access(#[source] AccessError),

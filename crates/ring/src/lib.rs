@@ -38,6 +38,7 @@ pub mod abi;
 mod back;
 mod error;
 mod front;
+mod journal;
 mod shared;
 #[cfg(test)]
 mod testing;
@@ -46,4 +47,5 @@ pub use abi::{entry_size, ring_size, RingIdx};
 pub use back::BackRing;
 pub use error::RingError;
 pub use front::{init_shared, FrontRing};
+pub use journal::{JournalFile, Ticket};
 pub use shared::RingEntry;

@@ -67,3 +67,36 @@ pub fn dom0_platform(host: &Arc<SimHost>, xenstore: Client) -> Platform {
     let evtchn_host = host.clone();
     Platform::new(0, xenstore, move || Ok(evtchn_host.evtchn(0)), host.grant_mapper(0))
 }
+
+/// A simulated dom0's `/run/xenbackd`: a fresh directory on tmpfs (in
+/// `/dev/shm` where there is one) for the backend's request journals,
+/// removed with everything in it on drop. Each one is new, so tests running
+/// at once never share journals.
+#[derive(Debug)]
+pub struct RunDir {
+    path: std::path::PathBuf,
+}
+
+impl RunDir {
+    /// Creates the directory.
+    pub fn new() -> std::io::Result<RunDir> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = base.join(format!("xenbackd-run-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(RunDir { path })
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

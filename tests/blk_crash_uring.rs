@@ -1,0 +1,5 @@
+//! `blk_crash.rs` again, on the io_uring engine: `blk_support::engine()` picks it
+//! from this test target's name.
+
+#[path = "blk_crash.rs"]
+mod cases;
