@@ -98,7 +98,11 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     }));
 
     let device_types: Vec<Arc<dyn DeviceType>> = vec![BlkDeviceType::new("qdisk", BlkOptions::default())];
-    let config = Config { frontends: Frontends::Only(cfg.domid), ..Config::default() };
+    let config = Config {
+        frontends: Frontends::Only(cfg.domid),
+        journal_dir: Some(crate::JOURNAL_DIR.into()),
+        ..Config::default()
+    };
     let mut backend = Backend::start(platform, device_types, config).context("starting the backend")?;
     log::info!("serving backend/qdisk/{} of dom{self_domid}", cfg.domid);
 

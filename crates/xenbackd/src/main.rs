@@ -18,6 +18,10 @@ use anyhow::Context;
 use clap::Parser;
 use cli::{BenchCommand, Cli, Command};
 
+/// Where `serve` and the device-model mode keep the rings' request journals
+/// (docs/backend.md, "Resume after a crash"): tmpfs, root's alone.
+const JOURNAL_DIR: &str = "/run/xenbackd/rings";
+
 fn init_log(default: &str) {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default)).init();
 }

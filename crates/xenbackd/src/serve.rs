@@ -69,6 +69,11 @@ pub struct ServeArgs {
     /// next serve to resume
     #[arg(long)]
     close_on_exit: bool,
+    /// Where each ring's request journal is kept, so that a serve started
+    /// after a crash resumes every device exactly (a tmpfs: it must outlive
+    /// the process, not the host)
+    #[arg(long, value_name = "DIR", default_value = crate::JOURNAL_DIR)]
+    journal_dir: std::path::PathBuf,
 }
 
 /// A xenstore directory name under `backend/`.
@@ -109,6 +114,7 @@ pub fn run(args: ServeArgs) -> Result<u8> {
     if let Some(w) = args.workers {
         config.workers = w;
     }
+    config.journal_dir = Some(args.journal_dir);
     let opts = BlkOptions {
         io_threads: args.io_threads,
         engine: args.io_engine.into(),
