@@ -62,13 +62,21 @@ pub fn engine() -> EngineChoice {
 }
 
 /// The framework in dom0 serving `qdisk` and `vbd` with the block device type.
-/// Request journals in `run` (as `serve` keeps them in /run/xenbackd).
+/// `qdisk` and `vbd` with the block device type, on this target's engine.
+pub fn blk_types() -> Vec<Arc<dyn xen_backend::DeviceType>> {
+    let opts = BlkOptions { io_threads: 2, engine: engine(), ..BlkOptions::default() };
+    vec![BlkDeviceType::new("qdisk", opts) as _, BlkDeviceType::new("vbd", opts) as _]
+}
+
+/// Two workers, request journals in `run` (as `serve` keeps them in /run/xenbackd).
+pub fn backend_config(run: &RunDir) -> Config {
+    Config { workers: 2, journal_dir: Some(run.path().to_path_buf()), ..Config::default() }
+}
+
+/// The framework in dom0 serving [`blk_types`] with [`backend_config`].
 fn start_backend(host: &Arc<SimHost>, xenstored: &Arc<Xenstored>, run: &RunDir) -> Result<Backend> {
     let platform = dom0_platform(host, Client::from_stream(xenstored.connect_as(0)?)?);
-    let opts = BlkOptions { io_threads: 2, engine: engine(), ..BlkOptions::default() };
-    let types = vec![BlkDeviceType::new("qdisk", opts) as _, BlkDeviceType::new("vbd", opts) as _];
-    let config = Config { workers: 2, journal_dir: Some(run.path().to_path_buf()), ..Config::default() };
-    Ok(Backend::start(platform, types, config)?)
+    Ok(Backend::start(platform, blk_types(), backend_config(run))?)
 }
 
 /// A guest's disk: the generic frontend device (xenbus side) and the blkfront.

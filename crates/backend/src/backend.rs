@@ -35,6 +35,10 @@ pub const DEFAULT_DEPARTURE_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`Config::drain_timeout`]).
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the xenstore connection may stay lost (see
+/// [`Config::xenstore_timeout`]).
+pub const DEFAULT_XENSTORE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Backend configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -60,6 +64,12 @@ pub struct Config {
     /// and a device found Connected is resumed only if its rings have no
     /// request pending.
     pub journal_dir: Option<std::path::PathBuf>,
+    /// How long the xenstore connection may stay lost (xenstored restarting,
+    /// or gone) while the rings go on being served and reconnection is
+    /// tried; after that the backend stops, leaving every device for the
+    /// next process to resume ([`DEFAULT_XENSTORE_TIMEOUT`]; see
+    /// [`Backend::done`]).
+    pub xenstore_timeout: Duration,
 }
 
 impl Default for Config {
@@ -71,6 +81,7 @@ impl Default for Config {
             frontends: Frontends::All,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             journal_dir: None,
+            xenstore_timeout: DEFAULT_XENSTORE_TIMEOUT,
         }
     }
 }
@@ -97,6 +108,11 @@ pub struct Stats {
     /// Rings whose I/O was still in flight at their drain deadline after a
     /// disconnect (each failed its device and was finished aside).
     pub stuck_rings: AtomicU64,
+    /// Times the xenstore connection was lost and made again.
+    pub xenstore_reconnects: AtomicU64,
+    /// 1 once the backend stopped because xenstore stayed unreachable for
+    /// [`Config::xenstore_timeout`].
+    pub xenstore_gave_up: AtomicU64,
 }
 
 /// How the xenbus thread ends.
@@ -113,6 +129,8 @@ enum Stop {
 pub struct Backend {
     stop: Sender<Stop>,
     sync: Sender<Sender<()>>,
+    /// Disconnected when the xenbus thread has ended.
+    done: Receiver<()>,
     thread: Option<JoinHandle<Option<()>>>,
     stats: Arc<Stats>,
 }
@@ -132,16 +150,18 @@ impl Backend {
                 return Err(Error::DuplicateType(name));
             }
         }
-        let events = platform.xenstore().events();
+        let xs = platform.xenstore();
+        let events = xs.events();
         for kind in kinds.keys() {
-            platform
-                .xenstore()
-                .watch(&config.frontends.watch_path(&format!("{home}/backend/{kind}")), &backend_token(kind))?;
+            xs.watch(&config.frontends.watch_path(&format!("{home}/backend/{kind}")), &backend_token(kind))?;
         }
         log::info!("Serving {:?} from domain {} with {} workers", kinds.keys(), platform.domid(), pool.len());
         let stats = Arc::new(Stats::default());
         let mut xenbus = Xenbus {
+            xs,
             platform,
+            xenstore_timeout: config.xenstore_timeout,
+            unsynced: BTreeSet::new(),
             home,
             kinds,
             devices: HashMap::new(),
@@ -160,17 +180,29 @@ impl Backend {
         };
         let (stop, stop_rx) = crossbeam_channel::bounded::<Stop>(1);
         let (sync, sync_rx) = crossbeam_channel::unbounded::<Sender<()>>();
+        let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
         let thread = spawn_named(
             "xenbackd-xenbus",
             |msg| log::error!("Xenbus thread died: {msg}; no device changes are handled"),
-            move || xenbus.run(events, fail_rx, stop_rx, sync_rx),
+            move || {
+                let _done = done_tx;
+                xenbus.run(events, fail_rx, stop_rx, sync_rx)
+            },
         )?;
-        Ok(Backend { stop, sync, thread: Some(thread), stats })
+        Ok(Backend { stop, sync, done, thread: Some(thread), stats })
     }
 
     /// The counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Disconnected (`recv` returns) once the backend has stopped on its
+    /// own: xenstore unreachable for [`Config::xenstore_timeout`] (see
+    /// [`Stats::xenstore_gave_up`]) or its thread died. A daemon then exits
+    /// non-zero so that its supervisor starts a new one, which resumes.
+    pub fn done(&self) -> Receiver<()> {
+        self.done.clone()
     }
 
     /// Waits (at most `timeout`) until the xenbus thread has handled every
@@ -254,7 +286,13 @@ struct Departing {
 
 /// The xenbus thread's state (owned by it).
 struct Xenbus {
+    /// The current xenstore connection (the platform's, cached).
+    xs: xs_wire::Client,
     platform: Platform,
+    xenstore_timeout: Duration,
+    /// Devices whose last state write was lost with the connection: written
+    /// again once it is back.
+    unsynced: BTreeSet<DeviceKey>,
     home: String,
     kinds: HashMap<String, Arc<dyn DeviceType>>,
     devices: HashMap<DeviceKey, Slot>,
@@ -287,14 +325,15 @@ const OWN_NODES: [&str; 3] = ["state", "hotplug-status", "error"];
 impl Xenbus {
     fn run(
         &mut self,
-        events: Receiver<WatchEvent>,
+        mut events: Receiver<WatchEvent>,
         failures: Receiver<Failure>,
         stop: Receiver<Stop>,
         sync: Receiver<Sender<()>>,
     ) {
-        let mut how = Stop::Close;
+        let how;
         let released = self.released.1.clone();
         loop {
+            let mut lost = false;
             let next_deadline = self.departing.values().map(|d| d.deadline).min();
             let timer = match next_deadline {
                 Some(t) => crossbeam_channel::at(t),
@@ -312,10 +351,7 @@ impl Xenbus {
                         }
                         self.run_dirty();
                     }
-                    Err(_) => {
-                        log::error!("Xenstore connection lost");
-                        break;
-                    }
+                    Err(_) => lost = true,
                 },
                 recv(failures) -> f => if let Ok(f) = f {
                     self.ring_failed(f);
@@ -333,8 +369,115 @@ impl Xenbus {
                     let _ = done.send(());
                 },
             }
+            if lost {
+                match self.reconnect(&stop) {
+                    Ok(new) => events = new,
+                    Err(s) => {
+                        how = s;
+                        break;
+                    }
+                }
+            }
         }
         self.shutdown(how);
+    }
+
+    /// The xenstore connection is gone: the rings go on being served by
+    /// the workers (the data path needs no xenstore) while a new connection
+    /// is tried, with back-off, for [`Config::xenstore_timeout`]. Once made:
+    /// every watch again, the state writes that were lost written again,
+    /// and every device looked at again, as after a watch-queue overflow.
+    /// `Err`: stop (asked meanwhile, or given up: leave the devices for the
+    /// next process).
+    fn reconnect(&mut self, stop: &Receiver<Stop>) -> Result<Receiver<WatchEvent>, Stop> {
+        log::error!("Xenstore connection lost; the rings are still served; reconnecting");
+        let deadline = Instant::now() + self.xenstore_timeout;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            if self.platform.can_reconnect() {
+                match self.platform.reconnect().and_then(|client| self.resubscribe(client)) {
+                    Ok(events) => {
+                        log::info!("Xenstore connection made again; reconciling every device");
+                        self.stats.xenstore_reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.resync();
+                        return Ok(events);
+                    }
+                    Err(e) => log::warn!("Reconnecting to xenstore: {e}"),
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                log::error!(
+                    "No xenstore for {:?}: stopping; every device stays as it is for the next process to resume",
+                    self.xenstore_timeout
+                );
+                self.stats.xenstore_gave_up.store(1, Ordering::Relaxed);
+                return Err(Stop::Detach);
+            }
+            match stop.recv_timeout(backoff.min(deadline - now)) {
+                Ok(how) => return Err(how),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(Stop::Detach),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Makes `client` the connection and sets every watch on it again.
+    fn resubscribe(&mut self, client: xs_wire::Client) -> Result<Receiver<WatchEvent>, xs_wire::ClientError> {
+        self.xs = client;
+        let events = self.xs.events();
+        for kind in self.kinds.keys() {
+            self.xs.watch(&self.frontends.watch_path(&self.root(kind)), &backend_token(kind))?;
+        }
+        for (key, slot) in &self.devices {
+            self.xs.watch(&slot.frontend_state_path, &frontend_token(key, slot.generation))?;
+        }
+        for (key, d) in &self.departing {
+            self.xs.watch(&d.frontend_state_path, &frontend_token(key, d.generation))?;
+        }
+        Ok(events)
+    }
+
+    /// After a new connection: the lost state writes again, then every
+    /// device reconciled with what xenstore says now.
+    fn resync(&mut self) {
+        for key in std::mem::take(&mut self.unsynced) {
+            let Some(state) = self.devices.get(&key).map(|s| s.state) else { continue };
+            log::info!("{key}: writing state {state} again");
+            self.set_state(&key, state, &[]);
+        }
+        self.reconcile();
+    }
+
+    /// Every device looked at again (events may have been missed).
+    fn reconcile(&mut self) {
+        // Devices whose creation was cut short start over (the rescan
+        // creates them again).
+        let unmade: Vec<DeviceKey> =
+            self.devices.iter().filter(|(_, s)| s.device.is_none() && !s.failed).map(|(k, _)| k.clone()).collect();
+        for key in unmade {
+            self.forget(&key);
+        }
+        let kinds: Vec<String> = self.kinds.keys().cloned().collect();
+        for kind in kinds {
+            self.rescan(&kind);
+        }
+        let keys: Vec<DeviceKey> = self.devices.keys().cloned().collect();
+        for key in keys {
+            // `online` may have changed unseen.
+            self.online_changed(&key);
+            // A device whose `init` was cut short (by a lost connection).
+            let init = self
+                .devices
+                .get(&key)
+                .is_some_and(|s| s.state == XenbusState::Initialising && s.online && !s.failed && s.device.is_some());
+            if init {
+                self.init(&key);
+            } else {
+                self.frontend_changed(&key);
+            }
+        }
     }
 
     /// One round trip to xenstored, then every event queued by then: the
@@ -383,7 +526,7 @@ impl Xenbus {
     }
 
     fn xs(&self) -> &xs_wire::Client {
-        self.platform.xenstore()
+        &self.xs
     }
 
     fn run_dirty(&mut self) {
@@ -401,14 +544,7 @@ impl Xenbus {
         if ev.is_overflow() {
             log::warn!("Watch events were dropped; rescanning every device");
             self.stats.rescans.fetch_add(1, Ordering::Relaxed);
-            let kinds: Vec<String> = self.kinds.keys().cloned().collect();
-            for kind in kinds {
-                self.rescan(&kind);
-            }
-            let keys: Vec<DeviceKey> = self.devices.keys().cloned().collect();
-            for key in keys {
-                self.frontend_changed(&key);
-            }
+            self.reconcile();
             return;
         }
         if let Some(kind) = ev.token.strip_prefix("be:") {
@@ -663,7 +799,9 @@ impl Xenbus {
         slot.ctx.set_resuming(true);
         self.stats.resumes.fetch_add(1, Ordering::Relaxed);
         self.connect(key);
-        if let Some(slot) = self.devices.get(key) {
+        // Still resuming if the connection was cut before the rings were
+        // attached: the next attempt must take them where they are too.
+        if let Some(slot) = self.devices.get(key).filter(|s| s.state == XenbusState::Connected || !s.rings.is_empty()) {
             slot.ctx.set_resuming(false);
         }
     }
@@ -939,6 +1077,13 @@ impl Xenbus {
                 log::error!("{key}: writing state {state}: {e}");
                 if let Some(slot) = self.devices.get_mut(key) {
                     slot.state = state;
+                    if self.xs.is_dead() {
+                        // Written again once the connection is back.
+                        let extra = extra.iter().filter(|(n, v)| !(v.is_empty() && *n == "error"));
+                        let extra = extra.map(|(n, v)| (n.to_string(), v.to_vec()));
+                        slot.ctx.requeue_writes(writes.into_iter().chain(extra).collect());
+                        self.unsynced.insert(key.clone());
+                    }
                 }
                 false
             }
@@ -949,6 +1094,12 @@ impl Xenbus {
     /// (in the backend directory and in `error/backend/...` of the backend
     /// domain), tear the device down and go Closing, then Closed.
     fn fail(&mut self, key: &DeviceKey, error: DeviceError) {
+        if matches!(error, DeviceError::Xenstore(_)) && self.xs.is_dead() {
+            // Not the device's fault: it is looked at again once the
+            // connection is back (`reconcile`).
+            log::warn!("{key}: {error}; retried after reconnecting");
+            return;
+        }
         let text = error.node_text();
         if self.devices.get(key).is_some_and(|s| s.failed && s.state == XenbusState::Closed) {
             // Already failed and closed: the first error stays (a frontend

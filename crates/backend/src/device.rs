@@ -362,6 +362,13 @@ impl DeviceCtx {
         self.writes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Puts writes back in front of those queued since (their commit failed).
+    pub(crate) fn requeue_writes(&self, mut writes: Vec<(String, Vec<u8>)>) {
+        let mut queued = self.lock_writes();
+        writes.append(&mut queued);
+        *queued = writes;
+    }
+
     /// Takes the queued writes (the framework commits them).
     pub(crate) fn take_writes(&self) -> Vec<(String, Vec<u8>)> {
         std::mem::take(&mut *self.lock_writes())

@@ -17,7 +17,10 @@ mod state;
 mod thread;
 mod worker;
 
-pub use backend::{Backend, Config, Stats, DEFAULT_DEPARTURE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_RING_BUDGET};
+pub use backend::{
+    Backend, Config, Stats, DEFAULT_DEPARTURE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_RING_BUDGET,
+    DEFAULT_XENSTORE_TIMEOUT,
+};
 pub use device::{BoundPort, Device, DeviceCtx, DeviceType, Drained, Progress, RingHandler, RingSetup};
 pub use error::{DeviceError, Error};
 pub use frontends::{DeviceFilter, Frontends};

@@ -1,7 +1,7 @@
 //! What a backend needs from the host: a xenstore connection, event-channel
 //! handles, a grant mapper and its own domain id.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use evtchn::{DomId, EventChannel};
 use gnttab::GrantMapper;
@@ -11,12 +11,17 @@ use xs_wire::Client;
 /// simulated one).
 pub type EvtchnOpener = dyn Fn() -> evtchn::Result<Box<dyn EventChannel>> + Send + Sync;
 
+/// Opens a new xenstore connection (after the last one was lost).
+pub type XenstoreConnector = dyn Fn() -> Result<Client, xs_wire::ClientError> + Send + Sync;
+
 /// The host as a backend sees it: a struct of trait objects, built from the
-/// real devices by the binary or from the simulator by tests.
+/// real devices by the binary or from the simulator by tests. Clones share
+/// one xenstore connection, which [`Platform::reconnect`] replaces for all.
 #[derive(Clone)]
 pub struct Platform {
     domid: DomId,
-    xenstore: Client,
+    xenstore: Arc<RwLock<Client>>,
+    connect: Option<Arc<XenstoreConnector>>,
     open_evtchn: Arc<EvtchnOpener>,
     grants: Arc<dyn GrantMapper>,
 }
@@ -29,7 +34,39 @@ impl Platform {
         open_evtchn: impl Fn() -> evtchn::Result<Box<dyn EventChannel>> + Send + Sync + 'static,
         grants: Arc<dyn GrantMapper>,
     ) -> Self {
-        Platform { domid, xenstore, open_evtchn: Arc::new(open_evtchn), grants }
+        Platform {
+            domid,
+            xenstore: Arc::new(RwLock::new(xenstore)),
+            connect: None,
+            open_evtchn: Arc::new(open_evtchn),
+            grants,
+        }
+    }
+
+    /// How to connect to xenstore again when the connection is lost
+    /// (xenstored restarted, or a frame it sent could not be parsed).
+    /// Without it a lost connection is not re-established.
+    pub fn with_reconnect(
+        mut self,
+        connect: impl Fn() -> Result<Client, xs_wire::ClientError> + Send + Sync + 'static,
+    ) -> Self {
+        self.connect = Some(Arc::new(connect));
+        self
+    }
+
+    /// Whether [`Platform::reconnect`] can do anything.
+    pub fn can_reconnect(&self) -> bool {
+        self.connect.is_some()
+    }
+
+    /// Opens a new xenstore connection and makes it every clone's.
+    pub fn reconnect(&self) -> Result<Client, xs_wire::ClientError> {
+        let Some(connect) = &self.connect else {
+            return Err(xs_wire::ClientError::Disconnected { reason: "no way to reconnect was given".into() });
+        };
+        let client = connect()?;
+        *self.xenstore.write().unwrap_or_else(|p| p.into_inner()) = client.clone();
+        Ok(client)
     }
 
     /// The real host: `xenstore` (normally [`Client::connect`]), one
@@ -40,7 +77,7 @@ impl Platform {
         let domid = read_own_domid(&xenstore)?;
         let gntdev = gnttab::Gntdev::open().map_err(crate::error::Error::Grant)?;
         let open = || -> evtchn::Result<Box<dyn EventChannel>> { Ok(Box::new(evtchn::XenEvtchn::open()?)) };
-        Ok(Platform::new(domid, xenstore, open, Arc::new(gntdev)))
+        Ok(Platform::new(domid, xenstore, open, Arc::new(gntdev)).with_reconnect(Client::connect))
     }
 
     /// The backend's own domain id.
@@ -48,9 +85,9 @@ impl Platform {
         self.domid
     }
 
-    /// The xenstore connection.
-    pub fn xenstore(&self) -> &Client {
-        &self.xenstore
+    /// The xenstore connection (the current one: see [`Platform::reconnect`]).
+    pub fn xenstore(&self) -> Client {
+        self.xenstore.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Opens a new event-channel handle.

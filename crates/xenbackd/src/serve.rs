@@ -74,6 +74,11 @@ pub struct ServeArgs {
     /// the process, not the host)
     #[arg(long, value_name = "DIR", default_value = crate::JOURNAL_DIR)]
     journal_dir: std::path::PathBuf,
+    /// Seconds the xenstore connection may stay lost (the rings are served
+    /// meanwhile and reconnection is tried) before serve exits with status 1,
+    /// leaving the devices for the next serve to resume; 1 to 3600
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = crate::cli::count(1..=3600))]
+    xenstore_timeout: usize,
 }
 
 /// A xenstore directory name under `backend/`.
@@ -115,6 +120,8 @@ pub fn run(args: ServeArgs) -> Result<u8> {
         config.workers = w;
     }
     config.journal_dir = Some(args.journal_dir);
+    config.xenstore_timeout = std::time::Duration::from_secs(args.xenstore_timeout as u64);
+    let xenstore_timeout = config.xenstore_timeout;
     let opts = BlkOptions {
         io_threads: args.io_threads,
         engine: args.io_engine.into(),
@@ -139,7 +146,25 @@ pub fn run(args: ServeArgs) -> Result<u8> {
     let mut backend = Backend::start(platform, device_types, config).context("starting the backend")?;
     log::info!("serving backend/{{{}}} of dom{domid} with {workers} workers", types.join(","));
 
+    // A backend that stops on its own (xenstore gone for good) wakes the
+    // wait below as a SIGTERM would.
+    let done = backend.done();
+    std::thread::Builder::new()
+        .name("xenbackd-done".into())
+        .spawn(move || {
+            let _ = done.recv();
+            let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);
+        })
+        .context("starting a thread")?;
+
     let sig = stop.wait().context("waiting for a signal")?;
+    if backend.done().try_recv() == Err(crossbeam_channel::TryRecvError::Disconnected) {
+        backend.detach();
+        anyhow::bail!(
+            "the backend stopped (xenstore unreachable for {:?}); devices are left for the next serve to resume",
+            xenstore_timeout
+        );
+    }
     if close_on_exit {
         log::info!("{sig:?}: closing every device");
         backend.shutdown();
