@@ -152,7 +152,8 @@ impl ThreadPoolEngine {
                 .name(format!("blk-io-{i}"))
                 .spawn(move || {
                     for job in rx {
-                        let completion = execute(&disk, job);
+                        let tag = job.tag;
+                        let completion = guarded(tag, || execute(&disk, job));
                         if tx.send(completion).is_err() {
                             break;
                         }
@@ -164,6 +165,17 @@ impl ThreadPoolEngine {
         }
         Ok(ThreadPoolEngine { jobs: Some(jobs_tx), done: done_rx, wakeup, in_flight: 0, threads: handles })
     }
+}
+
+/// Runs one operation; a panic in it fails that operation alone (its
+/// buffer is lost with it: the request gets an error response) and the
+/// thread goes on with the next.
+fn guarded(tag: u64, op: impl FnOnce() -> Completion) -> Completion {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(op)).unwrap_or_else(|p| {
+        let msg = p.downcast_ref::<&str>().copied().or(p.downcast_ref::<String>().map(String::as_str)).unwrap_or("?");
+        log::error!("I/O operation {tag} panicked: {msg}");
+        Completion { tag, result: Err(std::io::Error::other("the I/O operation panicked")), buf: None }
+    })
 }
 
 fn execute(disk: &Disk, job: Job) -> Completion {
@@ -245,6 +257,15 @@ mod tests {
             Err(e) => eprintln!("io_uring unavailable here ({e}): only the thread pool is tested"),
         }
         v
+    }
+
+    #[test]
+    fn a_panicking_operation_fails_alone_and_the_thread_goes_on() {
+        let c = guarded(5, || panic!("a bug in the disk layer"));
+        assert_eq!(c.tag, 5);
+        assert!(c.result.is_err() && c.buf.is_none());
+        let c = guarded(6, || Completion { tag: 6, result: Ok(()), buf: None });
+        assert!(c.result.is_ok());
     }
 
     fn wait_all(engine: &mut dyn IoEngine, n: usize) -> Vec<Completion> {
