@@ -30,6 +30,8 @@ enum Event {
     Qmp(Effect),
     /// xenstored released the guest (it died without libxl telling us).
     DomainGone,
+    /// The backend stopped on its own (xenstore unreachable for good).
+    BackendStopped,
 }
 
 /// Runs the device model; `args` are the arguments after the program name.
@@ -111,6 +113,15 @@ pub fn run(args: Vec<String>) -> Result<u8> {
         spawn_qmp(chardev, listener, vm.clone(), tx.clone())?;
     }
     spawn_domain_watch(cfg.domid, tx.clone())?;
+    let done = backend.done();
+    let backend_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("xenbackd-done".into())
+        .spawn(move || {
+            let _ = done.recv();
+            let _ = backend_tx.send(Event::BackendStopped);
+        })
+        .context("starting a thread")?;
     spawn_signals(stop, tx)?;
 
     if run == RunState::Running {
@@ -124,34 +135,45 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     }
 
     let why = wait(&rx, &xs, &state_path);
-    log::info!("{why}: closing the devices of domain {}", cfg.domid);
-    backend.shutdown();
+    match &why {
+        Some(why) => {
+            log::info!("{why}: closing the devices of domain {}", cfg.domid);
+            backend.shutdown();
+        }
+        // Its devices stay as they are: a new device model resumes them.
+        None => backend.detach(),
+    }
     for p in &bound {
         let _ = std::fs::remove_file(p);
     }
     if let Some(pidfile) = &cfg.pidfile {
         let _ = std::fs::remove_file(pidfile);
     }
+    if why.is_none() {
+        anyhow::bail!("the backend stopped: xenstore unreachable for {:?}", xen_backend::DEFAULT_XENSTORE_TIMEOUT);
+    }
     log::info!("device model for domain {} stopped", cfg.domid);
     Ok(0)
 }
 
 /// Waits for the end; `Started` effects write the state node on the way.
-fn wait(rx: &Receiver<Event>, xs: &Client, state_path: &str) -> String {
-    loop {
+/// `None`: the backend stopped on its own.
+fn wait(rx: &Receiver<Event>, xs: &Client, state_path: &str) -> Option<String> {
+    Some(loop {
         match rx.recv() {
-            Ok(Event::Signal(sig)) => return format!("{sig:?}"),
-            Ok(Event::Qmp(Effect::Quit)) => return "QMP quit".into(),
+            Ok(Event::Signal(sig)) => break format!("{sig:?}"),
+            Ok(Event::Qmp(Effect::Quit)) => break "QMP quit".into(),
             Ok(Event::Qmp(Effect::Started)) => {
                 if let Err(e) = write_state(xs, state_path) {
                     log::error!("{e:#}");
                 }
             }
             Ok(Event::Qmp(Effect::None)) => {}
-            Ok(Event::DomainGone) => return "the domain is gone".into(),
-            Err(_) => return "no event source left".into(),
+            Ok(Event::DomainGone) => break "the domain is gone".into(),
+            Ok(Event::BackendStopped) => return None,
+            Err(_) => break "no event source left".into(),
         }
-    }
+    })
 }
 
 fn write_state(xs: &Client, path: &str) -> Result<()> {
