@@ -13,6 +13,7 @@ pub mod blkif_parse;
 pub mod input;
 pub mod qmp;
 pub mod ring_back;
+pub mod ring_journal;
 pub mod xenstored_unpriv;
 pub mod xs_client_hostile;
 pub mod xs_decoder;
@@ -31,6 +32,7 @@ pub struct Target {
 pub const TARGETS: &[Target] = &[
     Target { name: "xs_decoder", run: xs_decoder::run, seeds: xs_decoder::seeds },
     Target { name: "ring_back", run: ring_back::run, seeds: ring_back::seeds },
+    Target { name: "ring_journal", run: ring_journal::run, seeds: ring_journal::seeds },
     Target { name: "blkif_parse", run: blkif_parse::run, seeds: blkif_parse::seeds },
     Target { name: "xenstored_unpriv", run: xenstored_unpriv::run, seeds: xenstored_unpriv::seeds },
     Target { name: "xs_client_hostile", run: xs_client_hostile::run, seeds: xs_client_hostile::seeds },
