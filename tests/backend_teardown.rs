@@ -74,7 +74,7 @@ impl RingHandler for SlowRing {
         for v in &self.batch {
             self.ring.push_response(&v.wrapping_add(1))?;
         }
-        Ok(Progress { notify: self.ring.push_responses_and_check_notify()?, more: false })
+        Ok(Progress { notify: self.ring.push_responses_and_check_notify()?, ..Progress::default() })
     }
 
     fn completion_fd(&self) -> Option<RawFd> {

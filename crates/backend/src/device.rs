@@ -59,6 +59,15 @@ pub struct Progress {
     pub notify: bool,
     /// The budget ran out with requests left: call again soon.
     pub more: bool,
+    /// The pass took no request off the ring. A port event followed only
+    /// by such passes was spurious, and a port that keeps firing for
+    /// nothing is throttled (the worker delays its unmask, as Linux's
+    /// lateeoi does, XSA-332). `false` (the default) never throttles.
+    pub idle: bool,
+    /// Call again after this long even if no event comes: the handler
+    /// waits for something that sends none (a shared memory budget) or
+    /// wants to release what an idle ring holds.
+    pub retry: Option<std::time::Duration>,
 }
 
 /// Serves one shared ring on a worker thread. Owned by that worker.

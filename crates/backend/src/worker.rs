@@ -9,6 +9,14 @@
 //! other rings, and the remover hears of it on a channel ([`Released`]). A
 //! ring still busy at its deadline goes to a thread of its own to finish
 //! and drop (a stuck disk keeps only that thread), and is reported stuck.
+//!
+//! Event storms: a port is unmasked only once the passes its event caused
+//! are done (Linux's lateeoi, `drivers/xen/events/events_base.c`). If none
+//! of them took a request ([`Progress::idle`]), the event was spurious; from
+//! the second spurious event in a row on, the unmask is delayed, 1 ms
+//! doubling up to 1 s, and the first event that finds work ends the delay
+//! (XSA-332). A guest kicking an idle ring in a loop then costs a pass per
+//! delay, not a pass per kick; a guest with work is never delayed.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
@@ -22,7 +30,7 @@ use crossbeam_channel::{Receiver, Sender};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::device::RingSetup;
+use crate::device::{Progress, RingSetup};
 use crate::error::{DeviceError, Error};
 use crate::key::DeviceKey;
 use crate::thread::{panic_message, spawn_named};
@@ -31,6 +39,20 @@ use crate::thread::{panic_message, spawn_named};
 const COMMAND_QUEUE: usize = 64;
 /// Epoll events taken per wait.
 const EVENTS_PER_WAIT: usize = 64;
+/// Spurious events in a row that are unmasked at once (Linux's
+/// `spurious_threshold` default).
+const SPURIOUS_THRESHOLD: u32 = 1;
+/// Longest delay of a spurious port's unmask (Linux: `HZ`, one second).
+const MAX_EOI_DELAY: Duration = Duration::from_secs(1);
+
+/// How long the unmask of a port is delayed after its `spurious`-th
+/// spurious event in a row: nothing up to [`SPURIOUS_THRESHOLD`], then 1 ms
+/// doubling up to [`MAX_EOI_DELAY`] (Linux's `xen_irq_lateeoi_locked`, in
+/// milliseconds instead of jiffies).
+fn eoi_delay(spurious: u32) -> Option<Duration> {
+    let over = spurious.checked_sub(SPURIOUS_THRESHOLD + 1)?;
+    Some(Duration::from_millis(1u64 << over.min(10)).min(MAX_EOI_DELAY))
+}
 
 /// Which device instance a ring belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -215,6 +237,67 @@ struct Entry {
     queued: bool,
     /// Being taken away: whom to tell, and by when.
     draining: Option<(Instant, Sender<Released>)>,
+    /// Ports taken from the handle and not unmasked yet (late EOI).
+    eoi: Vec<evtchn::Port>,
+    /// A pass since the last port event took requests.
+    worked: bool,
+    /// Spurious port events in a row.
+    spurious: u32,
+    /// When the port of a spurious ring is unmasked.
+    unmask_at: Option<Instant>,
+    /// When the handler asked to be called again ([`Progress::retry`]).
+    retry_at: Option<Instant>,
+}
+
+impl Entry {
+    fn new(id: u64, owner: Owner, setup: RingSetup) -> Self {
+        Entry {
+            id,
+            owner,
+            setup,
+            queued: false,
+            draining: None,
+            eoi: Vec::new(),
+            worked: false,
+            spurious: 0,
+            unmask_at: None,
+            retry_at: None,
+        }
+    }
+
+    /// The earliest of its timers.
+    fn next_timer(&self) -> Option<Instant> {
+        let drain = self.draining.as_ref().map(|(t, _)| *t);
+        [drain, self.unmask_at, self.retry_at].into_iter().flatten().min()
+    }
+
+    /// Unmasks the ports taken (the late EOI).
+    fn unmask(&mut self) -> Result<(), DeviceError> {
+        self.unmask_at = None;
+        let handle = self.setup.port.handle();
+        let res = self.eoi.iter().try_for_each(|p| handle.unmask(*p));
+        self.eoi.clear();
+        Ok(res?)
+    }
+
+    /// After a pass with nothing left to take: the late EOI of the port
+    /// events since the last one, at once if a pass took work, else (a
+    /// spurious event) delayed per [`eoi_delay`].
+    fn late_eoi(&mut self, now: Instant) -> Result<(), DeviceError> {
+        if self.eoi.is_empty() || self.unmask_at.is_some() {
+            return Ok(());
+        }
+        if std::mem::take(&mut self.worked) {
+            self.spurious = 0;
+        } else {
+            self.spurious = (self.spurious + 1).min(SPURIOUS_THRESHOLD + 12);
+            if let Some(delay) = eoi_delay(self.spurious) {
+                self.unmask_at = Some(now + delay);
+                return Ok(());
+            }
+        }
+        self.unmask()
+    }
 }
 
 /// One worker's state, owned by its thread.
@@ -257,7 +340,7 @@ impl Worker {
             let timeout = if !self.ready.is_empty() {
                 EpollTimeout::ZERO
             } else {
-                match self.next_drain_deadline() {
+                match self.next_timer() {
                     None => EpollTimeout::NONE,
                     Some(t) => {
                         let ms = t.saturating_duration_since(Instant::now()).as_millis().clamp(1, 60_000);
@@ -290,6 +373,7 @@ impl Worker {
                 }
             }
             self.drains_expired();
+            self.timers();
             for _ in 0..self.ready.len() {
                 let Some(slot) = self.ready.pop_front() else { break };
                 self.service(slot);
@@ -331,7 +415,7 @@ impl Worker {
         if let (Ok(()), Some(fd)) = (&res, completion) {
             res = self.epoll.add(borrow(fd), EpollEvent::new(EpollFlags::EPOLLIN, Token::Completion(slot).to_u64()));
         }
-        self.slots[slot as usize] = Some(Entry { id, owner, setup, queued: false, draining: None });
+        self.slots[slot as usize] = Some(Entry::new(id, owner, setup));
         match res {
             // Requests may have been queued before the port was watched.
             Ok(()) => self.mark_ready(slot),
@@ -339,14 +423,40 @@ impl Worker {
         }
     }
 
+    /// Takes the ring's pending ports, left masked until its passes are
+    /// done ([`Entry::late_eoi`]).
     fn port_event(&mut self, slot: u32, pending: &mut Vec<evtchn::Port>) {
-        let Some(Some(entry)) = self.slots.get(slot as usize) else { return };
+        let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { return };
         pending.clear();
-        let handle = entry.setup.port.handle();
-        let res = handle.take_pending(pending).and_then(|()| pending.iter().try_for_each(|p| handle.unmask(*p)));
-        match res {
-            Ok(()) => self.mark_ready(slot),
+        match entry.setup.port.handle().take_pending(pending) {
+            Ok(()) => {
+                for p in pending.drain(..) {
+                    if !entry.eoi.contains(&p) {
+                        entry.eoi.push(p);
+                    }
+                }
+                self.mark_ready(slot)
+            }
             Err(e) => self.fail(slot, DeviceError::Evtchn(e)),
+        }
+    }
+
+    /// Runs the timers that are due: delayed unmasks and handlers' retries.
+    fn timers(&mut self) {
+        let now = Instant::now();
+        for slot in 0..self.slots.len() as u32 {
+            let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { continue };
+            if entry.unmask_at.is_some_and(|t| t <= now) {
+                // A notify while masked is delivered now, as a port event.
+                if let Err(e) = entry.unmask() {
+                    self.fail(slot, e);
+                    continue;
+                }
+            }
+            if entry.retry_at.is_some_and(|t| t <= now) {
+                entry.retry_at = None;
+                self.mark_ready(slot);
+            }
         }
     }
 
@@ -363,8 +473,8 @@ impl Worker {
         matches!(self.slots.get(slot as usize), Some(Some(e)) if e.draining.is_some())
     }
 
-    fn next_drain_deadline(&self) -> Option<Instant> {
-        self.slots.iter().flatten().filter_map(|e| e.draining.as_ref().map(|(t, _)| *t)).min()
+    fn next_timer(&self) -> Option<Instant> {
+        self.slots.iter().flatten().filter_map(Entry::next_timer).min()
     }
 
     /// Stops serving the ring's requests (its port leaves epoll; its
@@ -444,20 +554,26 @@ impl Worker {
             Ok(r) => r,
             Err(payload) => Err(DeviceError::Panic(panic_message(&*payload))),
         };
-        match res {
-            Ok(progress) => {
-                if progress.notify {
-                    if let Err(e) = entry.setup.port.notify() {
-                        self.fail(slot, e);
-                        return;
-                    }
-                }
-                if progress.more {
-                    self.mark_ready(slot);
-                }
-            }
+        match res.and_then(|progress| Self::after_pass(entry, progress)) {
+            Ok(true) => self.mark_ready(slot),
+            Ok(false) => {}
             Err(e) => self.fail(slot, e),
         }
+    }
+
+    /// What follows a pass: the notify, the retry timer, the late EOI.
+    /// Returns whether the ring has more to take now.
+    fn after_pass(entry: &mut Entry, progress: Progress) -> Result<bool, DeviceError> {
+        if progress.notify {
+            entry.setup.port.notify()?;
+        }
+        entry.worked |= !progress.idle;
+        let now = Instant::now();
+        entry.retry_at = progress.retry.map(|d| now + d);
+        if !progress.more {
+            entry.late_eoi(now)?;
+        }
+        Ok(progress.more)
     }
 
     /// Drops a ring: out of epoll first, then (optionally quiesced) dropped.
@@ -526,7 +642,7 @@ mod tests {
             }
             let notify = self.0.push_responses_and_check_notify()?;
             let more = n == budget || self.0.final_check_for_requests()?;
-            Ok(Progress { notify, more })
+            Ok(Progress { notify, more, idle: n == 0, retry: None })
         }
     }
 
@@ -582,6 +698,67 @@ mod tests {
             }
             out
         }
+    }
+
+    /// An [`Echo`] that counts its passes.
+    struct Counted(Echo, Arc<AtomicUsize>);
+
+    impl RingHandler for Counted {
+        fn process(&mut self, budget: usize) -> Result<Progress, DeviceError> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.process(budget)
+        }
+    }
+
+    #[test]
+    fn spurious_delay_grows_from_the_second_event_and_is_capped() {
+        let delays: Vec<_> = (0..14).map(eoi_delay).collect();
+        assert_eq!(delays[..3], [None, None, Some(Duration::from_millis(1))]);
+        assert_eq!(delays[3], Some(Duration::from_millis(2)));
+        assert!(delays[2..].windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(delays[13], Some(MAX_EOI_DELAY));
+    }
+
+    /// Issue 13, event storms: a guest kicking its idle ring in a loop costs
+    /// its worker a pass per throttle delay, not a pass per kick, and the
+    /// neighbour on the same worker is served meanwhile; once the attacker
+    /// sends work it is served too.
+    #[test]
+    fn kicks_that_find_no_work_are_throttled_and_the_neighbour_is_served() {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        let (failures, _failed) = crossbeam_channel::unbounded();
+        let mut pool = WorkerPool::new(1, 64, failures).unwrap();
+        let (mut neighbour, _) = guest_with_ring(&mut pool, &host, 1);
+        host.create_domain(2).unwrap();
+        let pages = host.grant_table(2).alloc_pages(1).unwrap();
+        let grefs = host.grant_table(2).grant_pages(&pages, 0, false).unwrap();
+        let front = FrontRing::new(host.grant_mapper(0).map(2, &grefs, true).unwrap()).unwrap();
+        let evtchn = host.evtchn(2);
+        let remote = evtchn.bind_unbound_port(0).unwrap();
+        let port = BoundPort::bind(host.evtchn(0), 2, remote).unwrap();
+        let back = BackRing::new(host.grant_mapper(0).map(2, &grefs, true).unwrap()).unwrap();
+        let passes = Arc::new(AtomicUsize::new(0));
+        let owner = Owner { key: DeviceKey { kind: "echo".into(), frontend: 2, devid: 0 }, generation: 1 };
+        pool.add(owner, RingSetup { port, handler: Box::new(Counted(Echo(back), passes.clone())) });
+        let mut attacker = Guest { _pages: pages, ring: front, evtchn, port: remote };
+        attacker.send(&[1]);
+        assert_eq!(attacker.receive(1), vec![2]);
+        let before = passes.load(Ordering::Relaxed);
+
+        const KICKS: usize = 20_000;
+        for i in 0..KICKS {
+            attacker.evtchn.notify(attacker.port).unwrap();
+            if i % 1000 == 0 {
+                neighbour.send(&[i as u64]);
+                assert_eq!(neighbour.receive(1), vec![i as u64 + 1]);
+            }
+        }
+        let storm = passes.load(Ordering::Relaxed) - before;
+        // Past the ramp (1 + 2 + ... + 512 ms, 11 passes), one pass a second.
+        assert!(storm <= 24, "{storm} passes for {KICKS} kicks that found no work");
+        attacker.send(&[41]);
+        assert_eq!(attacker.receive(1), vec![42]);
     }
 
     #[test]

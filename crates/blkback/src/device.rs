@@ -236,7 +236,7 @@ struct BlkRing {
 impl RingHandler for BlkRing {
     fn process(&mut self, budget: usize) -> Result<Progress, DeviceError> {
         let pass = self.queue.process(budget).map_err(|e| DeviceError::other("Ring failed", e))?;
-        Ok(Progress { notify: pass.notify, more: pass.more })
+        Ok(Progress { notify: pass.notify, more: pass.more, ..Progress::default() })
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
