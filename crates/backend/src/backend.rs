@@ -17,6 +17,7 @@ use crate::error::{DeviceError, Error};
 use crate::frontends::Frontends;
 use crate::key::{backend_token, frontend_token, parse_backend_path, parse_frontend_token, BackendPath, DeviceKey};
 use crate::platform::Platform;
+use crate::snapshot::{DeviceSnapshot, Monitor, RingCounters};
 use crate::state::{step, Step, XenbusState};
 use crate::thread::{panic_message, spawn_named};
 use crate::worker::{Failure, Owner, Placement, Released, WorkerPool};
@@ -133,6 +134,8 @@ pub struct Backend {
     done: Receiver<()>,
     thread: Option<JoinHandle<Option<()>>>,
     stats: Arc<Stats>,
+    snapshot: Sender<Sender<Vec<DeviceSnapshot>>>,
+    started: Instant,
 }
 
 impl Backend {
@@ -181,20 +184,27 @@ impl Backend {
         let (stop, stop_rx) = crossbeam_channel::bounded::<Stop>(1);
         let (sync, sync_rx) = crossbeam_channel::unbounded::<Sender<()>>();
         let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
+        let (snapshot, snapshot_rx) = crossbeam_channel::unbounded::<Sender<Vec<DeviceSnapshot>>>();
         let thread = spawn_named(
             "xenbackd-xenbus",
             |msg| log::error!("Xenbus thread died: {msg}; no device changes are handled"),
             move || {
                 let _done = done_tx;
-                xenbus.run(events, fail_rx, stop_rx, sync_rx)
+                xenbus.run(events, fail_rx, stop_rx, sync_rx, snapshot_rx)
             },
         )?;
-        Ok(Backend { stop, sync, done, thread: Some(thread), stats })
+        Ok(Backend { stop, sync, done, thread: Some(thread), stats, snapshot, started: Instant::now() })
     }
 
     /// The counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// A read-only handle for status and metrics, usable from any thread
+    /// while the backend runs ([`Monitor::devices`]).
+    pub fn monitor(&self) -> Monitor {
+        Monitor { stats: self.stats.clone(), snapshot: self.snapshot.clone(), started: self.started }
     }
 
     /// Disconnected (`recv` returns) once the backend has stopped on its
@@ -272,6 +282,12 @@ struct Slot {
     /// The frontend state the device failed in: the same state again does
     /// not retry it (another one does).
     failed_with: Option<XenbusState>,
+    /// Per ring in `rings`, the counters its handler publishes.
+    counters: Vec<Option<Arc<RingCounters>>>,
+    /// When the rings were last handed to the workers.
+    connected_at: Option<Instant>,
+    /// Taken over Connected from a previous process.
+    resumed: bool,
 }
 
 /// A removed device whose frontend is being told to close: we wrote
@@ -329,6 +345,7 @@ impl Xenbus {
         failures: Receiver<Failure>,
         stop: Receiver<Stop>,
         sync: Receiver<Sender<()>>,
+        snapshot: Receiver<Sender<Vec<DeviceSnapshot>>>,
     ) {
         let how;
         let released = self.released.1.clone();
@@ -367,6 +384,9 @@ impl Xenbus {
                 recv(sync) -> done => if let Ok(done) = done {
                     self.sync(&events);
                     let _ = done.send(());
+                },
+                recv(snapshot) -> reply => if let Ok(reply) = reply {
+                    let _ = reply.send(self.snapshot());
                 },
             }
             if lost {
@@ -499,6 +519,27 @@ impl Xenbus {
                 Err(_) => break,
             }
         }
+    }
+
+    /// Every device as it is now (in memory: no xenstore round trip).
+    fn snapshot(&self) -> Vec<DeviceSnapshot> {
+        self.devices
+            .iter()
+            .map(|(key, slot)| DeviceSnapshot {
+                key: key.clone(),
+                state: slot.state,
+                frontend_state: slot.last_fe,
+                failed: slot.failed,
+                resumed: slot.resumed,
+                connected_for: slot.connected_at.map(|t| t.elapsed()),
+                details: slot
+                    .device
+                    .as_ref()
+                    .and_then(|d| catch_unwind(AssertUnwindSafe(|| d.describe())).ok())
+                    .unwrap_or_default(),
+                rings: slot.counters.iter().map(|c| c.as_ref().map(|c| c.load())).collect(),
+            })
+            .collect()
     }
 
     fn shutdown(&mut self, how: Stop) {
@@ -747,6 +788,9 @@ impl Xenbus {
                 after_release: None,
                 last_fe: None,
                 failed_with: None,
+                counters: Vec::new(),
+                connected_at: None,
+                resumed: false,
             },
         );
         self.stats.devices.fetch_add(1, Ordering::Relaxed);
@@ -797,6 +841,7 @@ impl Xenbus {
         // What the device is now, though not written: teardown disconnects it.
         slot.state = XenbusState::InitWait;
         slot.ctx.set_resuming(true);
+        slot.resumed = true;
         self.stats.resumes.fetch_add(1, Ordering::Relaxed);
         self.connect(key);
         // Still resuming if the connection was cut before the rings were
@@ -929,9 +974,13 @@ impl Xenbus {
         };
         let Some(slot) = self.devices.get(key) else { return };
         let owner = Owner { key: key.clone(), generation: slot.generation };
+        let counters =
+            rings.iter().map(|r| catch_unwind(AssertUnwindSafe(|| r.handler.counters())).unwrap_or(None)).collect();
         let placements: Vec<Placement> = rings.into_iter().map(|r| self.pool.add(owner.clone(), r)).collect();
         if let Some(slot) = self.devices.get_mut(key) {
             slot.rings = placements;
+            slot.counters = counters;
+            slot.connected_at = Some(Instant::now());
         }
         // Counted before the state is written, so that whoever sees Connected
         // sees the count too.
@@ -949,6 +998,8 @@ impl Xenbus {
     fn teardown(&mut self, key: &DeviceKey) -> bool {
         let Some(slot) = self.devices.get_mut(key) else { return true };
         let rings = std::mem::take(&mut slot.rings);
+        slot.counters.clear();
+        slot.connected_at = None;
         let owner = Owner { key: key.clone(), generation: slot.generation };
         for p in rings {
             if self.pool.remove(p, owner.clone(), self.drain_timeout, self.released.0.clone()) {

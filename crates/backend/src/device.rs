@@ -50,6 +50,12 @@ pub trait Device: Send {
     fn backend_changed(&mut self, _ctx: &DeviceCtx, _node: &str) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// What an operator's status shows of the device besides its key and
+    /// state, as names and values (a block device: `image`, `format`,
+    /// `queues`, `ring-order`...). Read on the xenbus thread: keep it cheap.
+    fn describe(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
 }
 
 /// What a ring handler reports after a pass.
@@ -93,6 +99,14 @@ pub trait RingHandler: Send {
     /// rings meanwhile. The default quiesces at once.
     fn drain(&mut self) -> Drained {
         Drained { notify: self.quiesce(), done: true }
+    }
+    /// Counters the handler publishes as it serves the ring (requests in
+    /// flight, answered, failed, bytes), for status and metrics. Asked once,
+    /// when the ring is handed to its worker; the handler then stores into
+    /// them on its worker and readers load them from anywhere. `None` (the
+    /// default): the ring keeps none.
+    fn counters(&self) -> Option<Arc<crate::snapshot::RingCounters>> {
+        None
     }
 }
 

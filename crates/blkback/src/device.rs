@@ -18,7 +18,9 @@ use std::cell::RefCell;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use xen_backend::{Device, DeviceCtx, DeviceError, DeviceType, Drained, Progress, RingHandler, RingSetup};
+use xen_backend::{
+    Device, DeviceCtx, DeviceError, DeviceType, Drained, Progress, RingCounters, RingHandler, RingSetup, RingStats,
+};
 
 use crate::config::{connect_nodes, disk_limits, DiskConfig, FrontendConfig, Offer};
 use crate::connection::RingQueue;
@@ -103,13 +105,15 @@ impl DeviceType for BlkDeviceType {
     }
 
     fn create(&self, _ctx: &DeviceCtx) -> Result<Box<dyn Device>, DeviceError> {
-        Ok(Box::new(BlkDevice { options: self.options, disk: None }))
+        Ok(Box::new(BlkDevice { options: self.options, disk: None, rings: None }))
     }
 }
 
 struct BlkDevice {
     options: BlkOptions,
     disk: Option<(DiskConfig, Arc<Disk>)>,
+    /// Of the connection: queues, `ring-page-order`, the ABI.
+    rings: Option<(usize, u32, crate::request::Abi)>,
 }
 
 /// Reads nodes through `f`, keeping the first xenstore error (absent nodes
@@ -208,11 +212,12 @@ impl Device for BlkDevice {
             let queue = queue.map_err(|e| DeviceError::other("Bad ring", e))?;
             let node = if multi { format!("queue-{i}/event-channel") } else { "event-channel".to_string() };
             let port = ctx.bind_event_channel(&node)?;
-            setups.push(RingSetup { port, handler: Box::new(BlkRing { queue }) });
+            setups.push(RingSetup { port, handler: Box::new(BlkRing { queue, counters: RingCounters::new() }) });
         }
         for (node, value) in connect_nodes(disk, cfg) {
             ctx.write(node, value);
         }
+        self.rings = Some((fe.queues.len(), fe.ring_page_order, fe.abi));
         log::info!(
             "{}: connected, {} queue(s) of {} pages, protocol {:?}",
             ctx.backend_path(),
@@ -224,18 +229,58 @@ impl Device for BlkDevice {
     }
 
     fn disconnect(&mut self, ctx: &DeviceCtx) {
+        self.rings = None;
         log::info!("{}: disconnected", ctx.backend_path());
+    }
+
+    fn describe(&self) -> Vec<(&'static str, String)> {
+        let mut d = Vec::new();
+        if let Some((cfg, disk)) = &self.disk {
+            d.push(("image", cfg.path.display().to_string()));
+            d.push(("format", "raw".to_string()));
+            d.push(("mode", if disk.is_read_only() { "r" } else { "w" }.to_string()));
+            d.push(("sectors", disk.sectors().to_string()));
+            d.push(("sector-size", disk.logical_sector_size().to_string()));
+        }
+        let engine = match self.options.engine {
+            EngineChoice::IoUring => "io-uring",
+            EngineChoice::Threads | EngineChoice::Auto => "threads",
+        };
+        d.push(("engine", engine.to_string()));
+        if let Some((queues, order, abi)) = self.rings {
+            d.push(("queues", queues.to_string()));
+            d.push(("ring-order", order.to_string()));
+            d.push(("protocol", format!("{abi:?}")));
+        }
+        d
     }
 }
 
 /// One queue on a framework worker.
 struct BlkRing {
     queue: RingQueue,
+    /// The queue's counters, published after each pass.
+    counters: Arc<RingCounters>,
+}
+
+impl BlkRing {
+    fn publish(&self) {
+        let s = self.queue.stats();
+        self.counters.publish(RingStats {
+            in_flight: self.queue.pending() as u64,
+            completed: s.completed,
+            failed: s.failed,
+            bytes_read: s.bytes_read,
+            bytes_written: s.bytes_written,
+        });
+    }
 }
 
 impl RingHandler for BlkRing {
     fn process(&mut self, budget: usize) -> Result<Progress, DeviceError> {
-        let pass = self.queue.process(budget).map_err(|e| DeviceError::other("Ring failed", e))?;
+        let pass = self.queue.process(budget);
+        self.publish();
+        let pass = pass.map_err(|e| DeviceError::other("Ring failed", e))?;
         Ok(Progress { notify: pass.notify, more: pass.more, ..Progress::default() })
     }
 
@@ -255,7 +300,12 @@ impl RingHandler for BlkRing {
 
     fn drain(&mut self) -> Drained {
         let (notify, done) = self.queue.drain();
+        self.publish();
         Drained { notify, done }
+    }
+
+    fn counters(&self) -> Option<Arc<RingCounters>> {
+        Some(self.counters.clone())
     }
 }
 
