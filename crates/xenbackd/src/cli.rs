@@ -44,6 +44,8 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     Serve(crate::serve::ServeArgs),
+    Status(crate::status_cmd::StatusArgs),
+    Metrics(crate::status_cmd::MetricsArgs),
     Demo(crate::demo::DemoArgs),
     /// Benchmarks on the simulator
     #[command(subcommand)]

@@ -5,7 +5,9 @@
 //! answers libxl's QMP on the sockets named by `-chardev`/`-mon` (see
 //! [`crate::qmp`]), and exits on SIGHUP (libxl's destroy), SIGTERM, SIGINT
 //! or QMP `quit`, closing the guest's devices. One process per guest, as
-//! with QEMU: a fault stays with its guest. See `docs/device-model.md`.
+//! with QEMU: a fault stays with its guest. Its control socket, for
+//! `xenbackd status` and `metrics`, is `/run/xenbackd/dm-<domid>.sock`.
+//! See `docs/device-model.md`.
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -21,6 +23,7 @@ use xen_backend::{Backend, Config, DeviceType, Frontends};
 use xs_wire::{Client, TxId};
 
 use crate::platform::lazy_xen_platform;
+use xenbackd::control::ControlServer;
 use xenbackd::dm_args::{DmConfig, QmpChardev, QmpSocket};
 use xenbackd::qmp::{self, ChardevInfo, Decoder, Effect, RunState, Session, VmState};
 
@@ -107,6 +110,12 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     };
     let mut backend = Backend::start(platform, device_types, config).context("starting the backend")?;
     log::info!("serving backend/qdisk/{} of dom{self_domid}", cfg.domid);
+    // `xenbackd status --control-socket /run/xenbackd/dm-<domid>.sock`;
+    // without it (another process holds it, no /run) the guest is served all the same.
+    let control_path = std::path::PathBuf::from(format!("{}/dm-{}.sock", crate::RUN_DIR, cfg.domid));
+    let _control = ControlServer::start(&control_path, backend.monitor())
+        .map_err(|e| log::warn!("control socket {}: {e}; no status for this guest", control_path.display()))
+        .ok();
 
     let (tx, rx) = crossbeam_channel::unbounded();
     for (chardev, listener) in listeners {

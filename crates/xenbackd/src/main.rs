@@ -9,6 +9,7 @@ mod dm;
 mod platform;
 mod selftest;
 mod serve;
+mod status_cmd;
 mod xenstored_cmd;
 mod xs;
 
@@ -21,6 +22,9 @@ use cli::{BenchCommand, Cli, Command};
 /// Where `serve` and the device-model mode keep the rings' request journals
 /// (docs/backend.md, "Resume after a crash"): tmpfs, root's alone.
 const JOURNAL_DIR: &str = "/run/xenbackd/rings";
+
+/// The daemon's runtime directory (mode 0700): journals, control sockets.
+const RUN_DIR: &str = "/run/xenbackd";
 
 fn init_log(default: &str) {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default)).init();
@@ -49,6 +53,8 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
+        Command::Status(a) => status_cmd::run_status(a),
+        Command::Metrics(a) => status_cmd::run_metrics(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(BenchCommand::Blk(a)) => bench::run(a),
         Command::Bench(BenchCommand::Xs(a)) => bench_xs::run(a),

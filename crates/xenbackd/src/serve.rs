@@ -13,6 +13,9 @@ use xen_backend::{Backend, Config, DeviceKey, DeviceType, Frontends, Platform};
 use xs_wire::{Client, TxId};
 
 use crate::cli::{count, IoEngine};
+use xenbackd::control::{ControlServer, DEVICES_TIMEOUT};
+use xenbackd::sd_notify;
+use xenbackd::status::{self, Status};
 
 /// Most ring worker threads `--workers` takes.
 const MAX_WORKERS: u64 = 1024;
@@ -32,6 +35,12 @@ const MAX_IO_THREADS: u64 = 64;
 /// see docs/device-model.md): libxl records it in
 /// /libxl/<domid>/device/vbd/<devid>, and exactly one process must serve
 /// each device.
+///
+/// `xenbackd status` and `xenbackd metrics` ask it over its control socket
+/// (--control-socket). Started by systemd with Type=notify, it tells systemd
+/// it is ready once the backend serves. SIGHUP logs one line of status
+/// (devices by state, counters) and changes nothing: serve logs to stderr,
+/// so there is no log file to reopen.
 ///
 /// Runs until SIGTERM or SIGINT. Then every ring finishes the requests in
 /// flight and answers them, and the process exits 0 leaving xenstore as it
@@ -79,6 +88,10 @@ pub struct ServeArgs {
     /// leaving the devices for the next serve to resume; 1 to 3600
     #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = crate::cli::count(1..=3600))]
     xenstore_timeout: usize,
+    /// The control socket `xenbackd status` and `metrics` ask (made with
+    /// mode 0600, its directory 0700)
+    #[arg(long, value_name = "PATH", default_value = xenbackd::control::CONTROL_SOCKET)]
+    control_socket: std::path::PathBuf,
 }
 
 /// A xenstore directory name under `backend/`.
@@ -130,13 +143,17 @@ pub fn run(args: ServeArgs) -> Result<u8> {
     };
     let close_on_exit = args.close_on_exit;
 
-    // Block the stop signals before any thread starts, so every thread
-    // inherits the mask and only `wait` below receives them.
-    let mut stop = SigSet::empty();
-    stop.add(Signal::SIGTERM);
-    stop.add(Signal::SIGINT);
-    stop.thread_block().context("blocking SIGTERM/SIGINT")?;
+    // Block the signals before any thread starts, so every thread inherits
+    // the mask and only `wait` below receives them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGHUP);
+    signals.thread_block().context("blocking SIGTERM/SIGINT/SIGHUP")?;
 
+    // Bound first: a second serve stops here, before touching any device.
+    let mut control = ControlServer::bind(&args.control_socket)
+        .with_context(|| format!("listening on {}", args.control_socket.display()))?;
     let xs = Client::connect().context("connecting to xenstore")?;
     let platform = Platform::xen(xs).context("opening the Xen devices")?;
     let domid = platform.domid();
@@ -144,7 +161,15 @@ pub fn run(args: ServeArgs) -> Result<u8> {
         types.iter().map(|t| BlkDeviceType::new(t.clone(), opts) as _).collect();
     let workers = config.workers;
     let mut backend = Backend::start(platform, device_types, config).context("starting the backend")?;
+    let monitor = backend.monitor();
+    if let Err(e) = control.serve(monitor.clone()) {
+        log::error!("control socket {}: {e}; status and metrics are unavailable", args.control_socket.display());
+    }
     log::info!("serving backend/{{{}}} of dom{domid} with {workers} workers", types.join(","));
+    let ready = format!("{}\nSTATUS=serving backend/{{{}}} of dom{domid}", sd_notify::READY, types.join(","));
+    if let Err(e) = sd_notify::notify(&ready) {
+        log::warn!("telling systemd we are ready: {e}");
+    }
 
     // A backend that stops on its own (xenstore gone for good) wakes the
     // wait below as a SIGTERM would.
@@ -157,7 +182,16 @@ pub fn run(args: ServeArgs) -> Result<u8> {
         })
         .context("starting a thread")?;
 
-    let sig = stop.wait().context("waiting for a signal")?;
+    let sig = loop {
+        match signals.wait().context("waiting for a signal")? {
+            Signal::SIGHUP => log::info!("SIGHUP: {}", status::summary(&Status::gather(&monitor, DEVICES_TIMEOUT))),
+            sig => break sig,
+        }
+    };
+    if let Err(e) = sd_notify::notify(sd_notify::STOPPING) {
+        log::warn!("telling systemd we stop: {e}");
+    }
+    drop(control);
     if backend.done().try_recv() == Err(crossbeam_channel::TryRecvError::Disconnected) {
         backend.detach();
         anyhow::bail!(

@@ -59,8 +59,10 @@ fn version_flag_short_flag_and_command_print_the_version() {
 
 #[test]
 fn help_of_every_command_goes_to_stdout_with_status_0() {
-    let commands: [&[&str]; 8] = [
+    let commands: [&[&str]; 10] = [
         &["serve"],
+        &["status"],
+        &["metrics"],
         &["demo"],
         &["bench"],
         &["bench", "blk"],
@@ -83,7 +85,7 @@ fn help_of_every_command_goes_to_stdout_with_status_0() {
     }
     let top = xenbackd(&["--help"]);
     assert_eq!(top.code, Some(0));
-    for cmd in ["serve", "demo", "bench", "selftest", "xs", "xenstored", "version"] {
+    for cmd in ["serve", "status", "metrics", "demo", "bench", "selftest", "xs", "xenstored", "version"] {
         assert!(top.stdout.contains(&format!("\n  {cmd} ")), "{cmd} not listed in {}", top.stdout);
     }
     assert!(!top.stdout.contains("completions") && !top.stdout.contains("manpage"), "hidden: {}", top.stdout);
@@ -134,7 +136,7 @@ fn double_dash_ends_the_options() {
 
 #[test]
 fn numbers_out_of_range_are_refused_before_anything_runs() {
-    let cases: [(&[&str], &str); 22] = [
+    let cases: [(&[&str], &str); 24] = [
         (&["demo", "--duration", "-1"], "must be more than 0"),
         (&["demo", "--duration", "nan"], "must be more than 0"),
         (&["demo", "--duration", "1e30"], "must be more than 0"),
@@ -157,6 +159,8 @@ fn numbers_out_of_range_are_refused_before_anything_runs() {
         (&["serve", "--io-threads", "0"], "0 is not in 1..=64"),
         (&["selftest", "--domid", "32752"], "32752 is not in 0..32752"),
         (&["bench", "xs", "--ops", "0"], "0 is not in 16..=100000000"),
+        (&["status", "--interval", "61"], "must be from 0 to 60 seconds"),
+        (&["status", "--interval", "nan"], "must be from 0 to 60 seconds"),
     ];
     for (args, message) in cases {
         assert_usage_error(args, message);
@@ -229,4 +233,15 @@ fn qemu_arguments_go_to_the_device_model_not_to_clap() {
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     assert!(r.stderr.contains("xenbackd (device model): no -machine xenpv"), "{}", r.stderr);
     assert!(!r.stderr.contains("unexpected argument"), "{}", r.stderr);
+}
+
+#[test]
+fn status_and_metrics_without_a_daemon_say_so_with_status_1() {
+    let sock = std::env::temp_dir().join(format!("xenbackd-cli-no-daemon-{}.sock", std::process::id()));
+    for cmd in ["status", "metrics"] {
+        let r = xenbackd(&[cmd, "--control-socket", sock.to_str().unwrap()]);
+        assert_eq!(r.code, Some(1), "{cmd}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "{cmd}: {}", r.stdout);
+        assert!(r.stderr.contains("No xenbackd answers on") && r.stderr.contains("xenbackd serve"), "{}", r.stderr);
+    }
 }
