@@ -191,7 +191,8 @@ pub fn run(args: ServeArgs) -> Result<u8> {
     if let Err(e) = sd_notify::notify(sd_notify::STOPPING) {
         log::warn!("telling systemd we stop: {e}");
     }
-    drop(control);
+    // `control` stays bound until the backend has stopped (at the return):
+    // a second serve must not resume devices this one still drains.
     if backend.done().try_recv() == Err(crossbeam_channel::TryRecvError::Disconnected) {
         backend.detach();
         anyhow::bail!(

@@ -422,10 +422,11 @@ pub fn render_metrics(s: &Status) -> String {
         .iter()
         .map(|d| {
             let n = (0..9).find(|&n| xen_backend::XenbusState::from_u32(n).is_some_and(|s| s.to_string() == d.state));
-            (format!("{{{},state=\"{}\"}}", dev_labels(d), label(&d.state)), u64::from(n.unwrap_or(0)))
+            (format!("{{{}}}", dev_labels(d)), u64::from(n.unwrap_or(0)))
         })
         .collect();
-    family(&mut out, "xenbackd_device_state", "gauge", "The backend's xenbus state (4 is Connected).", &state);
+    let help = "The backend's xenbus state (1 Initialising, 2 InitWait, 4 Connected, 5 Closing, 6 Closed).";
+    family(&mut out, "xenbackd_device_state", "gauge", help, &state);
     let failed: Vec<(String, u64)> =
         devices.iter().map(|d| (format!("{{{}}}", dev_labels(d)), u64::from(d.failed))).collect();
     family(&mut out, "xenbackd_device_failed", "gauge", "1 while the device is failed.", &failed);
@@ -556,9 +557,7 @@ mod tests {
         let out = render_metrics(&sample(5000, 400, 8192));
         assert!(out.contains("# TYPE xenbackd_events_total counter\nxenbackd_events_total 0\n"), "{out}");
         assert!(out.contains("# TYPE xenbackd_devices gauge\nxenbackd_devices 3\n"), "{out}");
-        assert!(
-            out.contains("xenbackd_device_state{type=\"qdisk\",domain=\"3\",devid=\"51712\",state=\"Connected\"} 4\n")
-        );
+        assert!(out.contains("xenbackd_device_state{type=\"qdisk\",domain=\"3\",devid=\"51712\"} 4\n"), "{out}");
         assert!(out.contains("xenbackd_device_failed{type=\"vbd\",domain=\"4\",devid=\"768\"} 1\n"), "{out}");
         let key = "{type=\"qdisk\",domain=\"3\",devid=\"51712\",queue=\"0\"}";
         assert!(out.contains(&format!("xenbackd_ring_requests_completed_total{key} 400\n")), "{out}");
