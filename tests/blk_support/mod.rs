@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use blkback::{BlkDeviceType, BlkOptions, EngineChoice};
+use blkback::{BlkDeviceType, BlkOptions, BufferBudget, EngineChoice};
 use xen_backend::{Backend, Config};
 use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, DiskInfo, FrontQueue};
 use xen_sim::dom0::{dom0_platform, RunDir, SimDom0};
@@ -48,6 +48,10 @@ pub struct Harness {
     pub backend: Backend,
     /// dom0's /run/xenbackd (the rings' journals).
     pub run: RunDir,
+    /// The block device types' options.
+    pub options: BlkOptions,
+    /// The daemon's budget of bounce buffers, shared by `qdisk` and `vbd`.
+    pub budget: Arc<BufferBudget>,
 }
 
 /// The I/O engine of these tests: io_uring in the test targets whose name
@@ -64,8 +68,21 @@ pub fn engine() -> EngineChoice {
 /// The framework in dom0 serving `qdisk` and `vbd` with the block device type.
 /// `qdisk` and `vbd` with the block device type, on this target's engine.
 pub fn blk_types() -> Vec<Arc<dyn xen_backend::DeviceType>> {
-    let opts = BlkOptions { io_threads: 2, engine: engine(), ..BlkOptions::default() };
-    vec![BlkDeviceType::new("qdisk", opts) as _, BlkDeviceType::new("vbd", opts) as _]
+    let opts = blk_options();
+    blk_types_with(opts, &BufferBudget::new(opts.buffer_bytes))
+}
+
+/// The options of these tests: 2 I/O threads, this target's engine.
+pub fn blk_options() -> BlkOptions {
+    BlkOptions { io_threads: 2, engine: engine(), ..BlkOptions::default() }
+}
+
+/// `qdisk` and `vbd` with `opts`, their buffers charged to `budget`.
+pub fn blk_types_with(opts: BlkOptions, budget: &Arc<BufferBudget>) -> Vec<Arc<dyn xen_backend::DeviceType>> {
+    vec![
+        BlkDeviceType::with_budget("qdisk", opts, budget.clone()) as _,
+        BlkDeviceType::with_budget("vbd", opts, budget.clone()) as _,
+    ]
 }
 
 /// Two workers, request journals in `run` (as `serve` keeps them in /run/xenbackd).
@@ -74,9 +91,14 @@ pub fn backend_config(run: &RunDir) -> Config {
 }
 
 /// The framework in dom0 serving [`blk_types`] with [`backend_config`].
-fn start_backend(host: &Arc<SimHost>, xenstored: &Arc<Xenstored>, run: &RunDir) -> Result<Backend> {
+fn start_backend(
+    host: &Arc<SimHost>,
+    xenstored: &Arc<Xenstored>,
+    run: &RunDir,
+    types: Vec<Arc<dyn xen_backend::DeviceType>>,
+) -> Result<Backend> {
     let platform = dom0_platform(host, Client::from_stream(xenstored.connect_as(0)?)?);
-    Ok(Backend::start(platform, blk_types(), backend_config(run))?)
+    Ok(Backend::start(platform, types, backend_config(run))?)
 }
 
 /// A guest's disk: the generic frontend device (xenbus side) and the blkfront.
@@ -88,10 +110,16 @@ pub struct Guest {
 
 impl Harness {
     pub fn new() -> Result<Self> {
+        Self::with_options(blk_options())
+    }
+
+    /// As [`Harness::new`], the block device types with `options`.
+    pub fn with_options(options: BlkOptions) -> Result<Self> {
         let SimDom0 { host, xenstored, toolstack } = SimDom0::start()?;
         let run = RunDir::new()?;
-        let backend = start_backend(&host, &xenstored, &run)?;
-        Ok(Harness { host, xenstored, toolstack, backend, run })
+        let budget = BufferBudget::new(options.buffer_bytes);
+        let backend = start_backend(&host, &xenstored, &run, blk_types_with(options, &budget))?;
+        Ok(Harness { host, xenstored, toolstack, backend, run, options, budget })
     }
 
     /// Restarts the backend as `xenbackd serve` does by default: the
@@ -100,7 +128,8 @@ impl Harness {
     pub fn restart(&mut self, gap: impl FnOnce() -> Result<()>) -> Result<()> {
         self.backend.detach();
         gap()?;
-        self.backend = start_backend(&self.host, &self.xenstored, &self.run)?;
+        let types = blk_types_with(self.options, &self.budget);
+        self.backend = start_backend(&self.host, &self.xenstored, &self.run, types)?;
         Ok(())
     }
 

@@ -73,6 +73,8 @@ pub struct Pass {
     pub notify: bool,
     /// The budget ran out with requests left.
     pub more: bool,
+    /// Requests taken off the ring.
+    pub taken: usize,
 }
 
 /// A connected queue: the mapped ring and the executor behind it. Event
@@ -168,6 +170,11 @@ impl RingQueue {
         self.exec.pending()
     }
 
+    /// When to be called again without an event ([`QueueExecutor::retry`]).
+    pub fn retry(&self) -> Option<std::time::Duration> {
+        self.exec.retry()
+    }
+
     /// The executor's counters.
     pub fn stats(&self) -> QueueStats {
         self.exec.stats()
@@ -185,16 +192,25 @@ impl RingQueue {
         loop {
             let n = (self.ring.unconsumed().map_err(ring_err)? as usize).min(left);
             for _ in 0..n {
+                // Beyond the memory budget the rest waits in the ring.
+                if !self.exec.can_take() {
+                    break;
+                }
                 let Some(ticket) = self.ring.take_request(&mut self.slot).map_err(ring_err)? else { break };
                 let id = request_id(self.abi, &self.slot);
                 if let Some(first) = self.tickets.insert(id, ticket) {
                     self.more_tickets.push((id, first));
                 }
                 self.exec.submit(&self.slot, &mut self.responses);
+                pass.taken += 1;
             }
             left -= n;
             self.exec.poll(&mut self.responses);
             pass.notify |= self.respond()?;
+            // Waiting for buffers: a completion, or the retry, calls again.
+            if !self.exec.can_take() {
+                return Ok(pass);
+            }
             // With the budget spent, report more work; else (or if the ring
             // is empty now) arm req_event so the next request notifies us.
             let waiting = self.ring.final_check_for_requests().map_err(ring_err)?;

@@ -22,11 +22,12 @@ use xen_backend::{
     Device, DeviceCtx, DeviceError, DeviceType, Drained, Progress, RingCounters, RingHandler, RingSetup, RingStats,
 };
 
+use crate::buffer::{BufferBudget, QueueBudget};
 use crate::config::{connect_nodes, disk_limits, DiskConfig, FrontendConfig, Offer};
 use crate::connection::RingQueue;
 use crate::disk::Disk;
 use crate::engine::{IoEngine, ThreadPoolEngine};
-use crate::queue::QueueExecutor;
+use crate::queue::{QueueExecutor, DEFAULT_QUEUE_BUFFER_BYTES};
 use crate::uring::IoUringEngine;
 
 /// Which I/O engine serves the queues.
@@ -66,11 +67,31 @@ pub struct BlkOptions {
     /// The I/O engine: [`EngineChoice::Auto`] by default (io_uring where
     /// the kernel allows it; docs/blkback.md has the measurements).
     pub engine: EngineChoice,
+    /// Bytes of bounce buffers one queue may hold, in flight and spare
+    /// ([`DEFAULT_QUEUE_BUFFER_BYTES`], 4 MiB; at least 1 MiB, the largest
+    /// request). Requests beyond wait in the guest's ring.
+    pub queue_buffer_bytes: usize,
+    /// Bytes of bounce buffers all queues of the device type together may
+    /// hold ([`DEFAULT_BUFFER_BYTES`], 64 MiB), unless the type is made
+    /// with a shared [`BufferBudget`] ([`BlkDeviceType::with_budget`]).
+    pub buffer_bytes: usize,
 }
+
+/// The daemon's default budget of bounce buffers: 64 MiB, 16 queues at
+/// their full share (4 disks of 4 queues busy at once); what a dom0 of
+/// 512 MiB can spare.
+pub const DEFAULT_BUFFER_BYTES: usize = 64 << 20;
 
 impl Default for BlkOptions {
     fn default() -> Self {
-        BlkOptions { offer: Offer::default(), io_threads: 4, direct: true, engine: EngineChoice::Auto }
+        BlkOptions {
+            offer: Offer::default(),
+            io_threads: 4,
+            direct: true,
+            engine: EngineChoice::Auto,
+            queue_buffer_bytes: DEFAULT_QUEUE_BUFFER_BYTES,
+            buffer_bytes: DEFAULT_BUFFER_BYTES,
+        }
     }
 }
 
@@ -79,11 +100,19 @@ impl Default for BlkOptions {
 pub struct BlkDeviceType {
     name: String,
     options: BlkOptions,
+    budget: Arc<BufferBudget>,
 }
 
 impl BlkDeviceType {
-    /// Serves `backend/<name>` with `options`.
-    pub fn new(name: impl Into<String>, mut options: BlkOptions) -> Arc<Self> {
+    /// Serves `backend/<name>` with `options`, its buffers within a budget
+    /// of its own of `options.buffer_bytes`.
+    pub fn new(name: impl Into<String>, options: BlkOptions) -> Arc<Self> {
+        Self::with_budget(name, options, BufferBudget::new(options.buffer_bytes))
+    }
+
+    /// As [`BlkDeviceType::new`], its buffers charged to `budget`, which
+    /// other device types may share (one budget for the daemon).
+    pub fn with_budget(name: impl Into<String>, mut options: BlkOptions, budget: Arc<BufferBudget>) -> Arc<Self> {
         let name = name.into();
         if options.engine == EngineChoice::Auto {
             options.engine = match crate::uring::probe() {
@@ -94,8 +123,18 @@ impl BlkDeviceType {
                 }
             };
         }
-        log::info!("{name}: I/O engine {:?}", options.engine);
-        Arc::new(BlkDeviceType { name, options })
+        log::info!(
+            "{name}: I/O engine {:?}, buffers {} KiB per queue, {} KiB in all",
+            options.engine,
+            options.queue_buffer_bytes >> 10,
+            budget.limit() >> 10
+        );
+        Arc::new(BlkDeviceType { name, options, budget })
+    }
+
+    /// The budget its queues' buffers are charged to.
+    pub fn buffer_budget(&self) -> &Arc<BufferBudget> {
+        &self.budget
     }
 }
 
@@ -105,12 +144,13 @@ impl DeviceType for BlkDeviceType {
     }
 
     fn create(&self, _ctx: &DeviceCtx) -> Result<Box<dyn Device>, DeviceError> {
-        Ok(Box::new(BlkDevice { options: self.options, disk: None, rings: None }))
+        Ok(Box::new(BlkDevice { options: self.options, budget: self.budget.clone(), disk: None, rings: None }))
     }
 }
 
 struct BlkDevice {
     options: BlkOptions,
+    budget: Arc<BufferBudget>,
     disk: Option<(DiskConfig, Arc<Disk>)>,
     /// Of the connection: queues, `ring-page-order`, the ABI.
     rings: Option<(usize, u32, crate::request::Abi)>,
@@ -201,7 +241,8 @@ impl Device for BlkDevice {
                 }
             };
             let engine = engine.map_err(|e| DeviceError::other(format!("Cannot start I/O for queue {i}"), e))?;
-            let exec = QueueExecutor::new(fe.abi, limits, frontend, ctx.grants().clone(), engine);
+            let budget = QueueBudget::new(self.options.queue_buffer_bytes, self.budget.clone());
+            let exec = QueueExecutor::new(fe.abi, limits, frontend, ctx.grants().clone(), engine).with_budget(budget);
             let mem = ctx.map_grants(&q.ring_refs, true)?;
             let journal = ctx.ring_journal(&format!("q{i}"), &q.ring_refs);
             let queue = if ctx.resuming() {
@@ -281,7 +322,7 @@ impl RingHandler for BlkRing {
         let pass = self.queue.process(budget);
         self.publish();
         let pass = pass.map_err(|e| DeviceError::other("Ring failed", e))?;
-        Ok(Progress { notify: pass.notify, more: pass.more, ..Progress::default() })
+        Ok(Progress { notify: pass.notify, more: pass.more, idle: pass.taken == 0, retry: self.queue.retry() })
     }
 
     fn completion_fd(&self) -> Option<RawFd> {

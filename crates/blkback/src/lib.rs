@@ -16,13 +16,13 @@ pub mod request;
 pub mod ring;
 pub mod uring;
 
-pub use buffer::AlignedBuf;
+pub use buffer::{AlignedBuf, BufferBudget, QueueBudget};
 pub use config::{ConfigError, DiskConfig, FrontendConfig, Offer, QueueConfig};
 pub use connection::{Pass, QueueError, RingQueue};
-pub use device::{BlkDeviceType, BlkOptions, EngineChoice};
+pub use device::{BlkDeviceType, BlkOptions, EngineChoice, DEFAULT_BUFFER_BYTES};
 pub use disk::{Disk, DiskError, DiskKind};
 pub use engine::{Completion, EngineError, IoEngine, IoOp, ThreadPoolEngine};
-pub use queue::{QueueExecutor, QueueStats};
+pub use queue::{QueueExecutor, QueueStats, DEFAULT_QUEUE_BUFFER_BYTES};
 pub use request::{
     parse, parse_indirect_segments, Abi, Direction, DiskLimits, Fault, Request, RequestError, RequestKind, Response,
     Segment, Status,

@@ -6,21 +6,37 @@
 //! Ordering (`blkif.h`): a `WRITE_BARRIER` starts only after every earlier
 //! request completed and later requests wait until it completed; a
 //! `FLUSH_DISKCACHE` with data writes first, then flushes, before answering.
+//!
+//! Memory: bounce buffers are charged to the queue's [`QueueBudget`] (and
+//! the daemon's). A request whose buffer does not fit is parked, and the
+//! queue takes nothing more off the ring ([`QueueExecutor::can_take`]) until
+//! buffers come back: the rest waits in the guest's ring. Buffers of
+//! finished requests are kept for reuse while the queue is busy and
+//! released after [`SPARE_IDLE`] with nothing to do.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use gnttab::{CopySegment, DomId, GrantMapper, GrantRef, GrantStatus, GuestPage, PAGE_SIZE};
 
-use crate::buffer::AlignedBuf;
+use crate::buffer::{AlignedBuf, BufferBudget, QueueBudget};
 use crate::engine::{Completion, IoEngine, IoOp};
 use crate::request::{
     parse, parse_indirect_segments, Abi, Direction, DiskLimits, Request, RequestKind, Response, Segment, Status,
 };
 
-/// Bytes of bounce buffers kept per queue for reuse.
-const SPARE_BYTES: usize = 8 << 20;
+/// Bytes of bounce buffers one queue may hold by default (in flight and
+/// spare): 1024 pages, Linux blkback's `max_buffer_pages` per ring; a
+/// 32-slot ring full of 128 KiB requests (Linux blkfront's default of 32
+/// indirect segments), or four of the largest (1 MiB).
+pub const DEFAULT_QUEUE_BUFFER_BYTES: usize = 4 << 20;
+/// How long a queue with nothing to do keeps its spare buffers.
+pub const SPARE_IDLE: Duration = Duration::from_secs(1);
+/// How often a queue parked on the daemon's budget, with nothing of its own
+/// in flight to wake it, tries again.
+const BUDGET_RETRY: Duration = Duration::from_millis(1);
 
 /// Counters of a queue, for the demo and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,6 +49,8 @@ pub struct QueueStats {
     pub bytes_read: u64,
     /// Bytes written for the guest.
     pub bytes_written: u64,
+    /// Times a request waited (and the ring with it) for buffers to come back.
+    pub budget_waits: u64,
 }
 
 enum Stage {
@@ -48,6 +66,17 @@ struct InFlight {
     id: u64,
     operation: u8,
     stage: Stage,
+    barrier: bool,
+}
+
+/// A read or write waiting for its buffer.
+struct DataStart {
+    id: u64,
+    operation: u8,
+    direction: Direction,
+    sector: u64,
+    segments: Vec<Segment>,
+    then_flush: bool,
     barrier: bool,
 }
 
@@ -79,6 +108,15 @@ pub struct QueueExecutor {
     /// Bounce buffers of finished requests, reused (allocating and freeing
     /// a large buffer per request costs page faults and `munmap`s).
     spare: Vec<AlignedBuf>,
+    /// What every buffer is charged to.
+    budget: Arc<QueueBudget>,
+    /// A request taken whose buffer did not fit the budget: it starts when
+    /// buffers come back, and nothing more is taken meanwhile.
+    parked: Option<DataStart>,
+    /// Since when nothing is pending (spare buffers go after [`SPARE_IDLE`]).
+    idle_since: Option<Instant>,
+    /// The indirect pages of a request, kept for the next.
+    indirect: Vec<u8>,
     stats: QueueStats,
 }
 
@@ -104,8 +142,43 @@ impl QueueExecutor {
             unstarted_writes: Vec::new(),
             completions: Vec::new(),
             spare: Vec::new(),
+            budget: QueueBudget::new(DEFAULT_QUEUE_BUFFER_BYTES, BufferBudget::new(usize::MAX)),
+            parked: None,
+            idle_since: None,
+            indirect: Vec::new(),
             stats: QueueStats::default(),
         }
+    }
+
+    /// Charges the queue's buffers to `budget` (by default its own
+    /// [`DEFAULT_QUEUE_BUFFER_BYTES`] and no daemon limit).
+    pub fn with_budget(mut self, budget: Arc<QueueBudget>) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Whether a request may be taken off the ring now: not while one
+    /// waits for its buffer.
+    pub fn can_take(&self) -> bool {
+        self.parked.is_none()
+    }
+
+    /// When to call [`Self::poll`] again without an event: soon if a
+    /// request waits for the daemon's budget with nothing in flight to wake
+    /// the queue; after [`SPARE_IDLE`] if spare buffers wait to be released.
+    pub fn retry(&self) -> Option<Duration> {
+        if self.parked.is_some() && !self.busy() {
+            Some(BUDGET_RETRY)
+        } else if self.pending() == 0 && !self.spare.is_empty() {
+            Some(SPARE_IDLE)
+        } else {
+            None
+        }
+    }
+
+    /// Something of this queue is in flight (its completion will poll us).
+    fn busy(&self) -> bool {
+        !self.in_flight.is_empty() || !self.unstarted_writes.is_empty()
     }
 
     /// The ring layout.
@@ -120,12 +193,12 @@ impl QueueExecutor {
 
     /// Requests taken and not yet answered.
     pub fn pending(&self) -> usize {
-        self.in_flight.len() + self.held.len() + self.unstarted_writes.len()
+        self.in_flight.len() + self.held.len() + self.unstarted_writes.len() + usize::from(self.parked.is_some())
     }
 
     /// No request is started and unanswered (what a barrier waits for).
     fn idle(&self) -> bool {
-        self.in_flight.is_empty() && self.unstarted_writes.is_empty()
+        self.in_flight.is_empty() && self.unstarted_writes.is_empty() && self.parked.is_none()
     }
 
     /// Counters so far.
@@ -166,6 +239,9 @@ impl QueueExecutor {
             self.complete(c, read_copied, out);
         }
         self.completions = done;
+        if let Some(parked) = self.parked.take() {
+            self.start_data(parked, out);
+        }
         self.release_held(out);
         // Writes a finished barrier let go: started now, as nothing else
         // would wake the worker for them.
@@ -174,6 +250,22 @@ impl QueueExecutor {
         // system call); a failure leaves them queued for the next poll.
         if let Err(e) = self.engine.submit_pending() {
             log::error!("dom{}: {e}", self.frontend);
+        }
+        self.release_idle_spares();
+    }
+
+    /// Frees the spare buffers of a queue that had nothing to do for
+    /// [`SPARE_IDLE`].
+    fn release_idle_spares(&mut self) {
+        if self.pending() > 0 || self.spare.is_empty() {
+            self.idle_since = None;
+            return;
+        }
+        let now = Instant::now();
+        let since = *self.idle_since.get_or_insert(now);
+        if now.duration_since(since) >= SPARE_IDLE {
+            self.spare.clear();
+            self.idle_since = None;
         }
     }
 
@@ -244,7 +336,7 @@ impl QueueExecutor {
     }
 
     fn release_held(&mut self, out: &mut Vec<Response>) {
-        while !self.barrier_in_flight {
+        while !self.barrier_in_flight && self.parked.is_none() {
             let Some(front) = self.held.front() else { return };
             if is_barrier(front) && !self.idle() {
                 return;
@@ -275,17 +367,25 @@ impl QueueExecutor {
                     self.launch(f, IoOp::Flush, out);
                     return;
                 }
-                self.start_data(id, operation, direction, sector, segments, flush, barrier, out);
+                let d = DataStart { id, operation, direction, sector, segments, then_flush: flush, barrier };
+                self.start_data(d, out);
             }
             RequestKind::Indirect { direction, sector, nr_segments, pages } => {
-                let mut raw = vec![0u8; pages.len() * PAGE_SIZE];
-                if !self.copy_pages_in(&pages, &mut raw) {
-                    self.answer(fail(Status::Error), out);
-                    return;
-                }
-                match parse_indirect_segments(&raw, nr_segments, sector, &self.limits) {
-                    Ok(segments) => self.start_data(id, operation, direction, sector, segments, false, false, out),
-                    Err(fault) => {
+                // At most 8 pages, kept from request to request.
+                let mut raw = std::mem::take(&mut self.indirect);
+                raw.clear();
+                raw.resize(pages.len() * PAGE_SIZE, 0);
+                let copied = self.copy_pages_in(&pages, &mut raw);
+                let parsed = copied.then(|| parse_indirect_segments(&raw, nr_segments, sector, &self.limits));
+                self.indirect = raw;
+                match parsed {
+                    None => self.answer(fail(Status::Error), out),
+                    Some(Ok(segments)) => {
+                        let d =
+                            DataStart { id, operation, direction, sector, segments, then_flush: false, barrier: false };
+                        self.start_data(d, out);
+                    }
+                    Some(Err(fault)) => {
                         log::debug!("dom{}: indirect request {id:#x}: {fault}", self.frontend);
                         self.answer(fail(fault.status()), out);
                     }
@@ -294,23 +394,43 @@ impl QueueExecutor {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start_data(
-        &mut self,
-        id: u64,
-        operation: u8,
-        direction: Direction,
-        sector: u64,
-        segments: Vec<Segment>,
-        then_flush: bool,
-        barrier: bool,
-        out: &mut Vec<Response>,
-    ) {
-        let len: usize = segments.iter().map(Segment::len).sum();
-        let mut buf = match self.spare.iter().position(|b| b.capacity() >= len) {
-            Some(i) => self.spare.swap_remove(i),
-            None => AlignedBuf::new(len),
+    /// A buffer of `len` bytes: the smallest spare that fits, else a new one
+    /// within the budget (spares freed to make room), else `None`.
+    fn buffer(&mut self, len: usize) -> Option<AlignedBuf> {
+        let fit = (self.spare.iter().enumerate())
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        if let Some(i) = fit {
+            return Some(self.spare.swap_remove(i));
+        }
+        loop {
+            match self.budget.alloc(len, self.busy()) {
+                Ok(buf) => return Some(buf),
+                Err(_) if !self.spare.is_empty() => {
+                    // Make room: the largest spare goes.
+                    let i = (0..self.spare.len()).max_by_key(|&i| self.spare[i].capacity()).expect("not empty");
+                    self.spare.swap_remove(i);
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Starts a read or write, or parks it if its buffer does not fit.
+    fn start_data(&mut self, d: DataStart, out: &mut Vec<Response>) {
+        let len: usize = d.segments.iter().map(Segment::len).sum();
+        let Some(mut buf) = self.buffer(len) else {
+            self.stats.budget_waits += 1;
+            log::trace!("dom{}: request {:#x} waits for buffers", self.frontend, d.id);
+            self.parked = Some(d);
+            return;
         };
+        let DataStart { id, operation, direction, sector, segments, then_flush, barrier } = d;
+        // A reused buffer holds this queue's earlier data (the same guest's);
+        // every byte of its length is overwritten before the guest sees it:
+        // by the guest's data (writes) or by the disk (reads, which fail
+        // whole if they come back short).
         buf.set_len(len);
         // Plain writes get their data at the next poll, all in one grant
         // copy; ordered ones (barrier, flush after) get it now.
@@ -430,12 +550,14 @@ impl QueueExecutor {
         self.answer(Response { id: f.id, operation: f.operation, status }, out);
     }
 
-    /// Keeps `buf` for a later request, within [`SPARE_BYTES`].
+    /// Keeps `buf` for a later request (it stays charged to the budget),
+    /// unless another queue waits for the daemon's budget: then it is freed.
     fn recycle(&mut self, buf: AlignedBuf) {
-        let kept: usize = self.spare.iter().map(AlignedBuf::capacity).sum();
-        if kept + buf.capacity() <= SPARE_BYTES {
-            self.spare.push(buf);
+        if self.budget.daemon_has_waiters() {
+            self.spare.clear();
+            return;
         }
+        self.spare.push(buf);
     }
 
     fn guest_page(&self, seg: &Segment) -> GuestPage {
@@ -729,6 +851,53 @@ mod tests {
         let out = run(&mut q, &[f.as_bytes(), fw.as_bytes(), &slot]);
         assert_eq!(out.len(), 3);
         assert!(out.iter().all(|r| r.status == Status::Okay), "{out:?}");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// Takes `slots` as the ring loop does: only while the queue can take.
+    fn run_as_ring(q: &mut QueueExecutor, slots: &[&[u8]]) -> Vec<Response> {
+        let mut out = Vec::new();
+        let mut next = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while next < slots.len() || q.pending() > 0 {
+            while next < slots.len() && q.can_take() {
+                q.submit(slots[next], &mut out);
+                next += 1;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            q.poll(&mut out);
+            assert!(std::time::Instant::now() < deadline, "requests never completed");
+        }
+        out
+    }
+
+    /// Issue 13, memory: requests beyond the queue's budget wait (in the
+    /// ring) instead of allocating, and all are served; the spare buffers
+    /// go once the queue is idle.
+    #[test]
+    fn requests_beyond_the_budget_wait_and_spares_go_when_idle() {
+        let (q, _, p) = setup();
+        let daemon = BufferBudget::new(0);
+        let budget = QueueBudget::new(0, daemon.clone());
+        let mut q = q.with_budget(budget.clone());
+        let segs: Vec<(u32, u8, u8)> = (1..12).map(|g| (g, 0, 7)).collect();
+        let reads: Vec<_> = (0..64u64).map(|id| request(BLKIF_OP_READ, id, (id % 16) * 88, &segs)).collect();
+        let slots: Vec<&[u8]> = reads.iter().map(|r| r.as_bytes()).collect();
+
+        let out = run_as_ring(&mut q, &slots);
+
+        assert_eq!(out.len(), 64);
+        assert!(out.iter().all(|r| r.status == Status::Okay));
+        // 64 reads of 44 KiB (2.75 MiB) within the minimum share, 1 MiB.
+        assert!(budget.peak() <= 1 << 20, "peak {} bytes", budget.peak());
+        assert!(q.stats().budget_waits > 0);
+        assert!(daemon.allocations() <= 23, "{} buffers allocated", daemon.allocations());
+        assert!(budget.held() > 0, "spares kept while busy");
+        assert_eq!(q.retry(), Some(SPARE_IDLE));
+        q.poll(&mut Vec::new());
+        std::thread::sleep(SPARE_IDLE);
+        q.poll(&mut Vec::new());
+        assert_eq!((budget.held(), daemon.held(), q.retry()), (0, 0, None));
         std::fs::remove_file(p).unwrap();
     }
 

@@ -71,6 +71,15 @@ pub struct ServeArgs {
     /// I/O threads per queue of the threads engine, 1 to 64
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = count(1..=MAX_IO_THREADS))]
     io_threads: usize,
+    /// Bounce buffers one queue may hold (in flight and spare), in MiB, 1 to
+    /// 1024; a guest's requests beyond wait in its ring (4 MiB is Linux
+    /// blkback's max_buffer_pages, 1024 pages per ring)
+    #[arg(long, value_name = "MIB", default_value_t = blkback::DEFAULT_QUEUE_BUFFER_BYTES >> 20, value_parser = count(1..=1024))]
+    queue_buffers: usize,
+    /// Bounce buffers all guests' queues together may hold, in MiB, 1 to
+    /// 65536
+    #[arg(long, value_name = "MIB", default_value_t = blkback::DEFAULT_BUFFER_BYTES >> 20, value_parser = count(1..=65536))]
+    buffers: usize,
     /// Use the page cache instead of O_DIRECT
     #[arg(long)]
     buffered: bool,
@@ -139,8 +148,12 @@ pub fn run(args: ServeArgs) -> Result<u8> {
         io_threads: args.io_threads,
         engine: args.io_engine.into(),
         direct: !args.buffered,
+        queue_buffer_bytes: args.queue_buffers << 20,
+        buffer_bytes: args.buffers << 20,
         ..BlkOptions::default()
     };
+    // One budget for every device type: the daemon's.
+    let budget = blkback::BufferBudget::new(opts.buffer_bytes);
     let close_on_exit = args.close_on_exit;
 
     // Block the signals before any thread starts, so every thread inherits
@@ -158,7 +171,7 @@ pub fn run(args: ServeArgs) -> Result<u8> {
     let platform = Platform::xen(xs).context("opening the Xen devices")?;
     let domid = platform.domid();
     let device_types: Vec<std::sync::Arc<dyn DeviceType>> =
-        types.iter().map(|t| BlkDeviceType::new(t.clone(), opts) as _).collect();
+        types.iter().map(|t| BlkDeviceType::with_budget(t.clone(), opts, budget.clone()) as _).collect();
     let workers = config.workers;
     let mut backend = Backend::start(platform, device_types, config).context("starting the backend")?;
     let monitor = backend.monitor();
