@@ -230,6 +230,9 @@ fn drive(mem: &GrantMapping, file: &File, sc: &Scenario) {
                     if r.is_ok() {
                         answered.push(req);
                         stale = Some(t);
+                    } else {
+                        // Not answered (a broken ring): still outstanding.
+                        outstanding.push((t, req));
                     }
                     r
                 }
