@@ -34,6 +34,11 @@ use crate::request::{
 pub const DEFAULT_QUEUE_BUFFER_BYTES: usize = 4 << 20;
 /// How long a queue with nothing to do keeps its spare buffers.
 pub const SPARE_IDLE: Duration = Duration::from_secs(1);
+/// Reads whose destination grants are checked before any I/O after a read
+/// of the queue failed on a bad grant. Linux maps the guest's pages first,
+/// so a bad grant costs it no I/O; we copy, so we check only where a guest
+/// showed it sends them: an honest guest pays nothing.
+const SUSPECT_READS: u32 = 1024;
 /// How often a queue parked on the daemon's budget, with nothing of its own
 /// in flight to wake it, tries again.
 const BUDGET_RETRY: Duration = Duration::from_millis(1);
@@ -51,6 +56,8 @@ pub struct QueueStats {
     pub bytes_written: u64,
     /// Times a request waited (and the ring with it) for buffers to come back.
     pub budget_waits: u64,
+    /// Reads failed on a bad grant before any I/O.
+    pub bad_grants_caught: u64,
 }
 
 enum Stage {
@@ -117,6 +124,8 @@ pub struct QueueExecutor {
     idle_since: Option<Instant>,
     /// The indirect pages of a request, kept for the next.
     indirect: Vec<u8>,
+    /// Reads left to check before I/O ([`SUSPECT_READS`]).
+    suspect: u32,
     stats: QueueStats,
 }
 
@@ -146,6 +155,7 @@ impl QueueExecutor {
             parked: None,
             idle_since: None,
             indirect: Vec::new(),
+            suspect: 0,
             stats: QueueStats::default(),
         }
     }
@@ -417,8 +427,27 @@ impl QueueExecutor {
         }
     }
 
+    /// Whether every destination of a read is a page the guest granted us
+    /// for writing: one byte of each written (the read overwrites it).
+    fn probe_read_grants(&self, segments: &[Segment]) -> bool {
+        static ZERO: [u8; 1] = [0];
+        let mut copies: Vec<CopySegment<'_>> =
+            segments.iter().map(|seg| CopySegment::ToGuest { src: &ZERO, dst: self.guest_page(seg) }).collect();
+        self.run_copy(&mut copies)
+    }
+
     /// Starts a read or write, or parks it if its buffer does not fit.
     fn start_data(&mut self, d: DataStart, out: &mut Vec<Response>) {
+        if d.direction == Direction::Read && self.suspect > 0 {
+            if self.probe_read_grants(&d.segments) {
+                self.suspect -= 1;
+            } else {
+                self.suspect = SUSPECT_READS;
+                self.stats.bad_grants_caught += 1;
+                self.answer(Response { id: d.id, operation: d.operation, status: Status::Error }, out);
+                return;
+            }
+        }
         let len: usize = d.segments.iter().map(Segment::len).sum();
         let Some(mut buf) = self.buffer(len) else {
             self.stats.budget_waits += 1;
@@ -525,6 +554,8 @@ impl QueueExecutor {
                                 self.stats.bytes_read += len;
                             } else {
                                 status = Status::Error;
+                                // Check the next reads' grants before their I/O.
+                                self.suspect = SUSPECT_READS;
                             }
                         }
                         Direction::Write => self.stats.bytes_written += len,
@@ -911,7 +942,11 @@ mod tests {
     impl IoEngine for Recorder {
         fn submit(&mut self, tag: u64, op: IoOp) -> Result<(), crate::engine::EngineError> {
             self.ops.lock().unwrap().push(format!("{op:?}"));
-            self.done.push(Completion { tag, result: Ok(()), buf: None });
+            let buf = match op {
+                IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
+                IoOp::Flush | IoOp::Discard { .. } => None,
+            };
+            self.done.push(Completion { tag, result: Ok(()), buf });
             Ok(())
         }
         fn completions(&mut self, out: &mut Vec<Completion>) {
@@ -924,6 +959,32 @@ mod tests {
         fn in_flight(&self) -> usize {
             self.done.len()
         }
+    }
+
+    /// Issue 13, memory: once a read failed on a bad grant, the grants of
+    /// the queue's next reads are checked first, and a bad one costs no
+    /// I/O and no buffer.
+    #[test]
+    fn after_a_bad_grant_reads_to_bad_grants_cost_no_io() {
+        let ops = Arc::new(Mutex::new(Vec::new()));
+        let engine =
+            Box::new(Recorder { ops: ops.clone(), done: Vec::new(), fd: nix::sys::eventfd::EventFd::new().unwrap() });
+        let pages = (0..4u32).map(|g| (g, vec![0u8; PAGE_SIZE])).collect();
+        let grants = Arc::new(FakeGrants { pages: Mutex::new(pages), copies: Default::default() });
+        let mut q = QueueExecutor::new(Abi::Native, LIMITS, 5, grants, engine);
+        let bad: Vec<_> = (0..10).map(|id| request(BLKIF_OP_READ, id, 0, &[(1, 0, 7), (1000, 0, 7)])).collect();
+        let good = request(BLKIF_OP_READ, 99, 0, &[(1, 0, 7)]);
+
+        // The first costs its I/O: its copy to the guest fails after.
+        assert_eq!(run(&mut q, &[bad[0].as_bytes()])[0].status, Status::Error);
+        let slots: Vec<&[u8]> = bad[1..].iter().map(|r| r.as_bytes()).collect();
+        let out = run(&mut q, &slots);
+        let good_out = run(&mut q, &[good.as_bytes()]);
+
+        assert!(out.iter().all(|r| r.status == Status::Error) && out.len() == 9);
+        assert_eq!(good_out[0].status, Status::Okay);
+        assert_eq!(ops.lock().unwrap().len(), 2, "I/O only for the first bad read and the good one");
+        assert_eq!(q.stats().bad_grants_caught, 9);
     }
 
     /// Issue 13: `discard-secure = 0` is advertised, so a guest's secure

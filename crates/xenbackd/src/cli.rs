@@ -77,6 +77,7 @@ pub enum Command {
 pub enum BenchCommand {
     Blk(crate::bench::BlkArgs),
     Xs(crate::bench_xs::XsBenchArgs),
+    Hostile(crate::bench_hostile::HostileArgs),
 }
 
 /// Xenstore tools: read write ls list rm mkdir chmod exists watch

@@ -120,6 +120,7 @@ pub(crate) struct Machine {
     xenstored: Arc<Xenstored>,
     toolstack: Toolstack,
     backend: Backend,
+    budget: Arc<blkback::BufferBudget>,
 }
 
 impl Machine {
@@ -129,12 +130,28 @@ impl Machine {
 
     /// [`Machine::start`] with the block backend's options.
     pub(crate) fn start_with(options: BlkOptions) -> Result<Machine> {
+        Self::start_with_config(options, Config::default())
+    }
+
+    /// [`Machine::start_with`] and the framework's `config`.
+    pub(crate) fn start_with_config(options: BlkOptions, config: Config) -> Result<Machine> {
         let dom0 = SimDom0::start()?;
         let platform = dom0.platform()?;
         let SimDom0 { host, xenstored, toolstack } = dom0;
-        let types = vec![BlkDeviceType::new("qdisk", options) as _];
-        let backend = Backend::start(platform, types, Config::default()).context("starting the backend")?;
-        Ok(Machine { host, xenstored, toolstack, backend })
+        let budget = blkback::BufferBudget::new(options.buffer_bytes);
+        let types = vec![BlkDeviceType::with_budget("qdisk", options, budget.clone()) as _];
+        let backend = Backend::start(platform, types, config).context("starting the backend")?;
+        Ok(Machine { host, xenstored, toolstack, backend, budget })
+    }
+
+    /// The simulated host (a hostile guest's own grants).
+    pub(crate) fn host(&self) -> &Arc<SimHost> {
+        &self.host
+    }
+
+    /// The daemon's budget of bounce buffers.
+    pub(crate) fn budget(&self) -> &Arc<blkback::BufferBudget> {
+        &self.budget
     }
 
     /// Creates guest `domid` with its own xenstore connection.

@@ -2,6 +2,7 @@
 //! xenstore tools for dom0 images without libxen.
 
 mod bench;
+mod bench_hostile;
 mod bench_xs;
 mod cli;
 mod demo;
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Bench(BenchCommand::Blk(a)) => bench::run(a),
         Command::Bench(BenchCommand::Xs(a)) => bench_xs::run(a),
+        Command::Bench(BenchCommand::Hostile(a)) => bench_hostile::run(a),
         Command::Selftest(a) => selftest::run(a),
         Command::Xs(a) => xs::run_os(a.args),
         Command::Xenstored(a) => xenstored_cmd::run(a),
