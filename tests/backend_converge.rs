@@ -19,21 +19,7 @@ use common::{check_echo, EchoClient, Harness, WAIT};
 use xen_sim::frontend::{state, FrontendDevice};
 use xs_wire::TxId;
 
-/// xorshift64*: the sequences are the seed's alone.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use xen_sim::rng::Rng;
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -162,7 +148,7 @@ fn backend_ends_where_the_frontends_last_state_says_whatever_it_missed() -> Resu
     let seed = env_number("XENBACKD_SEED", 0x5eed_0018);
     let rounds = env_number("XENBACKD_CONVERGE_ROUNDS", 1000);
     eprintln!("seed {seed:#x}, {rounds} sequences (XENBACKD_SEED, XENBACKD_CONVERGE_ROUNDS)");
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let h = Harness::new(2)?;
     let (bystander, mut bystander_echo) = h.connected_device(1, 0)?;
     let guest = h.guest(2)?;

@@ -33,6 +33,7 @@ use blkback::{Abi, BlkFrontRing, Disk, DiskLimits, EngineChoice, IoEngine, IoUri
 use blkback::{RingQueue, ThreadPoolEngine};
 use gnttab::{CopySegment, DomId, GrantMapper, GrantMapping, GrantRef, GrantStatus, PAGE_SIZE};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use xen_sim::rng::Rng;
 use zerocopy::IntoBytes;
 
 const RING_PAGES: usize = 1;
@@ -175,18 +176,9 @@ struct Outstanding {
     slot: usize,
 }
 
-/// xorshift64*.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
+/// A `usize` in `0..n`.
+fn below(rng: &mut Rng, n: usize) -> usize {
+    rng.below(n as u64) as usize
 }
 
 /// The guest: a blkfront on the shared ring, with a model of the disk.
@@ -216,15 +208,15 @@ impl Guest {
 
     fn submit_some(&mut self) {
         let mut pushed = false;
-        while self.front.free() > 0 && !self.free_slots.is_empty() && self.rng.below(16) != 0 {
-            let block = self.rng.below(BLOCKS);
+        while self.front.free() > 0 && !self.free_slots.is_empty() && below(&mut self.rng, 16) != 0 {
+            let block = below(&mut self.rng, BLOCKS);
             if self.busy[block] {
                 continue;
             }
             let slot = self.free_slots.pop().unwrap();
             let id = self.next_id;
             self.next_id += 1;
-            let op = match self.rng.below(10) {
+            let op = match below(&mut self.rng, 10) {
                 0..=4 => BLKIF_OP_WRITE,
                 5..=7 => BLKIF_OP_READ,
                 8 => BLKIF_OP_FLUSH_DISKCACHE,
@@ -255,7 +247,7 @@ impl Guest {
                         r.seg[k].last_sect = 7;
                     }
                     if op == BLKIF_OP_WRITE {
-                        let data: Vec<u8> = (0..BLOCK / 8).flat_map(|_| self.rng.next().to_le_bytes()).collect();
+                        let data: Vec<u8> = (0..BLOCK / 8).flat_map(|_| self.rng.next_u64().to_le_bytes()).collect();
                         self.mem.write_all_at(&data, page_offset(Self::slot_page(slot, 0))).unwrap();
                         self.expected[block] = data;
                     } else {
@@ -383,7 +375,7 @@ fn kills_at_random_moments_lose_and_repeat_nothing() {
         busy: vec![false; BLOCKS],
         expected: vec![vec![0; BLOCK]; BLOCKS],
         next_id: 1,
-        rng: Rng(seed | 1),
+        rng: Rng::new(seed),
         submitted: 0,
         answered: 0,
         unknown: 0,
@@ -394,7 +386,7 @@ fn kills_at_random_moments_lose_and_repeat_nothing() {
     let mut child = g.spawn(false);
     let mut in_flight_at_kill = 0;
     for _ in 0..kills {
-        let until = Instant::now() + Duration::from_micros(g.rng.below(20_000) as u64);
+        let until = Instant::now() + Duration::from_micros(below(&mut g.rng, 20_000) as u64);
         while Instant::now() < until {
             g.step();
         }

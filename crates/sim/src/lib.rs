@@ -9,4 +9,5 @@ pub mod dom0;
 pub mod frontend;
 pub mod host;
 pub mod measure;
+pub mod rng;
 pub mod xenstored;
