@@ -17,6 +17,13 @@
 //! doubling up to 1 s, and the first event that finds work ends the delay
 //! (XSA-332). A guest kicking an idle ring in a loop then costs a pass per
 //! delay, not a pass per kick; a guest with work is never delayed.
+//!
+//! Fairness: passes are bounded by time as well as requests. A ring whose
+//! pass ran out of budget after more than [`PASS_QUANTUM`] gets a budget
+//! scaled down to fit the quantum (doubled back while its passes are
+//! short), and goes to the back of the ready rings; a ring woken by an
+//! event goes to the front. A neighbour's request then waits for at most
+//! one busy ring's pass, whatever the busy ring's requests cost.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
@@ -42,6 +49,8 @@ const EVENTS_PER_WAIT: usize = 64;
 /// Spurious events in a row that are unmasked at once (Linux's
 /// `spurious_threshold` default).
 const SPURIOUS_THRESHOLD: u32 = 1;
+/// How long one pass of a busy ring should take at most.
+const PASS_QUANTUM: Duration = Duration::from_micros(100);
 /// Longest delay of a spurious port's unmask (Linux: `HZ`, one second).
 const MAX_EOI_DELAY: Duration = Duration::from_secs(1);
 
@@ -247,6 +256,8 @@ struct Entry {
     unmask_at: Option<Instant>,
     /// When the handler asked to be called again ([`Progress::retry`]).
     retry_at: Option<Instant>,
+    /// Requests per pass, cut to fit [`PASS_QUANTUM`].
+    budget: usize,
 }
 
 impl Entry {
@@ -262,7 +273,22 @@ impl Entry {
             spurious: 0,
             unmask_at: None,
             retry_at: None,
+            budget: usize::MAX,
         }
+    }
+
+    /// The next pass's budget after one of `budget` requests that took
+    /// `spent`, `more` left: scaled to fit [`PASS_QUANTUM`] if it was
+    /// longer and used its budget, doubled back up to `max` if short.
+    fn adapt_budget(&mut self, budget: usize, spent: Duration, more: bool, max: usize) {
+        self.budget = if more && spent > PASS_QUANTUM {
+            let fit = budget as u128 * PASS_QUANTUM.as_nanos() / spent.as_nanos().max(1);
+            (fit as usize).max(1)
+        } else if spent < PASS_QUANTUM / 2 {
+            budget.saturating_mul(2).min(max)
+        } else {
+            budget
+        };
     }
 
     /// The earliest of its timers.
@@ -368,7 +394,7 @@ impl Worker {
                     }
                     Some(Token::Port(slot)) => self.port_event(slot, &mut pending),
                     Some(Token::Completion(slot)) if self.is_draining(slot) => self.drain_step(slot),
-                    Some(Token::Completion(slot)) => self.mark_ready(slot),
+                    Some(Token::Completion(slot)) => self.mark_woken(slot),
                     None => log::warn!("Unknown epoll token {:#x}", ev.data()),
                 }
             }
@@ -435,7 +461,7 @@ impl Worker {
                         entry.eoi.push(p);
                     }
                 }
-                self.mark_ready(slot)
+                self.mark_woken(slot)
             }
             Err(e) => self.fail(slot, DeviceError::Evtchn(e)),
         }
@@ -455,7 +481,18 @@ impl Worker {
             }
             if entry.retry_at.is_some_and(|t| t <= now) {
                 entry.retry_at = None;
-                self.mark_ready(slot);
+                self.mark_woken(slot);
+            }
+        }
+    }
+
+    /// Marks a ring woken by an event ready, ahead of the rings that are
+    /// ready because their last pass left work.
+    fn mark_woken(&mut self, slot: u32) {
+        if let Some(Some(entry)) = self.slots.get_mut(slot as usize) {
+            if !entry.queued {
+                entry.queued = true;
+                self.ready.push_front(slot);
             }
         }
     }
@@ -543,17 +580,22 @@ impl Worker {
     }
 
     fn service(&mut self, slot: u32) {
-        let budget = self.budget;
+        let max = self.budget;
         let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { return };
         if entry.draining.is_some() {
             return;
         }
         entry.queued = false;
+        let budget = entry.budget.min(max);
+        let start = Instant::now();
         let res = catch_unwind(AssertUnwindSafe(|| entry.setup.handler.process(budget)));
         let res = match res {
             Ok(r) => r,
             Err(payload) => Err(DeviceError::Panic(panic_message(&*payload))),
         };
+        if let Ok(progress) = &res {
+            entry.adapt_budget(budget, start.elapsed(), progress.more, max);
+        }
         match res.and_then(|progress| Self::after_pass(entry, progress)) {
             Ok(true) => self.mark_ready(slot),
             Ok(false) => {}
@@ -708,6 +750,30 @@ mod tests {
             self.1.fetch_add(1, Ordering::Relaxed);
             self.0.process(budget)
         }
+    }
+
+    #[test]
+    fn a_long_pass_that_used_its_budget_gets_a_budget_that_fits_the_quantum() {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        host.create_domain(9).unwrap();
+        let guest = host.evtchn(9);
+        let remote = guest.bind_unbound_port(0).unwrap();
+        let port = BoundPort::bind(host.evtchn(0), 9, remote).unwrap();
+        let fd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
+        let handler = Box::new(SlowDrain { fd, finished: false });
+        let mut e = Entry::new(0, owner_of(9), RingSetup { port, handler });
+
+        e.adapt_budget(64, PASS_QUANTUM * 4, true, 64);
+        assert_eq!(e.budget, 16);
+        e.adapt_budget(16, PASS_QUANTUM * 1000, true, 64);
+        assert_eq!(e.budget, 1, "never below one request");
+        e.adapt_budget(1, PASS_QUANTUM * 4, false, 64);
+        assert_eq!(e.budget, 1, "a pass that emptied the ring keeps its budget");
+        e.adapt_budget(1, PASS_QUANTUM / 10, true, 64);
+        assert_eq!(e.budget, 2);
+        e.adapt_budget(48, PASS_QUANTUM / 10, true, 64);
+        assert_eq!(e.budget, 64, "doubled back up to the framework's budget");
     }
 
     #[test]
