@@ -160,8 +160,13 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the accept with a connection of our own.
+        // Wake the accept: a connection of our own, and a shutdown of the
+        // listening socket in case the file is gone (accept then fails).
         let _ = UnixStream::connect(&self.path);
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.listener),
+            nix::sys::socket::Shutdown::Both,
+        );
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

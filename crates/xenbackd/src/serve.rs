@@ -197,7 +197,12 @@ pub fn run(args: ServeArgs) -> Result<u8> {
 
     let sig = loop {
         match signals.wait().context("waiting for a signal")? {
-            Signal::SIGHUP => log::info!("SIGHUP: {}", status::summary(&Status::gather(&monitor, DEVICES_TIMEOUT))),
+            Signal::SIGHUP => {
+                let summary = status::summary(&Status::gather(&monitor, DEVICES_TIMEOUT));
+                log::info!("SIGHUP: {summary}");
+                // And for `systemctl status`.
+                let _ = sd_notify::notify(&format!("STATUS={summary}"));
+            }
             sig => break sig,
         }
     };

@@ -398,6 +398,9 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
     }
 }
 
+/// A per-ring metric: name, type, help, and what it reads of a ring.
+type RingMetric = (&'static str, &'static str, &'static str, fn(&RingStats) -> u64);
+
 /// The status in Prometheus' text exposition format (version 0.0.4):
 /// the framework's counters, each device's state, and per ring what its
 /// handler counts.
@@ -440,7 +443,7 @@ pub fn render_metrics(s: &Status) -> String {
             })
             .collect()
     };
-    let rings: [(&str, &str, &str, fn(&RingStats) -> u64); 5] = [
+    let rings: [RingMetric; 5] = [
         ("xenbackd_ring_requests_in_flight", "gauge", "Requests taken off the ring, not answered yet.", |r| {
             r.in_flight
         }),
