@@ -55,3 +55,42 @@ fn frontend_skipping_initialised_is_still_connected() -> Result<()> {
     assert_eq!(dev.spec().kind, KIND);
     Ok(())
 }
+
+#[test]
+fn monitor_lists_every_device_with_its_state_and_rings() -> Result<()> {
+    let h = Harness::new(1)?;
+    let (_a, _ea) = h.connected_device(5, 2)?;
+    let (_b, _eb) = h.connected_device(4, 1)?;
+
+    let monitor = h.backend.monitor();
+    let devices = monitor.devices(common::WAIT).expect("the xenbus thread answers");
+
+    let keys: Vec<(u16, u32)> = devices.iter().map(|d| (d.key.frontend, d.key.devid)).collect();
+    assert_eq!(keys, [(4, 1), (5, 2)], "ordered by key");
+    for d in &devices {
+        assert_eq!(d.key.kind, KIND);
+        assert_eq!(d.state, xen_backend::XenbusState::Connected);
+        assert_eq!(d.frontend_state, Some(xen_backend::XenbusState::Connected));
+        assert_eq!(d.rings, [None], "one ring, and the echo handler keeps no counters");
+        assert!(d.connected_for.is_some() && !d.resumed && !d.failed, "{d:?}");
+        assert!(d.details.is_empty(), "the echo type describes nothing: {d:?}");
+    }
+    assert_eq!(monitor.stats().devices.load(std::sync::atomic::Ordering::Relaxed), 2);
+    Ok(())
+}
+
+#[test]
+fn monitor_shows_a_device_taken_over_from_a_previous_process_as_resumed() -> Result<()> {
+    let mut h = Harness::new(1)?;
+    let (dev, mut echo) = h.connected_device(6, 0)?;
+    h.restart(|| Ok(()))?;
+
+    // Served again: the new backend has resumed it.
+    check_echo(&dev, &mut echo, 1)?;
+    let devices = h.backend.monitor().devices(common::WAIT).expect("the xenbus thread answers");
+
+    assert_eq!(devices.len(), 1);
+    assert!(devices[0].resumed, "{:?}", devices[0]);
+    assert_eq!(devices[0].state, xen_backend::XenbusState::Connected);
+    Ok(())
+}
