@@ -36,7 +36,7 @@ fn bogus_1mib_indirect_reads_stay_within_the_daemon_budget() {
     let _one = serial();
     const BUDGET: usize = 8 << 20;
     let opts = BlkOptions { buffer_bytes: BUDGET, ..blk_options() };
-    let h = Harness::with_options(opts).unwrap();
+    let (h, budget) = Harness::with_options(opts).unwrap();
     let disk = TempDisk::new("budget-attacker", 8 << 20);
     let other_disk = TempDisk::new("budget-neighbour", 1 << 20);
     let fopts = BlkfrontOptions { queues: 4, ring_page_order: 4, depth: 1, ..BlkfrontOptions::default() };
@@ -44,7 +44,7 @@ fn bogus_1mib_indirect_reads_stay_within_the_daemon_budget() {
     let mut neighbour = h.attach(2, 0, &other_disk, "w", BlkfrontOptions::default()).unwrap();
     let grants = h.host.grant_table(1);
 
-    let mut sent = vec![0u64; 4];
+    let mut sent = [0u64; 4];
     let mut pages = Vec::new();
     for (qi, n) in sent.iter_mut().enumerate() {
         let page = grants.alloc_pages(1).unwrap();
@@ -88,15 +88,15 @@ fn bogus_1mib_indirect_reads_stay_within_the_daemon_budget() {
     neighbour_reads(neighbour.front.queue(0), 10);
 
     let total: u64 = sent.iter().sum();
-    let (peak, allocations) = (h.budget.peak(), h.budget.allocations());
+    let (peak, allocations) = (budget.peak(), budget.allocations());
     eprintln!("{total} bogus 1 MiB reads: peak {} KiB held, {allocations} buffers allocated", peak >> 10);
     assert!(total >= 4 * 500, "{total} requests: the rings were not filled");
     assert!(peak <= BUDGET, "peak {peak} bytes beyond the budget of {BUDGET}");
     assert!(allocations < total / 4, "{allocations} buffers for {total} requests: not reused");
     // Idle now: the spare buffers go after a second.
     let deadline = std::time::Instant::now() + WAIT;
-    while h.budget.held() > 0 {
-        assert!(std::time::Instant::now() < deadline, "{} bytes still held while idle", h.budget.held());
+    while budget.held() > 0 {
+        assert!(std::time::Instant::now() < deadline, "{} bytes still held while idle", budget.held());
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

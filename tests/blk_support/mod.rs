@@ -48,10 +48,6 @@ pub struct Harness {
     pub backend: Backend,
     /// dom0's /run/xenbackd (the rings' journals).
     pub run: RunDir,
-    /// The block device types' options.
-    pub options: BlkOptions,
-    /// The daemon's budget of bounce buffers, shared by `qdisk` and `vbd`.
-    pub budget: Arc<BufferBudget>,
 }
 
 /// The I/O engine of these tests: io_uring in the test targets whose name
@@ -110,16 +106,18 @@ pub struct Guest {
 
 impl Harness {
     pub fn new() -> Result<Self> {
-        Self::with_options(blk_options())
+        Ok(Self::with_options(blk_options())?.0)
     }
 
-    /// As [`Harness::new`], the block device types with `options`.
-    pub fn with_options(options: BlkOptions) -> Result<Self> {
+    /// As [`Harness::new`], the block device types with `options`, and the
+    /// daemon's budget of bounce buffers they share (a restart goes back to
+    /// [`blk_types`]).
+    pub fn with_options(options: BlkOptions) -> Result<(Self, Arc<BufferBudget>)> {
         let SimDom0 { host, xenstored, toolstack } = SimDom0::start()?;
         let run = RunDir::new()?;
         let budget = BufferBudget::new(options.buffer_bytes);
         let backend = start_backend(&host, &xenstored, &run, blk_types_with(options, &budget))?;
-        Ok(Harness { host, xenstored, toolstack, backend, run, options, budget })
+        Ok((Harness { host, xenstored, toolstack, backend, run }, budget))
     }
 
     /// Restarts the backend as `xenbackd serve` does by default: the
@@ -128,8 +126,7 @@ impl Harness {
     pub fn restart(&mut self, gap: impl FnOnce() -> Result<()>) -> Result<()> {
         self.backend.detach();
         gap()?;
-        let types = blk_types_with(self.options, &self.budget);
-        self.backend = start_backend(&self.host, &self.xenstored, &self.run, types)?;
+        self.backend = start_backend(&self.host, &self.xenstored, &self.run, blk_types())?;
         Ok(())
     }
 

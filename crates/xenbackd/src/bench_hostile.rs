@@ -29,7 +29,8 @@ use crate::demo::Machine;
 ///
 /// Per row: the neighbour's requests and latency (p50, p99, max), the
 /// attacker's requests (kicks for storm), the ring workers' voluntary
-/// context switches (wakeups) and the most bytes of bounce buffers the
+/// context switches (wakeups) and CPU time (percent of a core, from
+/// /proc/self/task/*/stat) and the most bytes of bounce buffers the
 /// daemon held so far. With one worker (the default) attacker and
 /// neighbour share it: the worst case.
 #[derive(clap::Args, Debug)]
@@ -70,8 +71,9 @@ const ATTACKS: [(Attack, &str); 4] = [
 /// Disk size of each guest (sparse files).
 const DISK_BYTES: u64 = 64 << 20;
 
-/// The neighbour: QD1 4 KiB random reads until `stop`; latencies in µs.
-fn neighbour(mut q: FrontQueue, stop: &AtomicBool) -> Result<Vec<u32>> {
+/// The neighbour: QD1 4 KiB random reads until `stop`; latencies in µs,
+/// and the queue (its ring stays granted until the disk is closed).
+fn neighbour(mut q: FrontQueue, stop: &AtomicBool) -> Result<(Vec<u32>, FrontQueue)> {
     let blocks = DISK_BYTES / 4096;
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     let mut lat = Vec::new();
@@ -91,7 +93,7 @@ fn neighbour(mut q: FrontQueue, stop: &AtomicBool) -> Result<Vec<u32>> {
         }
         lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
     }
-    Ok(lat)
+    Ok((lat, q))
 }
 
 /// Kicks `q`'s idle ring until `stop`; returns the kicks.
@@ -116,18 +118,20 @@ fn bogus_reads(mut q: FrontQueue, indirect: u32, stop: &AtomicBool) -> Result<u6
         if stopping && q.in_flight() == 0 {
             return Ok(answered);
         }
-        while !stopping {
-            // blkif_request_indirect, x86_64 layout.
-            slot[0] = BLKIF_OP_INDIRECT;
-            slot[1] = BLKIF_OP_READ;
-            slot[2..4].copy_from_slice(&256u16.to_le_bytes());
-            slot[8..16].copy_from_slice(&id.to_le_bytes());
-            slot[16..24].copy_from_slice(&(id % 60 * 2048).to_le_bytes());
-            slot[28..32].copy_from_slice(&indirect.to_le_bytes());
-            if q.submit_raw(id, id, &slot).is_err() {
-                break;
+        // blkif_request_indirect, x86_64 layout; the ring kept full.
+        slot[0] = BLKIF_OP_INDIRECT;
+        slot[1] = BLKIF_OP_READ;
+        slot[2..4].copy_from_slice(&256u16.to_le_bytes());
+        slot[28..32].copy_from_slice(&indirect.to_le_bytes());
+        if !stopping {
+            loop {
+                slot[8..16].copy_from_slice(&id.to_le_bytes());
+                slot[16..24].copy_from_slice(&(id % 60 * 2048).to_le_bytes());
+                if q.submit_raw(id, id, &slot).is_err() {
+                    break;
+                }
+                id += 1;
             }
-            id += 1;
         }
         out.clear();
         q.wait(Duration::from_millis(50), &mut out)?;
@@ -160,6 +164,27 @@ struct Row {
     latencies: Vec<u32>,
     attacker: u64,
     wakeups: u64,
+    /// The ring workers' CPU time over the row's wall time, in percent of a core.
+    worker_cpu: f64,
+}
+
+/// CPU time (user + system) of this process's ring workers, in clock ticks.
+fn worker_ticks() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    let mut ticks = 0;
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ... : fields after the last ')' from 3 on.
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        if !head.contains("(xenbackd-w") {
+            continue;
+        }
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 here.
+        ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        ticks += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    ticks
 }
 
 fn run_row(m: &Machine, attack: Attack, row: u16, disks: &[std::path::PathBuf; 2], secs: f64) -> Result<Row> {
@@ -204,6 +229,7 @@ fn run_row(m: &Machine, attack: Attack, row: u16, disks: &[std::path::PathBuf; 2
     // Let the attack start before the neighbour is measured.
     std::thread::sleep(Duration::from_millis(100));
     let mut wakeups = xen_sim::measure::ThreadCounters::start(|n| n.starts_with("xenbackd-w"))?;
+    let (ticks, started) = (worker_ticks(), Instant::now());
     let nstop = Arc::new(AtomicBool::new(false));
     let measured = {
         let nstop = nstop.clone();
@@ -211,8 +237,10 @@ fn run_row(m: &Machine, attack: Attack, row: u16, disks: &[std::path::PathBuf; 2
     };
     std::thread::sleep(Duration::from_secs_f64(secs));
     nstop.store(true, Ordering::Relaxed);
-    let latencies = measured.join().map_err(|_| anyhow::anyhow!("neighbour panicked"))??;
+    let (latencies, _nq) = measured.join().map_err(|_| anyhow::anyhow!("neighbour panicked"))??;
     let wakeups = wakeups.read().voluntary;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100).max(1) as f64;
+    let worker_cpu = 100.0 * (worker_ticks() - ticks) as f64 / hz / started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut done = 0;
     for t in threads {
@@ -222,7 +250,7 @@ fn run_row(m: &Machine, attack: Attack, row: u16, disks: &[std::path::PathBuf; 2
         a.dev.close(Duration::from_secs(30))?;
     }
     n.dev.close(Duration::from_secs(30))?;
-    Ok(Row { latencies, attacker: done, wakeups })
+    Ok(Row { latencies, attacker: done, wakeups, worker_cpu })
 }
 
 fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
@@ -254,14 +282,14 @@ pub fn run(args: HostileArgs) -> Result<u8> {
         args.seconds, args.workers, args.queue_buffers, args.buffers
     );
     println!(
-        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>11}",
-        "attack", "requests", "p50 ms", "p99 ms", "max ms", "attacker", "wakeups", "peak MiB"
+        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>11}",
+        "attack", "requests", "p50 ms", "p99 ms", "max ms", "attacker", "wakeups", "cpu %", "peak MiB"
     );
     for (row, (attack, name)) in ATTACKS.iter().enumerate() {
         let mut r = run_row(&m, *attack, row as u16, &disks, args.seconds)?;
         r.latencies.sort_unstable();
         println!(
-            "{:<12} {:>9} {:>9.3} {:>9.3} {:>9.3} {:>10} {:>9} {:>11.1}",
+            "{:<12} {:>9} {:>9.3} {:>9.3} {:>9.3} {:>10} {:>9} {:>8.0} {:>11.1}",
             name,
             r.latencies.len(),
             percentile_ms(&r.latencies, 0.5),
@@ -269,6 +297,7 @@ pub fn run(args: HostileArgs) -> Result<u8> {
             percentile_ms(&r.latencies, 1.0),
             r.attacker,
             r.wakeups,
+            r.worker_cpu,
             m.budget().peak() as f64 / f64::from(1 << 20)
         );
     }
