@@ -521,12 +521,19 @@ impl Xenbus {
         }
     }
 
-    /// Every device as it is now (in memory: no xenstore round trip).
+    /// Every device as it is now, ordered by key (in memory: no xenstore
+    /// round trip).
     fn snapshot(&self) -> Vec<DeviceSnapshot> {
-        self.devices
-            .iter()
+        // Ordered through a set (a sort would be one more in the binary).
+        let mut order = BTreeSet::new();
+        for key in self.devices.keys() {
+            order.insert(key.clone());
+        }
+        order
+            .into_iter()
+            .filter_map(|key| self.devices.get(&key).map(|slot| (key, slot)))
             .map(|(key, slot)| DeviceSnapshot {
-                key: key.clone(),
+                key,
                 state: slot.state,
                 frontend_state: slot.last_fe,
                 failed: slot.failed,

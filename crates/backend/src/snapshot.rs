@@ -121,9 +121,7 @@ impl Monitor {
     pub fn devices(&self, timeout: Duration) -> Option<Vec<DeviceSnapshot>> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.snapshot.send(tx).ok()?;
-        let mut devices = rx.recv_timeout(timeout).ok()?;
-        devices.sort_by(|a, b| a.key.cmp(&b.key));
-        Some(devices)
+        rx.recv_timeout(timeout).ok()
     }
 }
 

@@ -76,7 +76,12 @@ fn truncate(s: &str) -> String {
 pub fn answer(request: Request, monitor: &Monitor) -> String {
     let status = Status::gather(monitor, DEVICES_TIMEOUT);
     match request {
-        Request::Status => format!("{}\n", status.to_json()),
+        Request::Status => {
+            // `to_vec`, as QMP's answers: one serialiser in the binary.
+            let mut json = serde_json::to_vec(&status.to_json()).expect("a Value always serialises");
+            json.push(b'\n');
+            String::from_utf8(json).expect("serde_json writes UTF-8")
+        }
         Request::Metrics => render_metrics(&status),
     }
 }

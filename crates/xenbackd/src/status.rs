@@ -187,12 +187,19 @@ impl Status {
 
     /// Reads what [`Status::to_json`] wrote.
     pub fn from_json(v: &Value) -> Result<Status, String> {
-        let mut counters = obj(v, "counters")?
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), num(v, k)?)))
-            .collect::<Result<Vec<(String, u64)>, String>>()?;
         // In the order of COUNTERS (a JSON object has none), others after.
-        counters.sort_by_key(|(k, _)| COUNTERS.iter().position(|(n, ..)| n == k).unwrap_or(COUNTERS.len()));
+        let map = obj(v, "counters")?;
+        let mut counters = Vec::with_capacity(map.len());
+        for (name, ..) in COUNTERS {
+            if let Some(x) = map.get(name) {
+                counters.push((name.to_string(), num(x, name)?));
+            }
+        }
+        for (k, x) in map {
+            if !COUNTERS.iter().any(|(n, ..)| n == k) {
+                counters.push((k.clone(), num(x, k)?));
+            }
+        }
         let devices = match v.get("devices") {
             None | Some(Value::Null) => None,
             Some(Value::Array(ds)) => Some(ds.iter().map(device_from_json).collect::<Result<_, _>>()?),

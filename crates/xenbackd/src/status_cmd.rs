@@ -60,7 +60,8 @@ fn interval(s: &str) -> Result<f64, String> {
 
 fn sample(path: &std::path::Path) -> Result<Status> {
     let reply = request(path, Request::Status, ANSWER_TIMEOUT)?;
-    let v: serde_json::Value = serde_json::from_str(&reply).context("the daemon's answer is not JSON")?;
+    // `from_slice`, as QMP's requests: one parser in the binary.
+    let v: serde_json::Value = serde_json::from_slice(reply.as_bytes()).context("the daemon's answer is not JSON")?;
     Status::from_json(&v).map_err(|e| anyhow::anyhow!("the daemon's answer: {e}"))
 }
 
