@@ -441,11 +441,18 @@ impl Worker {
         if let (Ok(()), Some(fd)) = (&res, completion) {
             res = self.epoll.add(borrow(fd), EpollEvent::new(EpollFlags::EPOLLIN, Token::Completion(slot).to_u64()));
         }
+        let res = res
+            .map_err(|e| DeviceError::msg(format!("Cannot poll the event channel: {e}")))
+            // A predecessor that crashed may have published responses
+            // without notifying them, and a frontend like Linux's blkfront
+            // reads responses only on an event: one event now, which a
+            // frontend with nothing to read takes as spurious.
+            .and_then(|()| setup.port.notify());
         self.slots[slot as usize] = Some(Entry::new(id, owner, setup));
         match res {
             // Requests may have been queued before the port was watched.
             Ok(()) => self.mark_ready(slot),
-            Err(e) => self.fail(slot, DeviceError::msg(format!("Cannot poll the event channel: {e}"))),
+            Err(e) => self.fail(slot, e),
         }
     }
 
@@ -1045,5 +1052,43 @@ mod tests {
         assert!(r.stuck);
         neighbour.send(&[41]);
         assert_eq!(neighbour.receive(1), vec![42]);
+    }
+
+    /// A predecessor that published responses and died before notifying
+    /// them: the frontend gets an event as soon as the ring is served again
+    /// (Linux's blkfront reads responses only on an event; the lab's
+    /// killresume hung on this).
+    #[test]
+    fn a_ring_added_to_a_worker_notifies_the_frontend_once() {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        host.create_domain(3).unwrap();
+        let pages = host.grant_table(3).alloc_pages(1).unwrap();
+        let grefs = host.grant_table(3).grant_pages(&pages, 0, false).unwrap();
+        let mut front = FrontRing::<u64, u64>::new(host.grant_mapper(0).map(3, &grefs, true).unwrap()).unwrap();
+        let guest = host.evtchn(3);
+        let remote = guest.bind_unbound_port(0).unwrap();
+        front.push_request(&1).unwrap();
+        front.push_request(&2).unwrap();
+        front.push_requests_and_check_notify().unwrap();
+        let mut previous = BackRing::<u64, u64>::new(host.grant_mapper(0).map(3, &grefs, true).unwrap()).unwrap();
+        while let Some(v) = previous.next_request().unwrap() {
+            previous.push_response(&(v + 1)).unwrap();
+        }
+        assert!(previous.push_responses_and_check_notify().unwrap(), "the notify the crash lost");
+        drop(previous);
+
+        let (failures, _failed) = crossbeam_channel::unbounded();
+        let mut pool = WorkerPool::new(1, 64, failures).unwrap();
+        let back = BackRing::resume(host.grant_mapper(0).map(3, &grefs, true).unwrap(), None).unwrap();
+        let port = BoundPort::bind(host.evtchn(0), 3, remote).unwrap();
+        pool.add(owner_of(3), RingSetup { port, handler: Box::new(Echo(back)) });
+        // SAFETY: the fd belongs to `guest`, alive for this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(guest.as_raw_fd()) };
+        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        assert_eq!(nix::poll::poll(&mut fds, 30_000u16).unwrap(), 1, "no event for the published responses");
+        let mut got = Vec::new();
+        front.take_responses(2, &mut got).unwrap();
+        assert_eq!(got, vec![2, 3]);
     }
 }
