@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 900
+# timeout: 600
 # Crash-exact resume on real Xen: `xenbackd serve` serves a qdisk to dom0's
 # own xen-blkfront (a file in tmpfs); ten times, while a direct 16 MiB write
 # of a new pattern and a direct read of a known region run through

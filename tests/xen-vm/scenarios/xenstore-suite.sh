@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 600
+# timeout: 300
 # Xen's own xenstore test program, test-xenstore (tools/tests/xenstore, from
 # the image's xen-utils-4.17), in one boot against both xenstoreds, each over
 # its unix socket: Xen's C xenstored (/run/xenstored/socket; its trace file,

@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 1500
+# timeout: 900
 # needs: domu-kit
 # Issue 11: `xl create` of PV guests whose xl.cfg has a qdisk disk, on an
 # image with no QEMU: libxl starts xenbackd as the guest's device model.
