@@ -16,6 +16,7 @@ use xen_sim::blkfront::{BlkOp, BlkfrontOptions, FrontQueue};
 
 use crate::cli::{check_fits, seconds, usage_error, IoEngine};
 use crate::demo::Machine;
+use crate::scratch::{self, ScratchFile};
 
 /// Largest file `--size` takes, in MiB (64 GiB).
 const MAX_SIZE_MIB: u64 = 64 << 10;
@@ -114,7 +115,7 @@ impl Offsets {
 }
 
 /// Drives one queue at `depth` until `stop`; returns completed requests.
-fn drive_queue(mut q: FrontQueue, w: &Workload, mut offs: Offsets, stop: &AtomicBool) -> Result<u64> {
+fn drive_queue(q: &mut FrontQueue, w: &Workload, mut offs: Offsets, stop: &AtomicBool) -> Result<u64> {
     let data = vec![0x5Au8; w.block];
     let mut done = 0u64;
     let mut out = Vec::new();
@@ -184,25 +185,41 @@ fn through_backend(
     let mut copy_counters =
         xen_sim::measure::ThreadCounters::start_filtered(|n| n.starts_with("xenbackd-w"), Some(&copies))?;
     let start = Instant::now();
+    // Each thread hands its queue back: the rings stay until the device is
+    // closed, as blkfront keeps them.
     let threads: Vec<_> = queues
         .into_iter()
         .enumerate()
-        .map(|(i, q)| {
+        .map(|(i, mut q)| {
             let (stop, offs) = (stop.clone(), Offsets::new(w, size, i as u64, n));
             let w = Workload { name: w.name, ..*w };
-            std::thread::spawn(move || drive_queue(q, &w, offs, &stop))
+            std::thread::spawn(move || {
+                let done = drive_queue(&mut q, &w, offs, &stop);
+                (q, done)
+            })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs_f64(secs));
+    scratch::sleep(Duration::from_secs_f64(secs));
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
+    let mut queues = Vec::new();
+    let mut failed = None;
     for t in threads {
-        total += t.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+        let (q, done) = t.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))?;
+        queues.push(q);
+        match done {
+            Ok(n) => total += n,
+            Err(e) => failed = failed.or(Some(e)),
+        }
     }
     let elapsed = start.elapsed().as_secs_f64();
     let counts = counters.read();
     let copy_counts = copy_counters.read();
     a.dev.close(Duration::from_secs(30))?;
+    drop(queues);
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let per = |n: u64| n as f64 / total.max(1) as f64;
     Ok(Measured {
         rate: total as f64 / elapsed,
@@ -239,7 +256,7 @@ fn direct(path: &std::path::Path, w: &Workload, secs: f64, size: u64) -> Result<
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs_f64(secs));
+    scratch::sleep(Duration::from_secs_f64(secs));
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
@@ -251,16 +268,24 @@ fn direct(path: &std::path::Path, w: &Workload, secs: f64, size: u64) -> Result<
 pub fn run(args: BlkArgs) -> Result<u8> {
     let secs = args.seconds;
     let engine: EngineChoice = args.io_engine.into();
-    let dir = crate::demo::temp_dir();
+    let dir = scratch::dir();
     check_fits("--size", args.size, &dir).unwrap_or_else(|e| usage_error(&["bench", "blk"], e));
+    scratch::stop_on_signals()?;
+    scratch::remove_stale();
     let size = args.size << 20;
-    let path = dir.join(format!("xenbackd-bench-{}.img", std::process::id()));
-    let file = crate::demo::TempFile(path.clone());
+    let file = ScratchFile::create("bench", "disk.img", 0)?;
+    let path = file.path().to_path_buf();
     // Filled, so reads touch real pages on both paths.
     {
-        let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         let chunk = vec![0xA5u8; 1 << 20];
         for i in 0..size >> 20 {
+            if scratch::interrupted() {
+                return Ok(130);
+            }
             f.write_all_at(&chunk, i << 20)?;
         }
     }
@@ -276,6 +301,9 @@ pub fn run(args: BlkArgs) -> Result<u8> {
     );
     let mut why_not = None;
     for (i, w) in WORKLOADS.iter().enumerate() {
+        if scratch::interrupted() {
+            return Ok(130);
+        }
         let pv = through_backend(&m, i as u16 + 1, &path, w, secs, size)?;
         let raw = direct(&path, w, secs, size)?;
         let (pv_s, raw_s) = if w.block >= 1 << 20 {

@@ -13,6 +13,7 @@ use xen_sim::blkfront::{BlkOp, BlkfrontOptions, FrontQueue};
 
 use crate::cli::{seconds, IoEngine};
 use crate::demo::Machine;
+use crate::scratch::{self, ScratchFile};
 
 /// A neighbour's latency beside a hostile guest, on the simulator
 ///
@@ -235,7 +236,7 @@ fn run_row(m: &Machine, attack: Attack, row: u16, disks: &[std::path::PathBuf; 2
         let nstop = nstop.clone();
         std::thread::spawn(move || neighbour(nq, &nstop))
     };
-    std::thread::sleep(Duration::from_secs_f64(secs));
+    crate::scratch::sleep(Duration::from_secs_f64(secs));
     nstop.store(true, Ordering::Relaxed);
     let (latencies, _nq) = measured.join().map_err(|_| anyhow::anyhow!("neighbour panicked"))??;
     let wakeups = wakeups.read().voluntary;
@@ -264,12 +265,12 @@ fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
 /// Runs `bench hostile`.
 pub fn run(args: HostileArgs) -> Result<u8> {
     let engine: EngineChoice = args.io_engine.into();
-    let dir = crate::demo::temp_dir();
-    let disks = [0, 1].map(|i| dir.join(format!("xenbackd-hostile-{}-{i}.img", std::process::id())));
-    let _files: Vec<_> = disks.iter().map(|p| crate::demo::TempFile(p.clone())).collect();
-    for p in &disks {
-        std::fs::File::create(p)?.set_len(DISK_BYTES)?;
-    }
+    scratch::stop_on_signals()?;
+    scratch::remove_stale();
+    let files = [0, 1].map(|i| ScratchFile::create("hostile", &format!("{i}.img"), DISK_BYTES));
+    let [a, b] = files;
+    let files = [a?, b?];
+    let disks = files.each_ref().map(|f| f.path().to_path_buf());
     let options = BlkOptions {
         engine,
         queue_buffer_bytes: args.queue_buffers << 20,
@@ -286,6 +287,9 @@ pub fn run(args: HostileArgs) -> Result<u8> {
         "attack", "requests", "p50 ms", "p99 ms", "max ms", "attacker", "wakeups", "cpu %", "peak MiB"
     );
     for (row, (attack, name)) in ATTACKS.iter().enumerate() {
+        if scratch::interrupted() {
+            return Ok(130);
+        }
         let mut r = run_row(&m, *attack, row as u16, &disks, args.seconds)?;
         r.latencies.sort_unstable();
         println!(

@@ -5,7 +5,7 @@
 //! flush / discard workload whose data is checked against what was written.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use xen_sim::xenstored::Xenstored;
 use xs_wire::Client;
 
 use crate::cli::{check_fits, seconds, usage_error};
+use crate::scratch::{self, ScratchFile};
 
 /// Largest disk `--size` takes, in MiB (64 GiB).
 const MAX_SIZE_MIB: u64 = 64 << 10;
@@ -102,15 +103,6 @@ struct GuestStats {
     errors: AtomicU64,
     mismatches: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
-}
-
-/// A disk file, removed on drop.
-pub(crate) struct TempFile(pub(crate) PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// The simulated machine: host, xenstored, the toolstack's connection and
@@ -246,7 +238,7 @@ impl QueueRun {
         self.rng
     }
 
-    fn run(mut self, stop: &AtomicBool) -> Result<()> {
+    fn run(&mut self, stop: &AtomicBool) -> Result<()> {
         let mut out = Vec::new();
         let mut buf = vec![0u8; MAX_BLOCKS * BLOCK];
         loop {
@@ -371,19 +363,16 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i])
 }
 
-pub(crate) fn temp_dir() -> PathBuf {
-    let shm = std::path::Path::new("/dev/shm");
-    if shm.is_dir() {
-        shm.into()
-    } else {
-        std::env::temp_dir()
-    }
-}
-
-/// Runs the demo; exit status 1 if any data check or request failed.
+/// Runs the demo; exit status 1 if any data check or request failed or a
+/// device of the backend failed, 130 if interrupted.
 pub fn run(args: DemoArgs) -> Result<u8> {
-    let dir = temp_dir();
+    let dir = scratch::dir();
     let o = options(args, &dir).unwrap_or_else(|e| usage_error(&["demo"], e));
+    scratch::stop_on_signals()?;
+    let stale = scratch::remove_stale();
+    if stale > 0 {
+        eprintln!("xenbackd demo: removed {stale} scratch file(s) of earlier runs that died from {}", dir.display());
+    }
     let machine = Machine::start()?;
     let mut files = Vec::new();
     let mut runs: Vec<(u16, QueueRun)> = Vec::new();
@@ -399,15 +388,15 @@ pub fn run(args: DemoArgs) -> Result<u8> {
         dir.display(),
         o.duration.as_secs_f64()
     );
-    for g in 0..o.guests {
+    let mut progress = Progress::new();
+    'attach: for g in 0..o.guests {
         let domid = g + 1;
         let xs = machine.guest(domid)?;
         for d in 0..o.disks {
-            let path = dir.join(format!("xenbackd-demo-{}-d{domid}-{d}.img", std::process::id()));
-            std::fs::File::create(&path)
-                .and_then(|f| f.set_len(bytes))
-                .with_context(|| format!("creating {}", path.display()))?;
-            files.push(TempFile(path.clone()));
+            if scratch::interrupted() {
+                break 'attach;
+            }
+            let file = ScratchFile::create("demo", &format!("d{domid}-{d}.img"), bytes)?;
             let opts = BlkfrontOptions {
                 queues: o.queues,
                 ring_page_order: 1,
@@ -416,16 +405,17 @@ pub fn run(args: DemoArgs) -> Result<u8> {
                 ..Default::default()
             };
             let mut a = machine
-                .attach(&xs, domid, u32::from(d), &path, opts)
+                .attach(&xs, domid, u32::from(d), file.path(), opts)
                 .with_context(|| format!("attaching disk {d} of dom{domid}"))?;
+            files.push(file);
             let front = a.front.take().expect("just connected");
-            println!(
+            progress.line(&format!(
                 "  dom{domid}: xvd{} connected through xenbus: {} queue(s), ring order {}, {} sectors",
                 (b'a' + d as u8) as char,
                 front.num_queues(),
                 front.options().ring_page_order,
                 a.info.sectors
-            );
+            ));
             let blocks = bytes as usize / BLOCK;
             let per_queue = blocks / o.queues as usize;
             for (i, queue) in front.into_queues().into_iter().enumerate() {
@@ -447,23 +437,31 @@ pub fn run(args: DemoArgs) -> Result<u8> {
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
+    // Each thread hands its queue back: the guest's rings must stay until
+    // the backend let go of them (closing the device), as blkfront keeps
+    // them.
     let threads: Vec<_> = runs
         .into_iter()
-        .map(|(domid, r)| {
+        .map(|(domid, mut r)| {
             let stop = stop.clone();
             let name = format!("guest-d{domid}-q{}", r.queue.index());
-            std::thread::Builder::new().name(name).spawn(move || r.run(&stop))
+            std::thread::Builder::new().name(name).spawn(move || {
+                let result = r.run(&stop);
+                (r, result)
+            })
         })
         .collect::<std::io::Result<_>>()?;
+    let start = Instant::now();
     let total = |f: fn(&GuestStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
     let (mut last_ops, mut last_bytes) = (0, 0);
     let mut tick = 1;
-    while start.elapsed() < o.duration {
+    while start.elapsed() < o.duration && !scratch::interrupted() {
         let next = Duration::from_secs(tick).min(o.duration);
-        std::thread::sleep(next.saturating_sub(start.elapsed()));
+        if !scratch::sleep(next.saturating_sub(start.elapsed())) {
+            break;
+        }
         let (ops, b) = (total(|s| s.ops.load(Ordering::Relaxed)), total(|s| s.bytes.load(Ordering::Relaxed)));
-        println!(
+        progress.update(&format!(
             "[{:>3}s] {:>8} IOPS {:>8.1} MB/s   verified {:>6} MiB   errors {}   mismatches {}",
             tick,
             ops - last_ops,
@@ -471,17 +469,20 @@ pub fn run(args: DemoArgs) -> Result<u8> {
             total(|s| s.verified.load(Ordering::Relaxed)) >> 20,
             total(|s| s.errors.load(Ordering::Relaxed)),
             total(|s| s.mismatches.load(Ordering::Relaxed)),
-        );
+        ));
         (last_ops, last_bytes) = (ops, b);
         tick += 1;
     }
+    progress.finish();
     stop.store(true, Ordering::Relaxed);
     let mut failed = false;
+    let mut queues = Vec::new();
     for t in threads {
         match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+            Ok((r, Ok(()))) => queues.push(r),
+            Ok((r, Err(e))) => {
                 eprintln!("xenbackd demo: a guest queue failed: {e:#}");
+                queues.push(r);
                 failed = true;
             }
             Err(_) => {
@@ -497,19 +498,23 @@ pub fn run(args: DemoArgs) -> Result<u8> {
             failed = true;
         }
     }
+    drop(queues);
     drop(attached);
     let mut machine = machine;
+    let device_failures = machine.backend.stats().failures.load(Ordering::Relaxed);
     machine.backend.shutdown();
     println!();
     println!(
         "{:<8} {:>10} {:>9} {:>10} {:>10} {:>14} {:>7} {:>10}",
         "guest", "IOPS", "MB/s", "p50 (us)", "p99 (us)", "verified", "errors", "mismatches"
     );
+    let mut verified = 0;
     for (g, s) in stats.iter().enumerate() {
         let mut lat = std::mem::take(&mut *s.latencies_us.lock().expect("stats lock"));
         lat.sort_unstable();
         let (errors, mismatches) = (s.errors.load(Ordering::Relaxed), s.mismatches.load(Ordering::Relaxed));
         failed |= errors > 0 || mismatches > 0;
+        verified += s.verified.load(Ordering::Relaxed);
         println!(
             "{:<8} {:>10.0} {:>9.1} {:>10.0} {:>10.0} {:>10} MiB {:>7} {:>10}",
             format!("dom{}", g + 1),
@@ -523,10 +528,60 @@ pub fn run(args: DemoArgs) -> Result<u8> {
         );
     }
     drop(files);
+    if device_failures > 0 {
+        println!("\nFAILED: the backend failed {device_failures} device(s) (see the log above)");
+        return Ok(1);
+    }
     if failed {
         println!("\nFAILED: some requests failed or data did not verify");
         return Ok(1);
     }
-    println!("\nOK: every byte read back matched what was written");
+    if scratch::interrupted() {
+        println!("\nINTERRUPTED: no error until then; every byte read back matched ({} MiB)", verified >> 20);
+        return Ok(130);
+    }
+    if verified == 0 {
+        println!("\nFAILED: nothing was read back to verify in {secs:.1} s");
+        return Ok(1);
+    }
+    println!("\nOK: every byte read back matched what was written ({} MiB)", verified >> 20);
     Ok(0)
+}
+
+/// The progress line: rewritten in place on a terminal, a line per update
+/// otherwise (a log or a pipe).
+struct Progress {
+    tty: bool,
+    open: bool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        use std::io::IsTerminal;
+        Progress { tty: std::io::stdout().is_terminal(), open: false }
+    }
+
+    /// A line that stays (above the progress line).
+    fn line(&mut self, text: &str) {
+        self.finish();
+        println!("{text}");
+    }
+
+    fn update(&mut self, text: &str) {
+        use std::io::Write;
+        if self.tty {
+            // Carriage return and erase to the end of the line.
+            print!("\r{text}\x1b[K");
+            let _ = std::io::stdout().flush();
+            self.open = true;
+        } else {
+            println!("{text}");
+        }
+    }
+
+    fn finish(&mut self) {
+        if std::mem::take(&mut self.open) {
+            println!();
+        }
+    }
 }
