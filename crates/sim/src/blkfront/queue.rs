@@ -77,10 +77,12 @@ pub struct BlkCompletion {
     pub latency: Duration,
 }
 
+/// One request's pages: where they start in the queue's data (and
+/// indirect) pages, and their grants.
 struct Buffer {
-    pages: GuestPages,
+    at: usize,
     grefs: Vec<GrantRef>,
-    indirect: Option<(GuestPages, Vec<GrantRef>)>,
+    indirect: Option<(usize, Vec<GrantRef>)>,
 }
 
 struct InFlight {
@@ -114,6 +116,9 @@ pub struct FrontQueue {
     evtchn: Box<dyn EventChannel>,
     port: Port,
     buffers: Vec<Buffer>,
+    /// The data pages of every buffer, and their indirect pages.
+    data: GuestPages,
+    indirect_pages: Option<GuestPages>,
     free: Vec<usize>,
     in_flight: HashMap<u64, InFlight>,
     next_id: u64,
@@ -132,20 +137,28 @@ impl FrontQueue {
         if indirect_pages > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST {
             return Err(BlkfrontError::BadOption("requests above 4096 pages"));
         }
-        let mut buffers = Vec::with_capacity(s.depth);
-        for _ in 0..s.depth {
-            let pages = grants.alloc_pages(pages_per_buffer)?;
-            let grefs = grants.grant_pages(&pages, s.backend, false)?;
-            let indirect = match indirect {
-                true => {
-                    let p = grants.alloc_pages(indirect_pages)?;
-                    let g = grants.grant_pages(&p, s.backend, true)?;
-                    Some((p, g))
-                }
-                false => None,
-            };
-            buffers.push(Buffer { pages, grefs, indirect });
-        }
+        // Every buffer of the queue in one allocation (and one for the
+        // indirect pages): a mapping each, not two per buffer, so that a
+        // thousand disks stay far below the kernel's vm.max_map_count.
+        let data = grants.alloc_pages(pages_per_buffer * s.depth)?;
+        let data_grefs = grants.grant_pages(&data, s.backend, false)?;
+        let indirect_data = match indirect {
+            true => {
+                let p = grants.alloc_pages(indirect_pages * s.depth)?;
+                let g = grants.grant_pages(&p, s.backend, true)?;
+                Some((p, g))
+            }
+            false => None,
+        };
+        let buffers = (0..s.depth)
+            .map(|i| Buffer {
+                at: i * pages_per_buffer * PAGE_SIZE,
+                grefs: data_grefs[i * pages_per_buffer..][..pages_per_buffer].to_vec(),
+                indirect: indirect_data
+                    .as_ref()
+                    .map(|(_, g)| (i * indirect_pages * PAGE_SIZE, g[i * indirect_pages..][..indirect_pages].to_vec())),
+            })
+            .collect::<Vec<_>>();
         Ok(FrontQueue {
             index: s.index,
             abi: s.options.abi,
@@ -156,6 +169,8 @@ impl FrontQueue {
             port: s.port,
             free: (0..buffers.len()).rev().collect(),
             buffers,
+            data,
+            indirect_pages: indirect_data.map(|(p, _)| p),
             in_flight: HashMap::new(),
             next_id: 1,
             ports: Vec::new(),
@@ -259,7 +274,7 @@ impl FrontQueue {
         };
         let buf = &self.buffers[b];
         if let Some(data) = data {
-            if let Err(e) = buf.pages.mapping().write(0, data) {
+            if let Err(e) = self.data.mapping().write(buf.at, data) {
                 self.free.push(b);
                 return Err(BlkfrontError::Ring(e.into()));
             }
@@ -279,11 +294,11 @@ impl FrontQueue {
         let slot = if segs.len() <= BLKIF_MAX_SEGMENTS_PER_REQUEST {
             self.data_request(op, id, sector, &segs)
         } else {
-            let Some((pages, grefs)) = &buf.indirect else {
+            let (Some((at, grefs)), Some(pages)) = (&buf.indirect, &self.indirect_pages) else {
                 self.free.push(b);
                 return Err(BlkfrontError::BadSize(len));
             };
-            if let Err(e) = pages.mapping().write(0, segs.as_bytes()) {
+            if let Err(e) = pages.mapping().write(*at, segs.as_bytes()) {
                 self.free.push(b);
                 return Err(BlkfrontError::Ring(e.into()));
             }
@@ -421,10 +436,9 @@ impl FrontQueue {
                 if let Some(b) = f.buffer {
                     if status == BLKIF_RSP_OKAY && f.read_len > 0 {
                         data = vec![0u8; f.read_len];
-                        self.buffers[b]
-                            .pages
+                        self.data
                             .mapping()
-                            .read(0, &mut data)
+                            .read(self.buffers[b].at, &mut data)
                             .map_err(|e| BlkfrontError::Ring(e.into()))?;
                     }
                     self.free.push(b);
