@@ -61,6 +61,9 @@ fn monitor_lists_every_device_with_its_state_and_rings() -> Result<()> {
     let h = Harness::new(1)?;
     let (_a, _ea) = h.connected_device(5, 2)?;
     let (_b, _eb) = h.connected_device(4, 1)?;
+    // The frontends' Connected reached the xenbus thread (its view is what
+    // the monitor shows).
+    assert!(h.backend.sync(common::WAIT));
 
     let monitor = h.backend.monitor();
     let devices = monitor.devices(common::WAIT).expect("the xenbus thread answers");
