@@ -3,8 +3,11 @@
 //! and 16 threads sharing one connection, and pipelined batches from one
 //! thread. By default against the simulated xenstored in this process;
 //! `--socket` names a xenstored socket, `--system` connects as libxenstore
-//! would (`XENSTORED_PATH`, the xenstored socket, `/dev/xen/xenbus`). It
-//! writes below `/bench` and removes that subtree at the end.
+//! would (`XENSTORED_PATH`, the xenstored socket, `/dev/xen/xenbus`). The
+//! baseline is the one thread waiting for each reply, as a C client using
+//! libxenstore's `xs_read`/`xs_write` does: the other columns give their
+//! ratio to it. It writes below a tree of its own, `/xenbackd-bench-<pid>`
+//! (refused if it exists), and removes that tree at the end.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -22,8 +25,10 @@ const MAX_OPS: u64 = 100_000_000;
 /// Xenstore client throughput (operations per second) for read, write and
 /// directory, from 1 and 16 threads sharing one connection, and pipelined
 /// batches of 64 from one thread. By default against the simulated
-/// xenstored in this process. It writes below /bench and removes that
-/// subtree at the end.
+/// xenstored in this process. The baseline is one thread waiting for each
+/// reply (as a C client calling libxenstore's xs_read/xs_write does); the
+/// other columns give their ratio to it. It writes below a tree of its own,
+/// /xenbackd-bench-<pid> (refused if it exists), and removes it at the end.
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct XsBenchArgs {
@@ -60,42 +65,53 @@ impl Op {
         }
     }
 
-    fn request(self, thread: usize, i: usize) -> Result<Request> {
-        let key = format!("/bench/t{thread}/k{}", i % 16);
+    fn request(self, root: &str, thread: usize, i: usize) -> Result<Request> {
+        let key = format!("{root}/t{thread}/k{}", i % 16);
         Ok(match self {
             Op::Read => Request::read(TxId::NONE, &key)?,
             Op::Write => Request::write(TxId::NONE, &key, format!("{thread}-{i}").as_bytes())?,
-            Op::Directory => Request::directory(TxId::NONE, "/bench/dir")?,
+            Op::Directory => Request::directory(TxId::NONE, &format!("{root}/dir"))?,
         })
     }
 }
 
-fn setup(c: &Client, threads: usize) -> Result<()> {
+/// Refuses a `root` that exists: the benchmark removes its tree at the end
+/// and must never take someone else's nodes.
+fn check_absent(c: &Client, root: &str) -> Result<()> {
+    match c.read(TxId::NONE, root) {
+        Ok(_) => anyhow::bail!("{root} exists in this xenstore; not touching it"),
+        Err(e) if e.errno() == Some(xs_wire::XsErrno::ENOENT) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("reading {root}")),
+    }
+}
+
+/// Creates the benchmark's tree at `root`.
+fn setup(c: &Client, root: &str, threads: usize) -> Result<()> {
     for t in 0..threads {
         for k in 0..16 {
-            c.write(TxId::NONE, &format!("/bench/t{t}/k{k}"), b"initial")?;
+            c.write(TxId::NONE, &format!("{root}/t{t}/k{k}"), b"initial")?;
         }
     }
     for i in 0..DIR_CHILDREN {
-        c.write(TxId::NONE, &format!("/bench/dir/child-{i:04}"), b"x")?;
+        c.write(TxId::NONE, &format!("{root}/dir/child-{i:04}"), b"x")?;
     }
     Ok(())
 }
 
 /// Runs `ops` operations split over `threads` threads, each waiting for every
 /// reply (or, with `pipelined`, sending batches of `BATCH`); returns ops/s.
-fn measure(c: &Client, op: Op, threads: usize, ops: usize, pipelined: bool) -> Result<f64> {
+fn measure(c: &Client, root: &str, op: Op, threads: usize, ops: usize, pipelined: bool) -> Result<f64> {
     let per_thread = ops / threads;
     let start = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|t| {
-            let c = c.clone();
+            let (c, root) = (c.clone(), root.to_string());
             std::thread::spawn(move || -> Result<()> {
                 if pipelined {
                     let mut i = 0;
                     while i < per_thread {
                         let n = BATCH.min(per_thread - i);
-                        let reqs = (i..i + n).map(|j| op.request(t, j)).collect::<Result<Vec<_>>>()?;
+                        let reqs = (i..i + n).map(|j| op.request(&root, t, j)).collect::<Result<Vec<_>>>()?;
                         for r in c.batch(&reqs)? {
                             r?;
                         }
@@ -103,7 +119,7 @@ fn measure(c: &Client, op: Op, threads: usize, ops: usize, pipelined: bool) -> R
                     }
                 } else {
                     for i in 0..per_thread {
-                        c.request(op.request(t, i)?)?;
+                        c.request(op.request(&root, t, i)?)?;
                     }
                 }
                 Ok(())
@@ -114,6 +130,32 @@ fn measure(c: &Client, op: Op, threads: usize, ops: usize, pipelined: bool) -> R
         w.join().map_err(|_| anyhow::anyhow!("benchmark thread panicked"))??;
     }
     Ok((per_thread * threads) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Prints the table: each case from one thread waiting for each reply (the
+/// baseline), from 16 threads sharing the connection, and pipelined, with
+/// the ratios to the baseline.
+fn cases(client: &Client, root: &str, ops: usize, target: &str) -> Result<()> {
+    println!("xenstore client benchmark against {target}, {ops} operations per case (ops/s; ratio to 1 thread)");
+    println!(
+        "{:<10} {:>12} {:>12} {:>7} {:>14} {:>7}",
+        "op", "1 thread", "16 threads", "ratio", "pipelined x64", "ratio"
+    );
+    for op in [Op::Read, Op::Write, Op::Directory] {
+        let one = measure(client, root, op, 1, ops, false)?;
+        let many = measure(client, root, op, 16, ops, false)?;
+        let piped = measure(client, root, op, 1, ops, true)?;
+        println!(
+            "{:<10} {:>12.0} {:>12.0} {:>6.1}x {:>14.0} {:>6.1}x",
+            op.name(),
+            one,
+            many,
+            many / one,
+            piped,
+            piped / one
+        );
+    }
+    Ok(())
 }
 
 /// Entry point of `xenbackd bench xs`.
@@ -136,16 +178,11 @@ pub fn run(args: XsBenchArgs) -> Result<u8> {
             (Client::from_stream(stream)?, "the simulated xenstored (in process)".into())
         }
     };
-    setup(&client, 16)?;
-    println!("xenstore client benchmark against {target}, {ops} operations per case (ops/s)");
-    println!("{:<10} {:>12} {:>12} {:>14}", "op", "1 thread", "16 threads", "pipelined x64");
-    for op in [Op::Read, Op::Write, Op::Directory] {
-        let one = measure(&client, op, 1, ops, false)?;
-        let many = measure(&client, op, 16, ops, false)?;
-        let piped = measure(&client, op, 1, ops, true)?;
-        println!("{:<10} {:>12.0} {:>12.0} {:>14.0}", op.name(), one, many, piped);
-    }
-    client.rm(TxId::NONE, "/bench")?;
+    let root = format!("/xenbackd-bench-{}", std::process::id());
+    check_absent(&client, &root)?;
+    let result = setup(&client, &root, 16).and_then(|()| cases(&client, &root, ops, &target));
+    let removed = client.rm(TxId::NONE, &root).with_context(|| format!("removing {root}"));
+    result.and(removed)?;
     drop(sim);
     Ok(0)
 }

@@ -245,3 +245,46 @@ fn status_and_metrics_without_a_daemon_say_so_with_status_1() {
         assert!(r.stderr.contains("No xenbackd answers on") && r.stderr.contains("xenbackd serve"), "{}", r.stderr);
     }
 }
+
+/// `bench xs` works in a tree of its own: an existing `/bench` (or any
+/// other node) is never touched, and its own tree is gone at the end.
+#[test]
+fn bench_xs_leaves_other_trees_alone_and_prints_ratios() {
+    let dir = std::env::temp_dir().join(format!("xenbackd-cli-benchxs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _dir = TempDir(dir.clone());
+    let socket = dir.join("xs.sock");
+    let mut xenstored = Command::new(XB)
+        .args(["xenstored", "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !socket.exists() && started.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let xs = |args: &[&str]| {
+        Command::new(XB).arg("xs").args(args).env("XENSTORED_PATH", &socket).output().expect("run xenbackd xs")
+    };
+    assert!(xs(&["write", "/bench/mine", "keep"]).status.success());
+    let r = Command::new(XB)
+        .args(["bench", "xs", "--ops", "64", "--socket"])
+        .arg(&socket)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    let ls = xs(&["ls", "/"]);
+    let _ = xenstored.kill();
+    let _ = xenstored.wait();
+    assert!(r.status.success(), "{stdout} {}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        stdout.contains("ratio to 1 thread") && stdout.lines().filter(|l| l.ends_with('x')).count() == 3,
+        "{stdout}"
+    );
+    let tree = String::from_utf8_lossy(&ls.stdout);
+    assert!(tree.contains("mine = \"keep\""), "{tree}");
+    assert!(!tree.contains("xenbackd-bench"), "its tree stayed: {tree}");
+}
