@@ -53,6 +53,7 @@ pub enum Command {
     Selftest(crate::selftest::SelftestArgs),
     Xs(XsArgs),
     Xenstored(crate::xenstored_cmd::XenstoredArgs),
+    InstallLinks(crate::links::LinksArgs),
     /// Print the version
     Version,
     /// Print a completion script for SHELL on stdout

@@ -7,6 +7,7 @@ mod bench_xs;
 mod cli;
 mod demo;
 mod dm;
+mod links;
 mod platform;
 mod scratch;
 mod selftest;
@@ -65,6 +66,7 @@ fn main() -> ExitCode {
         Command::Selftest(a) => selftest::run(a),
         Command::Xs(a) => xs::run_os(a.args),
         Command::Xenstored(a) => xenstored_cmd::run(a),
+        Command::InstallLinks(a) => links::run(a),
         Command::Version => {
             print!("{}", cli::version());
             Ok(0)

@@ -35,6 +35,10 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Every mode, as `xenstore-<name>` tools.
+    pub const ALL: [Mode; 9] =
+        [Mode::Chmod, Mode::Exists, Mode::List, Mode::Ls, Mode::Mkdir, Mode::Read, Mode::Rm, Mode::Write, Mode::Watch];
+
     fn parse(name: &str) -> Option<Mode> {
         Some(match name {
             "chmod" => Mode::Chmod,
@@ -50,7 +54,8 @@ impl Mode {
         })
     }
 
-    fn name(self) -> &'static str {
+    /// The mode's name (`read` for `xenstore-read`).
+    pub fn name(self) -> &'static str {
         match self {
             Mode::Chmod => "chmod",
             Mode::Exists => "exists",

@@ -85,7 +85,9 @@ fn help_of_every_command_goes_to_stdout_with_status_0() {
     }
     let top = xenbackd(&["--help"]);
     assert_eq!(top.code, Some(0));
-    for cmd in ["serve", "status", "metrics", "demo", "bench", "selftest", "xs", "xenstored", "version"] {
+    for cmd in
+        ["serve", "status", "metrics", "demo", "bench", "selftest", "xs", "xenstored", "install-links", "version"]
+    {
         assert!(top.stdout.contains(&format!("\n  {cmd} ")), "{cmd} not listed in {}", top.stdout);
     }
     assert!(!top.stdout.contains("completions") && !top.stdout.contains("manpage"), "hidden: {}", top.stdout);
