@@ -81,7 +81,7 @@ pub enum BenchCommand {
     Hostile(crate::bench_hostile::HostileArgs),
 }
 
-/// Xenstore tools: read write ls list rm mkdir chmod exists watch
+/// Xenstore tools: read write ls list rm mkdir chmod exists watch control
 // `xenbackd xs MODE ARGS...`: the arguments go as they are to the
 // xenstore-utils parser of `crate::xs` (getopt rules, exit status 1 on
 // misuse, as the C tools), so clap neither reads options nor adds `--help`.
@@ -93,9 +93,10 @@ pub enum BenchCommand {
 The xenstore-utils tools (Xen 4.17's xenstore-read, xenstore-write, ...)
 with the same arguments, output and exit status; `xenbackd xs read -h`
 prints the tool's own usage. Through a symlink named xenstore-read (etc.)
-xenbackd behaves as that tool. `mkdir` is an addition.
+xenbackd behaves as that tool. `mkdir` is an addition. `control` is
+xenstore-control (XS_CONTROL commands such as check, log, quota, help).
 
-Modes: read write ls list rm mkdir chmod exists watch
+Modes: read write ls list rm mkdir chmod exists watch control
 
 Xenstore: XENSTORED_PATH or /var/run/xenstored/socket, else /dev/xen/xenbus."
 )]

@@ -11,7 +11,7 @@ use crate::xs::Mode;
 /// Install the xenstore-* tools as symlinks to this binary
 ///
 /// Creates DIR/xenstore and DIR/xenstore-<mode> for every mode (read write
-/// ls list rm mkdir chmod exists watch) as symlinks to this xenbackd, so
+/// ls list rm mkdir chmod exists watch control) as symlinks to this xenbackd, so
 /// that scripts written for Debian's xenstore-utils run unchanged on a dom0
 /// without them. A name that exists and is not already such a link is left
 /// alone, with a message and exit status 1, unless --force.
@@ -32,7 +32,11 @@ pub struct LinksArgs {
 
 /// The names installed.
 fn names() -> Vec<String> {
-    std::iter::once("xenstore".to_string()).chain(Mode::ALL.iter().map(|m| format!("xenstore-{}", m.name()))).collect()
+    ["xenstore", crate::xs::CONTROL_TOOL]
+        .into_iter()
+        .map(String::from)
+        .chain(Mode::ALL.iter().map(|m| format!("xenstore-{}", m.name())))
+        .collect()
 }
 
 /// What happened to one name.
@@ -109,7 +113,7 @@ mod tests {
     #[test]
     fn every_tool_name_is_one_the_binary_answers_to() {
         let names = names();
-        assert_eq!(names.len(), 10);
+        assert_eq!(names.len(), 11);
         assert!(names.iter().all(|n| crate::xs::is_tool_name(n)), "{names:?}");
     }
 

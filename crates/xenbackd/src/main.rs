@@ -15,6 +15,7 @@ mod serve;
 mod status_cmd;
 mod xenstored_cmd;
 mod xs;
+mod xs_control;
 
 use std::process::ExitCode;
 

@@ -729,7 +729,7 @@ fn die_on_broken_pipe() {
 /// written with `-R`), and clap passes them on untouched.
 pub fn run_os(mut args: Vec<OsString>) -> anyhow::Result<u8> {
     die_on_broken_pipe();
-    const MODES: &str = "read write ls list rm mkdir chmod exists watch";
+    const MODES: &str = "read write ls list rm mkdir chmod exists watch control";
     if args.is_empty() {
         eprintln!("xenstore: Usage: xenbackd xs <mode> [-h] [...]\n  modes: {MODES}");
         return Ok(1);
@@ -738,6 +738,9 @@ pub fn run_os(mut args: Vec<OsString>) -> anyhow::Result<u8> {
     if matches!(name.as_str(), "-h" | "--help" | "help") {
         println!("Usage: xenbackd xs <mode> [-h] [...]\n  modes: {MODES}");
         return Ok(0);
+    }
+    if name == "control" {
+        return Ok(crate::xs_control::run("xenbackd xs control", args));
     }
     let Some(mode) = Mode::parse(&name) else {
         eprintln!("xenstore: unknown mode {name}\n");
@@ -750,8 +753,11 @@ pub fn run_os(mut args: Vec<OsString>) -> anyhow::Result<u8> {
 /// Whether `argv0` names one of the tools (`xenstore`, `xenstore-read`, ...).
 pub fn is_tool_name(argv0: &str) -> bool {
     let base = argv0.rsplit('/').next().unwrap_or(argv0);
-    base == "xenstore" || base.strip_prefix("xenstore-").and_then(Mode::parse).is_some()
+    base == "xenstore" || base == CONTROL_TOOL || base.strip_prefix("xenstore-").and_then(Mode::parse).is_some()
 }
+
+/// `xenstore-control`, which has no getopt options ([`crate::xs_control`]).
+pub const CONTROL_TOOL: &str = "xenstore-control";
 
 /// Runs as the tool named by `argv[0]` (`xenstore-read`, ... through a
 /// symlink to `xenbackd`), or as the `xenstore <mode>` multicall. `None` if
@@ -761,6 +767,9 @@ pub fn run_as(argv0: &str, args: Vec<OsString>) -> Option<u8> {
     let base = argv0.rsplit('/').next().unwrap_or(argv0);
     if base == "xenstore" {
         return Some(run_os(args).unwrap_or(1));
+    }
+    if base == CONTROL_TOOL {
+        return Some(crate::xs_control::run(base, args));
     }
     let mode = Mode::parse(base.strip_prefix("xenstore-")?)?;
     Some(run_tool(mode, base, base, args))

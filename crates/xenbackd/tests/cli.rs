@@ -248,45 +248,108 @@ fn status_and_metrics_without_a_daemon_say_so_with_status_1() {
     }
 }
 
+/// `xenbackd xenstored` on a socket in a directory of its own, killed on
+/// drop.
+struct SimXenstored {
+    child: std::process::Child,
+    socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl SimXenstored {
+    fn start(name: &str) -> SimXenstored {
+        let dir = std::env::temp_dir().join(format!("xenbackd-cli-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("xs.sock");
+        let child = Command::new(XB)
+            .args(["xenstored", "--socket"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while !socket.exists() && started.elapsed() < std::time::Duration::from_secs(20) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        SimXenstored { child, socket, _dir: TempDir(dir) }
+    }
+
+    /// Runs `program` (xenbackd, or a link to it) with `args` against it.
+    fn run(&self, program: &std::path::Path, args: &[&str]) -> Run {
+        let Output { status, stdout, stderr } = Command::new(program)
+            .args(args)
+            .env("XENSTORED_PATH", &self.socket)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run");
+        Run {
+            code: status.code(),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+}
+
+impl Drop for SimXenstored {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `bench xs` works in a tree of its own: an existing `/bench` (or any
 /// other node) is never touched, and its own tree is gone at the end.
 #[test]
 fn bench_xs_leaves_other_trees_alone_and_prints_ratios() {
-    let dir = std::env::temp_dir().join(format!("xenbackd-cli-benchxs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _dir = TempDir(dir.clone());
-    let socket = dir.join("xs.sock");
-    let mut xenstored = Command::new(XB)
-        .args(["xenstored", "--socket"])
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while !socket.exists() && started.elapsed() < std::time::Duration::from_secs(20) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let xs = |args: &[&str]| {
-        Command::new(XB).arg("xs").args(args).env("XENSTORED_PATH", &socket).output().expect("run xenbackd xs")
-    };
-    assert!(xs(&["write", "/bench/mine", "keep"]).status.success());
-    let r = Command::new(XB)
-        .args(["bench", "xs", "--ops", "64", "--socket"])
-        .arg(&socket)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&r.stdout);
-    let ls = xs(&["ls", "/"]);
-    let _ = xenstored.kill();
-    let _ = xenstored.wait();
-    assert!(r.status.success(), "{stdout} {}", String::from_utf8_lossy(&r.stderr));
+    let xs = SimXenstored::start("benchxs");
+    let xb = std::path::Path::new(XB);
+    assert_eq!(xs.run(xb, &["xs", "write", "/bench/mine", "keep"]).code, Some(0));
+    let socket = xs.socket.to_string_lossy().into_owned();
+    let r = xs.run(xb, &["bench", "xs", "--ops", "64", "--socket", &socket]);
+    let tree = xs.run(xb, &["xs", "ls", "/"]).stdout;
+    assert_eq!(r.code, Some(0), "{} {}", r.stdout, r.stderr);
     assert!(
-        stdout.contains("ratio to 1 thread") && stdout.lines().filter(|l| l.ends_with('x')).count() == 3,
-        "{stdout}"
+        r.stdout.contains("ratio to 1 thread") && r.stdout.lines().filter(|l| l.ends_with('x')).count() == 3,
+        "{}",
+        r.stdout
     );
-    let tree = String::from_utf8_lossy(&ls.stdout);
     assert!(tree.contains("mine = \"keep\""), "{tree}");
     assert!(!tree.contains("xenbackd-bench"), "its tree stayed: {tree}");
+}
+
+/// `xs control` and a `xenstore-control` link behave as Xen 4.17's tool:
+/// usage (2), an answer printed (0), an unknown command answered with the
+/// daemon's help (3).
+#[test]
+fn xenstore_control_as_xen_s_tool() {
+    let xs = SimXenstored::start("control");
+    let xb = std::path::Path::new(XB);
+    let r = xs.run(xb, &["xs", "control"]);
+    assert_eq!((r.code, r.stderr.as_str()), (Some(2), "Usage:\nxenbackd xs control <command> [<arg>...]\n"));
+    let r = xs.run(xb, &["xs", "control", "quota"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.starts_with("Transaction nodes per transaction:"), "{}", r.stdout);
+    let r = xs.run(xb, &["xs", "control", "check"]);
+    assert_eq!((r.code, r.stdout.as_str()), (Some(0), "OK\n"), "{}", r.stderr);
+    let r = xs.run(xb, &["xs", "control", "frobnicate"]);
+    assert_eq!(r.code, Some(3));
+    assert!(
+        r.stderr.starts_with("Command not supported. Valid commands are:\nValid commands:\ncheck\n"),
+        "{}",
+        r.stderr
+    );
+    let r = xs.run(xb, &["xs", "control", "live-update", "-t"]);
+    assert_eq!((r.code, r.stderr.as_str()), (Some(2), "Missing timeout value\n"));
+    let r = xs.run(xb, &["xs", "control", "live-update", "/usr/sbin/xenstored"]);
+    assert_eq!(r.code, Some(3), "{}", r.stderr);
+    assert!(r.stderr.starts_with("Setting update binary failed:\n"), "{}", r.stderr);
+
+    let link = xs.socket.with_file_name("xenstore-control");
+    std::os::unix::fs::symlink(XB, &link).unwrap();
+    let r = xs.run(&link, &["check"]);
+    assert_eq!((r.code, r.stdout.as_str()), (Some(0), "OK\n"), "{}", r.stderr);
+    let r = xs.run(&link, &[]);
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.ends_with("xenstore-control <command> [<arg>...]\n"), "{}", r.stderr);
 }
