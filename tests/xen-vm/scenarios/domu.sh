@@ -12,6 +12,7 @@
 #      DOMU_BACKEND=ours (default) or vbd (the kernel's blkback on a loop
 #      device, to compare or to check this script without xenbackd).
 . /test/lib/vbd.sh
+. /test/lib/xl.sh # alive
 DEVID=51712
 BACKEND=${DOMU_BACKEND:-ours}
 npass=0; nfail=0
@@ -63,12 +64,6 @@ CFG
     eval "B_$n=$VBD_B"
     eval "DOMID_$n=$d"
     step "$n: domid $d, vbd $VBD_B -> /tmp/$n.img"
-}
-# alive DOMID NAME: gone only after two failed reads in a row, a second apart
-alive() {
-    [ "$(timeout 10 xenstore-read /local/domain/$1/name 2>/dev/null)" = "$2" ] && return 0
-    sleep 1
-    [ "$(timeout 10 xenstore-read /local/domain/$1/name 2>/dev/null)" = "$2" ]
 }
 # check_domu NAME: after the guest is gone, its verdict and its marker
 check_domu() {

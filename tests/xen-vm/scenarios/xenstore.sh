@@ -158,6 +158,21 @@ for XP in /dev/xen/xenbus /run/xenstored/socket; do
     [ "$ro" != 0 ] || bad "$T: ours ignored XENSTORED_PATH=/nonexistent/xenstore"
 done
 unset XENSTORED_PATH
+# xenstore-control (Xen's, in /usr/lib/xen-4.17/bin) against `xs control`:
+# the daemon's answers printed, usage and unknown commands
+T=control
+XC=/usr/lib/xen-4.17/bin/xenstore-control
+if [ -x $XC ]; then
+    for args in "" "check" "help" "quota" "frobnicate" "live-update" "live-update -t"; do
+        # shellcheck disable=SC2086
+        $XC $args > /tmp/ref.out 2> /tmp/ref.err; rr=$?
+        # shellcheck disable=SC2086
+        $XB xs control $args > /tmp/our.out 2> /tmp/our.err; ro=$?
+        compare "control ${args:-(no command)}"
+    done
+else
+    bad "control: no $XC in the image"
+fi
 xenstore-rm /lab
 echo "xenstore: $npass checks passed, $nfail failed"
 [ "$nfail" = 0 ] && echo "PASS xenstore" && exit 0
