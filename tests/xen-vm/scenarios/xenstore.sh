@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 400
+# timeout: 600
 # Scenario 1: `xenbackd xs` against the real C xenstored, over /dev/xen/xenbus
 # and over the xenstored socket (XENSTORED_PATH), compared with Xen's
 # xenstore-utils run with the same arguments: stdout byte for byte and the
