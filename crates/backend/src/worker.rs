@@ -350,6 +350,25 @@ fn release(mut entry: Entry) {
     }
 }
 
+/// A failed ring on its way out: dropped (waiting for its I/O), then its
+/// failure reported. Wherever it is dropped, on a reaper thread or, if none
+/// could start, on its worker.
+struct ReapFailed {
+    entry: Option<Entry>,
+    failures: Sender<Failure>,
+    failure: Option<Failure>,
+}
+
+impl Drop for ReapFailed {
+    fn drop(&mut self) {
+        drop(self.entry.take());
+        if let Some(f) = self.failure.take() {
+            // Unbounded, but each ring reports at most once (it is gone).
+            let _ = self.failures.send(f);
+        }
+    }
+}
+
 /// Borrows a fd owned by an [`Entry`] for an epoll call.
 fn borrow(fd: RawFd) -> BorrowedFd<'static> {
     // SAFETY: the fd belongs to an event-channel handle or completion fd
@@ -650,10 +669,22 @@ impl Worker {
     }
 
     fn fail(&mut self, slot: u32, error: DeviceError) {
-        if let Some(entry) = self.remove(slot, false) {
-            log::warn!("Ring of {} failed: {error}", entry.owner.key);
-            // Unbounded, but each ring reports at most once (it is gone).
-            let _ = self.failures.send(Failure { owner: entry.owner.clone(), error });
+        let Some(entry) = self.remove(slot, false) else { return };
+        log::warn!("Ring of {} failed: {error}", entry.owner.key);
+        // Dropping the ring waits for its I/O in flight (an I/O engine joins
+        // its threads): on a thread of its own, not on this worker that
+        // serves other guests. The failure is reported once the ring is gone,
+        // unmapped, as when it was dropped here.
+        let key = entry.owner.key.clone();
+        let failure = Failure { owner: entry.owner.clone(), error };
+        let reap = ReapFailed { entry: Some(entry), failures: self.failures.clone(), failure: Some(failure) };
+        if let Err(e) = spawn_named(
+            "xenbackd-reap",
+            move |msg| log::error!("Dropping a failed ring of {key} panicked: {msg}"),
+            move || drop(reap),
+        ) {
+            // The closure, and with it the ring, was dropped here.
+            log::warn!("No thread to drop a failed ring ({e}); dropped on its worker");
         }
     }
 
@@ -1090,5 +1121,59 @@ mod tests {
         let mut got = Vec::new();
         front.take_responses(2, &mut got).unwrap();
         assert_eq!(got, vec![2, 3]);
+    }
+
+    /// An [`Echo`] whose drop waits until `release` says so (an I/O engine
+    /// joining threads stuck on a slow disk).
+    struct SlowToDrop(Echo, crossbeam_channel::Receiver<()>, crossbeam_channel::Sender<()>);
+
+    impl RingHandler for SlowToDrop {
+        fn process(&mut self, budget: usize) -> Result<Progress, DeviceError> {
+            self.0.process(budget)
+        }
+    }
+
+    impl Drop for SlowToDrop {
+        fn drop(&mut self) {
+            let _ = self.2.send(());
+            let _ = self.1.recv_timeout(Duration::from_secs(60));
+        }
+    }
+
+    /// Issue 13: a failed ring is dropped off its worker. Its drop may wait
+    /// for I/O (ThreadPoolEngine joins its threads: 3-228 ms measured) and
+    /// the neighbour on the same worker is served meanwhile; the failure is
+    /// reported once the ring is gone and unmapped.
+    #[test]
+    fn a_failed_ring_slow_to_drop_does_not_stall_its_worker() {
+        let host = SimHost::new();
+        host.create_domain(0).unwrap();
+        let (failures, failed) = crossbeam_channel::unbounded();
+        let mut pool = WorkerPool::new(1, 64, failures).unwrap();
+        let (mut neighbour, _) = guest_with_ring(&mut pool, &host, 1);
+        host.create_domain(2).unwrap();
+        let pages = host.grant_table(2).alloc_pages(1).unwrap();
+        let grefs = host.grant_table(2).grant_pages(&pages, 0, false).unwrap();
+        let mut front = FrontRing::<u64, u64>::new(host.grant_mapper(0).map(2, &grefs, true).unwrap()).unwrap();
+        let guest = host.evtchn(2);
+        let remote = guest.bind_unbound_port(0).unwrap();
+        let port = BoundPort::bind(host.evtchn(0), 2, remote).unwrap();
+        let back = BackRing::new(host.grant_mapper(0).map(2, &grefs, true).unwrap()).unwrap();
+        let (release, released) = crossbeam_channel::bounded(1);
+        let (dropping, drop_started) = crossbeam_channel::bounded(1);
+        pool.add(owner_of(2), RingSetup { port, handler: Box::new(SlowToDrop(Echo(back), released, dropping)) });
+
+        front.push_request(&666).unwrap();
+        front.push_requests_and_check_notify().unwrap();
+        guest.notify(remote).unwrap();
+        // The poisoned ring fails; while its drop waits, its worker goes on.
+        drop_started.recv_timeout(Duration::from_secs(30)).expect("the poisoned ring failed");
+        neighbour.send(&[7]);
+        assert_eq!(neighbour.receive(1), vec![8]);
+        assert!(failed.try_recv().is_err(), "reported before the ring was gone");
+        release.send(()).unwrap();
+        let failure = failed.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(failure.owner.key.frontend, 2);
+        assert_eq!(host.grant_table(2).live_maps().unwrap(), 1, "the failed ring is unmapped when reported");
     }
 }
