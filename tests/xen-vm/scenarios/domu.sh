@@ -7,7 +7,8 @@
 # guest (domu-init.sh) checks the marker dom0 wrote at offset 0, writes its
 # own marker at 1 MiB and a 1 MiB pattern it reads back, and powers off; dom0
 # then checks the guest's marker in the backing file. First one guest, then
-# two guests at once from the same daemon.
+# two guests at once from the same daemon; DOMU_ROUNDS times (default 1),
+# all from the same daemon.
 # Env: DOMU_MEM (MiB, default 128), DOMU_TIMEOUT (s, default 300),
 #      DOMU_BACKEND=ours (default) or vbd (the kernel's blkback on a loop
 #      device, to compare or to check this script without xenbackd).
@@ -39,6 +40,8 @@ fi
 # create_domu NAME: paused domU with a vbd served by xenbackd; sets DOMID_<NAME>
 create_domu() {
     n=$1
+    # a new console log: the verdict must come from this guest's boot
+    rm -f /var/log/xen/console/guest-$n.log
     cat > /tmp/$n.cfg <<CFG
 name = "$n"
 type = "pv"
@@ -112,8 +115,11 @@ run_domus() {
     kill -0 $XENBACKD_PID 2>/dev/null && ok "xenbackd alive after: $*" || bad "xenbackd died serving: $*"
 }
 
-step "---- one guest"
-run_domus domu1
-step "---- two guests at once, one daemon"
-run_domus domu2 domu3
+ROUNDS=${DOMU_ROUNDS:-1}
+for round in $(seq 1 $ROUNDS); do
+    step "---- round $round of $ROUNDS: one guest"
+    run_domus domu1
+    step "---- round $round of $ROUNDS: two guests at once, one daemon"
+    run_domus domu2 domu3
+done
 finish
