@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use xen_backend::echo::EchoType;
 use xen_backend::{Backend, Config};
+use xen_bus::XenbusState;
 use xen_ring::FrontRing;
 use xen_sim::dom0::{dom0_platform, RunDir, SimDom0};
-use xen_sim::frontend::{state, ConnectOptions, DeviceSpec, FrontendDevice, RingMemory, Toolstack};
+use xen_sim::frontend::{ConnectOptions, DeviceSpec, FrontendDevice, RingMemory, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
 use xs_wire::Client;
@@ -107,14 +108,14 @@ impl Harness {
 }
 
 /// Waits for the backend of `dev` to reach `want`.
-pub fn wait_backend(dev: &mut FrontendDevice, want: u32) -> Result<()> {
+pub fn wait_backend(dev: &mut FrontendDevice, want: XenbusState) -> Result<()> {
     dev.wait_backend_state(&format!("state {want}"), WAIT, |s| s == Some(want))?;
     Ok(())
 }
 
 /// Waits until the device failed: `error` written and state Closed.
 pub fn wait_failed(dev: &mut FrontendDevice) -> Result<String> {
-    wait_backend(dev, state::CLOSED)?;
+    wait_backend(dev, XenbusState::Closed)?;
     dev.read_backend("error")?.context("no error node")
 }
 

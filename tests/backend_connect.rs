@@ -5,14 +5,15 @@ mod common;
 
 use anyhow::Result;
 use common::{check_echo, EchoClient, Harness, KIND};
-use xen_sim::frontend::{state, ConnectOptions};
+use xen_bus::XenbusState;
+use xen_sim::frontend::ConnectOptions;
 
 #[test]
 fn normal_connect_reaches_connected_and_echoes() -> Result<()> {
     let h = Harness::new(2)?;
     let (dev, mut echo) = h.connected_device(1, 0)?;
 
-    assert_eq!(dev.backend_state()?, Some(state::CONNECTED));
+    assert_eq!(dev.backend_state()?, Some(XenbusState::Connected));
     assert_eq!(dev.read_backend("hotplug-status")?.as_deref(), Some("connected"));
     assert_eq!(dev.read_backend("feature-echo")?.as_deref(), Some("1"));
     assert_eq!(dev.read_backend("error")?, None);
@@ -48,7 +49,7 @@ fn frontend_skipping_initialised_is_still_connected() -> Result<()> {
         ConnectOptions { misbehave: vec![xen_sim::frontend::Misbehaviour::SkipInitialised], ..Default::default() };
 
     dev.connect(&opts)?;
-    common::wait_backend(&mut dev, state::CONNECTED)?;
+    common::wait_backend(&mut dev, XenbusState::Connected)?;
     let mut echo = EchoClient::new(&dev, 0)?;
 
     check_echo(&dev, &mut echo, 3)?;
@@ -72,8 +73,8 @@ fn monitor_lists_every_device_with_its_state_and_rings() -> Result<()> {
     assert_eq!(keys, [(4, 1), (5, 2)], "ordered by key");
     for d in &devices {
         assert_eq!(d.key.kind, KIND);
-        assert_eq!(d.state, xen_backend::XenbusState::Connected);
-        assert_eq!(d.frontend_state, Some(xen_backend::XenbusState::Connected));
+        assert_eq!(d.state, xen_bus::XenbusState::Connected);
+        assert_eq!(d.frontend_state, Some(xen_bus::XenbusState::Connected));
         assert_eq!(d.rings, [None], "one ring, and the echo handler keeps no counters");
         assert!(d.connected_for.is_some() && !d.resumed && !d.failed, "{d:?}");
         assert!(d.details.is_empty(), "the echo type describes nothing: {d:?}");
@@ -94,6 +95,6 @@ fn monitor_shows_a_device_taken_over_from_a_previous_process_as_resumed() -> Res
 
     assert_eq!(devices.len(), 1);
     assert!(devices[0].resumed, "{:?}", devices[0]);
-    assert_eq!(devices[0].state, xen_backend::XenbusState::Connected);
+    assert_eq!(devices[0].state, xen_bus::XenbusState::Connected);
     Ok(())
 }

@@ -16,7 +16,8 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{bail, ensure, Context, Result};
 use common::{check_echo, EchoClient, Harness, WAIT};
-use xen_sim::frontend::{state, FrontendDevice};
+use xen_bus::XenbusState;
+use xen_sim::frontend::FrontendDevice;
 use xs_wire::TxId;
 
 use xen_sim::rng::Rng;
@@ -26,16 +27,16 @@ fn env_number(name: &str, default: u64) -> u64 {
 }
 
 /// A frontend state to write; `None` removes the node (Unknown).
-type FrontendState = Option<u32>;
+type FrontendState = Option<XenbusState>;
 
 /// States a frontend may write, Unknown (node removed) the rarest.
 fn random_state(rng: &mut Rng) -> FrontendState {
     match rng.below(21) {
-        0..=3 => Some(state::INITIALISING),
-        4..=8 => Some(state::INITIALISED),
-        9..=12 => Some(state::CONNECTED),
-        13..=16 => Some(state::CLOSING),
-        17..=19 => Some(state::CLOSED),
+        0..=3 => Some(XenbusState::Initialising),
+        4..=8 => Some(XenbusState::Initialised),
+        9..=12 => Some(XenbusState::Connected),
+        13..=16 => Some(XenbusState::Closing),
+        17..=19 => Some(XenbusState::Closed),
         _ => None,
     }
 }
@@ -52,7 +53,7 @@ struct Flapper {
 impl Flapper {
     fn write(&mut self, s: FrontendState, ring_page_order: u32) -> Result<()> {
         match s {
-            Some(s @ (state::INITIALISED | state::CONNECTED)) => {
+            Some(s @ (XenbusState::Initialised | XenbusState::Connected)) => {
                 if !self.has_ring {
                     let ring = self.dev.grant_ring(ring_page_order)?;
                     let port = self.dev.offer_event_channel()?;
@@ -88,12 +89,12 @@ impl Flapper {
 }
 
 /// Where the backend must be once the frontend settled on `last`.
-fn settled(last: FrontendState) -> u32 {
+fn settled(last: FrontendState) -> XenbusState {
     match last {
-        Some(state::INITIALISING) => state::INIT_WAIT,
-        Some(state::INITIALISED | state::CONNECTED) => state::CONNECTED,
-        Some(state::CLOSING) => state::CLOSING,
-        _ => state::CLOSED,
+        Some(XenbusState::Initialising) => XenbusState::InitWait,
+        Some(XenbusState::Initialised | XenbusState::Connected) => XenbusState::Connected,
+        Some(XenbusState::Closing) => XenbusState::Closing,
+        _ => XenbusState::Closed,
     }
 }
 
@@ -103,7 +104,7 @@ fn show(s: FrontendState) -> String {
 
 /// One sequence, then the checks. Leaves the frontend with no ring.
 /// Returns the backend state it settled on.
-fn round(h: &Harness, f: &mut Flapper, rng: &mut Rng, round: u64) -> Result<u32> {
+fn round(h: &Harness, f: &mut Flapper, rng: &mut Rng, round: u64) -> Result<XenbusState> {
     let len = 1 + rng.below(12);
     let order = rng.below(3) as u32;
     let seq: Vec<FrontendState> = (0..len).map(|_| random_state(rng)).collect();
@@ -125,13 +126,13 @@ fn round(h: &Harness, f: &mut Flapper, rng: &mut Rng, round: u64) -> Result<u32>
     ensure!(got == Some(want), "round {round} [{text}]: backend {got:?}, want {want}");
     ensure!(f.dev.read_backend("error")?.is_none(), "round {round} [{text}]: device failed");
     let maps = h.host.grant_table(f.dev.spec().frontend).live_maps()?;
-    if want == state::CONNECTED {
+    if want == XenbusState::Connected {
         ensure!(maps > 0, "round {round} [{text}]: Connected with nothing mapped");
-        if last == Some(state::INITIALISED) {
+        if last == Some(XenbusState::Initialised) {
             // As Linux's blkfront: Connected once the backend is.
-            f.dev.set_state(state::CONNECTED)?;
+            f.dev.set_state(XenbusState::Connected)?;
             ensure!(h.backend.sync(WAIT), "backend did not sync");
-            ensure!(f.dev.backend_state()? == Some(state::CONNECTED), "round {round} [{text}]: left Connected");
+            ensure!(f.dev.backend_state()? == Some(XenbusState::Connected), "round {round} [{text}]: left Connected");
         }
         let mut echo = EchoClient::new(&f.dev, 0)?;
         check_echo(&f.dev, &mut echo, round).with_context(|| format!("round {round} [{text}]"))?;
@@ -153,7 +154,7 @@ fn backend_ends_where_the_frontends_last_state_says_whatever_it_missed() -> Resu
     let (bystander, mut bystander_echo) = h.connected_device(1, 0)?;
     let guest = h.guest(2)?;
     let mut f = Flapper { dev: h.device(&guest, 2, 0)?, has_ring: false };
-    f.dev.wait_backend_state("InitWait", WAIT, |s| s == Some(state::INIT_WAIT))?;
+    f.dev.wait_backend_state("InitWait", WAIT, |s| s == Some(XenbusState::InitWait))?;
     let mut ends = [0u64; 7];
     for r in 0..rounds {
         let end = round(&h, &mut f, &mut rng, r).with_context(|| format!("seed {seed:#x}"))?;

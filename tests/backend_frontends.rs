@@ -12,8 +12,9 @@ use anyhow::Result;
 use common::{check_echo, EchoClient, Harness, KIND, WAIT};
 use xen_backend::echo::EchoType;
 use xen_backend::{Backend, Config, Frontends};
+use xen_bus::XenbusState;
 use xen_sim::dom0::dom0_platform;
-use xen_sim::frontend::{state, ConnectOptions};
+use xen_sim::frontend::ConnectOptions;
 use xs_wire::Client;
 
 /// Another backend process in dom0, on a connection of its own.
@@ -57,7 +58,7 @@ fn filtered_device_is_left_untouched_for_its_own_backend() -> Result<()> {
     let mut echo = EchoClient::new(&ours, 0)?;
     check_echo(&ours, &mut echo, 6)?;
     // Device 5 was created before device 6 connected; the daemon wrote nothing for it.
-    assert_eq!(theirs.backend_state()?, Some(state::INITIALISING));
+    assert_eq!(theirs.backend_state()?, Some(XenbusState::Initialising));
     assert_eq!(theirs.read_backend("feature-echo")?, None);
     assert_eq!(h.backend.stats().devices.load(Ordering::Relaxed), 1);
 
@@ -65,7 +66,7 @@ fn filtered_device_is_left_untouched_for_its_own_backend() -> Result<()> {
     // daemon refused) serves it; device 6 stays the daemon's alone.
     let complement: xen_backend::DeviceFilter = Arc::new(|_xs, key, _dir| key.devid == 5);
     let guest_model = second_backend(&h, Frontends::Filter(complement))?;
-    theirs.wait_backend_state("InitWait", WAIT, |s| s == Some(state::INIT_WAIT))?;
+    theirs.wait_backend_state("InitWait", WAIT, |s| s == Some(XenbusState::InitWait))?;
     theirs.connect(&ConnectOptions::default())?;
     let mut echo5 = EchoClient::new(&theirs, 0)?;
     check_echo(&theirs, &mut echo5, 5)?;

@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 
 use anyhow::Result;
 use common::{check_echo, wait_failed, Harness};
-use xen_sim::frontend::{state, ConnectOptions, Misbehaviour};
+use xen_bus::XenbusState;
+use xen_sim::frontend::{ConnectOptions, Misbehaviour};
 
 /// Connects a bad frontend on dom `domid`, with a good neighbour on dom 1;
 /// returns the error node's text once the bad device is Closed.
@@ -24,7 +25,7 @@ fn bad_device_fails_alone(misbehave: Misbehaviour, domid: u16) -> Result<String>
     let error = wait_failed(&mut bad)?;
 
     check_echo(&good, &mut good_echo, 7)?;
-    assert_eq!(good.backend_state()?, Some(state::CONNECTED));
+    assert_eq!(good.backend_state()?, Some(XenbusState::Connected));
     let linux_error = h.toolstack.linux_error(bad.spec())?;
     assert_eq!(linux_error.as_deref(), Some(error.as_str()));
     assert_eq!(h.backend.stats().failures.load(Ordering::Relaxed), 1);
@@ -98,7 +99,7 @@ fn frontend_vanishing_mid_connect_leaves_others_running() -> Result<()> {
 
     bad.connect(&opts)?;
     // Its state node is gone: the backend sees Unknown and closes.
-    bad.wait_backend_state("Closed", common::WAIT, |s| s == Some(state::CLOSED))?;
+    bad.wait_backend_state("Closed", common::WAIT, |s| s == Some(XenbusState::Closed))?;
 
     check_echo(&good, &mut good_echo, 3)?;
     assert_eq!(h.host.grant_table(2).live_maps()?, 0);
@@ -114,13 +115,13 @@ fn frontend_flooding_its_state_node_does_not_starve_others() -> Result<()> {
     // Reconfiguring/Reconfigured are ignored by the state machine; each
     // write still fires a watch event at the backend.
     for i in 0..5000 {
-        flooder.set_state(if i % 2 == 0 { 7 } else { 8 })?;
+        flooder.set_state(if i % 2 == 0 { XenbusState::Reconfiguring } else { XenbusState::Reconfigured })?;
     }
     check_echo(&good, &mut good_echo, 4)?;
-    flooder.set_state(state::CONNECTED)?;
+    flooder.set_state(XenbusState::Connected)?;
 
-    assert_eq!(good.backend_state()?, Some(state::CONNECTED));
-    assert_eq!(flooder.backend_state()?, Some(state::CONNECTED));
+    assert_eq!(good.backend_state()?, Some(XenbusState::Connected));
+    assert_eq!(flooder.backend_state()?, Some(XenbusState::Connected));
     assert_eq!(h.backend.stats().failures.load(Ordering::Relaxed), 0);
     Ok(())
 }
@@ -135,7 +136,7 @@ fn failed_device_recovers_when_the_frontend_starts_over() -> Result<()> {
     wait_failed(&mut dev)?;
 
     dev.reinitialise()?;
-    common::wait_backend(&mut dev, state::INIT_WAIT)?;
+    common::wait_backend(&mut dev, XenbusState::InitWait)?;
     dev.connect(&ConnectOptions::default())?;
     let mut echo = common::EchoClient::new(&dev, 0)?;
 

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use common::{check_echo, wait_backend, EchoClient, Harness, WAIT};
 use xen_backend::Config;
-use xen_sim::frontend::{state, ConnectOptions};
+use xen_bus::XenbusState;
+use xen_sim::frontend::ConnectOptions;
 use xs_wire::TxId;
 
 /// Waits until no grant of `domid` is mapped by the backend.
@@ -30,10 +31,10 @@ fn frontend_close_then_reconnect_serves_again() -> Result<()> {
     check_echo(&dev, &mut echo, 1)?;
 
     dev.close(WAIT)?;
-    assert_eq!(dev.backend_state()?, Some(state::CLOSED));
+    assert_eq!(dev.backend_state()?, Some(XenbusState::Closed));
     assert_eq!(h.host.grant_table(1).live_maps()?, 0);
     dev.reinitialise()?;
-    wait_backend(&mut dev, state::INIT_WAIT)?;
+    wait_backend(&mut dev, XenbusState::InitWait)?;
     dev.connect(&ConnectOptions::default())?;
     let mut echo = EchoClient::new(&dev, 0)?;
 
@@ -71,13 +72,13 @@ fn backend_directory_removed_while_connected_tells_the_frontend_then_cleans_up()
     h.toolstack.remove_backend(dev.spec())?;
     // Closed in place of the removed directory, readable by the guest (its
     // own connection, its own permissions).
-    wait_backend(&mut dev, state::CLOSED)?;
+    wait_backend(&mut dev, XenbusState::Closed)?;
     wait_unmapped(&h, 2)?;
     wait_untracked(&h)?;
     let nodes = h.toolstack.xenstore().directory(TxId::NONE, &dev.spec().backend_path())?;
     assert_eq!(nodes, ["state"], "only the state node is written back");
 
-    dev.set_state(state::CLOSED)?;
+    dev.set_state(XenbusState::Closed)?;
     wait_absent(&h, &dev.spec().backend_path())?;
     assert_eq!(h.backend.stats().departures.load(Ordering::Relaxed), 1);
     // The frontend-domain directory was not removed, so it stays.
@@ -93,7 +94,7 @@ fn removed_backend_of_a_frontend_that_never_closes_is_cleaned_after_the_timeout(
 
     // The toolstack removes the whole domain directory.
     h.toolstack.xenstore().rm(TxId::NONE, "/local/domain/0/backend/echo/3")?;
-    wait_backend(&mut dev, state::CLOSED)?;
+    wait_backend(&mut dev, XenbusState::Closed)?;
     // The frontend stays Connected; the stray node and the re-created
     // domain directory go after the timeout.
     wait_absent(&h, "/local/domain/0/backend/echo/3")?;
@@ -111,7 +112,7 @@ fn directory_recreated_while_the_frontend_closes_is_left_to_the_new_device() -> 
     old.connect(&ConnectOptions::default())?;
 
     h.toolstack.remove_backend(old.spec())?;
-    wait_backend(&mut old, state::CLOSED)?;
+    wait_backend(&mut old, XenbusState::Closed)?;
     // The guest's driver starts over on a connection of its own.
     let guest = xs_wire::Client::from_stream(h.xenstored.connect_as(4)?)?;
     let mut dev = h.device(&guest, 4, 1)?;
@@ -121,7 +122,7 @@ fn directory_recreated_while_the_frontend_closes_is_left_to_the_new_device() -> 
 
     // Past the departure timeout the new device's directory is untouched.
     std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(dev.backend_state()?, Some(state::CONNECTED));
+    assert_eq!(dev.backend_state()?, Some(XenbusState::Connected));
     check_echo(&dev, &mut echo, 4)?;
     Ok(())
 }
@@ -151,13 +152,13 @@ fn restarted_backend_resumes_connected_devices_without_the_guest_noticing() -> R
         // No backend: the ring is unmapped, the state still Connected, and
         // the guest's requests (and its notification) wait in the ring.
         anyhow::ensure!(grants.live_maps()? == 0, "ring still mapped after detach");
-        anyhow::ensure!(dev.backend_state()? == Some(state::CONNECTED), "state changed on detach");
+        anyhow::ensure!(dev.backend_state()? == Some(XenbusState::Connected), "state changed on detach");
         echo.send(&dev, &[10, 20, 30])
     })?;
 
     assert_eq!(echo.receive(&dev, 3)?, [11, 21, 31]);
     check_echo(&dev, &mut echo, 2)?;
-    assert_eq!(dev.backend_state()?, Some(state::CONNECTED));
+    assert_eq!(dev.backend_state()?, Some(XenbusState::Connected));
     assert_eq!(h.backend.stats().resumes.load(Ordering::Relaxed), 1);
     assert_eq!(dev.read_backend("error")?, None);
     Ok(())
@@ -169,11 +170,11 @@ fn restart_resumes_only_connected_devices_and_a_later_close_works() -> Result<()
     let (mut connected, mut echo) = h.connected_device(7, 0)?;
     let guest = h.guest(8)?;
     let mut waiting = h.device(&guest, 8, 0)?;
-    wait_backend(&mut waiting, state::INIT_WAIT)?;
+    wait_backend(&mut waiting, XenbusState::InitWait)?;
 
     h.restart(|| Ok(()))?;
     // The one never connected goes through the handshake again.
-    wait_backend(&mut waiting, state::INIT_WAIT)?;
+    wait_backend(&mut waiting, XenbusState::InitWait)?;
     waiting.connect(&ConnectOptions::default())?;
     let mut echo_waiting = EchoClient::new(&waiting, 0)?;
     check_echo(&waiting, &mut echo_waiting, 3)?;
@@ -181,7 +182,7 @@ fn restart_resumes_only_connected_devices_and_a_later_close_works() -> Result<()
     assert_eq!(h.backend.stats().resumes.load(Ordering::Relaxed), 1);
 
     connected.close(WAIT)?;
-    assert_eq!(connected.backend_state()?, Some(state::CLOSED));
+    assert_eq!(connected.backend_state()?, Some(XenbusState::Closed));
     assert_eq!(h.host.grant_table(7).live_maps()?, 0);
     Ok(())
 }
@@ -223,7 +224,7 @@ fn removal_of_one_device_leaves_its_neighbour_connected() -> Result<()> {
     }
 
     check_echo(&b, &mut echo_b, 4)?;
-    assert_eq!(b.backend_state()?, Some(state::CONNECTED));
+    assert_eq!(b.backend_state()?, Some(XenbusState::Connected));
     Ok(())
 }
 
@@ -239,7 +240,7 @@ fn online_written_late_still_connects_a_waiting_frontend() -> Result<()> {
     dev.connect(&opts)?;
 
     h.toolstack.write_backend(dev.spec(), "online", "1")?;
-    wait_backend(&mut dev, state::CONNECTED)?;
+    wait_backend(&mut dev, XenbusState::Connected)?;
     let mut echo = EchoClient::new(&dev, 0)?;
 
     check_echo(&dev, &mut echo, 5)?;
@@ -254,8 +255,8 @@ fn shutdown_closes_every_device_and_unmaps_its_rings() -> Result<()> {
 
     h.backend.shutdown();
 
-    assert_eq!(a.backend_state()?, Some(state::CLOSED));
-    assert_eq!(b.backend_state()?, Some(state::CLOSED));
+    assert_eq!(a.backend_state()?, Some(XenbusState::Closed));
+    assert_eq!(b.backend_state()?, Some(XenbusState::Closed));
     assert_eq!(h.host.grant_table(1).live_maps()?, 0);
     assert_eq!(h.host.grant_table(2).live_maps()?, 0);
     Ok(())
@@ -276,7 +277,7 @@ fn watch_queue_overflow_is_recovered_by_rescanning() -> Result<()> {
     }
 
     for dev in &mut devices {
-        wait_backend(dev, state::CONNECTED)?;
+        wait_backend(dev, XenbusState::Connected)?;
     }
     let mut echo = EchoClient::new(&devices[39], 0)?;
 

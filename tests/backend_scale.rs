@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use common::{check_echo, EchoClient, Harness, WAIT};
-use xen_sim::frontend::{state, ConnectOptions};
+use xen_bus::XenbusState;
+use xen_sim::frontend::ConnectOptions;
 
 /// 1,000 devices over 250 guests (a few seconds in debug builds).
 const DOMAINS: u16 = 250;
@@ -28,7 +29,7 @@ fn many_devices_across_many_domains_all_connect_and_echo() -> Result<()> {
         }
     }
     for dev in &mut devices {
-        dev.wait_backend_state("Connected", WAIT, |s| s == Some(state::CONNECTED))?;
+        dev.wait_backend_state("Connected", WAIT, |s| s == Some(XenbusState::Connected))?;
     }
     let elapsed = start.elapsed();
     println!("{} devices across {} domains connected in {:?}", devices.len(), DOMAINS, elapsed);

@@ -20,9 +20,10 @@ use xen_backend::echo::EchoType;
 use xen_backend::{
     Backend, Config, Device, DeviceCtx, DeviceError, DeviceType, Drained, Progress, RingHandler, RingSetup,
 };
+use xen_bus::XenbusState;
 use xen_ring::BackRing;
 use xen_sim::dom0::dom0_platform;
-use xen_sim::frontend::{state, ConnectOptions, DeviceSpec, FrontendDevice};
+use xen_sim::frontend::{ConnectOptions, DeviceSpec, FrontendDevice};
 use xs_wire::Client;
 
 /// Echo rings whose drain, once asked, lasts until the test writes the
@@ -130,9 +131,9 @@ fn a_device_draining_slow_io_blocks_no_other_device() -> Result<()> {
 
     // The slow device's frontend closes: its ring drains, and stays
     // mapped, until its I/O is done.
-    slow.set_state(state::CLOSING)?;
+    slow.set_state(XenbusState::Closing)?;
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(slow.backend_state()?, Some(state::CONNECTED), "closed before its I/O finished");
+    assert_eq!(slow.backend_state()?, Some(XenbusState::Connected), "closed before its I/O finished");
     assert_eq!(h.host.grant_table(2).live_maps()?, 1, "the backend's mapping of the ring");
 
     // Meanwhile a new guest's device connects and the neighbour is served.
@@ -143,12 +144,12 @@ fn a_device_draining_slow_io_blocks_no_other_device() -> Result<()> {
     check_echo(&newcomer, &mut newcomer_echo, 1)?;
     check_echo(&neighbour, &mut neighbour_echo, 2)?;
     eprintln!("a new device connected in {:?} while another drained", started.elapsed());
-    assert_eq!(slow.backend_state()?, Some(state::CONNECTED));
+    assert_eq!(slow.backend_state()?, Some(XenbusState::Connected));
 
     // Its I/O finishes: now it closes and lets go of the ring.
     let finisher = finishers.lock().unwrap().pop().expect("the slow ring's finisher");
     nix::unistd::write(&finisher, &1u64.to_ne_bytes())?;
-    slow.wait_backend_state("Closing", WAIT, |s| s == Some(state::CLOSING))?;
+    slow.wait_backend_state("Closing", WAIT, |s| s == Some(XenbusState::Closing))?;
     assert_eq!(h.host.grant_table(2).live_maps()?, 0, "the ring is unmapped");
     slow.close(WAIT)?;
     assert_eq!(backend.stats().failures.load(Ordering::Relaxed), 0);
@@ -160,7 +161,7 @@ fn a_device_whose_io_outlives_the_drain_deadline_fails_alone() -> Result<()> {
     let h = Harness::new(1)?;
     let Scene { backend, neighbour, mut neighbour_echo, mut slow, .. } = scene(&h, Duration::from_millis(300))?;
 
-    slow.set_state(state::CLOSING)?;
+    slow.set_state(XenbusState::Closing)?;
     let error = common::wait_failed(&mut slow)?;
 
     assert!(error.contains("in flight"), "{error}");

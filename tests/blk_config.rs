@@ -6,8 +6,8 @@ mod blk_support;
 
 use blk_support::*;
 use blkback::abi::*;
+use xen_bus::XenbusState;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
-use xen_sim::frontend::state;
 
 #[test]
 fn read_only_disk_refuses_writes_and_serves_reads() {
@@ -50,7 +50,7 @@ fn non_raw_format_is_fatal_with_an_error_node() {
     let disk = TempDisk::new("qcow", 1 << 20);
     let spec = h.spec("qdisk", 1, 51712, &format!("aio:{}", disk.path.display()), "w", &[("format", "qcow2")]);
     let mut dev = h.create(spec).unwrap();
-    dev.wait_backend_state("Closed", WAIT, |s| s == Some(state::CLOSED)).unwrap();
+    dev.wait_backend_state("Closed", WAIT, |s| s == Some(XenbusState::Closed)).unwrap();
     let error = dev.read_backend("error").unwrap().expect("error node");
     assert!(error.contains("qcow2"), "error names the format: {error}");
 }
@@ -60,7 +60,7 @@ fn missing_disk_file_fails_its_device_and_others_connect() {
     let h = Harness::new().unwrap();
     let spec = h.spec("qdisk", 1, 51712, "aio:/nonexistent/disk.img", "w", &[]);
     let mut dev = h.create(spec).unwrap();
-    dev.wait_backend_state("Closed", WAIT, |s| s == Some(state::CLOSED)).unwrap();
+    dev.wait_backend_state("Closed", WAIT, |s| s == Some(XenbusState::Closed)).unwrap();
     assert!(dev.read_backend("error").unwrap().expect("error node").contains("/nonexistent/disk.img"));
     let disk = TempDisk::new("fine", 1 << 20);
     let mut g = h.attach(2, 0, &disk, "w", BlkfrontOptions::default()).unwrap();
@@ -97,7 +97,7 @@ fn frontend_nodes_linux_accepts_connect_and_serve() {
     let disk = TempDisk::new("lenient", 1 << 20);
     let spec = h.spec("qdisk", 1, 0, &format!("aio:{}", disk.path.display()), "w", &[]);
     let mut dev = h.create(spec).unwrap();
-    dev.wait_backend_state("InitWait", WAIT, |s| s == Some(state::INIT_WAIT)).unwrap();
+    dev.wait_backend_state("InitWait", WAIT, |s| s == Some(XenbusState::InitWait)).unwrap();
     let options = BlkfrontOptions { abi: Abi::X86_64, ..BlkfrontOptions::default() };
     let mut front = Blkfront::new(&h.host, 1, 0, options).unwrap();
     for (node, value) in front.nodes() {
@@ -110,9 +110,9 @@ fn frontend_nodes_linux_accepts_connect_and_serve() {
         };
         dev.write(&node, &value).unwrap();
     }
-    dev.set_state(state::INITIALISED).unwrap();
-    dev.wait_backend_state("Connected", WAIT, |s| s == Some(state::CONNECTED)).unwrap();
-    dev.set_state(state::CONNECTED).unwrap();
+    dev.set_state(XenbusState::Initialised).unwrap();
+    dev.wait_backend_state("Connected", WAIT, |s| s == Some(XenbusState::Connected)).unwrap();
+    dev.set_state(XenbusState::Connected).unwrap();
     assert_eq!(dev.read_backend("error").unwrap(), None);
     let data = pattern(13, 4096);
     let q = front.queue(0);

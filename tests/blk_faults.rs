@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 
 use blk_support::*;
 use blkback::abi::{BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
+use xen_bus::XenbusState;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
-use xen_sim::frontend::state;
 
 fn write(g: &mut Guest, sector: u64, data: &[u8]) -> i16 {
     run(g.front.queue(0), BlkOp::Write { sector, data }).status
@@ -31,8 +31,8 @@ fn unharmed(h: &Harness, g: &mut Guest, neighbour: &mut Guest) {
     let data = pattern(77, 4096);
     assert_eq!(write(neighbour, 8, &data), BLKIF_RSP_OKAY);
     assert_eq!(read(neighbour, 8, 4096), (BLKIF_RSP_OKAY, data));
-    assert_eq!(g.dev.backend_state().unwrap(), Some(state::CONNECTED));
-    assert_eq!(neighbour.dev.backend_state().unwrap(), Some(state::CONNECTED));
+    assert_eq!(g.dev.backend_state().unwrap(), Some(XenbusState::Connected));
+    assert_eq!(neighbour.dev.backend_state().unwrap(), Some(XenbusState::Connected));
     assert_eq!(h.backend.stats().failures.load(Ordering::SeqCst), 0);
 }
 

@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 
 use blk_support::*;
 use blkback::abi::*;
+use xen_bus::XenbusState;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
-use xen_sim::frontend::state;
 
 /// A request in the x86_64 layout, byte by byte as `blkif.h` lays it out.
 fn request(op: u8, id: u64, sector: u64, segs: &[(u32, u8, u8)]) -> Vec<u8> {
@@ -67,7 +67,7 @@ fn malformed_requests_get_the_right_error_and_the_disk_keeps_working() {
     assert_eq!(run(q, BlkOp::Write { sector: 8, data: &data }).status, BLKIF_RSP_OKAY);
     let c = run(q, BlkOp::Read { sector: 8, len: 4096 });
     assert!(c.status == BLKIF_RSP_OKAY && c.data == data, "the disk still works after the bad requests");
-    assert_eq!(g.dev.backend_state().unwrap(), Some(state::CONNECTED));
+    assert_eq!(g.dev.backend_state().unwrap(), Some(XenbusState::Connected));
     let oq = other.front.queue(0);
     assert_eq!(run(oq, BlkOp::Write { sector: 0, data: &data }).status, BLKIF_RSP_OKAY);
 }
@@ -83,7 +83,7 @@ fn a_guest_breaking_its_ring_fails_only_its_own_device() {
     // req_prod (offset 0 of the shared ring) far beyond what a ring can hold.
     q.ring_mapping().store_u32(0, 1000, Ordering::Release).unwrap();
     q.kick().unwrap();
-    g.dev.wait_backend_state("Closed", WAIT, |s| s == Some(state::CLOSED)).unwrap();
+    g.dev.wait_backend_state("Closed", WAIT, |s| s == Some(XenbusState::Closed)).unwrap();
     let error = g.dev.read_backend("error").unwrap().expect("error node written");
     assert!(!error.is_empty());
     let data = pattern(2, 4096);
@@ -91,7 +91,7 @@ fn a_guest_breaking_its_ring_fails_only_its_own_device() {
     assert_eq!(run(oq, BlkOp::Write { sector: 0, data: &data }).status, BLKIF_RSP_OKAY);
     let c = run(oq, BlkOp::Read { sector: 0, len: 4096 });
     assert!(c.data == data);
-    assert_eq!(other.dev.backend_state().unwrap(), Some(state::CONNECTED));
+    assert_eq!(other.dev.backend_state().unwrap(), Some(XenbusState::Connected));
 }
 
 /// The flapping frontend of issue 18: 4 queues of 16-page rings, its state
@@ -131,9 +131,9 @@ fn a_frontend_flapping_its_state_then_stopping_on_initialised_is_connected() {
     let spec = h.spec("qdisk", 2, 0, &format!("aio:{}", disk.path.display()), "w", &[]);
     let mut dev = h.create(spec).unwrap();
     let options = BlkfrontOptions { queues: 4, ring_page_order: 4, ..BlkfrontOptions::default() };
-    let cycle = [state::INITIALISED, state::CLOSING, state::CLOSED, state::INITIALISING];
+    let cycle = [XenbusState::Initialised, XenbusState::Closing, XenbusState::Closed, XenbusState::Initialising];
     for run_no in 0..runs {
-        dev.wait_backend_state("InitWait", WAIT, |s| s == Some(state::INIT_WAIT)).unwrap();
+        dev.wait_backend_state("InitWait", WAIT, |s| s == Some(XenbusState::InitWait)).unwrap();
         let mut front = Blkfront::new(&h.host, 2, 0, options).unwrap();
         for (node, value) in front.nodes() {
             dev.write(&node, &value).unwrap();
@@ -141,11 +141,11 @@ fn a_frontend_flapping_its_state_then_stopping_on_initialised_is_connected() {
         for i in 0..(50 + run_no * 37 % 200) {
             dev.set_state(cycle[i as usize % cycle.len()]).unwrap();
         }
-        dev.set_state(state::INITIALISED).unwrap();
+        dev.set_state(XenbusState::Initialised).unwrap();
         assert!(h.backend.sync(WAIT));
-        assert_eq!(dev.backend_state().unwrap(), Some(state::CONNECTED), "run {run_no}");
+        assert_eq!(dev.backend_state().unwrap(), Some(XenbusState::Connected), "run {run_no}");
         assert_eq!(dev.read_backend("error").unwrap(), None, "run {run_no}");
-        dev.set_state(state::CONNECTED).unwrap();
+        dev.set_state(XenbusState::Connected).unwrap();
         for q in 0..4 {
             let data = pattern(run_no * 4 + q as u64, 32 << 10);
             let sector = q as u64 * 2048;
@@ -157,11 +157,11 @@ fn a_frontend_flapping_its_state_then_stopping_on_initialised_is_connected() {
         dev.close(WAIT).unwrap();
         assert_eq!(h.host.grant_table(2).live_maps().unwrap(), 0, "run {run_no}: still mapped after close");
         drop(front);
-        dev.set_state(state::INITIALISING).unwrap();
+        dev.set_state(XenbusState::Initialising).unwrap();
     }
     stop.store(true, Ordering::Relaxed);
     let served = bystander_io.join().expect("bystander I/O failed");
     assert!(served > 0);
-    assert_eq!(bystander.dev.backend_state().unwrap(), Some(state::CONNECTED));
+    assert_eq!(bystander.dev.backend_state().unwrap(), Some(XenbusState::Connected));
     assert_eq!(h.backend.stats().failures.load(Ordering::Relaxed), 0);
 }

@@ -62,5 +62,5 @@ fn restart_with_requests_in_flight_completes_each_exactly_once() {
     let c = run(q, BlkOp::Read { sector: sector(63), len: BLOCK });
     assert!(c.status == BLKIF_RSP_OKAY && c.data == blocks[63], "read after the restart");
     assert_eq!(h.backend.stats().resumes.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(g.dev.backend_state().unwrap(), Some(xen_sim::frontend::state::CONNECTED));
+    assert_eq!(g.dev.backend_state().unwrap(), Some(xen_bus::XenbusState::Connected));
 }

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use blk_support::*;
 use blkback::abi::BLKIF_RSP_OKAY;
 use xen_backend::{Backend, Config};
+use xen_bus::XenbusState;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
 use xen_sim::dom0::{dom0_platform, RunDir, SimDom0};
-use xen_sim::frontend::state;
 use xen_sim::xenstored::Xenstored;
 use xs_wire::{Client, ClientError};
 
@@ -152,7 +152,7 @@ fn rings_are_served_while_xenstore_is_away_and_changes_meanwhile_are_picked_up()
     let mut g2 = Guest { dev: dev2, front: front2, info: g.info };
     io(&mut g2, 200, 4);
     io(&mut g, 300, 4);
-    assert_eq!(g.dev.backend_state().unwrap(), Some(state::CONNECTED));
+    assert_eq!(g.dev.backend_state().unwrap(), Some(XenbusState::Connected));
     assert_eq!(h.backend.stats().failures.load(Ordering::SeqCst), 0);
 }
 
@@ -231,5 +231,5 @@ fn xenstore_away_too_long_stops_the_backend_and_the_next_one_resumes() {
     assert_eq!((c.tag, c.status), (1, BLKIF_RSP_OKAY));
     io(&mut g, 11, 4);
     assert_eq!(h.backend.stats().resumes.load(Ordering::SeqCst), 1);
-    assert_eq!(g.dev.backend_state().unwrap(), Some(state::CONNECTED));
+    assert_eq!(g.dev.backend_state().unwrap(), Some(XenbusState::Connected));
 }

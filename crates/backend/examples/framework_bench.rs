@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use xen_backend::echo::EchoType;
 use xen_backend::{Backend, Config};
+use xen_bus::XenbusState;
 use xen_ring::FrontRing;
 use xen_sim::dom0::SimDom0;
-use xen_sim::frontend::{state, ConnectOptions, DeviceSpec, FrontendDevice, RingMemory, Toolstack};
+use xen_sim::frontend::{ConnectOptions, DeviceSpec, FrontendDevice, RingMemory, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
 use xs_wire::Client;
@@ -60,7 +61,7 @@ impl Sim {
             }
         }
         for dev in &mut devices {
-            dev.wait_backend_state("Connected", WAIT, |s| s == Some(state::CONNECTED))?;
+            dev.wait_backend_state("Connected", WAIT, |s| s == Some(XenbusState::Connected))?;
         }
         Ok((devices, start.elapsed()))
     }

@@ -18,9 +18,10 @@ use crate::frontends::Frontends;
 use crate::key::{backend_token, frontend_token, parse_backend_path, parse_frontend_token, BackendPath, DeviceKey};
 use crate::platform::Platform;
 use crate::snapshot::{DeviceSnapshot, Monitor, RingCounters};
-use crate::state::{step, Step, XenbusState};
+use crate::state::{step, Step};
 use crate::thread::{panic_message, spawn_named};
 use crate::worker::{Failure, Owner, Placement, Released, WorkerPool};
+use xen_bus::XenbusState;
 
 /// Watch events taken in one batch before pending frontend states are read.
 const EVENT_BATCH: usize = 256;

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use evtchn::{DomId, EventChannel, Port};
 use gnttab::{GrantMapper, GrantMapping, GrantRef};
+use xen_bus::{rings, scan, Protocol};
 use xs_wire::{TxId, XsErrno};
 
 use crate::error::DeviceError;
 use crate::key::DeviceKey;
 use crate::platform::Platform;
-use crate::state::Protocol;
 
 /// Bytes of a node value kept in error messages.
 const VALUE_IN_ERROR: usize = 64;
@@ -337,12 +337,10 @@ impl DeviceCtx {
     }
 
     /// A frontend node read with `%u` as Linux's backends read it
-    /// ([`crate::scan::scan_u32`]: `"12junk"` is 12), `None` if absent; an
+    /// ([`xen_bus::scan::scan_u32`]: `"12junk"` is 12), `None` if absent; an
     /// error if it converts nothing.
     pub fn frontend_u32_opt(&self, node: &str) -> Result<Option<u32>, DeviceError> {
-        self.read_opt(&self.frontend_path, node)?
-            .map(|v| crate::scan::scan_u32(&v).ok_or_else(|| bad(node, &v)))
-            .transpose()
+        self.read_opt(&self.frontend_path, node)?.map(|v| scan::scan_u32(&v).ok_or_else(|| bad(node, &v))).transpose()
     }
 
     /// [`DeviceCtx::frontend_u32_opt`]; absent is an error.
@@ -400,7 +398,7 @@ impl DeviceCtx {
     /// The frontend's `protocol` node (absent: native; unknown: error), as
     /// Linux reads it ([`Protocol::parse_bytes`]).
     pub fn protocol(&self) -> Result<Protocol, DeviceError> {
-        Protocol::parse_bytes(self.read_opt(&self.frontend_path, "protocol")?.as_deref())
+        Ok(Protocol::parse_bytes(self.read_opt(&self.frontend_path, "protocol")?.as_deref())?)
     }
 
     /// Maps grants of the frontend as one contiguous range.
@@ -408,32 +406,32 @@ impl DeviceCtx {
         Ok(self.platform.grants().map(self.key.frontend, refs, writable)?)
     }
 
-    /// Reads the ring references below `prefix` (`""` or `"queue-N/"`) as
-    /// Linux frontends write them: `ring-page-order` absent or 0 with
-    /// `ring-ref`, else `ring-ref0` .. `ring-ref<2^order - 1>`. Orders above
-    /// `max_order` are an error.
-    pub fn ring_refs(&self, prefix: &str, max_order: u32) -> Result<Vec<GrantRef>, DeviceError> {
-        let order_node = format!("{prefix}ring-page-order");
-        // `xenbus_read_unsigned(..., 0)`: unreadable is one page, as Linux.
-        let order = crate::scan::read_unsigned(self.read_opt(&self.frontend_path, &order_node)?.as_deref(), 0);
-        if order > max_order {
-            return Err(DeviceError::BadNode { node: order_node, value: order.to_string() });
-        }
-        let read = |node: String| self.frontend_u32(&node).map(GrantRef);
-        if order == 0 {
-            // Linux writes `ring-ref` for a single page even when it also
-            // wrote `ring-page-order = 0`; some frontends write `ring-ref0`.
-            return match self.frontend_str_opt(&format!("{prefix}ring-ref"))? {
-                Some(_) => Ok(vec![read(format!("{prefix}ring-ref"))?]),
-                None => Ok(vec![read(format!("{prefix}ring-ref0"))?]),
-            };
-        }
-        (0..1u32 << order).map(|i| read(format!("{prefix}ring-ref{i}"))).collect()
+    /// A frontend node as [`xen_bus::rings`] reads it (whose `%u` stops at
+    /// the first NUL itself).
+    fn ring_node(&self, node: &str) -> Result<Option<String>, DeviceError> {
+        Ok(self.read_opt(&self.frontend_path, node)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Maps the ring below `prefix` (see [`DeviceCtx::ring_refs`]) writable.
-    pub fn map_ring(&self, prefix: &str, max_order: u32) -> Result<GrantMapping, DeviceError> {
-        let refs = self.ring_refs(prefix, max_order)?;
+    /// Reads the ring references of the queue in `dir` (`""`, or
+    /// `queue-N/` with `multi-queue-num-queues`) as Linux frontends write
+    /// them ([`xen_bus::rings`]): the top-level `ring-page-order` absent or 0
+    /// with `ring-ref`, else `ring-ref0` .. `ring-ref<2^order - 1>` below
+    /// `dir`. Orders above `max_order` are an error.
+    pub fn ring_refs(&self, dir: &str, max_order: u32) -> Result<Vec<GrantRef>, DeviceError> {
+        let read = |node: &str| self.ring_node(node);
+        let order = rings::read_ring_page_order(&read, max_order)?;
+        Ok(rings::read_ring_refs(&read, dir, order)?.into_iter().map(GrantRef).collect())
+    }
+
+    /// Reads every ring the frontend published ([`xen_bus::FrontendRings`]),
+    /// checked against what the backend offered.
+    pub fn frontend_rings(&self, offer: xen_bus::RingOffer) -> Result<xen_bus::FrontendRings, DeviceError> {
+        xen_bus::FrontendRings::read(|node| self.ring_node(node), offer)
+    }
+
+    /// Maps the ring of the queue in `dir` (see [`DeviceCtx::ring_refs`]) writable.
+    pub fn map_ring(&self, dir: &str, max_order: u32) -> Result<GrantMapping, DeviceError> {
+        let refs = self.ring_refs(dir, max_order)?;
         self.map_grants(&refs, true)
     }
 
@@ -452,7 +450,7 @@ impl core::fmt::Debug for DeviceCtx {
 }
 
 /// A [`DeviceError::BadNode`] with the value cut to a readable length.
-fn bad(node: &str, value: &[u8]) -> DeviceError {
+pub(crate) fn bad(node: &str, value: &[u8]) -> DeviceError {
     let value = String::from_utf8_lossy(&value[..value.len().min(VALUE_IN_ERROR)]).into_owned();
     DeviceError::BadNode { node: node.to_string(), value }
 }
@@ -487,11 +485,24 @@ mod tests {
         assert_eq!(ctx.ring_refs("", 4).unwrap(), vec![GrantRef(8)]);
     }
 
+    /// Linux writes `ring-page-order` once, at the top level, for every
+    /// queue (`talk_to_blkback`), and reads it there (`connect_ring`).
     #[test]
-    fn multi_page_ring_reads_every_numbered_ref_below_prefix() {
+    fn multi_page_ring_reads_every_numbered_ref_below_the_queue_directory() {
+        let ctx = ctx_with(&[
+            ("ring-page-order", "1"),
+            ("multi-queue-num-queues", "2"),
+            ("queue-1/ring-ref0", "10"),
+            ("queue-1/ring-ref1", "11"),
+        ]);
+        assert_eq!(ctx.ring_refs("queue-1/", 4).unwrap(), vec![GrantRef(10), GrantRef(11)]);
+    }
+
+    #[test]
+    fn per_queue_ring_page_order_is_not_the_linux_layout() {
         let ctx =
             ctx_with(&[("queue-1/ring-page-order", "1"), ("queue-1/ring-ref0", "10"), ("queue-1/ring-ref1", "11")]);
-        assert_eq!(ctx.ring_refs("queue-1/", 4).unwrap(), vec![GrantRef(10), GrantRef(11)]);
+        assert_eq!(ctx.ring_refs("queue-1/", 4).unwrap(), vec![GrantRef(10)]);
     }
 
     #[test]

@@ -53,6 +53,26 @@ pub enum DeviceError {
     },
 }
 
+impl From<xen_bus::UnknownProtocol> for DeviceError {
+    fn from(e: xen_bus::UnknownProtocol) -> Self {
+        DeviceError::UnknownProtocol(e.0)
+    }
+}
+
+impl From<xen_bus::RingNodeError> for DeviceError {
+    fn from(e: xen_bus::RingNodeError) -> Self {
+        use xen_bus::RingNodeError as E;
+        match e {
+            E::Missing(node) => DeviceError::MissingNode(node),
+            E::Bad { node, value } => crate::device::bad(&node, value.as_bytes()),
+            E::RingOrder { asked, .. } => crate::device::bad("ring-page-order", asked.to_string().as_bytes()),
+            E::TooManyQueues { asked, .. } => {
+                crate::device::bad("multi-queue-num-queues", asked.to_string().as_bytes())
+            }
+        }
+    }
+}
+
 impl DeviceError {
     /// A device-specific failure with a cause.
     pub fn other(msg: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {

@@ -17,7 +17,7 @@ use crossbeam_channel::Sender;
 
 use crate::backend::Stats;
 use crate::key::DeviceKey;
-use crate::state::XenbusState;
+use xen_bus::XenbusState;
 
 /// What a ring's handler has done so far, as it last published it
 /// ([`RingCounters::publish`]). Device types give the words their own

@@ -1,129 +1,7 @@
-//! Xenbus states (`xen/include/public/io/xenbus.h`, `enum xenbus_state`) and
-//! the frontend's ring ABI (`protocol` node, `xen/include/public/io/protocols.h`).
+//! The pure part of the xenbus state machine: what the backend does on
+//! seeing the frontend's state (`xen_bus::XenbusState`).
 
-use crate::error::DeviceError;
-
-/// `enum xenbus_state`: the value of a `state` node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum XenbusState {
-    /// `XenbusStateUnknown` (0); also what a missing node reads as.
-    Unknown,
-    /// `XenbusStateInitialising` (1).
-    Initialising,
-    /// `XenbusStateInitWait` (2): the backend waits for the frontend's details.
-    InitWait,
-    /// `XenbusStateInitialised` (3): the frontend published its rings.
-    Initialised,
-    /// `XenbusStateConnected` (4).
-    Connected,
-    /// `XenbusStateClosing` (5).
-    Closing,
-    /// `XenbusStateClosed` (6).
-    Closed,
-    /// `XenbusStateReconfiguring` (7).
-    Reconfiguring,
-    /// `XenbusStateReconfigured` (8).
-    Reconfigured,
-}
-
-impl XenbusState {
-    /// The number written to xenstore.
-    pub fn as_u32(self) -> u32 {
-        match self {
-            XenbusState::Unknown => 0,
-            XenbusState::Initialising => 1,
-            XenbusState::InitWait => 2,
-            XenbusState::Initialised => 3,
-            XenbusState::Connected => 4,
-            XenbusState::Closing => 5,
-            XenbusState::Closed => 6,
-            XenbusState::Reconfiguring => 7,
-            XenbusState::Reconfigured => 8,
-        }
-    }
-
-    /// From the number; `None` for values Xen does not define.
-    pub fn from_u32(v: u32) -> Option<Self> {
-        Some(match v {
-            0 => XenbusState::Unknown,
-            1 => XenbusState::Initialising,
-            2 => XenbusState::InitWait,
-            3 => XenbusState::Initialised,
-            4 => XenbusState::Connected,
-            5 => XenbusState::Closing,
-            6 => XenbusState::Closed,
-            7 => XenbusState::Reconfiguring,
-            8 => XenbusState::Reconfigured,
-            _ => return None,
-        })
-    }
-
-    /// Parses a node's value as Linux's `xenbus_read_driver_state` does
-    /// (decimal, surrounding whitespace and a trailing NUL tolerated).
-    pub fn parse(value: &[u8]) -> Option<Self> {
-        let s = std::str::from_utf8(value).ok()?;
-        let s = s.trim_end_matches('\0').trim();
-        Self::from_u32(s.parse().ok()?)
-    }
-}
-
-impl core::fmt::Display for XenbusState {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{:?}", self)
-    }
-}
-
-/// The ring ABI a frontend announces in its `protocol` node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    /// No `protocol` node: the backend's own ABI.
-    Native,
-    /// `x86_32-abi` (`XEN_IO_PROTO_ABI_X86_32`).
-    X86_32,
-    /// `x86_64-abi` (`XEN_IO_PROTO_ABI_X86_64`).
-    X86_64,
-    /// `arm-abi` (`XEN_IO_PROTO_ABI_ARM`): Linux writes it on Arm and arm64,
-    /// where it is `XEN_IO_PROTO_ABI_NATIVE`. Its ring layouts are
-    /// x86_64's. Accepted only by a backend built for Arm: no x86 host runs
-    /// Arm guests.
-    Arm,
-}
-
-/// Whether `arm-abi` is this build's native ABI (`io/protocols.h`).
-const ARM_IS_NATIVE: bool = cfg!(any(target_arch = "arm", target_arch = "aarch64"));
-
-impl Protocol {
-    /// Parses the node's value; an absent node is [`Protocol::Native`], an
-    /// unknown name an error (the device cannot be served).
-    pub fn parse(value: Option<&str>) -> Result<Self, DeviceError> {
-        Self::parse_bytes(value.map(str::as_bytes))
-    }
-
-    /// [`Protocol::parse`] on the node's bytes, as Linux's blkback reads it
-    /// (`xenbus_scanf(..., "%63s")`, [`crate::scan::scan_word`]): the first
-    /// word counts (`x86_32-abi\0garbage` and `x86_32-abi trailing` are
-    /// `x86_32-abi`), an empty value is native, and a value of only white
-    /// space is an unknown (empty) protocol, as in Linux.
-    pub fn parse_bytes(value: Option<&[u8]>) -> Result<Self, DeviceError> {
-        match value.and_then(|v| crate::scan::scan_word(v, 63)) {
-            None => Ok(Protocol::Native),
-            Some(b"x86_32-abi") => Ok(Protocol::X86_32),
-            Some(b"x86_64-abi") => Ok(Protocol::X86_64),
-            Some(b"arm-abi") if ARM_IS_NATIVE => Ok(Protocol::Arm),
-            Some(other) => Err(DeviceError::UnknownProtocol(String::from_utf8_lossy(other).into_owned())),
-        }
-    }
-
-    /// The name written in the node (`None` for native).
-    pub fn name(self) -> Option<&'static str> {
-        match self {
-            Protocol::Native => None,
-            Protocol::X86_32 => Some("x86_32-abi"),
-            Protocol::X86_64 => Some("x86_64-abi"),
-            Protocol::Arm => Some("arm-abi"),
-        }
-    }
-}
+use xen_bus::XenbusState;
 
 /// What the backend does on seeing the frontend's state (the pure part of
 /// the state machine; `docs/backend.md` has the table, row by row against
@@ -183,23 +61,6 @@ pub(crate) fn step(fe: XenbusState, be: XenbusState, online: bool) -> Step {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn state_round_trips_every_defined_value() {
-        for v in 0..=8 {
-            assert_eq!(XenbusState::from_u32(v).map(XenbusState::as_u32), Some(v));
-        }
-        assert_eq!(XenbusState::from_u32(9), None);
-    }
-
-    #[test]
-    fn state_parse_tolerates_nul_and_rejects_garbage() {
-        assert_eq!(XenbusState::parse(b"4\0"), Some(XenbusState::Connected));
-        assert_eq!(XenbusState::parse(b" 3 "), Some(XenbusState::Initialised));
-        assert_eq!(XenbusState::parse(b"abc"), None);
-        assert_eq!(XenbusState::parse(b"-1"), None);
-        assert_eq!(XenbusState::parse(b"\xff"), None);
-    }
 
     #[test]
     fn frontend_ready_connects_from_init_wait_and_stays_connected() {
@@ -310,39 +171,5 @@ mod tests {
         assert_eq!(step(S::Initialising, S::Connected, true), Step::Reinitialise { close_first: true });
         assert_eq!(step(S::Initialising, S::Closed, false), Step::Nothing);
         assert_eq!(step(S::Initialising, S::InitWait, true), Step::Nothing);
-    }
-
-    #[test]
-    fn protocol_absent_is_native_and_unknown_is_error() {
-        assert_eq!(Protocol::parse(None).unwrap(), Protocol::Native);
-        assert_eq!(Protocol::parse(Some("x86_32-abi")).unwrap(), Protocol::X86_32);
-        assert_eq!(Protocol::parse(Some("x86_64-abi")).unwrap(), Protocol::X86_64);
-        assert!(matches!(Protocol::parse(Some("mips-abi")), Err(DeviceError::UnknownProtocol(p)) if p == "mips-abi"));
-        assert!(matches!(Protocol::parse(Some("native")), Err(DeviceError::UnknownProtocol(_))));
-    }
-
-    /// Values Linux's blkback accepts with `%63s` (issue 13).
-    #[test]
-    fn protocol_is_read_as_linux_reads_it() {
-        assert_eq!(Protocol::parse_bytes(Some(b"x86_32-abi\0garbage")).unwrap(), Protocol::X86_32);
-        assert_eq!(Protocol::parse(Some("x86_32-abi trailing")).unwrap(), Protocol::X86_32);
-        assert_eq!(Protocol::parse(Some("  x86_64-abi\n")).unwrap(), Protocol::X86_64);
-        assert_eq!(Protocol::parse(Some("")).unwrap(), Protocol::Native);
-        assert_eq!(Protocol::parse_bytes(Some(b"\0x86_32-abi")).unwrap(), Protocol::Native);
-        assert!(matches!(Protocol::parse(Some("   ")), Err(DeviceError::UnknownProtocol(p)) if p.is_empty()));
-        assert!(Protocol::parse_bytes(Some(b"x86_32-abi\xff")).is_err());
-    }
-
-    #[test]
-    fn arm_abi_is_accepted_only_where_it_is_native() {
-        let p = Protocol::parse(Some("arm-abi"));
-        if cfg!(any(target_arch = "arm", target_arch = "aarch64")) {
-            assert_eq!(p.unwrap(), Protocol::Arm);
-            assert_eq!(Protocol::Arm.name(), Some("arm-abi"));
-        } else {
-            let err = p.unwrap_err();
-            assert!(matches!(&err, DeviceError::UnknownProtocol(p) if p == "arm-abi"));
-            assert!(err.to_string().contains("Arm"), "{err}");
-        }
     }
 }

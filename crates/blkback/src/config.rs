@@ -23,7 +23,7 @@ use std::path::PathBuf;
 
 use evtchn::Port;
 use gnttab::GrantRef;
-use xen_backend::scan;
+use xen_bus::{rings, scan, FrontendRings, RingNodeError, RingOffer};
 
 use crate::disk::Disk;
 use crate::request::{Abi, DiskLimits};
@@ -229,68 +229,45 @@ pub struct FrontendConfig {
     pub persistent: bool,
 }
 
-/// A node read with `%u` as Linux's blkback reads it (`xenbus_scanf`,
-/// [`xen_backend::scan::scan_u32`]: `"12junk"` is 12): `None` if absent,
-/// an error if it converts nothing.
-fn number(read: &impl Fn(&str) -> Option<String>, node: &str) -> Result<Option<u32>, ConfigError> {
-    match read(node) {
-        None => Ok(None),
-        Some(v) => scan::scan_u32(v.as_bytes()).map(Some).ok_or(ConfigError::Bad { node: node.into(), value: v }),
-    }
-}
-
 /// A node read with `xenbus_read_unsigned(..., default)`, as Linux's
 /// blkback reads optional ones: absent or converting nothing is `default`.
 fn unsigned_or(read: &impl Fn(&str) -> Option<String>, node: &str, default: u32) -> u32 {
     scan::read_unsigned(read(node).as_deref().map(str::as_bytes), default)
 }
 
-fn required(read: &impl Fn(&str) -> Option<String>, node: &str) -> Result<u32, ConfigError> {
-    number(read, node)?.ok_or_else(|| ConfigError::Missing(node.into()))
+impl From<RingNodeError> for ConfigError {
+    fn from(e: RingNodeError) -> Self {
+        match e {
+            RingNodeError::Missing(node) => ConfigError::Missing(node),
+            RingNodeError::Bad { node, value } => ConfigError::Bad { node, value },
+            RingNodeError::RingOrder { asked, offered } => ConfigError::RingOrder { asked, offered },
+            RingNodeError::TooManyQueues { asked, offered } => ConfigError::TooManyQueues { asked, offered },
+        }
+    }
 }
 
 impl FrontendConfig {
     /// Reads the frontend's nodes through `read` (paths relative to the
-    /// frontend directory), checking them against `offer`.
+    /// frontend directory), checking them against `offer`; the rings by
+    /// [`FrontendRings::read`], in the layout Linux writes.
     pub fn read(read: impl Fn(&str) -> Option<String>, offer: &Offer) -> Result<FrontendConfig, ConfigError> {
         let abi = match read("protocol") {
             None => Abi::Native,
             Some(p) => Abi::from_protocol(&p).ok_or(ConfigError::Bad { node: "protocol".into(), value: p })?,
         };
-        let ring_page_order = unsigned_or(&read, "ring-page-order", 0);
-        if ring_page_order > offer.max_ring_page_order {
-            return Err(ConfigError::RingOrder { asked: ring_page_order, offered: offer.max_ring_page_order });
-        }
-        let nr_queues = unsigned_or(&read, "multi-queue-num-queues", 1);
-        if nr_queues == 0 || nr_queues > offer.max_queues {
-            return Err(ConfigError::TooManyQueues { asked: nr_queues, offered: offer.max_queues });
-        }
+        let ring_offer = RingOffer { max_ring_page_order: offer.max_ring_page_order, max_queues: offer.max_queues };
+        let rings = FrontendRings::read(|n| Ok::<_, ConfigError>(read(n)), ring_offer)?;
         let persistent = unsigned_or(&read, "feature-persistent", 0) != 0;
-        let mut queues = Vec::with_capacity(nr_queues as usize);
-        for q in 0..nr_queues {
-            let dir = if nr_queues == 1 { String::new() } else { format!("queue-{q}/") };
-            queues.push(read_queue(&read, &dir, ring_page_order)?);
-        }
-        Ok(FrontendConfig { abi, ring_page_order, queues, persistent })
+        let queues = rings
+            .queues
+            .into_iter()
+            .map(|q: rings::QueueRing| QueueConfig {
+                ring_refs: q.ring_refs.into_iter().map(GrantRef).collect(),
+                event_channel: Port(q.event_channel),
+            })
+            .collect();
+        Ok(FrontendConfig { abi, ring_page_order: rings.ring_page_order, queues, persistent })
     }
-}
-
-fn read_queue(read: &impl Fn(&str) -> Option<String>, dir: &str, order: u32) -> Result<QueueConfig, ConfigError> {
-    let event_channel = Port(required(read, &format!("{dir}event-channel"))?);
-    let ring_refs = if order == 0 {
-        // Some frontends write ring-ref0 even for one page; accept both.
-        let single = number(read, &format!("{dir}ring-ref"))?;
-        let r = match single {
-            Some(r) => r,
-            None => required(read, &format!("{dir}ring-ref0"))?,
-        };
-        vec![GrantRef(r)]
-    } else {
-        (0..1u32 << order)
-            .map(|i| required(read, &format!("{dir}ring-ref{i}")).map(GrantRef))
-            .collect::<Result<_, _>>()?
-    };
-    Ok(QueueConfig { ring_refs, event_channel })
 }
 
 #[cfg(test)]

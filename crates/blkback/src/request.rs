@@ -4,7 +4,7 @@
 //! storage, so it is fuzzed directly.
 
 use gnttab::GrantRef;
-use xen_backend::Protocol;
+use xen_bus::Protocol;
 use zerocopy::FromBytes;
 
 use crate::abi::*;

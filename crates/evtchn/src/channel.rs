@@ -13,8 +13,7 @@ impl core::fmt::Display for Port {
     }
 }
 
-/// A Xen domain id.
-pub type DomId = u16;
+pub use xen_bus::DomId;
 
 /// Errors of event-channel operations.
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,7 @@ use crate::mapping::GrantMapping;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GrantRef(pub u32);
 
-/// A Xen domain id.
-pub type DomId = u16;
+pub use xen_bus::DomId;
 
 /// Xen's page size; grants are per page.
 pub const PAGE_SIZE: usize = 4096;

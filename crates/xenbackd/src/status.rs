@@ -431,7 +431,7 @@ pub fn render_metrics(s: &Status) -> String {
     let state: Vec<(String, u64)> = devices
         .iter()
         .map(|d| {
-            let n = (0..9).find(|&n| xen_backend::XenbusState::from_u32(n).is_some_and(|s| s.to_string() == d.state));
+            let n = (0..9).find(|&n| xen_bus::XenbusState::from_u32(n).is_some_and(|s| s.to_string() == d.state));
             (format!("{{{}}}", dev_labels(d)), u64::from(n.unwrap_or(0)))
         })
         .collect();

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use blkback::config::{ConfigError, FrontendConfig, Offer, MAX_RING_PAGE_ORDER};
 use blkback::Abi;
-use xen_backend::{scan, Protocol, XenbusState};
+use xen_bus::{scan, Protocol, XenbusState};
 
 use crate::input::Input;
 

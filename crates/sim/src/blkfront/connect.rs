@@ -11,7 +11,9 @@ use blkback::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST;
 use gnttab::PAGE_SIZE;
 
 use super::{Blkfront, BlkfrontError, BlkfrontOptions};
-use crate::frontend::{state, FrontendDevice};
+use xen_bus::XenbusState;
+
+use crate::frontend::FrontendDevice;
 use crate::host::SimHost;
 
 /// What the backend says about the disk at Connected (`blkfront_connect`).
@@ -51,7 +53,9 @@ impl Blkfront {
         wanted: BlkfrontOptions,
         timeout: Duration,
     ) -> Result<(Blkfront, DiskInfo), BlkfrontError> {
-        dev.wait_backend_state("InitWait", timeout, |s| matches!(s, Some(state::INIT_WAIT..=state::CONNECTED)))?;
+        dev.wait_backend_state("InitWait", timeout, |s| {
+            matches!(s, Some(XenbusState::InitWait | XenbusState::Initialised | XenbusState::Connected))
+        })?;
         let mut options = wanted;
         options.ring_page_order = options.ring_page_order.min(number(dev, "max-ring-page-order")?.unwrap_or(0));
         options.queues = options.queues.min(number(dev, "multi-queue-max-queues")?.unwrap_or(1)).max(1);
@@ -72,8 +76,8 @@ impl Blkfront {
             }
             Ok(())
         })?;
-        dev.set_state(state::INITIALISED)?;
-        dev.wait_backend_state("Connected", timeout, |s| s == Some(state::CONNECTED))?;
+        dev.set_state(XenbusState::Initialised)?;
+        dev.wait_backend_state("Connected", timeout, |s| s == Some(XenbusState::Connected))?;
         let sector_size = number(dev, "sector-size")?.unwrap_or(512);
         let flag = |node: &str| -> Result<bool, BlkfrontError> { Ok(number::<u32>(dev, node)?.unwrap_or(0) != 0) };
         let info = DiskInfo {
@@ -87,7 +91,7 @@ impl Blkfront {
             discard_granularity: number(dev, "discard-granularity")?.unwrap_or(0),
             max_indirect_segments: max_indirect as u32,
         };
-        dev.set_state(state::CONNECTED)?;
+        dev.set_state(XenbusState::Connected)?;
         Ok((front, info))
     }
 }

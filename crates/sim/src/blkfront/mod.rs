@@ -20,6 +20,7 @@ use blkback::ring::{ring_size, BlkFrontRing};
 use blkback::{Abi, RingError};
 use evtchn::EventChannel;
 use gnttab::PAGE_SIZE;
+use xen_bus::{FrontendRings, Protocol, QueueRing};
 
 use crate::host::{DomId, SimHost};
 
@@ -141,30 +142,25 @@ impl Blkfront {
     /// rings and ports (flat for one queue, `queue-%u/` for several),
     /// `protocol`, `feature-persistent`.
     pub fn nodes(&self) -> Vec<(String, String)> {
-        let mut nodes = Vec::new();
-        let order = self.options.ring_page_order;
-        if order > 0 {
-            nodes.push(("ring-page-order".to_string(), order.to_string()));
-        }
-        let multi = self.queues.len() > 1;
-        if multi {
-            nodes.push(("multi-queue-num-queues".to_string(), self.queues.len().to_string()));
-        }
-        for q in &self.queues {
-            let dir = if multi { format!("queue-{}/", q.index()) } else { String::new() };
-            if order == 0 {
-                nodes.push((format!("{dir}ring-ref"), q.ring_refs()[0].0.to_string()));
-            } else {
-                for (i, r) in q.ring_refs().iter().enumerate() {
-                    nodes.push((format!("{dir}ring-ref{i}"), r.0.to_string()));
-                }
-            }
-            nodes.push((format!("{dir}event-channel"), q.port().0.to_string()));
-        }
-        match self.options.abi {
-            Abi::Native => {}
-            Abi::X86_32 => nodes.push(("protocol".to_string(), "x86_32-abi".to_string())),
-            Abi::X86_64 => nodes.push(("protocol".to_string(), "x86_64-abi".to_string())),
+        let rings = FrontendRings {
+            ring_page_order: self.options.ring_page_order,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueRing {
+                    ring_refs: q.ring_refs().iter().map(|r| r.0).collect(),
+                    event_channel: q.port().0,
+                })
+                .collect(),
+        };
+        let mut nodes = rings.nodes();
+        let protocol = match self.options.abi {
+            Abi::Native => None,
+            Abi::X86_32 => Protocol::X86_32.name(),
+            Abi::X86_64 => Protocol::X86_64.name(),
+        };
+        if let Some(name) = protocol {
+            nodes.push(("protocol".to_string(), name.to_string()));
         }
         nodes.push(("feature-persistent".to_string(), "0".to_string()));
         nodes

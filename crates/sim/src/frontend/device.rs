@@ -9,7 +9,9 @@ use evtchn::{EventChannel, Port};
 use gnttab::{GrantMapping, GrantRef};
 use xs_wire::{Client, ClientError, TxId};
 
-use super::toolstack::{ignore_enoent, read_opt, state, DeviceSpec};
+use xen_bus::XenbusState;
+
+use super::toolstack::{ignore_enoent, read_opt, DeviceSpec};
 use crate::host::{GuestPages, SimGrantTable, SimHost};
 
 /// How long to sleep between state checks when no watch event arrives (the
@@ -38,7 +40,7 @@ pub enum FrontendError {
         /// What was awaited.
         waiting_for: String,
         /// The last backend state seen.
-        state: Option<u32>,
+        state: Option<XenbusState>,
     },
     /// The ring index does not exist.
     #[error("No ring {0}")]
@@ -194,18 +196,18 @@ impl FrontendDevice {
     }
 
     /// Writes the frontend's `state`.
-    pub fn set_state(&self, state: u32) -> Result<(), FrontendError> {
-        self.write("state", state)
+    pub fn set_state(&self, state: XenbusState) -> Result<(), FrontendError> {
+        self.write("state", state.as_u32())
     }
 
-    /// The backend's `state` (`None` if absent or not a number). A removed
+    /// The backend's `state` (`None` if absent or not a state). A removed
     /// backend directory may read as EACCES (xenstored hides whether a node
     /// exists below a directory the reader may not read): `None` too, as
     /// Linux's `xenbus_read_driver_state` reads Unknown on any error.
-    pub fn backend_state(&self) -> Result<Option<u32>, FrontendError> {
+    pub fn backend_state(&self) -> Result<Option<XenbusState>, FrontendError> {
         match read_opt(&self.xs, &format!("{}/state", self.spec.backend_path())) {
             Err(e) if e.errno() == Some(xs_wire::XsErrno::EACCES) => Ok(None),
-            r => Ok(r?.and_then(|s| s.trim().parse().ok())),
+            r => Ok(r?.and_then(|s| XenbusState::parse(s.as_bytes()))),
         }
     }
 
@@ -216,8 +218,8 @@ impl FrontendDevice {
         &mut self,
         what: &str,
         timeout: Duration,
-        done: impl Fn(Option<u32>) -> bool,
-    ) -> Result<Option<u32>, FrontendError> {
+        done: impl Fn(Option<XenbusState>) -> bool,
+    ) -> Result<Option<XenbusState>, FrontendError> {
         if !self.watching {
             let token = format!("sim-fe:{}", self.spec.backend_path());
             self.xs.watch(&format!("{}/state", self.spec.backend_path()), &token)?;
@@ -253,17 +255,18 @@ impl FrontendDevice {
         self.rings.get(index).ok_or(FrontendError::NoRing(index))
     }
 
-    /// Writes ring `index`'s references below `prefix` (`""`, `"queue-0/"`)
-    /// as Linux does: `ring-ref` for one page, else `ring-page-order` and
-    /// `ring-ref<i>`.
-    pub fn publish_ring(&self, prefix: &str, index: usize) -> Result<(), FrontendError> {
+    /// Writes ring `index`'s references in the queue directory `dir`
+    /// (`""`, `"queue-0/"`) as Linux does ([`xen_bus::rings`]): `ring-ref`
+    /// for one page, else `ring-ref<i>` and, at the top level,
+    /// `ring-page-order`.
+    pub fn publish_ring(&self, dir: &str, index: usize) -> Result<(), FrontendError> {
         let ring = self.ring(index)?;
-        if ring.grefs.len() == 1 {
-            return self.write(&format!("{prefix}ring-ref"), ring.grefs[0].0);
+        if ring.grefs.len() > 1 {
+            self.write("ring-page-order", ring.grefs.len().trailing_zeros())?;
         }
-        self.write(&format!("{prefix}ring-page-order"), ring.grefs.len().trailing_zeros())?;
-        for (i, g) in ring.grefs.iter().enumerate() {
-            self.write(&format!("{prefix}ring-ref{i}"), g.0)?;
+        let refs: Vec<u32> = ring.grefs.iter().map(|g| g.0).collect();
+        for (node, value) in xen_bus::rings::ring_ref_nodes(dir, &refs) {
+            self.write(&node, value)?;
         }
         Ok(())
     }
@@ -319,7 +322,7 @@ impl FrontendDevice {
         let skip = has(&|m| *m == Misbehaviour::SkipInitialised);
         if opts.wait_init_wait && !skip {
             self.wait_backend_state("InitWait", opts.timeout, |s| {
-                matches!(s, Some(state::INIT_WAIT..=state::CONNECTED))
+                matches!(s, Some(XenbusState::InitWait | XenbusState::Initialised | XenbusState::Connected))
             })?;
         }
         let ring = self.grant_ring(opts.ring_page_order)?;
@@ -341,19 +344,19 @@ impl FrontendDevice {
             }
         }
         if skip {
-            return self.set_state(state::CONNECTED);
+            return self.set_state(XenbusState::Connected);
         }
         if let Some(Misbehaviour::State(v)) = opts.misbehave.iter().find(|m| matches!(m, Misbehaviour::State(_))) {
             return self.write("state", v);
         }
-        self.set_state(state::INITIALISED)?;
+        self.set_state(XenbusState::Initialised)?;
         if has(&|m| *m == Misbehaviour::VanishMidConnect) {
             self.xs.rm(TxId::NONE, &self.spec.frontend_path()).or_else(ignore_enoent)?;
             return Ok(());
         }
         if opts.wait_connected {
-            self.wait_backend_state("Connected", opts.timeout, |s| s == Some(state::CONNECTED))?;
-            self.set_state(state::CONNECTED)?;
+            self.wait_backend_state("Connected", opts.timeout, |s| s == Some(XenbusState::Connected))?;
+            self.set_state(XenbusState::Connected)?;
         }
         Ok(())
     }
@@ -362,10 +365,12 @@ impl FrontendDevice {
     /// Closed, wait for the backend's Closed; then revokes the rings and
     /// closes the ports.
     pub fn close(&mut self, timeout: Duration) -> Result<(), FrontendError> {
-        self.set_state(state::CLOSING)?;
-        self.wait_backend_state("Closing", timeout, |s| matches!(s, Some(state::CLOSING | state::CLOSED) | None))?;
-        self.set_state(state::CLOSED)?;
-        self.wait_backend_state("Closed", timeout, |s| matches!(s, Some(state::CLOSED) | None))?;
+        self.set_state(XenbusState::Closing)?;
+        self.wait_backend_state("Closing", timeout, |s| {
+            matches!(s, Some(XenbusState::Closing | XenbusState::Closed) | None)
+        })?;
+        self.set_state(XenbusState::Closed)?;
+        self.wait_backend_state("Closed", timeout, |s| matches!(s, Some(XenbusState::Closed) | None))?;
         self.release()
     }
 
@@ -391,7 +396,7 @@ impl FrontendDevice {
             let path = format!("{}/{node}", self.spec.frontend_path());
             self.xs.rm(TxId::NONE, &path).or_else(ignore_enoent)?;
         }
-        self.set_state(state::INITIALISING)
+        self.set_state(XenbusState::Initialising)
     }
 }
 

@@ -14,4 +14,4 @@ mod device;
 mod toolstack;
 
 pub use device::{ConnectOptions, FrontendDevice, FrontendError, FrontendRing, Misbehaviour, RingMemory};
-pub use toolstack::{state, DeviceSpec, Toolstack};
+pub use toolstack::{DeviceSpec, Toolstack};

@@ -2,25 +2,9 @@
 
 use xs_wire::{Access, Client, ClientError, Perm, TxId};
 
-use crate::host::DomId;
+use xen_bus::XenbusState;
 
-/// Xenbus state numbers (`enum xenbus_state`).
-pub mod state {
-    /// `XenbusStateUnknown`.
-    pub const UNKNOWN: u32 = 0;
-    /// `XenbusStateInitialising`.
-    pub const INITIALISING: u32 = 1;
-    /// `XenbusStateInitWait`.
-    pub const INIT_WAIT: u32 = 2;
-    /// `XenbusStateInitialised`.
-    pub const INITIALISED: u32 = 3;
-    /// `XenbusStateConnected`.
-    pub const CONNECTED: u32 = 4;
-    /// `XenbusStateClosing`.
-    pub const CLOSING: u32 = 5;
-    /// `XenbusStateClosed`.
-    pub const CLOSED: u32 = 6;
-}
+use crate::host::DomId;
 
 /// One device as the toolstack configures it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,14 +79,14 @@ impl Toolstack {
         let mut fe_nodes = vec![
             ("backend".to_string(), be.clone()),
             ("backend-id".to_string(), spec.backend.to_string()),
-            ("state".to_string(), state::INITIALISING.to_string()),
+            ("state".to_string(), XenbusState::Initialising.as_u32().to_string()),
         ];
         fe_nodes.extend(spec.frontend_nodes.iter().cloned());
         let mut be_nodes = vec![
             ("frontend".to_string(), fe.clone()),
             ("frontend-id".to_string(), spec.frontend.to_string()),
             ("online".to_string(), "1".to_string()),
-            ("state".to_string(), state::INITIALISING.to_string()),
+            ("state".to_string(), XenbusState::Initialising.as_u32().to_string()),
         ];
         be_nodes.extend(spec.backend_nodes.iter().cloned());
         self.xs.transaction(|tx| {
@@ -143,9 +127,9 @@ impl Toolstack {
         read_opt(&self.xs, &format!("{}/{node}", spec.backend_path()))
     }
 
-    /// Reads the backend's state (`None` if absent or not a number).
-    pub fn backend_state(&self, spec: &DeviceSpec) -> Result<Option<u32>, ClientError> {
-        Ok(self.read_backend(spec, "state")?.and_then(|s| s.trim().parse().ok()))
+    /// Reads the backend's state (`None` if absent or not a state).
+    pub fn backend_state(&self, spec: &DeviceSpec) -> Result<Option<XenbusState>, ClientError> {
+        Ok(self.read_backend(spec, "state")?.and_then(|s| XenbusState::parse(s.as_bytes())))
     }
 
     /// The error node Linux's `xenbus_dev_fatal` writes for this device:

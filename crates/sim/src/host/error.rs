@@ -4,8 +4,7 @@
 
 use gnttab::GrantRef;
 
-/// A domain id.
-pub type DomId = u16;
+pub use xen_bus::DomId;
 
 /// Errors of [`super::SimHost`] and [`super::SimGrantTable`].
 #[derive(Debug, thiserror::Error)]
