@@ -7,8 +7,8 @@ mod blk_support;
 use std::sync::Mutex;
 
 use blk_support::*;
-use blkback::abi::*;
 use blkback::BlkOptions;
+use blkif::abi::*;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
 use zerocopy::IntoBytes;
 

@@ -5,7 +5,7 @@
 mod blk_support;
 
 use blk_support::*;
-use blkback::abi::*;
+use blkif::abi::*;
 use xen_bus::XenbusState;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
 
@@ -91,7 +91,7 @@ fn a_guest_that_reconnects_finds_its_data_on_new_rings() {
 /// is connected and served, as by Linux.
 #[test]
 fn frontend_nodes_linux_accepts_connect_and_serve() {
-    use blkback::Abi;
+    use blkif::Abi;
     use xen_sim::blkfront::Blkfront;
     let h = Harness::new().unwrap();
     let disk = TempDisk::new("lenient", 1 << 20);

@@ -28,9 +28,10 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blkback::abi::*;
-use blkback::{Abi, BlkFrontRing, Disk, DiskLimits, EngineChoice, IoEngine, IoUringEngine, QueueExecutor};
+use blkback::{Disk, EngineChoice, IoEngine, IoUringEngine, QueueExecutor};
 use blkback::{RingQueue, ThreadPoolEngine};
+use blkif::abi::*;
+use blkif::{Abi, BlkFrontRing, DiskLimits};
 use gnttab::{CopySegment, DomId, GrantMapper, GrantMapping, GrantRef, GrantStatus, PAGE_SIZE};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use xen_sim::rng::Rng;

@@ -6,8 +6,8 @@
 mod blk_support;
 
 use blk_support::*;
-use blkback::abi::*;
-use blkback::Abi;
+use blkif::abi::*;
+use blkif::Abi;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
 
 fn write_read_verify(abi: Abi, domid: u16) {

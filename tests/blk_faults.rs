@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 
 use blk_support::*;
-use blkback::abi::{BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
+use blkif::abi::{BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
 use xen_bus::XenbusState;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
 

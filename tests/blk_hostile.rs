@@ -6,7 +6,7 @@ mod blk_support;
 use std::sync::atomic::Ordering;
 
 use blk_support::*;
-use blkback::abi::*;
+use blkif::abi::*;
 use xen_bus::XenbusState;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
 

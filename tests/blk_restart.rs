@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use blk_support::*;
-use blkback::abi::*;
+use blkif::abi::*;
 use xen_sim::blkfront::{BlkCompletion, BlkOp, BlkfrontOptions, FrontQueue};
 
 const BLOCK: usize = 32 << 10;

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blk_support::*;
-use blkback::abi::BLKIF_RSP_OKAY;
+use blkif::abi::BLKIF_RSP_OKAY;
 use xen_backend::{Backend, Config};
 use xen_bus::XenbusState;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};

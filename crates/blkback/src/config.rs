@@ -26,7 +26,7 @@ use gnttab::GrantRef;
 use xen_bus::{rings, scan, FrontendRings, RingNodeError, RingOffer};
 
 use crate::disk::Disk;
-use crate::request::{Abi, DiskLimits};
+use blkif::{Abi, DiskLimits};
 
 /// `VDISK_CDROM` (`blkif.h`).
 pub const VDISK_CDROM: u32 = 1;

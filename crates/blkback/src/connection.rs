@@ -10,8 +10,9 @@ use gnttab::{DomId, GrantMapper, GrantMapping, GrantRef};
 use std::collections::HashMap;
 
 use crate::queue::{QueueExecutor, QueueStats};
-use crate::request::{request_id, Abi, Response};
-use crate::ring::BlkBackRing;
+use blkif::request::request_id;
+use blkif::ring::BlkBackRing;
+use blkif::{Abi, Response};
 use xen_ring::{JournalFile, RingError, Ticket};
 
 /// Errors of connecting or serving a queue.
@@ -297,11 +298,11 @@ fn wait_readable(fd: RawFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::abi::{BlkifRequest64, BLKIF_OP_FLUSH_DISKCACHE};
     use crate::disk::Disk;
     use crate::engine::ThreadPoolEngine;
-    use crate::request::DiskLimits;
-    use crate::ring::BlkFrontRing;
+    use blkif::abi::{BlkifRequest64, BLKIF_OP_FLUSH_DISKCACHE};
+    use blkif::ring::BlkFrontRing;
+    use blkif::DiskLimits;
     use gnttab::{CopySegment, GrantStatus, PAGE_SIZE};
     use std::sync::Arc;
     use zerocopy::IntoBytes;

@@ -1,10 +1,9 @@
-//! The Xen PV block backend (`xen/include/public/io/blkif.h`): the ABI in its
-//! three layouts, pure request parsing, rings per layout, storage engines,
+//! The Xen PV block backend (`xen/include/public/io/blkif.h`, whose ABI,
+//! requests and rings are the `blkif` crate's): storage engines,
 //! per-queue execution by grant copy, and [`BlkDeviceType`], the device type
 //! the backend framework serves as `qdisk` or `vbd`. See `docs/blkback.md`.
 #![deny(missing_docs)]
 
-pub mod abi;
 pub mod buffer;
 pub mod config;
 pub mod connection;
@@ -12,8 +11,6 @@ pub mod device;
 pub mod disk;
 pub mod engine;
 pub mod queue;
-pub mod request;
-pub mod ring;
 pub mod uring;
 
 pub use buffer::{AlignedBuf, BufferBudget, QueueBudget};
@@ -23,10 +20,4 @@ pub use device::{BlkDeviceType, BlkOptions, EngineChoice, DEFAULT_BUFFER_BYTES};
 pub use disk::{Disk, DiskError, DiskKind};
 pub use engine::{Completion, EngineError, IoEngine, IoOp, ThreadPoolEngine};
 pub use queue::{QueueExecutor, QueueStats, DEFAULT_QUEUE_BUFFER_BYTES};
-pub use request::{
-    parse, parse_indirect_segments, Abi, Direction, DiskLimits, Fault, Request, RequestError, RequestKind, Response,
-    Segment, Status,
-};
-pub use ring::{BlkBackRing, BlkFrontRing, RawResponse};
 pub use uring::IoUringEngine;
-pub use xen_ring::RingError;

@@ -23,7 +23,7 @@ use gnttab::{CopySegment, DomId, GrantMapper, GrantRef, GrantStatus, GuestPage, 
 
 use crate::buffer::{AlignedBuf, BufferBudget, QueueBudget};
 use crate::engine::{Completion, IoEngine, IoOp};
-use crate::request::{
+use blkif::{
     parse, parse_indirect_segments, Abi, Direction, DiskLimits, Request, RequestKind, Response, Segment, Status,
 };
 
@@ -641,9 +641,9 @@ fn is_barrier(req: &Request) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::abi::*;
     use crate::disk::Disk;
     use crate::engine::ThreadPoolEngine;
+    use blkif::abi::*;
     use std::sync::Mutex;
     use zerocopy::IntoBytes;
 

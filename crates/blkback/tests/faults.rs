@@ -13,9 +13,10 @@
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
-use blkback::abi::*;
-use blkback::request::{DiskLimits, Response, Status};
-use blkback::{Abi, Completion, Disk, EngineError, IoEngine, IoOp, QueueExecutor, ThreadPoolEngine};
+use blkback::{Completion, Disk, EngineError, IoEngine, IoOp, QueueExecutor, ThreadPoolEngine};
+use blkif::abi::*;
+use blkif::Abi;
+use blkif::{DiskLimits, Response, Status};
 use gnttab::{CopySegment, DomId, GrantMapper, GrantMapping, GrantRef, GrantStatus, PAGE_SIZE};
 use zerocopy::IntoBytes;
 

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use blkback::abi::BLKIF_RSP_OKAY;
 use blkback::{BlkOptions, EngineChoice};
+use blkif::abi::BLKIF_RSP_OKAY;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions, FrontQueue};
 
 use crate::cli::{check_fits, seconds, usage_error, IoEngine};

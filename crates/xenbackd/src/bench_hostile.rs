@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use blkback::abi::*;
 use blkback::{BlkOptions, EngineChoice};
+use blkif::abi::*;
 use xen_backend::Config;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions, FrontQueue};
 

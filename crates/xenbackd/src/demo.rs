@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use blkback::abi::BLKIF_RSP_OKAY;
 use blkback::{BlkDeviceType, BlkOptions, Offer};
+use blkif::abi::BLKIF_RSP_OKAY;
 use xen_backend::{Backend, Config};
 use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, DiskInfo, FrontQueue};
 use xen_sim::dom0::SimDom0;

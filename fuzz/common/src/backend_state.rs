@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 
 use blkback::config::{ConfigError, FrontendConfig, Offer, MAX_RING_PAGE_ORDER};
-use blkback::Abi;
+use blkif::Abi;
 use xen_bus::{scan, Protocol, XenbusState};
 
 use crate::input::Input;

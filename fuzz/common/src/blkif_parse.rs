@@ -1,6 +1,6 @@
-//! Target `blkif_parse`: [`blkback::parse`] of a guest's ring slot in each of
+//! Target `blkif_parse`: [`blkif::parse`] of a guest's ring slot in each of
 //! the three layouts against arbitrary [`DiskLimits`], then
-//! [`blkback::parse_indirect_segments`] on arbitrary indirect page contents.
+//! [`blkif::parse_indirect_segments`] on arbitrary indirect page contents.
 //!
 //! Properties: no panic. On `Ok`: the fields are the slot's bytes at the
 //! layout's offsets; every segment has `first_sect <= last_sect <= 7`; 1..=11
@@ -20,11 +20,11 @@
 //! slot length (a byte, used up to the slot size), the slot bytes,
 //! `nr_segments` (`u16`), `sector` (`u64`), then the indirect page bytes.
 
-use blkback::abi::{
+use blkif::abi::{
     BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER, SEGS_PER_INDIRECT_FRAME,
 };
-use blkback::{parse, parse_indirect_segments, Abi, Direction, DiskLimits, Fault, RequestKind, Segment, Status};
+use blkif::{parse, parse_indirect_segments, Abi, Direction, DiskLimits, Fault, RequestKind, Segment, Status};
 
 use crate::input::Input;
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use blkback::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST;
+use blkif::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST;
 use gnttab::PAGE_SIZE;
 
 use super::{Blkfront, BlkfrontError, BlkfrontOptions};

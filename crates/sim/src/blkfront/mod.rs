@@ -16,11 +16,12 @@ mod queue;
 
 use std::sync::Arc;
 
-use blkback::ring::{ring_size, BlkFrontRing};
-use blkback::{Abi, RingError};
+use blkif::ring::{ring_size, BlkFrontRing};
+use blkif::Abi;
 use evtchn::EventChannel;
 use gnttab::PAGE_SIZE;
 use xen_bus::{FrontendRings, Protocol, QueueRing};
+use xen_ring::RingError;
 
 use crate::host::{DomId, SimHost};
 

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
-use blkback::abi::*;
-use blkback::ring::BlkFrontRing;
-use blkback::Abi;
+use blkif::abi::*;
+use blkif::ring::BlkFrontRing;
+use blkif::Abi;
 use evtchn::{EventChannel, Port};
 use gnttab::{GrantMapping, GrantRef, PAGE_SIZE};
 use zerocopy::IntoBytes;
