@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use xen_backend::echo::EchoType;
-use xen_backend::{Backend, Config};
+use xen_backend::{Backend, Config, Platform};
 use xen_bus::XenbusState;
 use xen_ring::FrontRing;
-use xen_sim::dom0::{dom0_platform, RunDir, SimDom0};
+use xen_sim::dom0::{RunDir, SimDom0};
 use xen_sim::frontend::{ConnectOptions, DeviceSpec, FrontendDevice, RingMemory, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
@@ -46,7 +46,11 @@ fn start_backend(
         Box::new(xs_wire::transport::SocketTransport::new(xenstored.connect_as(0)?)),
         xs_wire::client::Options { watch_queue, ..Default::default() },
     )?;
-    Ok(Backend::start(dom0_platform(host, client), vec![EchoType::new(KIND) as _], config)?)
+    Ok(Backend::start(
+        Platform::new(0, client, host.evtchn_opener(0), host.grant_mapper(0)),
+        vec![EchoType::new(KIND) as _],
+        config,
+    )?)
 }
 
 impl Harness {

@@ -11,9 +11,8 @@ use std::sync::Arc;
 use anyhow::Result;
 use common::{check_echo, EchoClient, Harness, KIND, WAIT};
 use xen_backend::echo::EchoType;
-use xen_backend::{Backend, Config, Frontends};
+use xen_backend::{Backend, Config, Frontends, Platform};
 use xen_bus::XenbusState;
-use xen_sim::dom0::dom0_platform;
 use xen_sim::frontend::ConnectOptions;
 use xs_wire::Client;
 
@@ -21,7 +20,11 @@ use xs_wire::Client;
 fn second_backend(h: &Harness, frontends: Frontends) -> Result<Backend> {
     let client = Client::from_stream(h.xenstored.connect_as(0)?)?;
     let config = Config { workers: 1, frontends, ..Config::default() };
-    Ok(Backend::start(dom0_platform(&h.host, client), vec![EchoType::new(KIND) as _], config)?)
+    Ok(Backend::start(
+        Platform::new(0, client, h.host.evtchn_opener(0), h.host.grant_mapper(0)),
+        vec![EchoType::new(KIND) as _],
+        config,
+    )?)
 }
 
 #[test]

@@ -18,11 +18,10 @@ use common::{check_echo, EchoClient, Harness, WAIT};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use xen_backend::echo::EchoType;
 use xen_backend::{
-    Backend, Config, Device, DeviceCtx, DeviceError, DeviceType, Drained, Progress, RingHandler, RingSetup,
+    Backend, Config, Device, DeviceCtx, DeviceError, DeviceType, Drained, Platform, Progress, RingHandler, RingSetup,
 };
 use xen_bus::XenbusState;
 use xen_ring::BackRing;
-use xen_sim::dom0::dom0_platform;
 use xen_sim::frontend::{ConnectOptions, DeviceSpec, FrontendDevice};
 use xs_wire::Client;
 
@@ -95,7 +94,10 @@ fn start(h: &Harness, drain_timeout: Duration) -> Result<(Backend, Arc<Mutex<Vec
         vec![EchoType::new("echo2") as _, Arc::new(SlowType { finishers: finishers.clone() }) as _];
     // One worker: the slow ring and the neighbour share it.
     let config = Config { workers: 1, drain_timeout, ..Config::default() };
-    Ok((Backend::start(dom0_platform(&h.host, client), types, config)?, finishers))
+    Ok((
+        Backend::start(Platform::new(0, client, h.host.evtchn_opener(0), h.host.grant_mapper(0)), types, config)?,
+        finishers,
+    ))
 }
 
 fn device(h: &Harness, kind: &str, domid: u16) -> Result<FrontendDevice> {

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use blk_support::*;
 use blkif::abi::BLKIF_RSP_OKAY;
-use xen_backend::{Backend, Config};
+use xen_backend::{Backend, Config, Platform};
 use xen_bus::XenbusState;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
-use xen_sim::dom0::{dom0_platform, RunDir, SimDom0};
+use xen_sim::dom0::{RunDir, SimDom0};
 use xen_sim::xenstored::Xenstored;
 use xs_wire::{Client, ClientError};
 
@@ -100,7 +100,8 @@ fn setup(xenstore_timeout: Duration) -> Setup {
 
 fn start(host: &Arc<xen_sim::host::SimHost>, links: &Arc<Links>, run: &RunDir, timeout: Duration) -> Backend {
     let l = links.clone();
-    let platform = dom0_platform(host, links.connect().unwrap()).with_reconnect(move || l.connect());
+    let platform = Platform::new(0, links.connect().unwrap(), host.evtchn_opener(0), host.grant_mapper(0))
+        .with_reconnect(move || l.connect());
     let config = Config { xenstore_timeout: timeout, ..backend_config(run) };
     Backend::start(platform, blk_types(), config).unwrap()
 }

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use blkback::{BlkDeviceType, BlkOptions, BufferBudget, EngineChoice};
-use xen_backend::{Backend, Config};
+use xen_backend::{Backend, Config, Platform};
 use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, DiskInfo, FrontQueue};
-use xen_sim::dom0::{dom0_platform, RunDir, SimDom0};
+use xen_sim::dom0::{RunDir, SimDom0};
 use xen_sim::frontend::{DeviceSpec, FrontendDevice, Toolstack};
 use xen_sim::host::SimHost;
 use xen_sim::xenstored::Xenstored;
@@ -93,7 +93,8 @@ fn start_backend(
     run: &RunDir,
     types: Vec<Arc<dyn xen_backend::DeviceType>>,
 ) -> Result<Backend> {
-    let platform = dom0_platform(host, Client::from_stream(xenstored.connect_as(0)?)?);
+    let platform =
+        Platform::new(0, Client::from_stream(xenstored.connect_as(0)?)?, host.evtchn_opener(0), host.grant_mapper(0));
     Ok(Backend::start(platform, types, backend_config(run))?)
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use xen_backend::echo::EchoType;
-use xen_backend::{Backend, Config};
+use xen_backend::{Backend, Config, Platform};
 use xen_bus::XenbusState;
 use xen_ring::FrontRing;
 use xen_sim::dom0::SimDom0;
@@ -31,7 +31,7 @@ struct Sim {
 impl Sim {
     fn new(workers: usize) -> Result<Self> {
         let dom0 = SimDom0::start()?;
-        let platform = dom0.platform()?;
+        let platform = Platform::new(0, dom0.dom0_client()?, dom0.host.evtchn_opener(0), dom0.host.grant_mapper(0));
         let SimDom0 { host, xenstored, toolstack } = dom0;
         let backend =
             Backend::start(platform, vec![EchoType::new("echo") as _], Config { workers, ..Config::default() })?;

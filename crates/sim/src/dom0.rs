@@ -1,10 +1,10 @@
-//! A simulated host with dom0 up: the host, the xenstored, a toolstack
-//! connection, and the [`Platform`] a backend in dom0 runs on. What every
-//! simulator user (demo, benchmarks, scenario tests) starts with.
+//! A simulated host with dom0 up: the host, the xenstored and a toolstack
+//! connection. What every simulator user (demo, benchmarks, scenario
+//! tests) starts with; a backend in dom0 is built on
+//! [`SimHost::evtchn_opener`] and [`SimHost::grant_mapper`] of domain 0.
 
 use std::sync::Arc;
 
-use xen_backend::Platform;
 use xs_wire::Client;
 
 use crate::frontend::Toolstack;
@@ -49,23 +49,6 @@ impl SimDom0 {
     pub fn dom0_client(&self) -> Result<Client, Dom0Error> {
         Ok(Client::from_stream(self.xenstored.connect_as(0)?)?)
     }
-
-    /// The platform of a backend in dom0 on its own xenstore connection.
-    pub fn platform(&self) -> Result<Platform, Dom0Error> {
-        Ok(self.platform_with(self.dom0_client()?))
-    }
-
-    /// The platform of a backend in dom0 on the given xenstore connection.
-    pub fn platform_with(&self, xenstore: Client) -> Platform {
-        dom0_platform(&self.host, xenstore)
-    }
-}
-
-/// The platform of a backend in dom0 of `host` on the given xenstore
-/// connection (e.g. a second backend process, after a restart).
-pub fn dom0_platform(host: &Arc<SimHost>, xenstore: Client) -> Platform {
-    let evtchn_host = host.clone();
-    Platform::new(0, xenstore, move || Ok(evtchn_host.evtchn(0)), host.grant_mapper(0))
 }
 
 /// A simulated dom0's `/run/xenbackd`: a fresh directory on tmpfs (in

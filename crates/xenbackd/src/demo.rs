@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use blkback::{BlkDeviceType, BlkOptions, Offer};
 use blkif::abi::BLKIF_RSP_OKAY;
-use xen_backend::{Backend, Config};
+use xen_backend::{Backend, Config, Platform};
 use xen_sim::blkfront::{BlkCompletion, BlkOp, Blkfront, BlkfrontOptions, DiskInfo, FrontQueue};
 use xen_sim::dom0::SimDom0;
 use xen_sim::frontend::{DeviceSpec, FrontendDevice, Toolstack};
@@ -128,7 +128,7 @@ impl Machine {
     /// [`Machine::start_with`] and the framework's `config`.
     pub(crate) fn start_with_config(options: BlkOptions, config: Config) -> Result<Machine> {
         let dom0 = SimDom0::start()?;
-        let platform = dom0.platform()?;
+        let platform = Platform::new(0, dom0.dom0_client()?, dom0.host.evtchn_opener(0), dom0.host.grant_mapper(0));
         let SimDom0 { host, xenstored, toolstack } = dom0;
         let budget = blkback::BufferBudget::new(options.buffer_bytes);
         let types = vec![BlkDeviceType::with_budget("qdisk", options, budget.clone()) as _];

@@ -94,6 +94,16 @@ impl SimHost {
         SimEventChannel::new(self.clone(), domid)
     }
 
+    /// Opens event-channel handles of `domid` (what a backend's platform
+    /// opens one with per ring).
+    pub fn evtchn_opener(
+        self: &Arc<Self>,
+        domid: DomId,
+    ) -> impl Fn() -> evtchn::Result<Box<dyn EventChannel>> + Send + Sync + 'static {
+        let host = self.clone();
+        move || Ok(host.evtchn(domid))
+    }
+
     /// The backend side acting as `domid`: maps and copies grants other
     /// domains gave to `domid`.
     pub fn grant_mapper(self: &Arc<Self>, domid: DomId) -> Arc<dyn GrantMapper> {
