@@ -91,14 +91,14 @@ fn a_guest_that_reconnects_finds_its_data_on_new_rings() {
 /// is connected and served, as by Linux.
 #[test]
 fn frontend_nodes_linux_accepts_connect_and_serve() {
-    use blkif::Abi;
+    use xen_bus::Protocol;
     use xen_sim::blkfront::Blkfront;
     let h = Harness::new().unwrap();
     let disk = TempDisk::new("lenient", 1 << 20);
     let spec = h.spec("qdisk", 1, 0, &format!("aio:{}", disk.path.display()), "w", &[]);
     let mut dev = h.create(spec).unwrap();
     dev.wait_backend_state("InitWait", WAIT, |s| s == Some(XenbusState::InitWait)).unwrap();
-    let options = BlkfrontOptions { abi: Abi::X86_64, ..BlkfrontOptions::default() };
+    let options = BlkfrontOptions { abi: Protocol::X86_64, ..BlkfrontOptions::default() };
     let mut front = Blkfront::new(&h.host, 1, 0, options).unwrap();
     for (node, value) in front.nodes() {
         let value = match node.as_str() {

@@ -31,9 +31,10 @@ use std::time::{Duration, Instant};
 use blkback::{Disk, EngineChoice, IoEngine, IoUringEngine, QueueExecutor};
 use blkback::{RingQueue, ThreadPoolEngine};
 use blkif::abi::*;
-use blkif::{Abi, BlkFrontRing, DiskLimits};
+use blkif::{BlkFrontRing, DiskLimits};
 use gnttab::{CopySegment, DomId, GrantMapper, GrantMapping, GrantRef, GrantStatus, PAGE_SIZE};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use xen_bus::Protocol;
 use xen_sim::rng::Rng;
 use zerocopy::IntoBytes;
 
@@ -142,7 +143,7 @@ fn crash_child() {
         flush: true,
         max_indirect_segments: 0,
     };
-    let exec = QueueExecutor::new(Abi::Native, limits, 1, Arc::new(FlatGrants { mem }), engine);
+    let exec = QueueExecutor::new(Protocol::Native, limits, 1, Arc::new(FlatGrants { mem }), engine);
     let journal = File::options().read(true).write(true).create(!resume).truncate(false).open(files.journal()).unwrap();
     let journal = Some(xen_ring::JournalFile::new(journal, 42));
     let mut queue = if resume {
@@ -363,7 +364,7 @@ fn kills_at_random_moments_lose_and_repeat_nothing() {
     }
     let mem = open_rw(&files.mem());
     let front =
-        BlkFrontRing::new(GrantMapping::shared_file(&mem, RING_PAGES * PAGE_SIZE).unwrap(), Abi::Native).unwrap();
+        BlkFrontRing::new(GrantMapping::shared_file(&mem, RING_PAGES * PAGE_SIZE).unwrap(), Protocol::Native).unwrap();
     assert_eq!(front.size() as usize, SLOTS);
     let mut g = Guest {
         kick: open_fifo(&files.kick()),

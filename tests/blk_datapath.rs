@@ -7,10 +7,10 @@ mod blk_support;
 
 use blk_support::*;
 use blkif::abi::*;
-use blkif::Abi;
+use xen_bus::Protocol;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions};
 
-fn write_read_verify(abi: Abi, domid: u16) {
+fn write_read_verify(abi: Protocol, domid: u16) {
     let h = Harness::new().unwrap();
     let disk = TempDisk::new(&format!("abi-{abi:?}"), 4 << 20);
     let mut g = h.attach(domid, 0, &disk, "w", BlkfrontOptions { abi, ..Default::default() }).unwrap();
@@ -28,17 +28,17 @@ fn write_read_verify(abi: Abi, domid: u16) {
 
 #[test]
 fn native_abi_writes_and_reads_back() {
-    write_read_verify(Abi::Native, 1);
+    write_read_verify(Protocol::Native, 1);
 }
 
 #[test]
 fn x86_32_abi_writes_and_reads_back() {
-    write_read_verify(Abi::X86_32, 2);
+    write_read_verify(Protocol::X86_32, 2);
 }
 
 #[test]
 fn x86_64_abi_writes_and_reads_back() {
-    write_read_verify(Abi::X86_64, 3);
+    write_read_verify(Protocol::X86_64, 3);
 }
 
 #[test]

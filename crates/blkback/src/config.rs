@@ -23,10 +23,10 @@ use std::path::PathBuf;
 
 use evtchn::Port;
 use gnttab::GrantRef;
-use xen_bus::{rings, scan, FrontendRings, RingNodeError, RingOffer};
+use xen_bus::{rings, scan, FrontendRings, Protocol, RingNodeError, RingOffer};
 
 use crate::disk::Disk;
-use blkif::{Abi, DiskLimits};
+use blkif::DiskLimits;
 
 /// `VDISK_CDROM` (`blkif.h`).
 pub const VDISK_CDROM: u32 = 1;
@@ -220,7 +220,7 @@ pub struct QueueConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendConfig {
     /// The ring layout (`protocol`).
-    pub abi: Abi,
+    pub abi: Protocol,
     /// `ring-page-order` (0 when absent).
     pub ring_page_order: u32,
     /// One entry per queue.
@@ -252,8 +252,8 @@ impl FrontendConfig {
     /// [`FrontendRings::read`], in the layout Linux writes.
     pub fn read(read: impl Fn(&str) -> Option<String>, offer: &Offer) -> Result<FrontendConfig, ConfigError> {
         let abi = match read("protocol") {
-            None => Abi::Native,
-            Some(p) => Abi::from_protocol(&p).ok_or(ConfigError::Bad { node: "protocol".into(), value: p })?,
+            None => Protocol::Native,
+            Some(p) => Protocol::parse(Some(&p)).map_err(|_| ConfigError::Bad { node: "protocol".into(), value: p })?,
         };
         let ring_offer = RingOffer { max_ring_page_order: offer.max_ring_page_order, max_queues: offer.max_queues };
         let rings = FrontendRings::read(|n| Ok::<_, ConfigError>(read(n)), ring_offer)?;
@@ -307,7 +307,7 @@ mod tests {
             &Offer::default(),
         )
         .unwrap();
-        assert_eq!(f.abi, Abi::X86_32);
+        assert_eq!(f.abi, Protocol::X86_32);
         assert_eq!(f.queues, vec![QueueConfig { ring_refs: vec![GrantRef(8)], event_channel: Port(5) }]);
     }
 
@@ -327,7 +327,7 @@ mod tests {
             &Offer::default(),
         )
         .unwrap();
-        assert_eq!(f.abi, Abi::Native);
+        assert_eq!(f.abi, Protocol::Native);
         assert_eq!(f.queues[1].ring_refs, vec![GrantRef(12), GrantRef(13)]);
         assert_eq!(f.queues[1].event_channel, Port(4));
     }
@@ -348,7 +348,7 @@ mod tests {
             &Offer::default(),
         )
         .unwrap();
-        assert_eq!(f.abi, Abi::X86_32);
+        assert_eq!(f.abi, Protocol::X86_32);
         assert!(!f.persistent);
         assert_eq!(f.ring_page_order, 0);
         assert_eq!(f.queues, vec![QueueConfig { ring_refs: vec![GrantRef(8)], event_channel: Port(5) }]);

@@ -12,7 +12,8 @@ use std::collections::HashMap;
 use crate::queue::{QueueExecutor, QueueStats};
 use blkif::request::request_id;
 use blkif::ring::BlkBackRing;
-use blkif::{Abi, Response};
+use blkif::{Layout, Response};
+use xen_bus::Protocol;
 use xen_ring::{JournalFile, RingError, Ticket};
 
 /// Errors of connecting or serving a queue.
@@ -83,7 +84,7 @@ pub struct Pass {
 pub struct RingQueue {
     index: usize,
     ring: BlkBackRing,
-    abi: Abi,
+    abi: Protocol,
     exec: QueueExecutor,
     slot: Vec<u8>,
     responses: Vec<Response>,
@@ -123,12 +124,12 @@ impl RingQueue {
     fn with_ring(
         index: usize,
         exec: QueueExecutor,
-        ring: impl FnOnce(Abi) -> Result<BlkBackRing, xen_ring::RingError>,
+        ring: impl FnOnce(Protocol) -> Result<BlkBackRing, xen_ring::RingError>,
     ) -> Result<Self, QueueError> {
         let abi = exec.abi();
         let ring = ring(abi).map_err(|source| QueueError::Ring { queue: index, source })?;
         let tickets = HashMap::with_capacity(ring.size() as usize);
-        let slot = vec![0; abi.slot_size()];
+        let slot = vec![0; Layout::from(abi).slot_size()];
         Ok(RingQueue { index, ring, abi, exec, slot, responses: Vec::new(), tickets, more_tickets: Vec::new() })
     }
 
@@ -147,7 +148,7 @@ impl RingQueue {
     }
 
     /// The ring layout.
-    pub fn abi(&self) -> Abi {
+    pub fn abi(&self) -> Protocol {
         self.abi
     }
 
@@ -340,9 +341,9 @@ mod tests {
             max_indirect_segments: 0,
         };
         let engine = Box::new(ThreadPoolEngine::new(disk, 1).unwrap());
-        let exec = QueueExecutor::new(Abi::Native, limits, 1, Arc::new(NoGrants), engine);
+        let exec = QueueExecutor::new(Protocol::Native, limits, 1, Arc::new(NoGrants), engine);
         let shared = Arc::new(GrantMapping::anonymous(PAGE_SIZE).unwrap());
-        let front = BlkFrontRing::new(shared.clone(), Abi::Native).unwrap();
+        let front = BlkFrontRing::new(shared.clone(), Protocol::Native).unwrap();
         let addr = std::ptr::NonNull::new(shared.as_ptr()).unwrap();
         // SAFETY: `Keep` holds the anonymous mapping until this view is dropped.
         let back = unsafe { GrantMapping::from_raw(addr, PAGE_SIZE, true, Box::new(Keep(shared))) };

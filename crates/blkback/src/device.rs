@@ -153,7 +153,7 @@ struct BlkDevice {
     budget: Arc<BufferBudget>,
     disk: Option<(DiskConfig, Arc<Disk>)>,
     /// Of the connection: queues, `ring-page-order`, the ABI.
-    rings: Option<(usize, u32, blkif::Abi)>,
+    rings: Option<(usize, u32, xen_bus::Protocol)>,
 }
 
 /// Reads nodes through `f`, keeping the first xenstore error (absent nodes

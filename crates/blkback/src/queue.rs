@@ -19,13 +19,12 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blkif::{parse, parse_indirect_segments, Direction, DiskLimits, Request, RequestKind, Response, Segment, Status};
 use gnttab::{CopySegment, DomId, GrantMapper, GrantRef, GrantStatus, GuestPage, PAGE_SIZE};
+use xen_bus::Protocol;
 
 use crate::buffer::{AlignedBuf, BufferBudget, QueueBudget};
 use crate::engine::{Completion, IoEngine, IoOp};
-use blkif::{
-    parse, parse_indirect_segments, Abi, Direction, DiskLimits, Request, RequestKind, Response, Segment, Status,
-};
 
 /// Bytes of bounce buffers one queue may hold by default (in flight and
 /// spare): 1024 pages, Linux blkback's `max_buffer_pages` per ring; a
@@ -98,7 +97,7 @@ struct UnstartedWrite {
 
 /// Executes the requests of one queue.
 pub struct QueueExecutor {
-    abi: Abi,
+    abi: Protocol,
     limits: DiskLimits,
     frontend: DomId,
     grants: Arc<dyn GrantMapper>,
@@ -132,7 +131,7 @@ pub struct QueueExecutor {
 impl QueueExecutor {
     /// An executor for a frontend in domain `frontend`, using `abi`'s layout.
     pub fn new(
-        abi: Abi,
+        abi: Protocol,
         limits: DiskLimits,
         frontend: DomId,
         grants: Arc<dyn GrantMapper>,
@@ -192,7 +191,7 @@ impl QueueExecutor {
     }
 
     /// The ring layout.
-    pub fn abi(&self) -> Abi {
+    pub fn abi(&self) -> Protocol {
         self.abi
     }
 
@@ -699,7 +698,7 @@ mod tests {
         let pages = (0..16u32).map(|g| (g, vec![0u8; PAGE_SIZE])).collect();
         let grants = Arc::new(FakeGrants { pages: Mutex::new(pages), copies: Default::default() });
         let engine = Box::new(ThreadPoolEngine::new(disk, 2).unwrap());
-        (QueueExecutor::new(Abi::Native, LIMITS, 5, grants.clone(), engine), grants, p)
+        (QueueExecutor::new(Protocol::Native, LIMITS, 5, grants.clone(), engine), grants, p)
     }
 
     fn request(op: u8, id: u64, sector: u64, segs: &[(u32, u8, u8)]) -> BlkifRequest64 {
@@ -971,7 +970,7 @@ mod tests {
             Box::new(Recorder { ops: ops.clone(), done: Vec::new(), fd: nix::sys::eventfd::EventFd::new().unwrap() });
         let pages = (0..4u32).map(|g| (g, vec![0u8; PAGE_SIZE])).collect();
         let grants = Arc::new(FakeGrants { pages: Mutex::new(pages), copies: Default::default() });
-        let mut q = QueueExecutor::new(Abi::Native, LIMITS, 5, grants, engine);
+        let mut q = QueueExecutor::new(Protocol::Native, LIMITS, 5, grants, engine);
         let bad: Vec<_> = (0..10).map(|id| request(BLKIF_OP_READ, id, 0, &[(1, 0, 7), (1000, 0, 7)])).collect();
         let good = request(BLKIF_OP_READ, 99, 0, &[(1, 0, 7)]);
 
@@ -996,7 +995,7 @@ mod tests {
         let engine =
             Box::new(Recorder { ops: ops.clone(), done: Vec::new(), fd: nix::sys::eventfd::EventFd::new().unwrap() });
         let grants = Arc::new(FakeGrants { pages: Mutex::new(Default::default()), copies: Default::default() });
-        let mut q = QueueExecutor::new(Abi::Native, LIMITS, 5, grants, engine);
+        let mut q = QueueExecutor::new(Protocol::Native, LIMITS, 5, grants, engine);
         let d = BlkifRequestDiscard64 {
             operation: BLKIF_OP_DISCARD,
             flag: BLKIF_DISCARD_SECURE,

@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use blkback::{Completion, Disk, EngineError, IoEngine, IoOp, QueueExecutor, ThreadPoolEngine};
 use blkif::abi::*;
-use blkif::Abi;
 use blkif::{DiskLimits, Response, Status};
 use gnttab::{CopySegment, DomId, GrantMapper, GrantMapping, GrantRef, GrantStatus, PAGE_SIZE};
+use xen_bus::Protocol;
 use zerocopy::IntoBytes;
 
 /// Guest memory: grant reference N is page N.
@@ -144,7 +144,7 @@ fn queue(name: &str) -> Queue {
         max_indirect_segments: 0,
     };
     let mem = Arc::new(GuestMemory(Mutex::new(vec![0; 64 * PAGE_SIZE])));
-    let exec = QueueExecutor::new(Abi::Native, limits, 1, mem.clone(), Box::new(engine));
+    let exec = QueueExecutor::new(Protocol::Native, limits, 1, mem.clone(), Box::new(engine));
     Queue { exec, mem, held, _path: TempFile(path) }
 }
 

@@ -10,7 +10,7 @@ pub mod request;
 pub mod ring;
 
 pub use request::{
-    parse, parse_indirect_segments, Abi, Direction, DiskLimits, Fault, Request, RequestError, RequestKind, Response,
+    parse, parse_indirect_segments, Direction, DiskLimits, Fault, Layout, Request, RequestError, RequestKind, Response,
     Segment, Status,
 };
 pub use ring::{BlkBackRing, BlkFrontRing, RawResponse};

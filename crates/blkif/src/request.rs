@@ -9,60 +9,50 @@ use zerocopy::FromBytes;
 
 use crate::abi::*;
 
-/// The ring layout a frontend uses, from its `protocol` node.
+/// The slot layout of a frontend's [`Protocol`]: `x86_32-abi` packs its
+/// structs to 4 bytes (Linux's `#pragma pack(4)`); native (x86_64 here),
+/// `x86_64-abi` and `arm-abi` share the 64-bit one (Xen's Arm blkif layouts
+/// are x86_64's: checked against `io/blkif.h` compiled for aarch64 in
+/// tests/c_headers.rs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Abi {
-    /// The backend's own layout (x86_64 here); no `protocol` node.
-    Native,
-    /// `x86_32-abi`: a 32-bit x86 guest.
-    X86_32,
-    /// `x86_64-abi`.
-    X86_64,
+pub enum Layout {
+    /// `x86_32-abi`.
+    Narrow,
+    /// Native, `x86_64-abi`, `arm-abi`.
+    Wide,
 }
 
-impl From<Protocol> for Abi {
-    fn from(p: Protocol) -> Abi {
+impl From<Protocol> for Layout {
+    fn from(p: Protocol) -> Layout {
         match p {
-            Protocol::Native => Abi::Native,
-            Protocol::X86_32 => Abi::X86_32,
-            // Xen's Arm blkif layouts are x86_64's (checked against
-            // `io/blkif.h` compiled for aarch64 in tests/c_headers.rs).
-            Protocol::X86_64 | Protocol::Arm => Abi::X86_64,
+            Protocol::X86_32 => Layout::Narrow,
+            Protocol::Native | Protocol::X86_64 | Protocol::Arm => Layout::Wide,
         }
     }
 }
 
-impl Abi {
-    /// From the `protocol` node's value (`XEN_IO_PROTO_ABI_*` in
-    /// `io/protocols.h`), by the framework's rules ([`Protocol::parse`]):
-    /// empty is native, trailing NULs are ignored, and anything else unknown
-    /// (including the word "native", which no frontend writes: Linux's
-    /// blkback refuses it too) is `None`.
-    pub fn from_protocol(value: &str) -> Option<Abi> {
-        Protocol::parse(Some(value)).ok().map(Abi::from)
-    }
-
+impl Layout {
     /// Size of a ring slot (the request/response union).
     pub fn slot_size(self) -> usize {
         match self {
-            Abi::X86_32 => SLOT_SIZE_32,
-            Abi::Native | Abi::X86_64 => SLOT_SIZE_64,
+            Layout::Narrow => SLOT_SIZE_32,
+            Layout::Wide => SLOT_SIZE_64,
         }
     }
 
     /// Size of a response in this layout.
     pub fn response_size(self) -> usize {
         match self {
-            Abi::X86_32 => core::mem::size_of::<BlkifResponse32>(),
-            Abi::Native | Abi::X86_64 => core::mem::size_of::<BlkifResponse64>(),
+            Layout::Narrow => core::mem::size_of::<BlkifResponse32>(),
+            Layout::Wide => core::mem::size_of::<BlkifResponse64>(),
         }
     }
 
-    /// Encodes a response into `out` (at least [`Abi::response_size`] bytes).
+    /// Encodes a response into `out` (at least [`Layout::response_size`] bytes).
     pub fn encode_response(self, rsp: &Response, out: &mut [u8]) {
         use zerocopy::IntoBytes;
         match self {
-            Abi::X86_32 => {
+            Layout::Narrow => {
                 let r = BlkifResponse32 {
                     id: rsp.id.into(),
                     operation: rsp.operation,
@@ -71,7 +61,7 @@ impl Abi {
                 };
                 out[..12].copy_from_slice(r.as_bytes());
             }
-            Abi::Native | Abi::X86_64 => {
+            Layout::Wide => {
                 let r = BlkifResponse64 {
                     id: rsp.id.into(),
                     operation: rsp.operation,
@@ -317,8 +307,8 @@ fn read_slot<T: FromBytes>(slot: &[u8]) -> T {
 
 /// The `id` of the request in `slot` (of `abi`'s layout), whatever else the
 /// slot holds: it is at the same place in every operation's layout.
-pub fn request_id(abi: Abi, slot: &[u8]) -> u64 {
-    if matches!(abi, Abi::X86_32) {
+pub fn request_id(abi: Protocol, slot: &[u8]) -> u64 {
+    if Layout::from(abi) == Layout::Narrow {
         read_slot::<BlkifRequest32>(slot).id.get()
     } else {
         read_slot::<BlkifRequest64>(slot).id.get()
@@ -326,9 +316,9 @@ pub fn request_id(abi: Abi, slot: &[u8]) -> u64 {
 }
 
 /// Parses a request copied out of a ring slot of `abi`'s layout and checks
-/// it against `disk`. `slot` must be [`Abi::slot_size`] bytes; a shorter one
+/// it against `disk`. `slot` must be [`Layout::slot_size`] bytes; a shorter one
 /// is read as if zero-padded.
-pub fn parse(abi: Abi, slot: &[u8], disk: &DiskLimits) -> Result<Request, RequestError> {
+pub fn parse(abi: Protocol, slot: &[u8], disk: &DiskLimits) -> Result<Request, RequestError> {
     let mut padded = [0u8; SLOT_SIZE_64];
     let n = slot.len().min(SLOT_SIZE_64);
     padded[..n].copy_from_slice(&slot[..n]);
@@ -338,7 +328,7 @@ pub fn parse(abi: Abi, slot: &[u8], disk: &DiskLimits) -> Result<Request, Reques
     // blkfront disables the disk on anything else. Byte 1 is `indirect_op` in
     // every layout, so even a malformed indirect request gets what it expects.
     let operation = if slot[0] == BLKIF_OP_INDIRECT { slot[1] } else { slot[0] };
-    let wide = !matches!(abi, Abi::X86_32);
+    let wide = Layout::from(abi) == Layout::Wide;
     let id = request_id(abi, slot);
     let fail = |fault| RequestError { id, operation, fault };
     let kind = parse_kind(wide, slot, disk).map_err(fail)?;
@@ -486,7 +476,7 @@ mod tests {
     #[test]
     fn parses_native_write_with_segments() {
         let r = rw64(BLKIF_OP_WRITE, 2, 8);
-        let req = parse(Abi::Native, r.as_bytes(), &DISK).unwrap();
+        let req = parse(Protocol::Native, r.as_bytes(), &DISK).unwrap();
         assert_eq!(req.id, 0xabcd);
         let RequestKind::Data { direction, sector, segments, barrier, flush } = req.kind else { panic!("{req:?}") };
         assert_eq!((direction, sector, barrier, flush), (Direction::Write, 8, false, false));
@@ -500,7 +490,7 @@ mod tests {
         r.id = 0x1122_3344_5566_7788.into();
         r.sector_number = 77.into();
         r.seg[0] = seg(9, 1, 3);
-        let req = parse(Abi::X86_32, r.as_bytes(), &DISK).unwrap();
+        let req = parse(Protocol::X86_32, r.as_bytes(), &DISK).unwrap();
         assert_eq!(req.id, 0x1122_3344_5566_7788);
         let RequestKind::Data { sector, segments, .. } = req.kind else { panic!() };
         assert_eq!(sector, 77);
@@ -513,7 +503,7 @@ mod tests {
     fn parse_rejects_segment_beyond_page() {
         let mut r = rw64(BLKIF_OP_READ, 1, 0);
         r.seg[0] = seg(1, 0, 8);
-        let err = parse(Abi::X86_64, r.as_bytes(), &DISK).unwrap_err();
+        let err = parse(Protocol::X86_64, r.as_bytes(), &DISK).unwrap_err();
         assert_eq!(err.fault, Fault::BadSegment { first_sect: 0, last_sect: 8 });
         assert_eq!(err.response().status, Status::Error);
         assert_eq!(err.id, 0xabcd);
@@ -523,11 +513,11 @@ mod tests {
     fn parse_rejects_reversed_segment_and_bad_counts() {
         let mut r = rw64(BLKIF_OP_READ, 1, 0);
         r.seg[0] = seg(1, 5, 4);
-        assert!(matches!(parse(Abi::Native, r.as_bytes(), &DISK).unwrap_err().fault, Fault::BadSegment { .. }));
+        assert!(matches!(parse(Protocol::Native, r.as_bytes(), &DISK).unwrap_err().fault, Fault::BadSegment { .. }));
         for nr in [0u8, 12, 255] {
             let r = rw64(BLKIF_OP_WRITE, nr, 0);
             assert!(matches!(
-                parse(Abi::Native, r.as_bytes(), &DISK).unwrap_err().fault,
+                parse(Protocol::Native, r.as_bytes(), &DISK).unwrap_err().fault,
                 Fault::BadSegmentCount { .. }
             ));
         }
@@ -536,33 +526,33 @@ mod tests {
     #[test]
     fn parse_rejects_sectors_beyond_disk_end_and_overflow() {
         let r = rw64(BLKIF_OP_READ, 2, DISK.sectors - 8);
-        assert!(matches!(parse(Abi::Native, r.as_bytes(), &DISK).unwrap_err().fault, Fault::OutOfRange { .. }));
+        assert!(matches!(parse(Protocol::Native, r.as_bytes(), &DISK).unwrap_err().fault, Fault::OutOfRange { .. }));
         let r = rw64(BLKIF_OP_READ, 1, u64::MAX - 2);
-        assert!(matches!(parse(Abi::Native, r.as_bytes(), &DISK).unwrap_err().fault, Fault::OutOfRange { .. }));
+        assert!(matches!(parse(Protocol::Native, r.as_bytes(), &DISK).unwrap_err().fault, Fault::OutOfRange { .. }));
         let r = rw64(BLKIF_OP_READ, 1, DISK.sectors - 8);
-        assert!(parse(Abi::Native, r.as_bytes(), &DISK).is_ok());
+        assert!(parse(Protocol::Native, r.as_bytes(), &DISK).is_ok());
     }
 
     #[test]
     fn parse_rejects_writes_to_read_only_disk() {
         let ro = DiskLimits { read_only: true, ..DISK };
         let r = rw64(BLKIF_OP_WRITE, 1, 0);
-        assert_eq!(parse(Abi::Native, r.as_bytes(), &ro).unwrap_err().fault, Fault::ReadOnly);
+        assert_eq!(parse(Protocol::Native, r.as_bytes(), &ro).unwrap_err().fault, Fault::ReadOnly);
         let r = rw64(BLKIF_OP_READ, 1, 0);
-        assert!(parse(Abi::Native, r.as_bytes(), &ro).is_ok());
+        assert!(parse(Protocol::Native, r.as_bytes(), &ro).is_ok());
     }
 
     #[test]
     fn unknown_and_unsupported_operations_get_eopnotsupp() {
         for op in [BLKIF_OP_RESERVED_1, 7, 255] {
             let r = rw64(op, 1, 0);
-            let e = parse(Abi::Native, r.as_bytes(), &DISK).unwrap_err();
+            let e = parse(Protocol::Native, r.as_bytes(), &DISK).unwrap_err();
             assert_eq!(e.response().status, Status::NotSupported);
             assert_eq!(e.response().operation, op);
         }
         let no_barrier = DiskLimits { barrier: false, ..DISK };
         let r = rw64(BLKIF_OP_WRITE_BARRIER, 1, 0);
-        assert_eq!(parse(Abi::Native, r.as_bytes(), &no_barrier).unwrap_err().fault, Fault::Unsupported(2));
+        assert_eq!(parse(Protocol::Native, r.as_bytes(), &no_barrier).unwrap_err().fault, Fault::Unsupported(2));
     }
 
     #[test]
@@ -571,12 +561,12 @@ mod tests {
         // layer's unset position); refusing it makes blkfront turn flushes off.
         for sector in [0, DISK.sectors, u64::MAX] {
             let r = rw64(BLKIF_OP_FLUSH_DISKCACHE, 0, sector);
-            let req = parse(Abi::Native, r.as_bytes(), &DISK).unwrap();
+            let req = parse(Protocol::Native, r.as_bytes(), &DISK).unwrap();
             assert!(matches!(req.kind, RequestKind::Data { flush: true, ref segments, .. } if segments.is_empty()));
         }
         // With data, the range is checked as for any write.
         let r = rw64(BLKIF_OP_FLUSH_DISKCACHE, 1, u64::MAX);
-        assert!(matches!(parse(Abi::Native, r.as_bytes(), &DISK).unwrap_err().fault, Fault::OutOfRange { .. }));
+        assert!(matches!(parse(Protocol::Native, r.as_bytes(), &DISK).unwrap_err().fault, Fault::OutOfRange { .. }));
     }
 
     #[test]
@@ -589,7 +579,7 @@ mod tests {
             nr_sectors: 64.into(),
             ..Default::default()
         };
-        let req = parse(Abi::X86_64, d.as_bytes(), &DISK).unwrap();
+        let req = parse(Protocol::X86_64, d.as_bytes(), &DISK).unwrap();
         assert_eq!(req.kind, RequestKind::Discard { sector: 16, nr_sectors: 64, secure: true });
         let d32 = BlkifRequestDiscard32 {
             operation: BLKIF_OP_DISCARD,
@@ -600,10 +590,10 @@ mod tests {
         };
         let mut slot = [0u8; SLOT_SIZE_32];
         slot[..28].copy_from_slice(d32.as_bytes());
-        let req = parse(Abi::X86_32, &slot, &DISK).unwrap();
+        let req = parse(Protocol::X86_32, &slot, &DISK).unwrap();
         assert_eq!((req.id, req.kind), (6, RequestKind::Discard { sector: 1, nr_sectors: 2, secure: false }));
         let no_discard = DiskLimits { discard: false, ..DISK };
-        assert_eq!(parse(Abi::X86_64, d.as_bytes(), &no_discard).unwrap_err().fault, Fault::Unsupported(5));
+        assert_eq!(parse(Protocol::X86_64, d.as_bytes(), &no_discard).unwrap_err().fault, Fault::Unsupported(5));
     }
 
     #[test]
@@ -619,13 +609,16 @@ mod tests {
             r.indirect_grefs[i] = (1000 + i as u32).into();
         }
         let big = DiskLimits { max_indirect_segments: 4096, ..DISK };
-        let req = parse(Abi::Native, r.as_bytes(), &big).unwrap();
+        let req = parse(Protocol::Native, r.as_bytes(), &big).unwrap();
         let RequestKind::Indirect { pages, nr_segments, .. } = req.kind else { panic!() };
         assert_eq!((nr_segments, pages), (513, vec![GrantRef(1000), GrantRef(1001)]));
         // Above the advertised maximum.
-        assert!(matches!(parse(Abi::Native, r.as_bytes(), &DISK).unwrap_err().fault, Fault::BadSegmentCount { .. }));
+        assert!(matches!(
+            parse(Protocol::Native, r.as_bytes(), &DISK).unwrap_err().fault,
+            Fault::BadSegmentCount { .. }
+        ));
         r.indirect_op = BLKIF_OP_DISCARD;
-        assert_eq!(parse(Abi::Native, r.as_bytes(), &big).unwrap_err().fault, Fault::BadIndirectOperation(5));
+        assert_eq!(parse(Protocol::Native, r.as_bytes(), &big).unwrap_err().fault, Fault::BadIndirectOperation(5));
     }
 
     #[test]
@@ -637,11 +630,11 @@ mod tests {
             id: 3.into(),
             ..Default::default()
         };
-        assert_eq!(parse(Abi::Native, r.as_bytes(), &DISK).unwrap().operation, BLKIF_OP_WRITE);
+        assert_eq!(parse(Protocol::Native, r.as_bytes(), &DISK).unwrap().operation, BLKIF_OP_WRITE);
         r.nr_segments = 0.into();
-        assert_eq!(parse(Abi::Native, r.as_bytes(), &DISK).unwrap_err().response().operation, BLKIF_OP_WRITE);
+        assert_eq!(parse(Protocol::Native, r.as_bytes(), &DISK).unwrap_err().response().operation, BLKIF_OP_WRITE);
         let d = BlkifRequest32 { operation: BLKIF_OP_INDIRECT, nr_segments: BLKIF_OP_READ, ..Default::default() };
-        assert_eq!(parse(Abi::X86_32, d.as_bytes(), &DISK).unwrap_err().response().operation, BLKIF_OP_READ);
+        assert_eq!(parse(Protocol::X86_32, d.as_bytes(), &DISK).unwrap_err().response().operation, BLKIF_OP_READ);
     }
 
     #[test]
@@ -662,30 +655,31 @@ mod tests {
     fn responses_encode_per_layout() {
         let rsp = Response { id: 0x0102_0304_0506_0708, operation: 1, status: Status::NotSupported };
         let mut out = [0xffu8; 16];
-        Abi::Native.encode_response(&rsp, &mut out);
+        Layout::from(Protocol::Native).encode_response(&rsp, &mut out);
         assert_eq!(out, [8, 7, 6, 5, 4, 3, 2, 1, 1, 0, 0xfe, 0xff, 0, 0, 0, 0]);
         let mut out = [0xffu8; 12];
-        Abi::X86_32.encode_response(&rsp, &mut out);
+        Layout::from(Protocol::X86_32).encode_response(&rsp, &mut out);
         assert_eq!(&out[8..], &[1, 0, 0xfe, 0xff]);
     }
 
     #[test]
     fn protocol_names_map_to_layouts() {
-        assert_eq!(Abi::from_protocol("x86_32-abi"), Some(Abi::X86_32));
-        assert_eq!(Abi::from_protocol("x86_64-abi"), Some(Abi::X86_64));
-        let arm = if cfg!(any(target_arch = "arm", target_arch = "aarch64")) { Some(Abi::X86_64) } else { None };
-        assert_eq!(Abi::from_protocol("arm-abi"), arm);
-        assert_eq!(Abi::from_protocol("native"), None);
-        assert_eq!(Abi::from_protocol(""), Some(Abi::Native));
-        assert_eq!(Abi::from_protocol("x86_32-abi\0"), Some(Abi::X86_32));
-        assert_eq!(Abi::X86_32.slot_size(), 108);
+        let layout = |name: &str| Protocol::parse(Some(name)).ok().map(Layout::from);
+        assert_eq!(layout("x86_32-abi"), Some(Layout::Narrow));
+        assert_eq!(layout("x86_64-abi"), Some(Layout::Wide));
+        let arm = if cfg!(any(target_arch = "arm", target_arch = "aarch64")) { Some(Layout::Wide) } else { None };
+        assert_eq!(layout("arm-abi"), arm);
+        assert_eq!(layout("native"), None);
+        assert_eq!(layout(""), Some(Layout::Wide));
+        assert_eq!(layout("x86_32-abi\0"), Some(Layout::Narrow));
+        assert_eq!(Layout::Narrow.slot_size(), 108);
     }
 
     #[test]
     fn parse_never_panics_on_short_or_garbage_slots() {
         for len in 0..SLOT_SIZE_64 {
             let slot = vec![0xa5u8; len];
-            for abi in [Abi::Native, Abi::X86_32] {
+            for abi in [Protocol::Native, Protocol::X86_32] {
                 let _ = parse(abi, &slot, &DISK);
             }
         }

@@ -13,14 +13,16 @@ use xen_ring::{BackRing, FrontRing, JournalFile, RingError, Ticket};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::abi::{BlkifResponse32, BlkifResponse64, SLOT_SIZE_32, SLOT_SIZE_64};
-use crate::request::{Abi, Response};
+use xen_bus::Protocol;
+
+use crate::request::{Layout, Response};
 
 type Slot64 = [u8; SLOT_SIZE_64];
 type Slot32 = [u8; SLOT_SIZE_32];
 
 /// The number of slots a ring of `bytes` holds in layout `abi`.
-pub fn ring_size(bytes: usize, abi: Abi) -> u32 {
-    xen_ring::ring_size(bytes, abi.slot_size())
+pub fn ring_size(bytes: usize, abi: Protocol) -> u32 {
+    xen_ring::ring_size(bytes, Layout::from(abi).slot_size())
 }
 
 /// The backend's end of a blkif ring.
@@ -34,7 +36,7 @@ pub enum BlkBackRing {
 impl BlkBackRing {
     /// Attaches to the ring the frontend initialised in `mem`, keeping
     /// `journal` of the requests taken if given ([`BackRing::new_journaled`]).
-    pub fn new(mem: GrantMapping, abi: Abi, journal: Option<JournalFile>) -> Result<Self, RingError> {
+    pub fn new(mem: GrantMapping, abi: Protocol, journal: Option<JournalFile>) -> Result<Self, RingError> {
         fn one<Req: xen_ring::RingEntry, Rsp: xen_ring::RingEntry>(
             mem: GrantMapping,
             journal: Option<JournalFile>,
@@ -44,18 +46,18 @@ impl BlkBackRing {
                 None => BackRing::new(mem),
             }
         }
-        Ok(match abi {
-            Abi::X86_32 => BlkBackRing::Narrow(one(mem, journal)?),
-            Abi::Native | Abi::X86_64 => BlkBackRing::Wide(one(mem, journal)?),
+        Ok(match Layout::from(abi) {
+            Layout::Narrow => BlkBackRing::Narrow(one(mem, journal)?),
+            Layout::Wide => BlkBackRing::Wide(one(mem, journal)?),
         })
     }
 
     /// Takes over a ring in use after a backend restart or crash, with the
     /// previous backend's journal ([`BackRing::resume`]).
-    pub fn resume(mem: GrantMapping, abi: Abi, journal: Option<JournalFile>) -> Result<Self, RingError> {
-        Ok(match abi {
-            Abi::X86_32 => BlkBackRing::Narrow(BackRing::resume(mem, journal)?),
-            Abi::Native | Abi::X86_64 => BlkBackRing::Wide(BackRing::resume(mem, journal)?),
+    pub fn resume(mem: GrantMapping, abi: Protocol, journal: Option<JournalFile>) -> Result<Self, RingError> {
+        Ok(match Layout::from(abi) {
+            Layout::Narrow => BlkBackRing::Narrow(BackRing::resume(mem, journal)?),
+            Layout::Wide => BlkBackRing::Wide(BackRing::resume(mem, journal)?),
         })
     }
 
@@ -97,12 +99,12 @@ impl BlkBackRing {
         let mut raw = [0u8; 16];
         match self {
             BlkBackRing::Wide(r) => {
-                Abi::X86_64.encode_response(rsp, &mut raw);
+                Layout::Wide.encode_response(rsp, &mut raw);
                 let (v, _) = BlkifResponse64::read_from_prefix(&raw).expect("16 bytes");
                 r.answer(ticket, &v)
             }
             BlkBackRing::Narrow(r) => {
-                Abi::X86_32.encode_response(rsp, &mut raw);
+                Layout::Narrow.encode_response(rsp, &mut raw);
                 let (v, _) = BlkifResponse32::read_from_prefix(&raw).expect("12 bytes");
                 r.answer(ticket, &v)
             }
@@ -147,10 +149,10 @@ pub enum BlkFrontRing<M: Borrow<GrantMapping>> {
 
 impl<M: Borrow<GrantMapping>> BlkFrontRing<M> {
     /// Initialises the shared ring in `mem` for layout `abi`.
-    pub fn new(mem: M, abi: Abi) -> Result<Self, RingError> {
-        Ok(match abi {
-            Abi::X86_32 => BlkFrontRing::Narrow(FrontRing::new(mem)?),
-            Abi::Native | Abi::X86_64 => BlkFrontRing::Wide(FrontRing::new(mem)?),
+    pub fn new(mem: M, abi: Protocol) -> Result<Self, RingError> {
+        Ok(match Layout::from(abi) {
+            Layout::Narrow => BlkFrontRing::Narrow(FrontRing::new(mem)?),
+            Layout::Wide => BlkFrontRing::Wide(FrontRing::new(mem)?),
         })
     }
 
@@ -241,7 +243,7 @@ mod tests {
         fn unmap(&mut self, _: std::ptr::NonNull<u8>, _: usize) {}
     }
 
-    fn pair(pages: usize, abi: Abi) -> (BlkFrontRing<Arc<GrantMapping>>, BlkBackRing) {
+    fn pair(pages: usize, abi: Protocol) -> (BlkFrontRing<Arc<GrantMapping>>, BlkBackRing) {
         let len = pages * PAGE_SIZE;
         let shared = Arc::new(GrantMapping::anonymous(len).unwrap());
         let addr = std::ptr::NonNull::new(shared.as_ptr()).unwrap();
@@ -253,15 +255,15 @@ mod tests {
 
     #[test]
     fn ring_sizes_match_ring_h_for_blkif() {
-        assert_eq!(ring_size(PAGE_SIZE, Abi::X86_64), 32);
-        assert_eq!(ring_size(PAGE_SIZE, Abi::X86_32), 32);
-        assert_eq!(ring_size(4 * PAGE_SIZE, Abi::Native), 128);
-        assert_eq!(ring_size(16 * PAGE_SIZE, Abi::Native), 512);
+        assert_eq!(ring_size(PAGE_SIZE, Protocol::X86_64), 32);
+        assert_eq!(ring_size(PAGE_SIZE, Protocol::X86_32), 32);
+        assert_eq!(ring_size(4 * PAGE_SIZE, Protocol::Native), 128);
+        assert_eq!(ring_size(16 * PAGE_SIZE, Protocol::Native), 512);
     }
 
     #[test]
     fn x86_32_slots_are_108_bytes_apart_and_responses_12() {
-        let (mut front, mut back) = pair(1, Abi::X86_32);
+        let (mut front, mut back) = pair(1, Protocol::X86_32);
         front.put_request(&[1u8; SLOT_SIZE_32]).unwrap();
         front.put_request(&[2u8; SLOT_SIZE_32]).unwrap();
         front.push_requests().unwrap();
@@ -285,7 +287,7 @@ mod tests {
 
     #[test]
     fn wide_layout_round_trips_a_full_ring() {
-        let (mut front, mut back) = pair(2, Abi::Native);
+        let (mut front, mut back) = pair(2, Protocol::Native);
         let n = front.size();
         for i in 0..n {
             front.put_request(&[i as u8; 40]).unwrap();

@@ -163,7 +163,7 @@ fn check_foreign_layout(cc: &str, args: &[&str], protocol: &str, layout: &[(&str
 #[test]
 fn arm64_layout_is_x86_64_and_matches_xen_public_blkif_h() {
     // What `Protocol::Arm` (`arm-abi`) is served with.
-    assert_eq!(blkif::Abi::from(xen_bus::Protocol::Arm), blkif::Abi::X86_64);
+    assert_eq!(blkif::Layout::from(xen_bus::Protocol::Arm), blkif::Layout::from(xen_bus::Protocol::X86_64));
     let layout = layout!(BlkifRequest64, BlkifRequestDiscard64, BlkifRequestIndirect64, BlkifResponse64);
     check_foreign_layout("aarch64-linux-gnu-gcc", &[], "arm-abi", &layout);
 }

@@ -1,13 +1,14 @@
 //! Target `backend_state`: the parsing of what a frontend writes to its
 //! xenstore directory: `state` values ([`XenbusState::parse`]), the
-//! `protocol` node ([`Protocol::parse`], [`Abi::from_protocol`]) and the
+//! `protocol` node ([`Protocol::parse`], one parser for the framework and
+//! the block backend) and the
 //! ring details read at `Initialised` ([`FrontendConfig::read`], against an
 //! offer within the backend's limits).
 //!
 //! Properties: no panic, no allocation beyond what the offer allows; a
 //! parsed state is the node's trimmed decimal and round-trips through its
-//! number; a parsed protocol round-trips through its name and agrees with
-//! the block backend's [`Abi::from_protocol`]; a frontend configuration read
+//! number; a parsed protocol round-trips through its name and has the blkif
+//! slot layout its name says ([`Layout`]); a frontend configuration read
 //! `Ok` holds exactly the nodes' values, `1 <= queues <= max_queues` and
 //! `2^order` ring pages per queue with `order <= max_ring_page_order`; an
 //! error names a node that is missing or holds what it says.
@@ -19,7 +20,7 @@
 use std::collections::BTreeMap;
 
 use blkback::config::{ConfigError, FrontendConfig, Offer, MAX_RING_PAGE_ORDER};
-use blkif::Abi;
+use blkif::Layout;
 use xen_bus::{scan, Protocol, XenbusState};
 
 use crate::input::Input;
@@ -124,17 +125,11 @@ fn check_protocol(value: &str) {
     if let Ok(p) = p {
         assert_eq!(Protocol::parse(p.name()).ok(), Some(p), "{value:?}: {p:?} does not round-trip");
     }
-    // The block backend reads the same node with `Abi::from_protocol`: the
-    // two agree on every value.
-    let abi = Abi::from_protocol(value);
-    let same = match (&p, abi) {
-        (Ok(Protocol::Native), Some(Abi::Native))
-        | (Ok(Protocol::X86_32), Some(Abi::X86_32))
-        | (Ok(Protocol::X86_64 | Protocol::Arm), Some(Abi::X86_64))
-        | (Err(_), None) => true,
-        _ => false,
-    };
-    assert!(same, "protocol {value:?}: framework {p:?}, blkback {abi:?}");
+    // The block backend serves it with the slot layout its name says.
+    if let Ok(p) = p {
+        let narrow = Layout::from(p) == Layout::Narrow;
+        assert_eq!(narrow, p == Protocol::X86_32, "protocol {value:?}: {p:?} served as {:?}", Layout::from(p));
+    }
 }
 
 /// The harness.
@@ -156,7 +151,7 @@ pub fn run(data: &[u8]) {
     let read = |node: &str| nodes.get(node).cloned();
     match FrontendConfig::read(read, &offer) {
         Ok(cfg) => {
-            let want_abi = nodes.get("protocol").map_or(Some(Abi::Native), |p| Abi::from_protocol(p));
+            let want_abi = nodes.get("protocol").map_or(Some(Protocol::Native), |p| Protocol::parse(Some(p)).ok());
             assert_eq!(Some(cfg.abi), want_abi);
             // xenbus_read_unsigned: absent or no number is the default.
             let unsigned = |n: &str, default| scan::read_unsigned(nodes.get(n).map(|v| v.as_bytes()), default);
@@ -186,7 +181,7 @@ pub fn run(data: &[u8]) {
             if node != "protocol" {
                 assert_eq!(num(&value), None, "{node} = {value:?} is a number");
             } else {
-                assert_eq!(Abi::from_protocol(&value), None);
+                assert!(Protocol::parse(Some(&value)).is_err());
             }
         }
         Err(ConfigError::TooManyQueues { asked, offered }) => {

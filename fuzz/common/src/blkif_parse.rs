@@ -24,7 +24,8 @@ use blkif::abi::{
     BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER, SEGS_PER_INDIRECT_FRAME,
 };
-use blkif::{parse, parse_indirect_segments, Abi, Direction, DiskLimits, Fault, RequestKind, Segment, Status};
+use blkif::{parse, parse_indirect_segments, Direction, DiskLimits, Fault, Layout, RequestKind, Segment, Status};
+use xen_bus::Protocol;
 
 use crate::input::Input;
 
@@ -32,7 +33,7 @@ use crate::input::Input;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Case {
     /// The ring layout.
-    pub abi: Abi,
+    pub abi: Protocol,
     /// The disk.
     pub disk: DiskLimits,
     /// Parse the pages with `nr_segments`/`sector` below even for an indirect request.
@@ -55,7 +56,7 @@ impl Case {
     /// Decodes an input (every byte string decodes to some case).
     pub fn decode(data: &[u8]) -> Case {
         let mut input = Input::new(data);
-        let abi = [Abi::Native, Abi::X86_32, Abi::X86_64][usize::from(input.u8() % 3)];
+        let abi = [Protocol::Native, Protocol::X86_32, Protocol::X86_64][usize::from(input.u8() % 3)];
         let flags = input.u8();
         let sectors = u64_of(&mut input);
         let max_indirect_segments = input.u16();
@@ -79,9 +80,10 @@ impl Case {
     pub fn encode(&self) -> Vec<u8> {
         let d = &self.disk;
         let abi = match self.abi {
-            Abi::Native => 0,
-            Abi::X86_32 => 1,
-            Abi::X86_64 => 2,
+            Protocol::Native => 0,
+            Protocol::X86_32 => 1,
+            // `arm-abi` is never decoded; its layout is x86_64's.
+            Protocol::X86_64 | Protocol::Arm => 2,
         };
         let flags = u8::from(d.read_only)
             | u8::from(d.discard) << 1
@@ -126,8 +128,8 @@ fn in_range(sector: u64, count: u64, disk: &DiskLimits) -> bool {
 pub fn run(data: &[u8]) {
     let case = Case::decode(data);
     let disk = &case.disk;
-    let wide = case.abi != Abi::X86_32;
-    let slot_size = case.abi.slot_size();
+    let wide = case.abi != Protocol::X86_32;
+    let slot_size = Layout::from(case.abi).slot_size();
     let slot = &case.slot[..case.slot.len().min(slot_size)];
     // Offsets of the layout: id, sector, direct segments, discard's nr_sectors, indirect grefs.
     let (id_at, sector_at, seg_at, grefs_at) = if wide { (8, 16, 24, 28) } else { (4, 12, 20, 24) };
@@ -249,9 +251,9 @@ fn seg(gref: u32, first: u8, last: u8) -> [u8; 8] {
 }
 
 /// A slot of `abi`'s layout: `op`, byte 1, `id`, `sector`, then `tail` after the sector.
-fn slot(abi: Abi, op: u8, b1: u8, nr16: Option<u16>, id: u64, sector: u64, tail: &[u8]) -> Vec<u8> {
-    let wide = abi != Abi::X86_32;
-    let mut s = vec![0u8; abi.slot_size()];
+fn slot(abi: Protocol, op: u8, b1: u8, nr16: Option<u16>, id: u64, sector: u64, tail: &[u8]) -> Vec<u8> {
+    let wide = abi != Protocol::X86_32;
+    let mut s = vec![0u8; Layout::from(abi).slot_size()];
     s[0] = op;
     s[1] = b1;
     if let Some(n) = nr16 {
@@ -284,7 +286,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         Case { abi, disk: d, own_indirect: false, slot, nr_segments, sector, pages }.encode()
     };
     let mut out = Vec::new();
-    for abi in [Abi::Native, Abi::X86_32, Abi::X86_64] {
+    for abi in [Protocol::Native, Protocol::X86_32, Protocol::X86_64] {
         out.push(case(abi, disk(false), slot(abi, BLKIF_OP_READ, 3, None, 0x1122, 64, &segs(3)), 0, 0, vec![]));
         out.push(case(abi, disk(true), slot(abi, BLKIF_OP_WRITE, 11, None, 7, 8, &segs(11)), 2, 0, segs(2)));
         out.push(case(abi, disk(false), slot(abi, BLKIF_OP_FLUSH_DISKCACHE, 0, None, 9, 0, &[]), 0, 0, vec![]));

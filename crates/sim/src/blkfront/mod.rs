@@ -17,7 +17,6 @@ mod queue;
 use std::sync::Arc;
 
 use blkif::ring::{ring_size, BlkFrontRing};
-use blkif::Abi;
 use evtchn::EventChannel;
 use gnttab::PAGE_SIZE;
 use xen_bus::{FrontendRings, Protocol, QueueRing};
@@ -32,7 +31,7 @@ pub use queue::{BlkCompletion, BlkOp, FrontQueue};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlkfrontOptions {
     /// Ring layout; `Native` writes no `protocol` node.
-    pub abi: Abi,
+    pub abi: Protocol,
     /// Number of queues (rings); more than one writes `multi-queue-num-queues`.
     pub queues: u32,
     /// `ring-page-order`: each ring has `2^order` pages.
@@ -49,7 +48,7 @@ pub struct BlkfrontOptions {
 impl Default for BlkfrontOptions {
     fn default() -> Self {
         BlkfrontOptions {
-            abi: Abi::Native,
+            abi: Protocol::Native,
             queues: 1,
             ring_page_order: 0,
             max_request_bytes: 11 * PAGE_SIZE,
@@ -155,12 +154,7 @@ impl Blkfront {
                 .collect(),
         };
         let mut nodes = rings.nodes();
-        let protocol = match self.options.abi {
-            Abi::Native => None,
-            Abi::X86_32 => Protocol::X86_32.name(),
-            Abi::X86_64 => Protocol::X86_64.name(),
-        };
-        if let Some(name) = protocol {
+        if let Some(name) = self.options.abi.name() {
             nodes.push(("protocol".to_string(), name.to_string()));
         }
         nodes.push(("feature-persistent".to_string(), "0".to_string()));
@@ -205,7 +199,7 @@ mod tests {
     #[test]
     fn nodes_follow_linux_order_for_two_queues_of_two_pages() {
         let h = host();
-        let opts = BlkfrontOptions { abi: Abi::X86_32, queues: 2, ring_page_order: 1, ..Default::default() };
+        let opts = BlkfrontOptions { abi: Protocol::X86_32, queues: 2, ring_page_order: 1, ..Default::default() };
         let front = Blkfront::new(&h, 1, 0, opts).unwrap();
         let names: Vec<String> = front.nodes().into_iter().map(|(k, _)| k).collect();
         let want = [

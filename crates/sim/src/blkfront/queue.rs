@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use blkif::abi::*;
 use blkif::ring::BlkFrontRing;
-use blkif::Abi;
+use blkif::Layout;
 use evtchn::{EventChannel, Port};
 use gnttab::{GrantMapping, GrantRef, PAGE_SIZE};
+use xen_bus::Protocol;
 use zerocopy::IntoBytes;
 
 use super::{BlkfrontError, BlkfrontOptions};
@@ -109,7 +110,7 @@ pub(crate) struct QueueSetup {
 /// One queue of a simulated blkfront.
 pub struct FrontQueue {
     index: usize,
-    abi: Abi,
+    abi: Protocol,
     indirect: bool,
     ring: BlkFrontRing<RingPages>,
     ring_refs: Vec<GrantRef>,
@@ -246,7 +247,7 @@ impl FrontQueue {
     /// The backend answers with the id in the bytes; the completion carries
     /// `tag` if that id is `id`.
     pub fn submit_raw(&mut self, tag: u64, id: u64, slot: &[u8]) -> Result<(), BlkfrontError> {
-        if self.ring.free() == 0 || slot.len() > self.abi.slot_size() {
+        if self.ring.free() == 0 || slot.len() > Layout::from(self.abi).slot_size() {
             return Err(BlkfrontError::Full);
         }
         self.post(id, InFlight { tag, expected_op: 0, buffer: None, read_len: 0, submitted: Instant::now() }, slot)
@@ -330,8 +331,8 @@ impl FrontQueue {
         let mut seg = [BlkifRequestSegment::default(); BLKIF_MAX_SEGMENTS_PER_REQUEST];
         seg[..segs.len()].copy_from_slice(segs);
         let n = segs.len() as u8;
-        match self.abi {
-            Abi::X86_32 => BlkifRequest32 {
+        match Layout::from(self.abi) {
+            Layout::Narrow => BlkifRequest32 {
                 operation: op,
                 nr_segments: n,
                 handle: 0.into(),
@@ -341,7 +342,7 @@ impl FrontQueue {
             }
             .as_bytes()
             .to_vec(),
-            Abi::Native | Abi::X86_64 => BlkifRequest64 {
+            Layout::Wide => BlkifRequest64 {
                 operation: op,
                 nr_segments: n,
                 handle: 0.into(),
@@ -357,8 +358,8 @@ impl FrontQueue {
 
     fn discard_request(&self, id: u64, sector: u64, nr_sectors: u64, secure: bool) -> Vec<u8> {
         let flag = if secure { BLKIF_DISCARD_SECURE } else { 0 };
-        match self.abi {
-            Abi::X86_32 => BlkifRequestDiscard32 {
+        match Layout::from(self.abi) {
+            Layout::Narrow => BlkifRequestDiscard32 {
                 operation: BLKIF_OP_DISCARD,
                 flag,
                 handle: 0.into(),
@@ -368,7 +369,7 @@ impl FrontQueue {
             }
             .as_bytes()
             .to_vec(),
-            Abi::Native | Abi::X86_64 => BlkifRequestDiscard64 {
+            Layout::Wide => BlkifRequestDiscard64 {
                 operation: BLKIF_OP_DISCARD,
                 flag,
                 handle: 0.into(),
@@ -387,8 +388,8 @@ impl FrontQueue {
         for (g, p) in grefs.iter_mut().zip(pages) {
             *g = p.0.into();
         }
-        match self.abi {
-            Abi::X86_32 => BlkifRequestIndirect32 {
+        match Layout::from(self.abi) {
+            Layout::Narrow => BlkifRequestIndirect32 {
                 operation: BLKIF_OP_INDIRECT,
                 indirect_op: op,
                 nr_segments: nr_segments.into(),
@@ -401,7 +402,7 @@ impl FrontQueue {
             }
             .as_bytes()
             .to_vec(),
-            Abi::Native | Abi::X86_64 => BlkifRequestIndirect64 {
+            Layout::Wide => BlkifRequestIndirect64 {
                 operation: BLKIF_OP_INDIRECT,
                 indirect_op: op,
                 nr_segments: nr_segments.into(),
