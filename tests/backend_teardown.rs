@@ -8,7 +8,7 @@
 #[path = "backend_common.rs"]
 mod common;
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -77,8 +77,8 @@ impl RingHandler for SlowRing {
         Ok(Progress { notify: self.ring.push_responses_and_check_notify()?, ..Progress::default() })
     }
 
-    fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.done.as_raw_fd())
+    fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.done.as_fd())
     }
 
     fn drain(&mut self) -> Drained {

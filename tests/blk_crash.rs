@@ -154,12 +154,8 @@ fn crash_child() {
     let kick = open_fifo(&files.kick());
     let notify = open_fifo(&files.notify());
     signal(&notify); // up: the ring is attached
-    let completions = {
-        use std::os::fd::FromRawFd;
-        // SAFETY: the executor's eventfd, open for the life of this process;
-        // ManuallyDrop: it is never closed through this File.
-        std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(queue.completion_fd()) })
-    };
+                     // A duplicate of the executor's eventfd, polled while the queue is busy.
+    let completions = File::from(queue.completion_fd().try_clone_to_owned().unwrap());
     loop {
         drain(&kick);
         let pass = queue.process(64).unwrap();

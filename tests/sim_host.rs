@@ -2,14 +2,13 @@
 //! with Xen's errno or `GNTST_*`, event delivery through pollable fds, and
 //! guest memory shared between a frontend and a backend.
 
-use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use evtchn::{EventChannel, Port};
 use gnttab::{AccessError, CopySegment, GrantMapper, GrantRef, GrantStatus, GuestPage, PAGE_SIZE};
 use nix::libc::{EINVAL, ENOTCONN, ESRCH};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use xen_sim::host::{Error, PortStatus, SimHost};
 
 const BACK: u16 = 0;
@@ -26,20 +25,14 @@ fn host() -> Arc<SimHost> {
 
 /// Blocks until the handle's fd is readable, then takes its pending ports.
 fn wait(ch: &dyn EventChannel) -> Vec<Port> {
-    // SAFETY: the fd belongs to `ch`, which outlives the borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(ch.as_raw_fd()) };
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-    poll(&mut fds, PollTimeout::NONE).unwrap();
+    evtchn::wait_pending(ch, None).unwrap();
     let mut out = Vec::new();
     ch.take_pending(&mut out).unwrap();
     out
 }
 
 fn is_readable(ch: &dyn EventChannel) -> bool {
-    // SAFETY: the fd belongs to `ch`, which outlives the borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(ch.as_raw_fd()) };
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-    poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
+    evtchn::wait_pending(ch, Some(Duration::ZERO)).unwrap()
 }
 
 /// A connected pair: (frontend handle, its port, backend handle, its port),

@@ -2,7 +2,7 @@
 //! [`Device`], [`RingHandler`]) and the typed helpers it gets instead of
 //! xenstore paths and the state machine ([`DeviceCtx`]).
 
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use evtchn::{DomId, EventChannel, Port};
@@ -83,7 +83,7 @@ pub trait RingHandler: Send {
     fn process(&mut self, budget: usize) -> Result<Progress, DeviceError>;
     /// An fd (e.g. an I/O engine's completion eventfd) that, when readable,
     /// means [`RingHandler::process`] has work besides the ring.
-    fn completion_fd(&self) -> Option<RawFd> {
+    fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
     /// The ring is being taken away (disconnect or shutdown): finish the

@@ -26,7 +26,7 @@
 //! one busy ring's pass, whatever the busy ring's requests cost.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::AsFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -369,14 +369,6 @@ impl Drop for ReapFailed {
     }
 }
 
-/// Borrows a fd owned by an [`Entry`] for an epoll call.
-fn borrow(fd: RawFd) -> BorrowedFd<'static> {
-    // SAFETY: the fd belongs to an event-channel handle or completion fd
-    // owned by an Entry of this worker; it is removed from epoll (the only
-    // user of the borrow) before the Entry is dropped.
-    unsafe { BorrowedFd::borrow_raw(fd) }
-}
-
 impl Worker {
     fn run(mut self) {
         let mut events = [EpollEvent::empty(); EVENTS_PER_WAIT];
@@ -454,11 +446,11 @@ impl Worker {
                 (self.slots.len() - 1) as u32
             }
         };
-        let port_fd = setup.port.handle().as_raw_fd();
+        let port_fd = setup.port.handle().as_fd();
         let completion = setup.handler.completion_fd();
-        let mut res = self.epoll.add(borrow(port_fd), EpollEvent::new(EpollFlags::EPOLLIN, Token::Port(slot).to_u64()));
+        let mut res = self.epoll.add(port_fd, EpollEvent::new(EpollFlags::EPOLLIN, Token::Port(slot).to_u64()));
         if let (Ok(()), Some(fd)) = (&res, completion) {
-            res = self.epoll.add(borrow(fd), EpollEvent::new(EpollFlags::EPOLLIN, Token::Completion(slot).to_u64()));
+            res = self.epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, Token::Completion(slot).to_u64()));
         }
         let res = res
             .map_err(|e| DeviceError::msg(format!("Cannot poll the event channel: {e}")))
@@ -544,7 +536,7 @@ impl Worker {
     /// completion fd stays) and drains it.
     fn start_drain(&mut self, slot: u32, deadline: Instant, done: Sender<Released>) {
         let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { return };
-        let _ = self.epoll.delete(borrow(entry.setup.port.handle().as_raw_fd()));
+        let _ = self.epoll.delete(entry.setup.port.handle().as_fd());
         entry.draining = Some((deadline, done));
         entry.queued = false;
         self.ready.retain(|s| *s != slot);
@@ -647,9 +639,9 @@ impl Worker {
     /// Drops a ring: out of epoll first, then (optionally quiesced) dropped.
     fn remove(&mut self, slot: u32, quiesce: bool) -> Option<Entry> {
         let mut entry = self.slots.get_mut(slot as usize)?.take()?;
-        let _ = self.epoll.delete(borrow(entry.setup.port.handle().as_raw_fd()));
+        let _ = self.epoll.delete(entry.setup.port.handle().as_fd());
         if let Some(fd) = entry.setup.handler.completion_fd() {
-            let _ = self.epoll.delete(borrow(fd));
+            let _ = self.epoll.delete(fd);
         }
         if quiesce {
             match catch_unwind(AssertUnwindSafe(|| entry.setup.handler.quiesce())) {
@@ -699,6 +691,7 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::BorrowedFd;
     use std::time::Duration;
 
     use evtchn::Port;
@@ -762,18 +755,13 @@ mod tests {
 
         fn receive(&mut self, n: usize) -> Vec<u64> {
             let mut out = Vec::new();
-            let fd = self.evtchn.as_raw_fd();
+            let mut pending = Vec::new();
             while out.len() < n {
                 self.ring.take_responses(n - out.len(), &mut out).unwrap();
                 if out.len() < n && !self.ring.final_check_for_responses().unwrap() {
-                    // SAFETY: the fd belongs to self.evtchn, alive for this call.
-                    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-                    let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-                    let ready = nix::poll::poll(&mut fds, 30_000u16).unwrap();
-                    assert!(ready > 0, "no event from the backend");
-                    let mut pending = Vec::new();
-                    self.evtchn.take_pending(&mut pending).unwrap();
-                    pending.iter().for_each(|p| self.evtchn.unmask(*p).unwrap());
+                    let ready = evtchn::wait_pending(&*self.evtchn, Some(Duration::from_secs(30))).unwrap();
+                    assert!(ready, "no event from the backend");
+                    evtchn::take_and_unmask(&*self.evtchn, &mut pending).unwrap();
                 }
             }
             out
@@ -956,8 +944,8 @@ mod tests {
             Ok(Progress::default())
         }
 
-        fn completion_fd(&self) -> Option<RawFd> {
-            Some(std::os::fd::AsRawFd::as_raw_fd(&self.fd))
+        fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
+            Some(self.fd.as_fd())
         }
 
         fn quiesce(&mut self) -> bool {
@@ -1008,8 +996,8 @@ mod tests {
             Ok(Progress::default())
         }
 
-        fn completion_fd(&self) -> Option<RawFd> {
-            Some(std::os::fd::AsRawFd::as_raw_fd(&self.fd))
+        fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
+            Some(self.fd.as_fd())
         }
 
         fn drain(&mut self) -> crate::device::Drained {
@@ -1114,10 +1102,8 @@ mod tests {
         let back = BackRing::resume(host.grant_mapper(0).map(3, &grefs, true).unwrap(), None).unwrap();
         let port = BoundPort::bind(host.evtchn(0), 3, remote).unwrap();
         pool.add(owner_of(3), RingSetup { port, handler: Box::new(Echo(back)) });
-        // SAFETY: the fd belongs to `guest`, alive for this call.
-        let fd = unsafe { BorrowedFd::borrow_raw(guest.as_raw_fd()) };
-        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-        assert_eq!(nix::poll::poll(&mut fds, 30_000u16).unwrap(), 1, "no event for the published responses");
+        let ready = evtchn::wait_pending(&*guest, Some(Duration::from_secs(30))).unwrap();
+        assert!(ready, "no event for the published responses");
         let mut got = Vec::new();
         front.take_responses(2, &mut got).unwrap();
         assert_eq!(got, vec![2, 3]);

@@ -2,7 +2,7 @@
 //! [`QueueExecutor`] behind it. [`RingQueue::process`] is what a worker
 //! calls whenever the port fired or storage completed.
 
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 
 use evtchn::Port;
 use gnttab::{DomId, GrantMapper, GrantMapping, GrantRef};
@@ -163,7 +163,7 @@ impl RingQueue {
     }
 
     /// Readable while storage completions wait.
-    pub fn completion_fd(&self) -> RawFd {
+    pub fn completion_fd(&self) -> BorrowedFd<'_> {
         self.exec.completion_fd()
     }
 
@@ -286,10 +286,8 @@ impl RingQueue {
 }
 
 /// Blocks until `fd` is readable (or a second passed, to re-check).
-fn wait_readable(fd: RawFd) {
+fn wait_readable(fd: BorrowedFd<'_>) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    // SAFETY: the executor owns the fd and outlives this call.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
     if let Err(e) = poll(&mut fds, PollTimeout::from(1000u16)) {
         log::debug!("poll of completion fd: {e}");

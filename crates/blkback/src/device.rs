@@ -15,7 +15,7 @@
 //!   (`docs/blkback.md`).
 
 use std::cell::RefCell;
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use xen_backend::{
@@ -325,7 +325,7 @@ impl RingHandler for BlkRing {
         Ok(Progress { notify: pass.notify, more: pass.more, idle: pass.taken == 0, retry: self.queue.retry() })
     }
 
-    fn completion_fd(&self) -> Option<RawFd> {
+    fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.queue.completion_fd())
     }
 

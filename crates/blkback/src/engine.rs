@@ -3,7 +3,7 @@
 //! epoll). The thread-pool engine runs blocking `pread`/`pwrite`/`fdatasync`
 //! on a few threads, so a queue keeps many requests in flight.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -82,7 +82,7 @@ pub trait IoEngine: Send {
     /// Moves finished operations to `out` without blocking.
     fn completions(&mut self, out: &mut Vec<Completion>);
     /// Readable while completions wait; drained by [`IoEngine::completions`].
-    fn completion_fd(&self) -> RawFd;
+    fn completion_fd(&self) -> BorrowedFd<'_>;
     /// Operations submitted and not yet collected.
     fn in_flight(&self) -> usize;
 }
@@ -212,8 +212,8 @@ impl IoEngine for ThreadPoolEngine {
         }
     }
 
-    fn completion_fd(&self) -> RawFd {
-        self.wakeup.fd.as_raw_fd()
+    fn completion_fd(&self) -> BorrowedFd<'_> {
+        self.wakeup.fd.as_fd()
     }
 
     fn in_flight(&self) -> usize {
@@ -273,10 +273,7 @@ mod tests {
         let mut out = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while out.len() < n {
-            let fd = engine.completion_fd();
-            // SAFETY: fd is the engine's eventfd, alive for this call.
-            let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            let mut pfd = [nix::poll::PollFd::new(bfd, nix::poll::PollFlags::POLLIN)];
+            let mut pfd = [nix::poll::PollFd::new(engine.completion_fd(), nix::poll::PollFlags::POLLIN)];
             nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16)).unwrap();
             engine.completions(&mut out);
             assert!(std::time::Instant::now() < deadline, "completions did not arrive");

@@ -15,7 +15,7 @@
 //! released after [`SPARE_IDLE`] with nothing to do.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -196,7 +196,7 @@ impl QueueExecutor {
     }
 
     /// Readable while storage completions wait: add it to the worker's epoll.
-    pub fn completion_fd(&self) -> RawFd {
+    pub fn completion_fd(&self) -> BorrowedFd<'_> {
         self.engine.completion_fd()
     }
 
@@ -951,9 +951,9 @@ mod tests {
         fn completions(&mut self, out: &mut Vec<Completion>) {
             out.append(&mut self.done);
         }
-        fn completion_fd(&self) -> RawFd {
-            use std::os::fd::AsRawFd;
-            self.fd.as_raw_fd()
+        fn completion_fd(&self) -> BorrowedFd<'_> {
+            use std::os::fd::AsFd;
+            self.fd.as_fd()
         }
         fn in_flight(&self) -> usize {
             self.done.len()

@@ -7,7 +7,7 @@
 //! io_uring cannot issue before Linux 6.12) run on one helper thread that
 //! signals the same eventfd.
 
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -306,8 +306,8 @@ impl IoEngine for IoUringEngine {
         }
     }
 
-    fn completion_fd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+    fn completion_fd(&self) -> BorrowedFd<'_> {
+        self.eventfd.as_fd()
     }
 
     fn in_flight(&self) -> usize {

@@ -10,7 +10,7 @@
 //! the faults a real file system gives: ENOSPC, a removed or truncated
 //! image).
 
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
 use blkback::{Completion, Disk, EngineError, IoEngine, IoOp, QueueExecutor, ThreadPoolEngine};
@@ -91,7 +91,7 @@ impl IoEngine for FaultyEngine {
         self.inner.completions(out);
     }
 
-    fn completion_fd(&self) -> RawFd {
+    fn completion_fd(&self) -> BorrowedFd<'_> {
         self.inner.completion_fd()
     }
 

@@ -1,7 +1,8 @@
 //! What the layers above need from event channels, for the real device and
 //! the simulator alike.
 
-use std::os::fd::RawFd;
+use std::os::fd::AsFd;
+use std::time::Duration;
 
 /// A local event-channel port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,7 +58,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// One event-channel handle (one open of `/dev/xen/evtchn`). Ports bound
 /// through a handle deliver their events to that handle only. As with the
 /// Linux device, a port that fired is masked until [`EventChannel::unmask`].
-pub trait EventChannel: Send + Sync {
+pub trait EventChannel: AsFd + Send + Sync {
     /// `IOCTL_EVTCHN_BIND_INTERDOMAIN`: binds to `remote_port` of `remote_domid`.
     fn bind_interdomain(&self, remote_domid: DomId, remote_port: Port) -> Result<Port>;
     /// `IOCTL_EVTCHN_BIND_UNBOUND_PORT`: a new port that `remote_domid` may bind to.
@@ -71,6 +72,29 @@ pub trait EventChannel: Send + Sync {
     fn take_pending(&self, out: &mut Vec<Port>) -> Result<()>;
     /// Unmasks a port taken by [`EventChannel::take_pending`].
     fn unmask(&self, port: Port) -> Result<()>;
-    /// A file descriptor that polls readable while ports are pending.
-    fn as_raw_fd(&self) -> RawFd;
+}
+
+/// Waits until `ch` has pending ports (its fd, [`AsFd`], polls readable
+/// while it does) or `timeout` passes (`None`: no limit). An interrupted
+/// wait counts as a timeout. Returns whether ports are pending.
+pub fn wait_pending(ch: &dyn EventChannel, timeout: Option<Duration>) -> Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let timeout = match timeout {
+        None => PollTimeout::NONE,
+        Some(t) => PollTimeout::try_from(t.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX),
+    };
+    let mut fds = [PollFd::new(ch.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, timeout) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(Error::Op { op: "poll", source: e.into() }),
+    }
+}
+
+/// Takes the pending ports into `out` (cleared first) and unmasks each, for
+/// a caller that serves all its ports on every event.
+pub fn take_and_unmask(ch: &dyn EventChannel, out: &mut Vec<Port>) -> Result<()> {
+    out.clear();
+    ch.take_pending(out)?;
+    out.iter().try_for_each(|p| ch.unmask(*p))
 }

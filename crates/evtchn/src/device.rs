@@ -205,10 +205,6 @@ impl EventChannel for XenEvtchn {
     fn unmask(&self, port: Port) -> Result<()> {
         write_all(&self.file, &port.0.to_ne_bytes()).map_err(|source| Error::Op { op: "unmask", source })
     }
-
-    fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
-    }
 }
 
 impl AsFd for XenEvtchn {

@@ -7,5 +7,5 @@ pub mod abi;
 mod channel;
 mod device;
 
-pub use channel::{DomId, Error, EventChannel, Port, Result};
+pub use channel::{take_and_unmask, wait_pending, DomId, Error, EventChannel, Port, Result};
 pub use device::{XenEvtchn, EVTCHN_PATH};

@@ -3,7 +3,6 @@
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use blkif::abi::*;
@@ -459,20 +458,8 @@ impl FrontQueue {
         if !out.is_empty() {
             return Ok(());
         }
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        // SAFETY: the event-channel handle owns the fd and outlives this call.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.evtchn.as_raw_fd()) };
-        let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        match poll(&mut fds, ms) {
-            Ok(_) | Err(nix::Error::EINTR) => {}
-            Err(e) => return Err(BlkfrontError::Wait(e.into())),
-        }
-        self.ports.clear();
-        self.evtchn.take_pending(&mut self.ports)?;
-        for p in &self.ports {
-            self.evtchn.unmask(*p)?;
-        }
+        evtchn::wait_pending(&*self.evtchn, Some(timeout.min(Duration::from_secs(60))))?;
+        evtchn::take_and_unmask(&*self.evtchn, &mut self.ports)?;
         self.poll(out)
     }
 

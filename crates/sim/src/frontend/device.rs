@@ -1,7 +1,6 @@
 //! The guest's part: rings, event channels, nodes and states.
 
 use std::borrow::Borrow;
-use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -296,20 +295,9 @@ impl FrontendDevice {
     /// Waits up to `timeout` for an event on any port; takes and unmasks the
     /// pending ports. Returns whether one arrived.
     pub fn wait_event(&self, timeout: Duration) -> Result<bool, FrontendError> {
-        // SAFETY: the fd belongs to self.evtchn, which outlives this call.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.evtchn.as_raw_fd()) };
-        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-        let ready = match nix::poll::poll(&mut fds, ms) {
-            Ok(n) => n > 0,
-            Err(nix::errno::Errno::EINTR) => false,
-            Err(e) => return Err(FrontendError::Evtchn(evtchn::Error::Op { op: "poll", source: e.into() })),
-        };
+        let ready = evtchn::wait_pending(&*self.evtchn, Some(timeout))?;
         let mut pending = Vec::new();
-        self.evtchn.take_pending(&mut pending)?;
-        for p in &pending {
-            self.evtchn.unmask(*p)?;
-        }
+        evtchn::take_and_unmask(&*self.evtchn, &mut pending)?;
         Ok(ready || !pending.is_empty())
     }
 

@@ -2,12 +2,10 @@
 //! and `xenbackd bench`: notifications per second through an event channel
 //! (two threads ping-ponging over polled fds) and grant-copy throughput.
 
-use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use evtchn::{EventChannel, Port};
 use gnttab::{CopySegment, GrantRef, GrantStatus, GuestPage, PAGE_SIZE};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::error::{DomId, Error};
 use super::sim_host::SimHost;
@@ -33,9 +31,6 @@ pub enum BenchError {
     /// A segment of a copy failed.
     #[error("Grant copy segment failed: {0:?}")]
     Copy(GrantStatus),
-    /// Waiting on an fd failed.
-    #[error("poll failed")]
-    Poll(#[source] nix::Error),
     /// Spawning or joining the echo thread failed.
     #[error("Echo thread failed")]
     Thread(#[source] std::io::Error),
@@ -88,16 +83,7 @@ impl CopyBench {
 }
 
 fn wait(ch: &dyn EventChannel, out: &mut Vec<Port>) -> Result<(), BenchError> {
-    // SAFETY: the fd belongs to `ch`, which outlives the borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(ch.as_raw_fd()) };
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-    loop {
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => break,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(BenchError::Poll(e)),
-        }
-    }
+    while !evtchn::wait_pending(ch, None)? {}
     out.clear();
     ch.take_pending(out)?;
     Ok(())

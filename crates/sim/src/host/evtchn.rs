@@ -30,7 +30,7 @@
 //! destroyed fails with `ESRCH`.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -336,9 +336,11 @@ impl EventChannel for SimEventChannel {
         }
         Ok(())
     }
+}
 
-    fn as_raw_fd(&self) -> RawFd {
-        self.shared.eventfd.as_raw_fd()
+impl AsFd for SimEventChannel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.shared.eventfd.as_fd()
     }
 }
 
@@ -381,11 +383,7 @@ mod tests {
     }
 
     fn readable(ch: &dyn EventChannel) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        // SAFETY: the fd belongs to `ch`, which outlives this call.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(ch.as_raw_fd()) };
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
+        evtchn::wait_pending(ch, Some(std::time::Duration::ZERO)).unwrap()
     }
 
     #[test]
