@@ -1,8 +1,12 @@
 //! The shared-ring ABI of Xen's `xen/include/public/io/ring.h`
 //! (`DEFINE_RING_TYPES`): the 64-byte `struct __name##_sring` header before
-//! the entries, and the ring size computed as `__RING_SIZE` does.
+//! the entries, and the ring size computed as `__RING_SIZE` does; and the
+//! console page of `io/console.h`, whose two flex rings
+//! (`DEFINE_XEN_FLEX_RING`) are [`crate::ByteReader`] and [`crate::ByteWriter`].
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::bytes::ByteRingLayout;
 
 /// `typedef unsigned int RING_IDX`: a free-running index; only its low bits
 /// (`idx & (RING_SIZE - 1)`) select a slot.
@@ -70,6 +74,52 @@ pub const fn ring_size(bytes: usize, entry: usize) -> u32 {
         1 << (31 - n.leading_zeros())
     }
 }
+
+/// `struct xencons_interface` (`io/console.h`): the console page, two flex
+/// rings (`in`: to the guest, `out`: from it) and their indices. Newer
+/// headers add the `connection` byte (`XENCONSOLE_CONNECTED` 0,
+/// `XENCONSOLE_DISCONNECTED` 1); older ones end before it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct XenconsInterface {
+    /// `char in[1024]`: bytes the backend sends to the guest.
+    pub input: [u8; 1024],
+    /// `char out[2048]`: bytes the guest sends to the backend.
+    pub output: [u8; 2048],
+    /// `XENCONS_RING_IDX in_cons`.
+    pub in_cons: u32,
+    /// `XENCONS_RING_IDX in_prod`.
+    pub in_prod: u32,
+    /// `XENCONS_RING_IDX out_cons`.
+    pub out_cons: u32,
+    /// `XENCONS_RING_IDX out_prod`.
+    pub out_prod: u32,
+    /// `uint8_t connection`.
+    pub connection: u8,
+    /// The C struct's tail padding.
+    pub pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<XenconsInterface>() == 3092);
+
+/// The console's `in` ring: the backend produces, the guest consumes.
+pub const XENCONS_IN: ByteRingLayout = ByteRingLayout {
+    data: core::mem::offset_of!(XenconsInterface, input),
+    size: 1024,
+    cons: core::mem::offset_of!(XenconsInterface, in_cons),
+    prod: core::mem::offset_of!(XenconsInterface, in_prod),
+};
+
+/// The console's `out` ring: the guest produces, the backend consumes.
+pub const XENCONS_OUT: ByteRingLayout = ByteRingLayout {
+    data: core::mem::offset_of!(XenconsInterface, output),
+    size: 2048,
+    cons: core::mem::offset_of!(XenconsInterface, out_cons),
+    prod: core::mem::offset_of!(XenconsInterface, out_prod),
+};
+
+/// Offset of `connection` (newer headers).
+pub const XENCONS_CONNECTION: usize = core::mem::offset_of!(XenconsInterface, connection);
 
 #[cfg(test)]
 mod tests {
@@ -178,6 +228,69 @@ int main(void) {
             entry_size::<[u64; 14], [u32; 3]>(),
             ring_size(4096, 112),
             ring_size(8 * 4096, 112)
+        );
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn xencons_interface_offsets_match_console_h() {
+        assert_eq!(offset_of!(XenconsInterface, input), 0);
+        assert_eq!(offset_of!(XenconsInterface, output), 1024);
+        assert_eq!(offset_of!(XenconsInterface, in_cons), 3072);
+        assert_eq!(offset_of!(XenconsInterface, in_prod), 3076);
+        assert_eq!(offset_of!(XenconsInterface, out_cons), 3080);
+        assert_eq!(offset_of!(XenconsInterface, out_prod), 3084);
+        assert_eq!(XENCONS_CONNECTION, 3088);
+        assert_eq!((XENCONS_IN.size, XENCONS_OUT.size), (1024, 2048));
+    }
+
+    /// Compiles a C program against the machine's `io/console.h`, when it
+    /// has it, and compares the offsets (`connection` where it has one).
+    #[test]
+    #[cfg_attr(miri, ignore = "runs the C compiler")]
+    fn console_layout_matches_the_c_header_when_installed() {
+        let header = std::path::Path::new("/usr/include/xen/io/console.h");
+        let Ok(text) = std::fs::read_to_string(header) else {
+            eprintln!("skipped: {} not installed (apt-get install libxen-dev)", header.display());
+            return;
+        };
+        let has_connection = text.contains("uint8_t connection");
+        let dir = std::env::temp_dir().join(format!("xen-ring-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("t.c");
+        let connection = if has_connection { "offsetof(struct xencons_interface, connection)" } else { "(size_t)3088" };
+        std::fs::write(
+            &src,
+            format!(
+                r#"#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <xen/io/console.h>
+int main(void) {{
+    printf("%zu %zu %zu %zu %zu %zu %zu\n",
+        offsetof(struct xencons_interface, in), offsetof(struct xencons_interface, out),
+        offsetof(struct xencons_interface, in_cons), offsetof(struct xencons_interface, in_prod),
+        offsetof(struct xencons_interface, out_cons), offsetof(struct xencons_interface, out_prod),
+        {connection});
+    return 0;
+}}
+"#
+            ),
+        )
+        .unwrap();
+        let bin = dir.join("t");
+        let cc = std::process::Command::new("cc").arg("-o").arg(&bin).arg(&src).status();
+        let Ok(status) = cc else {
+            eprintln!("skipped: no C compiler");
+            return;
+        };
+        assert!(status.success(), "compiling against {} failed", header.display());
+        let out = std::process::Command::new(&bin).output().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let got = String::from_utf8(out.stdout).unwrap();
+        let want = format!(
+            "{} {} {} {} {} {} {XENCONS_CONNECTION}\n",
+            XENCONS_IN.data, XENCONS_OUT.data, XENCONS_IN.cons, XENCONS_IN.prod, XENCONS_OUT.cons, XENCONS_OUT.prod
         );
         assert_eq!(got, want);
     }

@@ -32,6 +32,24 @@ pub enum RingError {
         /// How far past `base` it may be.
         limit: u32,
     },
+    /// The peer's consumer index of a byte ring is not within the array
+    /// behind our producer index.
+    #[error("Peer consumer index {cons} is not within {size} bytes behind {prod}")]
+    ConsumerOverflow {
+        /// The consumer index the peer published.
+        cons: u32,
+        /// Our producer index.
+        prod: u32,
+        /// The array's length.
+        size: u32,
+    },
+    /// A byte ring's layout does not fit the mapping, or its array is not
+    /// a power of two long.
+    #[error("Byte ring layout does not fit a mapping of {len} bytes")]
+    BadLayout {
+        /// Mapping length.
+        len: usize,
+    },
     /// The peer moved its producer index backwards.
     #[error("Peer producer index went back from {seen} to {prod}")]
     Backwards {

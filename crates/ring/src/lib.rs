@@ -31,11 +31,16 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! Byte rings (`DEFINE_XEN_FLEX_RING`: the console's, 9pfs's) are
+//! [`ByteReader`] and [`ByteWriter`] over a [`ByteRingLayout`], with the same
+//! index discipline.
+//!
 //! [`GrantMapping`]: gnttab::GrantMapping
 #![deny(missing_docs)]
 
 pub mod abi;
 mod back;
+mod bytes;
 mod error;
 mod front;
 mod journal;
@@ -45,6 +50,7 @@ mod testing;
 
 pub use abi::{entry_size, ring_size, RingIdx};
 pub use back::BackRing;
+pub use bytes::{ByteReader, ByteRingLayout, ByteWriter};
 pub use error::RingError;
 pub use front::{init_shared, FrontRing};
 pub use journal::{JournalFile, Ticket};

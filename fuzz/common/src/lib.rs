@@ -10,6 +10,7 @@
 
 pub mod backend_state;
 pub mod blkif_parse;
+pub mod byte_ring;
 pub mod input;
 pub mod qmp;
 pub mod ring_back;
@@ -38,4 +39,5 @@ pub const TARGETS: &[Target] = &[
     Target { name: "xs_client_hostile", run: xs_client_hostile::run, seeds: xs_client_hostile::seeds },
     Target { name: "backend_state", run: backend_state::run, seeds: backend_state::seeds },
     Target { name: "qmp", run: qmp::run, seeds: qmp::seeds },
+    Target { name: "byte_ring", run: byte_ring::run, seeds: byte_ring::seeds },
 ];
