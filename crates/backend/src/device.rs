@@ -171,6 +171,20 @@ pub struct RingSetup {
     pub handler: Box<dyn RingHandler>,
 }
 
+/// A frontend's ring mapped for its handler: the memory, its request
+/// journal ([`DeviceCtx::ring_journal`]) and whether to attach where a
+/// previous backend process left it ([`DeviceCtx::resuming`]).
+#[derive(Debug)]
+pub struct MappedRing {
+    /// The ring's pages, mapped writable.
+    pub mem: GrantMapping,
+    /// Its request journal, if one is kept (or, resuming, was found).
+    pub journal: Option<xen_ring::JournalFile>,
+    /// Take the ring over where it is ([`xen_ring::BackRing::resume`])
+    /// instead of from index 0.
+    pub resume: bool,
+}
+
 /// Everything a device may do with xenstore and the host, relative to its
 /// own directories. Backend writes are collected and committed by the
 /// framework in one transaction with the next state change, and only while
@@ -427,6 +441,31 @@ impl DeviceCtx {
     /// checked against what the backend offered.
     pub fn frontend_rings(&self, offer: xen_bus::RingOffer) -> Result<xen_bus::FrontendRings, DeviceError> {
         xen_bus::FrontendRings::read(|node| self.ring_node(node), offer)
+    }
+
+    /// Maps the ring of `refs` with its request journal `name`, ready for a
+    /// handler to attach to ([`xen_ring::BackRing::open`]).
+    pub fn map_ring_with_journal(&self, name: &str, refs: &[GrantRef]) -> Result<MappedRing, DeviceError> {
+        let mem = self.map_grants(refs, true)?;
+        Ok(MappedRing { mem, journal: self.ring_journal(name, refs), resume: self.resuming() })
+    }
+
+    /// Serves one ring per queue: for queue `i` (its grant references and
+    /// the frontend's port, as [`DeviceCtx::frontend_rings`] reads them),
+    /// maps the ring with its journal `q<i>`, asks `handler` for the ring's
+    /// handler and binds the port. The rings for [`Device::connect`].
+    pub fn serve_queues<'q>(
+        &self,
+        queues: impl IntoIterator<Item = (&'q [GrantRef], Port)>,
+        mut handler: impl FnMut(usize, MappedRing) -> Result<Box<dyn RingHandler>, DeviceError>,
+    ) -> Result<Vec<RingSetup>, DeviceError> {
+        let mut setups = Vec::new();
+        for (i, (refs, remote)) in queues.into_iter().enumerate() {
+            let handler = handler(i, self.map_ring_with_journal(&format!("q{i}"), refs)?)?;
+            let port = BoundPort::bind(self.platform.open_evtchn()?, self.key.frontend, remote)?;
+            setups.push(RingSetup { port, handler });
+        }
+        Ok(setups)
     }
 
     /// Maps the ring of the queue in `dir` (see [`DeviceCtx::ring_refs`]) writable.

@@ -53,14 +53,9 @@ impl Device for EchoDevice {
         // All three ABIs lay out u64 entries alike; an unknown one is fatal.
         ctx.protocol()?;
         let refs = ctx.ring_refs("", ECHO_MAX_RING_ORDER)?;
-        let mem = ctx.map_grants(&refs, true)?;
-        let journal = ctx.ring_journal("ring", &refs);
         // After a backend restart the ring is in use: take it where it is.
-        let ring = match (ctx.resuming(), journal) {
-            (true, journal) => BackRing::resume(mem, journal)?,
-            (false, Some(journal)) => BackRing::new_journaled(mem, journal)?,
-            (false, None) => BackRing::new(mem)?,
-        };
+        let mapped = ctx.map_ring_with_journal("ring", &refs)?;
+        let ring = BackRing::open(mapped.mem, mapped.journal, mapped.resume)?;
         let port = ctx.bind_event_channel("event-channel")?;
         Ok(vec![RingSetup { port, handler: Box::new(EchoRing { ring, batch: Vec::new() }) }])
     }

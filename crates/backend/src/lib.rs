@@ -12,6 +12,7 @@ mod error;
 mod frontends;
 mod key;
 mod platform;
+mod reader;
 mod snapshot;
 mod state;
 mod thread;
@@ -21,10 +22,11 @@ pub use backend::{
     Backend, Config, Stats, DEFAULT_DEPARTURE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_RING_BUDGET,
     DEFAULT_XENSTORE_TIMEOUT,
 };
-pub use device::{BoundPort, Device, DeviceCtx, DeviceType, Drained, Progress, RingHandler, RingSetup};
+pub use device::{BoundPort, Device, DeviceCtx, DeviceType, Drained, MappedRing, Progress, RingHandler, RingSetup};
 pub use error::{DeviceError, Error};
 pub use frontends::{DeviceFilter, Frontends};
 pub use key::DeviceKey;
 pub use platform::{EvtchnOpener, Platform};
+pub use reader::NodeReader;
 pub use snapshot::{DeviceSnapshot, Monitor, RingCounters, RingStats};
 pub use thread::spawn_named;

@@ -13,6 +13,7 @@ use crate::queue::{QueueExecutor, QueueStats};
 use blkif::request::request_id;
 use blkif::ring::BlkBackRing;
 use blkif::{Layout, Response};
+use xen_backend::Progress;
 use xen_bus::Protocol;
 use xen_ring::{JournalFile, RingError, Ticket};
 
@@ -66,17 +67,6 @@ pub enum QueueError {
         #[source]
         source: evtchn::Error,
     },
-}
-
-/// What a pass over the ring did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Pass {
-    /// Responses were published and the frontend asked to be notified.
-    pub notify: bool,
-    /// The budget ran out with requests left.
-    pub more: bool,
-    /// Requests taken off the ring.
-    pub taken: usize,
 }
 
 /// A connected queue: the mapped ring and the executor behind it. Event
@@ -186,10 +176,11 @@ impl RingQueue {
     /// publishes the responses. When the ring is left empty, `req_event` is
     /// armed (`RING_FINAL_CHECK_FOR_REQUESTS`) before answering `more:
     /// false`. An error means the frontend broke the ring: stop serving it.
-    pub fn process(&mut self, budget: usize) -> Result<Pass, QueueError> {
+    pub fn process(&mut self, budget: usize) -> Result<Progress, QueueError> {
         let queue = self.index;
         let ring_err = |source| QueueError::Ring { queue, source };
-        let mut pass = Pass::default();
+        let mut pass = Progress::default();
+        let mut taken = 0usize;
         let mut left = budget;
         loop {
             let n = (self.ring.unconsumed().map_err(ring_err)? as usize).min(left);
@@ -204,21 +195,20 @@ impl RingQueue {
                     self.more_tickets.push((id, first));
                 }
                 self.exec.submit(&self.slot, &mut self.responses);
-                pass.taken += 1;
+                taken += 1;
             }
             left -= n;
             self.exec.poll(&mut self.responses);
             pass.notify |= self.respond()?;
             // Waiting for buffers: a completion, or the retry, calls again.
             if !self.exec.can_take() {
-                return Ok(pass);
+                return Ok(Progress { idle: taken == 0, retry: self.exec.retry(), ..pass });
             }
             // With the budget spent, report more work; else (or if the ring
             // is empty now) arm req_event so the next request notifies us.
             let waiting = self.ring.final_check_for_requests().map_err(ring_err)?;
             if left == 0 || !waiting {
-                pass.more = waiting;
-                return Ok(pass);
+                return Ok(Progress { more: waiting, idle: taken == 0, retry: self.exec.retry(), ..pass });
             }
         }
     }

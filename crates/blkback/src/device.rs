@@ -14,12 +14,12 @@
 //! - Persistent grants are not offered: data moves by grant copy
 //!   (`docs/blkback.md`).
 
-use std::cell::RefCell;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use xen_backend::{
-    Device, DeviceCtx, DeviceError, DeviceType, Drained, Progress, RingCounters, RingHandler, RingSetup, RingStats,
+    Device, DeviceCtx, DeviceError, DeviceType, Drained, NodeReader, Progress, RingCounters, RingHandler, RingSetup,
+    RingStats,
 };
 
 use crate::buffer::{BufferBudget, QueueBudget};
@@ -156,33 +156,6 @@ struct BlkDevice {
     rings: Option<(usize, u32, xen_bus::Protocol)>,
 }
 
-/// Reads nodes through `f`, keeping the first xenstore error (absent nodes
-/// are `None`) so the config rules can be plain functions of values.
-struct Reader<F> {
-    f: F,
-    error: RefCell<Option<DeviceError>>,
-}
-
-impl<F: Fn(&str) -> Result<Option<String>, DeviceError>> Reader<F> {
-    fn new(f: F) -> Self {
-        Reader { f, error: RefCell::new(None) }
-    }
-
-    fn read(&self, node: &str) -> Option<String> {
-        match (self.f)(node) {
-            Ok(v) => v,
-            Err(e) => {
-                self.error.borrow_mut().get_or_insert(e);
-                None
-            }
-        }
-    }
-
-    fn check(self) -> Result<(), DeviceError> {
-        self.error.into_inner().map_or(Ok(()), Err)
-    }
-}
-
 fn config_error(e: crate::config::ConfigError) -> DeviceError {
     use crate::config::ConfigError;
     match e {
@@ -194,7 +167,7 @@ fn config_error(e: crate::config::ConfigError) -> DeviceError {
 
 impl Device for BlkDevice {
     fn init(&mut self, ctx: &DeviceCtx) -> Result<(), DeviceError> {
-        let reader = Reader::new(|n: &str| ctx.backend_str_opt(n));
+        let reader = NodeReader::new(|n: &str| ctx.backend_str_opt(n));
         let cfg = DiskConfig::read(|n| reader.read(n));
         reader.check()?;
         let cfg = cfg.map_err(config_error)?;
@@ -219,7 +192,7 @@ impl Device for BlkDevice {
             return Err(DeviceError::msg("Connect before the disk was opened"));
         };
         let offer = self.options.offer;
-        let reader = Reader::new(|n: &str| ctx.frontend_str_opt(n));
+        let reader = NodeReader::new(|n: &str| ctx.frontend_str_opt(n));
         let fe = FrontendConfig::read(|n| reader.read(n), &offer);
         reader.check()?;
         let fe = match fe {
@@ -231,9 +204,8 @@ impl Device for BlkDevice {
         };
         let limits = disk_limits(disk, &offer);
         let frontend = ctx.frontend_domid();
-        let multi = fe.queues.len() > 1;
-        let mut setups = Vec::with_capacity(fe.queues.len());
-        for (i, q) in fe.queues.iter().enumerate() {
+        let queues = fe.queues.iter().map(|q| (&q.ring_refs[..], q.event_channel));
+        let setups = ctx.serve_queues(queues, |i, ring| {
             let engine: Result<Box<dyn IoEngine>, _> = match self.options.engine {
                 EngineChoice::IoUring => IoUringEngine::new(disk.clone()).map(|e| Box::new(e) as _),
                 EngineChoice::Threads | EngineChoice::Auto => {
@@ -243,18 +215,14 @@ impl Device for BlkDevice {
             let engine = engine.map_err(|e| DeviceError::other(format!("Cannot start I/O for queue {i}"), e))?;
             let budget = QueueBudget::new(self.options.queue_buffer_bytes, self.budget.clone());
             let exec = QueueExecutor::new(fe.abi, limits, frontend, ctx.grants().clone(), engine).with_budget(budget);
-            let mem = ctx.map_grants(&q.ring_refs, true)?;
-            let journal = ctx.ring_journal(&format!("q{i}"), &q.ring_refs);
-            let queue = if ctx.resuming() {
-                RingQueue::resume(i, mem, exec, journal)
+            let queue = if ring.resume {
+                RingQueue::resume(i, ring.mem, exec, ring.journal)
             } else {
-                RingQueue::new(i, mem, exec, journal)
+                RingQueue::new(i, ring.mem, exec, ring.journal)
             };
             let queue = queue.map_err(|e| DeviceError::other("Bad ring", e))?;
-            let node = if multi { format!("queue-{i}/event-channel") } else { "event-channel".to_string() };
-            let port = ctx.bind_event_channel(&node)?;
-            setups.push(RingSetup { port, handler: Box::new(BlkRing { queue, counters: RingCounters::new() }) });
-        }
+            Ok(Box::new(BlkRing { queue, counters: RingCounters::new() }) as Box<dyn RingHandler>)
+        })?;
         for (node, value) in connect_nodes(disk, cfg) {
             ctx.write(node, value);
         }
@@ -321,8 +289,7 @@ impl RingHandler for BlkRing {
     fn process(&mut self, budget: usize) -> Result<Progress, DeviceError> {
         let pass = self.queue.process(budget);
         self.publish();
-        let pass = pass.map_err(|e| DeviceError::other("Ring failed", e))?;
-        Ok(Progress { notify: pass.notify, more: pass.more, idle: pass.taken == 0, retry: self.queue.retry() })
+        pass.map_err(|e| DeviceError::other("Ring failed", e))
     }
 
     fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -356,7 +323,7 @@ mod tests {
 
     #[test]
     fn a_xenstore_error_while_reading_nodes_is_reported_not_taken_as_absent() {
-        let reader = Reader::new(|n: &str| match n {
+        let reader = NodeReader::new(|n: &str| match n {
             "params" => Ok(Some("/disk.img".to_string())),
             "mode" => Err(DeviceError::msg("Xenstore went away")),
             _ => Ok(None),
@@ -365,13 +332,6 @@ mod tests {
         assert!(cfg.is_ok(), "the rules alone would accept it");
         let err = reader.check().unwrap_err();
         assert_eq!(err.to_string(), "Xenstore went away");
-    }
-
-    #[test]
-    fn absent_nodes_are_none_and_no_error() {
-        let reader = Reader::new(|_: &str| Ok(None));
-        assert_eq!(reader.read("params"), None);
-        assert!(reader.check().is_ok());
     }
 
     #[test]

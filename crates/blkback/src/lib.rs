@@ -15,7 +15,7 @@ pub mod uring;
 
 pub use buffer::{AlignedBuf, BufferBudget, QueueBudget};
 pub use config::{ConfigError, DiskConfig, FrontendConfig, Offer, QueueConfig};
-pub use connection::{Pass, QueueError, RingQueue};
+pub use connection::{QueueError, RingQueue};
 pub use device::{BlkDeviceType, BlkOptions, EngineChoice, DEFAULT_BUFFER_BYTES};
 pub use disk::{Disk, DiskError, DiskKind};
 pub use engine::{Completion, EngineError, IoEngine, IoOp, ThreadPoolEngine};

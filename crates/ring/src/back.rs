@@ -76,6 +76,17 @@ impl<Req: RingEntry, Rsp: RingEntry, M: Borrow<GrantMapping>> BackRing<Req, Rsp,
         Ok(ring)
     }
 
+    /// [`BackRing::resume`] when `resume` (a backend taking over from a
+    /// previous process), else [`BackRing::new_journaled`] or, without a
+    /// journal, [`BackRing::new`].
+    pub fn open(mem: M, journal: Option<JournalFile>, resume: bool) -> Result<Self, RingError> {
+        match (resume, journal) {
+            (true, journal) => Self::resume(mem, journal),
+            (false, Some(journal)) => Self::new_journaled(mem, journal),
+            (false, None) => Self::new(mem),
+        }
+    }
+
     /// Takes over a ring in use from a previous backend process, after a
     /// clean stop or a crash.
     ///
