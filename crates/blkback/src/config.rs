@@ -59,22 +59,11 @@ pub enum ConfigError {
     /// `params` names a driver we do not have (`qcow2:`, `vhd:`, ...).
     #[error("Unsupported disk driver {0:?}")]
     Driver(String),
-    /// `multi-queue-num-queues` above what we offered.
-    #[error("Frontend asks for {asked} queues, {offered} offered")]
-    TooManyQueues {
-        /// Requested.
-        asked: u32,
-        /// Offered.
-        offered: u32,
-    },
-    /// `ring-page-order` above what we offered.
-    #[error("Frontend ring order {asked} above {offered}")]
-    RingOrder {
-        /// Requested.
-        asked: u32,
-        /// Offered.
-        offered: u32,
-    },
+    /// The frontend's rings are beyond what we offered (`ring-page-order`,
+    /// `multi-queue-num-queues`: [`RingNodeError::RingOrder`],
+    /// [`RingNodeError::TooManyQueues`]).
+    #[error(transparent)]
+    Rings(RingNodeError),
 }
 
 /// The disk a backend directory describes (toolstack nodes).
@@ -240,8 +229,7 @@ impl From<RingNodeError> for ConfigError {
         match e {
             RingNodeError::Missing(node) => ConfigError::Missing(node),
             RingNodeError::Bad { node, value } => ConfigError::Bad { node, value },
-            RingNodeError::RingOrder { asked, offered } => ConfigError::RingOrder { asked, offered },
-            RingNodeError::TooManyQueues { asked, offered } => ConfigError::TooManyQueues { asked, offered },
+            other => ConfigError::Rings(other),
         }
     }
 }
@@ -372,9 +360,9 @@ mod tests {
     fn frontend_asking_beyond_the_offer_is_refused() {
         let offer = Offer { max_queues: 2, ..Offer::default() };
         let e = FrontendConfig::read(reader(&[("multi-queue-num-queues", "3")]), &offer).unwrap_err();
-        assert_eq!(e, ConfigError::TooManyQueues { asked: 3, offered: 2 });
+        assert_eq!(e, ConfigError::Rings(RingNodeError::TooManyQueues { asked: 3, offered: 2 }));
         let e = FrontendConfig::read(reader(&[("ring-page-order", "9")]), &offer).unwrap_err();
-        assert!(matches!(e, ConfigError::RingOrder { asked: 9, .. }));
+        assert!(matches!(e, ConfigError::Rings(RingNodeError::RingOrder { asked: 9, .. })));
         let e = FrontendConfig::read(reader(&[("ring-ref", "1")]), &offer).unwrap_err();
         assert_eq!(e, ConfigError::Missing("event-channel".into()));
     }

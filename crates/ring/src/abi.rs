@@ -179,6 +179,25 @@ mod tests {
         assert_eq!(entry_size::<Unaligned108, Rsp12>(), 108);
     }
 
+    /// Compiles `source` (which includes `header`) and returns what it
+    /// prints; `None` (skipped) without a C compiler.
+    fn run_c(name: &str, header: &std::path::Path, source: &str) -> Option<String> {
+        let dir = std::env::temp_dir().join(format!("xen-ring-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("t.c");
+        std::fs::write(&src, source).unwrap();
+        let bin = dir.join("t");
+        let cc = std::process::Command::new("cc").arg("-o").arg(&bin).arg(&src).status();
+        let Ok(status) = cc else {
+            eprintln!("skipped: no C compiler");
+            return None;
+        };
+        assert!(status.success(), "compiling against {} failed", header.display());
+        let out = std::process::Command::new(&bin).output().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        Some(String::from_utf8(out.stdout).unwrap())
+    }
+
     /// Compiles a C program against the machine's Xen headers, when it has
     /// them, and compares the layout and `__CONST_RING_SIZE`.
     #[test]
@@ -189,11 +208,9 @@ mod tests {
             eprintln!("skipped: {} not installed (apt-get install libxen-dev)", header.display());
             return;
         }
-        let dir = std::env::temp_dir().join(format!("xen-ring-abi-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let src = dir.join("t.c");
-        std::fs::write(
-            &src,
+        let Some(got) = run_c(
+            "abi",
+            header,
             r#"#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -211,18 +228,9 @@ int main(void) {
     return 0;
 }
 "#,
-        )
-        .unwrap();
-        let bin = dir.join("t");
-        let cc = std::process::Command::new("cc").arg("-o").arg(&bin).arg(&src).status();
-        let Ok(status) = cc else {
-            eprintln!("skipped: no C compiler");
+        ) else {
             return;
         };
-        assert!(status.success(), "compiling against {} failed", header.display());
-        let out = std::process::Command::new(&bin).output().unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        let got = String::from_utf8(out.stdout).unwrap();
         let want = format!(
             "{REQ_PROD} {REQ_EVENT} {RSP_PROD} {RSP_EVENT} {RING_OFFSET} {} {} {}\n",
             entry_size::<[u64; 14], [u32; 3]>(),
@@ -254,15 +262,13 @@ int main(void) {
             eprintln!("skipped: {} not installed (apt-get install libxen-dev)", header.display());
             return;
         };
-        let has_connection = text.contains("uint8_t connection");
-        let dir = std::env::temp_dir().join(format!("xen-ring-console-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let src = dir.join("t.c");
-        let connection = if has_connection { "offsetof(struct xencons_interface, connection)" } else { "(size_t)3088" };
-        std::fs::write(
-            &src,
-            format!(
-                r#"#include <stddef.h>
+        let connection = if text.contains("uint8_t connection") {
+            "offsetof(struct xencons_interface, connection)"
+        } else {
+            "(size_t)3088"
+        };
+        let source = format!(
+            r#"#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <xen/io/console.h>
@@ -275,19 +281,8 @@ int main(void) {{
     return 0;
 }}
 "#
-            ),
-        )
-        .unwrap();
-        let bin = dir.join("t");
-        let cc = std::process::Command::new("cc").arg("-o").arg(&bin).arg(&src).status();
-        let Ok(status) = cc else {
-            eprintln!("skipped: no C compiler");
-            return;
-        };
-        assert!(status.success(), "compiling against {} failed", header.display());
-        let out = std::process::Command::new(&bin).output().unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        let got = String::from_utf8(out.stdout).unwrap();
+        );
+        let Some(got) = run_c("console", header, &source) else { return };
         let want = format!(
             "{} {} {} {} {} {} {XENCONS_CONNECTION}\n",
             XENCONS_IN.data, XENCONS_OUT.data, XENCONS_IN.cons, XENCONS_IN.prod, XENCONS_OUT.cons, XENCONS_OUT.prod

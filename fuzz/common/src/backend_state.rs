@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use blkback::config::{ConfigError, FrontendConfig, Offer, MAX_RING_PAGE_ORDER};
 use blkif::Layout;
-use xen_bus::{scan, Protocol, XenbusState};
+use xen_bus::{scan, Protocol, RingNodeError, XenbusState};
 
 use crate::input::Input;
 
@@ -184,11 +184,11 @@ pub fn run(data: &[u8]) {
                 assert!(Protocol::parse(Some(&value)).is_err());
             }
         }
-        Err(ConfigError::TooManyQueues { asked, offered }) => {
+        Err(ConfigError::Rings(RingNodeError::TooManyQueues { asked, offered })) => {
             assert_eq!(offered, offer.max_queues);
             assert!(asked == 0 || asked > offered);
         }
-        Err(ConfigError::RingOrder { asked, offered }) => {
+        Err(ConfigError::Rings(RingNodeError::RingOrder { asked, offered })) => {
             assert_eq!(offered, offer.max_ring_page_order);
             assert!(asked > offered);
         }
