@@ -28,5 +28,5 @@ pub use frontends::{DeviceFilter, Frontends};
 pub use key::DeviceKey;
 pub use platform::{EvtchnOpener, Platform};
 pub use reader::NodeReader;
-pub use snapshot::{DeviceSnapshot, Monitor, RingCounters, RingStats};
+pub use snapshot::{DeviceSnapshot, Latencies, Monitor, RingCounters, RingStats, LATENCY_BUCKETS};
 pub use thread::spawn_named;

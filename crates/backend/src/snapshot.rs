@@ -19,6 +19,82 @@ use crate::backend::Stats;
 use crate::key::DeviceKey;
 use xen_bus::XenbusState;
 
+/// Buckets of [`Latencies`]: bucket `i` counts requests answered in less
+/// than 2^(i+1) µs after they were taken off the ring (the first: < 2 µs;
+/// the last: everything from 2^LATENCY_BUCKETS µs, about 16 s, on).
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// How long requests took, from being taken off the ring to their answer,
+/// as a histogram of powers of two in microseconds: a handler adds each
+/// request ([`Latencies::record`]), a reader takes percentiles
+/// ([`Latencies::percentile`]), within a factor of two.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Latencies {
+    /// Requests per bucket.
+    pub buckets: [u64; LATENCY_BUCKETS],
+    /// The sum of their times, in microseconds.
+    pub sum_us: u64,
+}
+
+impl Latencies {
+    /// The bucket of a request that took `d`.
+    pub fn bucket(d: Duration) -> usize {
+        let us = d.as_micros().max(1);
+        // floor(log2(us)): 1 µs -> 0, 2-3 -> 1, 4-7 -> 2, ...
+        ((u128::BITS - 1 - us.leading_zeros()) as usize).min(LATENCY_BUCKETS - 1)
+    }
+
+    /// Counts one request that took `d`.
+    pub fn record(&mut self, d: Duration) {
+        self.buckets[Self::bucket(d)] += 1;
+        self.sum_us = self.sum_us.saturating_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// Requests counted.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// The sum of both histograms (a device's rings together).
+    pub fn merged(mut self, other: &Latencies) -> Latencies {
+        self.buckets.iter_mut().zip(other.buckets).for_each(|(a, b)| *a += b);
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+        self
+    }
+
+    /// What was counted after `earlier`, a previous reading of the same
+    /// counters.
+    pub fn since(mut self, earlier: &Latencies) -> Latencies {
+        self.buckets.iter_mut().zip(earlier.buckets).for_each(|(a, b)| *a = a.saturating_sub(b));
+        self.sum_us = self.sum_us.saturating_sub(earlier.sum_us);
+        self
+    }
+
+    /// The upper bound of the bucket holding the `p` quantile (0 < p <= 1),
+    /// or `None` with nothing counted. Exact to a factor of two; the last
+    /// bucket has no bound and reads as its lower one.
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64 * p).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        let i = self.buckets.iter().position(|&n| {
+            seen += n;
+            seen >= rank
+        })?;
+        let shift = if i == LATENCY_BUCKETS - 1 { i } else { i + 1 };
+        Some(Duration::from_micros(1 << shift))
+    }
+
+    /// The upper bound of bucket `i` in seconds (Prometheus' `le`), `None`
+    /// for the last, unbounded one.
+    pub fn bucket_bound_secs(i: usize) -> Option<f64> {
+        (i + 1 < LATENCY_BUCKETS).then(|| (1u64 << (i + 1)) as f64 / 1e6)
+    }
+}
+
 /// What a ring's handler has done so far, as it last published it
 /// ([`RingCounters::publish`]). Device types give the words their own
 /// meaning within these: a block ring's request is a read, a write, a flush.
@@ -34,6 +110,8 @@ pub struct RingStats {
     pub bytes_read: u64,
     /// Bytes moved from the guest (a block device's writes).
     pub bytes_written: u64,
+    /// Time from taking each request off the ring to its answer.
+    pub latencies: Latencies,
 }
 
 /// A ring's counters, shared between its handler (which stores them, on
@@ -45,6 +123,8 @@ pub struct RingCounters {
     failed: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    latencies: [AtomicU64; LATENCY_BUCKETS],
+    latency_sum_us: AtomicU64,
 }
 
 impl RingCounters {
@@ -61,6 +141,10 @@ impl RingCounters {
         self.failed.store(s.failed, Ordering::Relaxed);
         self.bytes_read.store(s.bytes_read, Ordering::Relaxed);
         self.bytes_written.store(s.bytes_written, Ordering::Relaxed);
+        for (a, v) in self.latencies.iter().zip(s.latencies.buckets) {
+            a.store(v, Ordering::Relaxed);
+        }
+        self.latency_sum_us.store(s.latencies.sum_us, Ordering::Relaxed);
     }
 
     /// What was last published.
@@ -71,6 +155,10 @@ impl RingCounters {
             failed: self.failed.load(Ordering::Relaxed),
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            latencies: Latencies {
+                buckets: std::array::from_fn(|i| self.latencies[i].load(Ordering::Relaxed)),
+                sum_us: self.latency_sum_us.load(Ordering::Relaxed),
+            },
         }
     }
 }
@@ -139,8 +227,34 @@ mod tests {
     fn ring_counters_load_what_was_published() {
         let c = RingCounters::new();
         assert_eq!(c.load(), RingStats::default());
-        let s = RingStats { in_flight: 3, completed: 10, failed: 1, bytes_read: 4096, bytes_written: 512 };
+        let mut latencies = Latencies::default();
+        latencies.record(Duration::from_micros(300));
+        let s = RingStats { in_flight: 3, completed: 10, failed: 1, bytes_read: 4096, bytes_written: 512, latencies };
         c.publish(s);
         assert_eq!(c.load(), s);
+    }
+
+    #[test]
+    fn latencies_fall_in_powers_of_two_and_percentiles_bound_them() {
+        assert_eq!(Latencies::bucket(Duration::ZERO), 0);
+        assert_eq!(Latencies::bucket(Duration::from_micros(1)), 0);
+        assert_eq!(Latencies::bucket(Duration::from_micros(3)), 1);
+        assert_eq!(Latencies::bucket(Duration::from_micros(100)), 6);
+        assert_eq!(Latencies::bucket(Duration::from_secs(3600)), LATENCY_BUCKETS - 1);
+        let mut l = Latencies::default();
+        assert_eq!(l.percentile(0.5), None);
+        for _ in 0..98 {
+            l.record(Duration::from_micros(100)); // bucket 6: 64-127 µs
+        }
+        l.record(Duration::from_millis(5));
+        l.record(Duration::from_millis(5));
+        assert_eq!(l.percentile(0.5), Some(Duration::from_micros(128)));
+        assert_eq!(l.percentile(0.98), Some(Duration::from_micros(128)));
+        assert_eq!(l.percentile(0.99), Some(Duration::from_micros(8192)));
+        assert_eq!(l.merged(&l).count(), 200);
+        assert_eq!(l.sum_us, 98 * 100 + 2 * 5000);
+        assert_eq!(l.merged(&l).since(&l), l);
+        assert_eq!(Latencies::bucket_bound_secs(6), Some(128e-6));
+        assert_eq!(Latencies::bucket_bound_secs(LATENCY_BUCKETS - 1), None);
     }
 }

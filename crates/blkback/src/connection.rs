@@ -8,12 +8,13 @@ use evtchn::Port;
 use gnttab::{DomId, GrantMapper, GrantMapping, GrantRef};
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use crate::queue::{QueueExecutor, QueueStats};
 use blkif::request::request_id;
 use blkif::ring::BlkBackRing;
 use blkif::{Layout, Response};
-use xen_backend::Progress;
+use xen_backend::{Latencies, Progress};
 use xen_bus::Protocol;
 use xen_ring::{JournalFile, RingError, Ticket};
 
@@ -78,11 +79,15 @@ pub struct RingQueue {
     exec: QueueExecutor,
     slot: Vec<u8>,
     responses: Vec<Response>,
-    /// The ring's ticket of each request in flight, by the guest's id.
-    tickets: HashMap<u64, Ticket>,
+    /// The ring's ticket of each request in flight, by the guest's id, and
+    /// when it was taken (the pass's clock: one read per pass, not per
+    /// request).
+    tickets: HashMap<u64, (Ticket, Instant)>,
     /// Tickets of requests whose id was already in flight (a guest that
     /// reuses ids gets as many responses with that id as it sent requests).
-    more_tickets: Vec<(u64, Ticket)>,
+    more_tickets: Vec<(u64, (Ticket, Instant))>,
+    /// From taking each request to putting its response.
+    latencies: Latencies,
 }
 
 impl RingQueue {
@@ -120,7 +125,17 @@ impl RingQueue {
         let ring = ring(abi).map_err(|source| QueueError::Ring { queue: index, source })?;
         let tickets = HashMap::with_capacity(ring.size() as usize);
         let slot = vec![0; Layout::from(abi).slot_size()];
-        Ok(RingQueue { index, ring, abi, exec, slot, responses: Vec::new(), tickets, more_tickets: Vec::new() })
+        Ok(RingQueue {
+            index,
+            ring,
+            abi,
+            exec,
+            slot,
+            responses: Vec::new(),
+            tickets,
+            more_tickets: Vec::new(),
+            latencies: Latencies::default(),
+        })
     }
 
     /// Maps queue `index`'s ring from `frontend` and serves it with `exec`.
@@ -172,6 +187,12 @@ impl RingQueue {
         self.exec.stats()
     }
 
+    /// How long the requests answered so far took, from being taken off the
+    /// ring to their response.
+    pub fn latencies(&self) -> Latencies {
+        self.latencies
+    }
+
     /// Takes up to `budget` waiting requests, collects finished ones and
     /// publishes the responses. When the ring is left empty, `req_event` is
     /// armed (`RING_FINAL_CHECK_FOR_REQUESTS`) before answering `more:
@@ -184,6 +205,8 @@ impl RingQueue {
         let mut left = budget;
         loop {
             let n = (self.ring.unconsumed().map_err(ring_err)? as usize).min(left);
+            // The clock is read once per batch taken, and only if one is.
+            let mut stamp = None;
             for _ in 0..n {
                 // Beyond the memory budget the rest waits in the ring.
                 if !self.exec.can_take() {
@@ -191,7 +214,8 @@ impl RingQueue {
                 }
                 let Some(ticket) = self.ring.take_request(&mut self.slot).map_err(ring_err)? else { break };
                 let id = request_id(self.abi, &self.slot);
-                if let Some(first) = self.tickets.insert(id, ticket) {
+                let taken_at = *stamp.get_or_insert_with(Instant::now);
+                if let Some(first) = self.tickets.insert(id, (ticket, taken_at)) {
                     self.more_tickets.push((id, first));
                 }
                 self.exec.submit(&self.slot, &mut self.responses);
@@ -252,12 +276,14 @@ impl RingQueue {
             return Ok(false);
         }
         let queue = self.index;
+        let now = Instant::now();
         let mut responses = std::mem::take(&mut self.responses);
         let put = responses.iter().try_for_each(|rsp| {
-            let Some(ticket) = self.take_ticket(rsp.id) else {
+            let Some((ticket, taken_at)) = self.take_ticket(rsp.id) else {
                 log::error!("queue {queue}: a response to request {:#x}, which is not in flight", rsp.id);
                 return Ok(());
             };
+            self.latencies.record(now.saturating_duration_since(taken_at));
             self.ring.put_response(ticket, rsp)
         });
         responses.clear();
@@ -266,8 +292,8 @@ impl RingQueue {
         self.ring.push_responses().map_err(|source| QueueError::Ring { queue, source })
     }
 
-    /// The ticket of a request with `id` in flight.
-    fn take_ticket(&mut self, id: u64) -> Option<Ticket> {
+    /// The ticket of a request with `id` in flight, and when it was taken.
+    fn take_ticket(&mut self, id: u64) -> Option<(Ticket, Instant)> {
         if let Some(i) = self.more_tickets.iter().position(|&(other, _)| other == id) {
             return Some(self.more_tickets.swap_remove(i).1);
         }
@@ -382,6 +408,10 @@ mod tests {
         front.push_requests().unwrap();
         assert!(q.process(3).unwrap().more);
         assert_eq!(drain(&mut front, &mut q, 5), vec![0, 1, 2, 3, 4]);
+        // Each answered request has its time from take to response.
+        let lat = q.latencies();
+        assert_eq!(lat.count(), 5);
+        assert!(lat.percentile(1.0).unwrap() <= std::time::Duration::from_secs(16), "{lat:?}");
         let _ = std::fs::remove_file(path);
     }
 }

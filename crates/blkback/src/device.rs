@@ -281,6 +281,7 @@ impl BlkRing {
             failed: s.failed,
             bytes_read: s.bytes_read,
             bytes_written: s.bytes_written,
+            latencies: self.queue.latencies(),
         });
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use xen_backend::{DeviceSnapshot, Monitor, RingStats, Stats};
+use xen_backend::{DeviceSnapshot, Latencies, Monitor, RingStats, Stats, LATENCY_BUCKETS};
 
 /// The framework's counters ([`Stats`]), in this order: name, whether it is a
 /// gauge (else a counter), help text.
@@ -116,6 +116,7 @@ impl DeviceStatus {
             failed: a.failed + r.failed,
             bytes_read: a.bytes_read + r.bytes_read,
             bytes_written: a.bytes_written + r.bytes_written,
+            latencies: a.latencies.merged(&r.latencies),
         })
     }
 }
@@ -156,6 +157,8 @@ impl Status {
                                 "failed": r.failed,
                                 "bytes_read": r.bytes_read,
                                 "bytes_written": r.bytes_written,
+                                "latency_log2_us": r.latencies.buckets.to_vec(),
+                                "latency_sum_us": r.latencies.sum_us,
                             }),
                             None => Value::Null,
                         })
@@ -235,6 +238,18 @@ fn opt_text(v: &Value, name: &str) -> Option<String> {
     v.get(name).and_then(Value::as_str).map(str::to_string)
 }
 
+/// A ring's latency histogram; absent (a daemon from before it was kept)
+/// reads as empty.
+fn latencies_from_json(r: &Value) -> Result<Latencies, String> {
+    let Some(v) = r.get("latency_log2_us") else { return Ok(Latencies::default()) };
+    let buckets = v.as_array().filter(|a| a.len() == LATENCY_BUCKETS).ok_or("latency_log2_us: not its buckets")?;
+    let mut l = Latencies { sum_us: field_num(r, "latency_sum_us")?, ..Latencies::default() };
+    for (slot, b) in l.buckets.iter_mut().zip(buckets) {
+        *slot = b.as_u64().ok_or("latency_log2_us: not a count")?;
+    }
+    Ok(l)
+}
+
 fn device_from_json(v: &Value) -> Result<DeviceStatus, String> {
     let details = obj(v, "details")?
         .iter()
@@ -255,6 +270,7 @@ fn device_from_json(v: &Value) -> Result<DeviceStatus, String> {
                 failed: field_num(r, "failed")?,
                 bytes_read: field_num(r, "bytes_read")?,
                 bytes_written: field_num(r, "bytes_written")?,
+                latencies: latencies_from_json(r)?,
             }))
         })
         .collect::<Result<_, String>>()?;
@@ -308,18 +324,42 @@ pub fn summary(s: &Status) -> String {
     )
 }
 
+/// The totals of device `d` of `now` in the earlier sample `before`, and the
+/// time between: `None` if `before` is not of the same connection.
+fn earlier(d: &DeviceStatus, now: &Status, before: Option<&Status>) -> Option<(RingStats, Duration)> {
+    let b = before?;
+    let dt = now.uptime.checked_sub(b.uptime)?;
+    let e = b.devices.as_ref()?.iter().find(|e| e.kind == d.kind && e.domain == d.domain && e.devid == d.devid)?;
+    // The same connection: connected before the first sample.
+    (d.connected_for? >= dt && e.connected_for.is_some()).then(|| (e.totals(), dt))
+}
+
+/// Latency percentiles of device `d`'s requests answered between `before`
+/// and `now` (or since it connected), `None` if none was.
+fn percentiles(d: &DeviceStatus, now: &Status, before: Option<&Status>) -> Option<(Duration, Duration)> {
+    let mut l = d.totals().latencies;
+    if let Some((base, _)) = earlier(d, now, before) {
+        l = l.since(&base.latencies);
+    }
+    Some((l.percentile(0.5)?, l.percentile(0.99)?))
+}
+
+/// A latency for the table, in ms (to a factor of two: the histogram's).
+fn millis(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 10.0 {
+        format!("{ms:.3}")
+    } else {
+        format!("{ms:.0}")
+    }
+}
+
 /// Requests and bytes per second of `now`'s device `d`: against the same
 /// device in `before` (taken earlier, same connection), else averaged over
 /// the time it has been connected. `None` if neither gives a time.
 fn rates(d: &DeviceStatus, now: &Status, before: Option<&Status>) -> Option<(f64, f64)> {
     let t = d.totals();
-    let earlier = before.and_then(|b| {
-        let dt = now.uptime.checked_sub(b.uptime)?;
-        let e = b.devices.as_ref()?.iter().find(|e| e.kind == d.kind && e.domain == d.domain && e.devid == d.devid)?;
-        // The same connection: connected before the first sample.
-        (d.connected_for? >= dt && e.connected_for.is_some()).then(|| (e.totals(), dt))
-    });
-    let (base, dt) = match earlier {
+    let (base, dt) = match earlier(d, now, before) {
         Some(x) => x,
         None => (RingStats::default(), d.connected_for?),
     };
@@ -346,7 +386,10 @@ pub fn render_text(now: &Status, before: Option<&Status>) -> String {
         out.push_str("no devices\n");
         return out;
     }
-    let header = ["DOMAIN", "TYPE", "DEVID", "STATE", "IMAGE", "FORMAT", "QUEUES", "ORDER", "INFLIGHT", "IOPS", "MB/s"];
+    let header = [
+        "DOMAIN", "TYPE", "DEVID", "STATE", "IMAGE", "FORMAT", "QUEUES", "ORDER", "INFLIGHT", "IOPS", "MB/s", "P50ms",
+        "P99ms",
+    ];
     let header2 = ["ERRORS", "UPTIME", "RESUMED"];
     let mut rows: Vec<Vec<String>> = vec![header.iter().chain(&header2).map(|s| s.to_string()).collect()];
     for d in devices {
@@ -354,6 +397,10 @@ pub fn render_text(now: &Status, before: Option<&Status>) -> String {
         let dash = || "-".to_string();
         let (iops, mbs) = match rates(d, now, before) {
             Some((ops, mb)) => (format!("{ops:.0}"), format!("{mb:.1}")),
+            None => (dash(), dash()),
+        };
+        let (p50, p99) = match percentiles(d, now, before) {
+            Some((a, b)) => (millis(a), millis(b)),
             None => (dash(), dash()),
         };
         let state = if d.failed { format!("{} (failed)", d.state) } else { d.state.clone() };
@@ -370,6 +417,8 @@ pub fn render_text(now: &Status, before: Option<&Status>) -> String {
             if counted { t.in_flight.to_string() } else { dash() },
             iops,
             mbs,
+            p50,
+            p99,
             if counted { t.failed.to_string() } else { dash() },
             d.connected_for.map_or_else(dash, human_duration),
             if d.resumed { "yes" } else { "no" }.to_string(),
@@ -384,10 +433,11 @@ pub fn render_text(now: &Status, before: Option<&Status>) -> String {
     match before {
         Some(b) => {
             let dt = now.uptime.saturating_sub(b.uptime);
-            let _ = writeln!(out, "IOPS, MB/s: over the last {:.1} s", dt.as_secs_f64());
+            let _ = writeln!(out, "IOPS, MB/s, P50/P99: over the last {:.1} s", dt.as_secs_f64());
         }
-        None => out.push_str("IOPS, MB/s: averages since each device connected\n"),
+        None => out.push_str("IOPS, MB/s, P50/P99: since each device connected\n"),
     }
+    out.push_str("P50/P99: from taking a request off the ring to its answer, rounded up to a power of two\n");
     out
 }
 
@@ -462,7 +512,32 @@ pub fn render_metrics(s: &Status) -> String {
     for (name, kind, help, f) in rings {
         family(&mut out, name, kind, help, &ring(f));
     }
+    latency_histogram(&mut out, devices, dev_labels);
     out
+}
+
+/// `xenbackd_ring_request_duration_seconds`, a Prometheus histogram per
+/// ring: cumulative buckets at the powers of two of the framework's.
+fn latency_histogram(out: &mut String, devices: &[DeviceStatus], dev_labels: impl Fn(&DeviceStatus) -> String) {
+    let name = "xenbackd_ring_request_duration_seconds";
+    let _ = writeln!(out, "# HELP {name} Time from taking a request off the ring to its answer.");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for d in devices {
+        for (q, r) in d.rings.iter().enumerate() {
+            let Some(r) = r else { continue };
+            let labels = format!("{},queue=\"{q}\"", dev_labels(d));
+            let mut cumulative = 0;
+            for (i, n) in r.latencies.buckets.iter().enumerate() {
+                cumulative += n;
+                if let Some(le) = Latencies::bucket_bound_secs(i) {
+                    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+                }
+            }
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {}", r.latencies.sum_us as f64 / 1e6);
+            let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -470,7 +545,9 @@ mod tests {
     use super::*;
 
     fn sample(uptime_ms: u64, completed: u64, bytes: u64) -> Status {
-        let ring = RingStats { in_flight: 2, completed, failed: 1, bytes_read: bytes, bytes_written: 0 };
+        let mut latencies = Latencies::default();
+        (0..completed).for_each(|i| latencies.record(Duration::from_micros(100 + 50 * (i % 3))));
+        let ring = RingStats { in_flight: 2, completed, failed: 1, bytes_read: bytes, bytes_written: 0, latencies };
         Status {
             version: "0.1.0".into(),
             pid: 42,
@@ -549,7 +626,9 @@ mod tests {
         assert!(lines[3].contains(" raw ") && lines[3].ends_with("yes"), "{out}");
         assert!(cols.contains(&"100") && cols.contains(&"2.0"), "{out}");
         assert!(lines[4].contains("Closed (failed)"), "{out}");
-        assert!(out.ends_with("averages since each device connected\n"), "{out}");
+        assert!(out.contains("IOPS, MB/s, P50/P99: since each device connected\n"), "{out}");
+        // 100, 150 and 200 µs in turn: both within 128-256 µs.
+        assert_eq!(cols.iter().filter(|c| **c == "0.256").count(), 2, "p50 and p99: {out}");
     }
 
     #[test]
@@ -559,7 +638,7 @@ mod tests {
         // 600 requests and 4 MB in 2 s.
         let cols: Vec<&str> = out.lines().nth(3).unwrap().split_whitespace().collect();
         assert!(cols.contains(&"300") && cols.contains(&"2.0"), "{out}");
-        assert!(out.ends_with("over the last 2.0 s\n"), "{out}");
+        assert!(out.contains("P50/P99: over the last 2.0 s\n"), "{out}");
     }
 
     #[test]
@@ -573,6 +652,13 @@ mod tests {
         assert!(out.contains(&format!("xenbackd_ring_requests_completed_total{key} 400\n")), "{out}");
         assert!(out.contains(&format!("xenbackd_ring_read_bytes_total{key} 8192\n")), "{out}");
         assert!(!out.contains("queue=\"1\""), "a ring without counters has no samples: {out}");
+        let hist = "xenbackd_ring_request_duration_seconds";
+        let labels = "type=\"qdisk\",domain=\"3\",devid=\"51712\",queue=\"0\"";
+        assert!(out.contains(&format!("{hist}_bucket{{{labels},le=\"0.000128\"}} 134\n")), "{out}");
+        assert!(out.contains(&format!("{hist}_bucket{{{labels},le=\"0.000256\"}} 400\n")), "{out}");
+        assert!(out.contains(&format!("{hist}_bucket{{{labels},le=\"+Inf\"}} 400\n")), "{out}");
+        assert!(out.contains(&format!("{hist}_count{{{labels}}} 400\n")), "{out}");
+        assert!(out.contains(&format!("{hist}_sum{{{labels}}} 0.05995\n")), "{out}");
         // Every line is a comment or `name{labels} value`, and every family
         // is declared once before its samples.
         let mut declared = std::collections::BTreeSet::new();
@@ -581,8 +667,12 @@ mod tests {
                 assert!(declared.insert(rest.split(' ').next().unwrap().to_string()), "twice: {line}");
             } else if !line.starts_with("# HELP ") {
                 let name = line.split(['{', ' ']).next().unwrap();
-                assert!(declared.contains(name), "undeclared sample: {line}");
-                assert!(line.rsplit(' ').next().unwrap().parse::<u64>().is_ok(), "{line}");
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| declared.contains(*f)))
+                    .unwrap_or(name);
+                assert!(declared.contains(family), "undeclared sample: {line}");
+                assert!(line.rsplit(' ').next().unwrap().parse::<f64>().is_ok(), "{line}");
             }
         }
     }
