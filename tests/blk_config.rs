@@ -1,5 +1,5 @@
 //! What the toolstack writes decides the disk: read-only mode, `params`
-//! forms, the `vbd` and `qdisk` types, and fatal errors (non-raw format, a
+//! forms, the `vbd` and `qdisk` types, and fatal errors (a format we do not read, a
 //! missing file) that close one device and leave the others running.
 
 mod blk_support;
@@ -45,14 +45,14 @@ fn vbd_type_with_raw_params_and_qdisk_with_a_plain_path_are_served() {
 }
 
 #[test]
-fn non_raw_format_is_fatal_with_an_error_node() {
+fn unsupported_format_is_fatal_with_an_error_node() {
     let h = Harness::new().unwrap();
-    let disk = TempDisk::new("qcow", 1 << 20);
-    let spec = h.spec("qdisk", 1, 51712, &format!("aio:{}", disk.path.display()), "w", &[("format", "qcow2")]);
+    let disk = TempDisk::new("vhd", 1 << 20);
+    let spec = h.spec("qdisk", 1, 51712, &format!("aio:{}", disk.path.display()), "w", &[("format", "vhd")]);
     let mut dev = h.create(spec).unwrap();
     dev.wait_backend_state("Closed", WAIT, |s| s == Some(XenbusState::Closed)).unwrap();
     let error = dev.read_backend("error").unwrap().expect("error node");
-    assert!(error.contains("qcow2"), "error names the format: {error}");
+    assert!(error.contains("vhd"), "error names the format: {error}");
 }
 
 #[test]

@@ -4,9 +4,9 @@
 //!
 //! Node names and order follow Linux (`drivers/block/xen-blkback/xenbus.c`,
 //! `xen-blkfront.c`) and QEMU (`hw/block/xen-block.c`):
-//! - toolstack → backend: `params` (`aio:/path`, `raw:/path`, `/path`),
-//!   `format` (`raw` or absent), `mode` (`r` / `w`), `device-type`
-//!   (`cdrom` / `disk`);
+//! - toolstack → backend: `params` (`aio:/path`, `raw:/path`, `/path`,
+//!   `qcow2:/path`), `format` (`raw`, `qcow2` or absent), `mode` (`r` /
+//!   `w`), `device-type` (`cdrom` / `disk`);
 //! - backend, before `InitWait` (blkfront reads them in `talk_to_blkback`):
 //!   `feature-max-indirect-segments`, `max-ring-page-order`,
 //!   `multi-queue-max-queues`;
@@ -25,7 +25,7 @@ use evtchn::Port;
 use gnttab::GrantRef;
 use xen_bus::{rings, scan, FrontendRings, Protocol, RingNodeError, RingOffer};
 
-use crate::disk::Disk;
+use crate::format::{DiskImage, ImageFormat};
 use blkif::DiskLimits;
 
 /// `VDISK_CDROM` (`blkif.h`).
@@ -53,9 +53,17 @@ pub enum ConfigError {
         /// What it held.
         value: String,
     },
-    /// A disk format other than raw.
-    #[error("Unsupported disk format {0:?} (only raw)")]
+    /// A disk format we do not read (`qcow`, `vhd`, `qed`, ...).
+    #[error("Unsupported disk format {0:?} (raw and qcow2 are supported)")]
     Format(String),
+    /// `params`' prefix and the `format` node name different formats.
+    #[error("params names format {params}, the format node {node}")]
+    FormatConflict {
+        /// From `params`.
+        params: &'static str,
+        /// From `format`.
+        node: &'static str,
+    },
     /// `params` names a driver we do not have (`qcow2:`, `vhd:`, ...).
     #[error("Unsupported disk driver {0:?}")]
     Driver(String),
@@ -71,6 +79,8 @@ pub enum ConfigError {
 pub struct DiskConfig {
     /// The file or block device.
     pub path: PathBuf,
+    /// How the disk is laid out in it.
+    pub format: ImageFormat,
     /// `mode` is `r`, or the device is a CD-ROM.
     pub read_only: bool,
     /// `device-type` is `cdrom`.
@@ -82,12 +92,17 @@ impl DiskConfig {
     /// (read through `read`, relative to the backend directory).
     pub fn read(read: impl Fn(&str) -> Option<String>) -> Result<DiskConfig, ConfigError> {
         let params = read("params").ok_or_else(|| ConfigError::Missing("params".into()))?;
-        if let Some(format) = read("format") {
-            if !format.is_empty() && format != "raw" {
-                return Err(ConfigError::Format(format));
+        let (from_params, path) = parse_params(&params)?;
+        let from_node = match read("format") {
+            Some(name) if !name.is_empty() => Some(format_named(&name)?),
+            _ => None,
+        };
+        let format = match (from_params, from_node) {
+            (Some(p), Some(n)) if p != n => {
+                return Err(ConfigError::FormatConflict { params: p.name(), node: n.name() })
             }
-        }
-        let path = parse_params(&params)?;
+            (p, n) => p.or(n).unwrap_or(ImageFormat::Raw),
+        };
         let mode = read("mode").unwrap_or_else(|| "w".into());
         let read_only = match mode.as_str() {
             "r" | "ro" => true,
@@ -95,27 +110,47 @@ impl DiskConfig {
             _ => return Err(ConfigError::Bad { node: "mode".into(), value: mode }),
         };
         let cdrom = read("device-type").is_some_and(|t| t == "cdrom");
-        Ok(DiskConfig { path, read_only: read_only || cdrom, cdrom })
+        Ok(DiskConfig { path, format, read_only: read_only || cdrom, cdrom })
     }
 }
 
-/// The path in a `params` node: `/path`, `aio:/path`, `raw:/path` or
-/// `aio:raw:/path` (xl's qdisk forms); other drivers are refused.
-pub fn parse_params(params: &str) -> Result<PathBuf, ConfigError> {
+/// A format by the name libxl writes (`libxl__device_disk_string_of_format`:
+/// `raw` is written as `aio`, `vhd` is QEMU's `vpc`).
+fn format_named(name: &str) -> Result<ImageFormat, ConfigError> {
+    match name {
+        "raw" => Ok(ImageFormat::Raw),
+        "qcow2" => Ok(ImageFormat::Qcow2),
+        other => Err(ConfigError::Format(other.into())),
+    }
+}
+
+/// Prefixes of `params` that name an image format rather than a driver.
+const FORMAT_PREFIXES: [&str; 7] = ["raw", "qcow2", "qcow", "vhd", "vpc", "qed", "vmdk"];
+
+/// The format and path in a `params` node: `/path`, `aio:/path`,
+/// `raw:/path`, `aio:raw:/path`, `qcow2:/path` (xl's qdisk forms); the
+/// format is `None` where only a driver (or nothing) is named. Other
+/// drivers and formats are refused.
+pub fn parse_params(params: &str) -> Result<(Option<ImageFormat>, PathBuf), ConfigError> {
     let mut rest = params.trim();
+    let mut format = None;
     loop {
         match rest.split_once(':') {
-            Some((prefix, tail)) if !prefix.contains('/') => match prefix {
-                "aio" | "raw" | "file" | "phy" => rest = tail,
-                other => return Err(ConfigError::Driver(other.into())),
-            },
+            Some((prefix, tail)) if !prefix.contains('/') => {
+                match prefix {
+                    "aio" | "file" | "phy" => {}
+                    f if FORMAT_PREFIXES.contains(&f) => format = Some(format_named(f)?),
+                    other => return Err(ConfigError::Driver(other.into())),
+                }
+                rest = tail;
+            }
             _ => break,
         }
     }
     if rest.is_empty() {
         return Err(ConfigError::Bad { node: "params".into(), value: params.into() });
     }
-    Ok(PathBuf::from(rest))
+    Ok((format, PathBuf::from(rest)))
 }
 
 /// What the backend offers; written before `InitWait` and checked against
@@ -154,7 +189,7 @@ impl Offer {
 pub const SECURE_DISCARD_OFFERED: bool = false;
 
 /// The limits requests of `disk` are checked against.
-pub fn disk_limits(disk: &Disk, offer: &Offer) -> DiskLimits {
+pub fn disk_limits(disk: &dyn DiskImage, offer: &Offer) -> DiskLimits {
     let read_only = disk.is_read_only();
     DiskLimits {
         sectors: disk.sectors(),
@@ -168,7 +203,7 @@ pub fn disk_limits(disk: &Disk, offer: &Offer) -> DiskLimits {
 
 /// The nodes written just before `Connected`, in Linux blkback's order
 /// (`connect()` in `xenbus.c`).
-pub fn connect_nodes(disk: &Disk, cfg: &DiskConfig) -> Vec<(&'static str, String)> {
+pub fn connect_nodes(disk: &dyn DiskImage, cfg: &DiskConfig) -> Vec<(&'static str, String)> {
     let mut info = 0;
     if disk.is_read_only() {
         info |= VDISK_READONLY;
@@ -181,8 +216,9 @@ pub fn connect_nodes(disk: &Disk, cfg: &DiskConfig) -> Vec<(&'static str, String
     let mut nodes = vec![("feature-flush-cache", flag(writable))];
     let discard = disk.supports_discard();
     if discard {
-        // Discard of a file punches holes, sector by sector.
-        nodes.push(("discard-granularity", disk.logical_sector_size().to_string()));
+        // A file's holes are punched sector by sector, a qcow2 image's
+        // clusters freed whole.
+        nodes.push(("discard-granularity", disk.discard_granularity().to_string()));
         nodes.push(("discard-alignment", "0".into()));
         nodes.push(("discard-secure", flag(SECURE_DISCARD_OFFERED)));
     }
@@ -270,18 +306,43 @@ mod tests {
 
     #[test]
     fn params_accepts_xl_qdisk_forms_and_refuses_other_drivers() {
-        assert_eq!(parse_params("/var/disk.img").unwrap(), PathBuf::from("/var/disk.img"));
-        assert_eq!(parse_params("aio:/d").unwrap(), PathBuf::from("/d"));
-        assert_eq!(parse_params("raw:/d").unwrap(), PathBuf::from("/d"));
-        assert_eq!(parse_params("aio:raw:/d").unwrap(), PathBuf::from("/d"));
-        assert_eq!(parse_params("qcow2:/d"), Err(ConfigError::Driver("qcow2".into())));
+        let d = || PathBuf::from("/d");
+        assert_eq!(parse_params("/var/disk.img").unwrap(), (None, PathBuf::from("/var/disk.img")));
+        assert_eq!(parse_params("aio:/d").unwrap(), (None, d()));
+        assert_eq!(parse_params("raw:/d").unwrap(), (Some(ImageFormat::Raw), d()));
+        assert_eq!(parse_params("aio:raw:/d").unwrap(), (Some(ImageFormat::Raw), d()));
+        assert_eq!(parse_params("qcow2:/d").unwrap(), (Some(ImageFormat::Qcow2), d()));
+        assert_eq!(parse_params("tap:/d"), Err(ConfigError::Driver("tap".into())));
         assert!(parse_params("aio:").is_err());
     }
 
     #[test]
-    fn non_raw_format_is_refused_and_mode_r_is_read_only() {
-        let e = DiskConfig::read(reader(&[("params", "/d"), ("format", "qcow2")])).unwrap_err();
-        assert_eq!(e, ConfigError::Format("qcow2".into()));
+    fn formats_libxl_writes_that_we_do_not_read_are_refused_by_name() {
+        for name in ["qcow", "vhd", "vpc", "qed", "vmdk"] {
+            let e = parse_params(&format!("{name}:/d")).unwrap_err();
+            assert_eq!(e, ConfigError::Format(name.into()));
+            assert!(e.to_string().contains(name), "{e}");
+            let e = DiskConfig::read(reader(&[("params", "/d"), ("format", name)])).unwrap_err();
+            assert_eq!(e, ConfigError::Format(name.into()));
+        }
+    }
+
+    #[test]
+    fn the_format_comes_from_params_or_the_format_node_and_they_must_agree() {
+        let format = |nodes: &[(&str, &str)]| DiskConfig::read(reader(nodes)).map(|c| c.format);
+        assert_eq!(format(&[("params", "/d")]), Ok(ImageFormat::Raw));
+        assert_eq!(format(&[("params", "aio:/d"), ("format", "")]), Ok(ImageFormat::Raw));
+        assert_eq!(format(&[("params", "qcow2:/d")]), Ok(ImageFormat::Qcow2));
+        assert_eq!(format(&[("params", "aio:/d"), ("format", "qcow2")]), Ok(ImageFormat::Qcow2));
+        assert_eq!(format(&[("params", "qcow2:/d"), ("format", "qcow2")]), Ok(ImageFormat::Qcow2));
+        assert_eq!(
+            format(&[("params", "raw:/d"), ("format", "qcow2")]),
+            Err(ConfigError::FormatConflict { params: "raw", node: "qcow2" })
+        );
+    }
+
+    #[test]
+    fn mode_r_and_cdrom_are_read_only() {
         let c = DiskConfig::read(reader(&[("params", "/d"), ("format", "raw"), ("mode", "r")])).unwrap();
         assert!(c.read_only);
         let c = DiskConfig::read(reader(&[("params", "/d"), ("mode", "w"), ("device-type", "cdrom")])).unwrap();

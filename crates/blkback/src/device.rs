@@ -2,8 +2,9 @@
 //! `backendtype=qdisk`) and `vbd` are the same device under two names.
 //!
 //! - `init` (before InitWait): reads `params`/`format`/`mode`/`device-type`,
-//!   opens the disk (a bad value, a non-raw format or an unopenable file is
-//!   fatal: the framework writes the `error` node), and writes what blkfront
+//!   opens the disk as raw or qcow2 (a bad value, another format or an
+//!   unopenable image is fatal: the framework writes the `error` node), and
+//!   writes what blkfront
 //!   reads in `talk_to_blkback`: `feature-max-indirect-segments`,
 //!   `max-ring-page-order`, `multi-queue-max-queues`.
 //! - `connect` (frontend Initialised): reads the frontend's rings, ports and
@@ -25,8 +26,8 @@ use xen_backend::{
 use crate::buffer::{BufferBudget, QueueBudget};
 use crate::config::{connect_nodes, disk_limits, DiskConfig, FrontendConfig, Offer};
 use crate::connection::RingQueue;
-use crate::disk::Disk;
 use crate::engine::{IoEngine, ThreadPoolEngine};
+use crate::format::{ImageFormat, OpenImage};
 use crate::queue::{QueueExecutor, DEFAULT_QUEUE_BUFFER_BYTES};
 use crate::uring::IoUringEngine;
 
@@ -151,7 +152,7 @@ impl DeviceType for BlkDeviceType {
 struct BlkDevice {
     options: BlkOptions,
     budget: Arc<BufferBudget>,
-    disk: Option<(DiskConfig, Arc<Disk>)>,
+    disk: Option<(DiskConfig, OpenImage)>,
     /// Of the connection: queues, `ring-page-order`, the ABI.
     rings: Option<(usize, u32, xen_bus::Protocol)>,
 }
@@ -171,19 +172,29 @@ impl Device for BlkDevice {
         let cfg = DiskConfig::read(|n| reader.read(n));
         reader.check()?;
         let cfg = cfg.map_err(config_error)?;
-        let disk = Disk::open(&cfg.path, cfg.read_only, self.options.direct)
+        let disk = OpenImage::open(&cfg.path, cfg.format, cfg.read_only, self.options.direct)
             .map_err(|e| DeviceError::other(format!("Cannot open {}", cfg.path.display()), e))?;
+        let image = disk.image();
         log::info!(
-            "{}: {} ({} sectors{})",
+            "{}: {} ({}, {} sectors{})",
             ctx.backend_path(),
             cfg.path.display(),
-            disk.sectors(),
-            if disk.is_read_only() { ", read-only" } else { "" }
+            cfg.format.name(),
+            image.sectors(),
+            if image.is_read_only() { ", read-only" } else { "" }
         );
+        if let OpenImage::Qcow2(q) = &disk {
+            for backing in q.backing_chain() {
+                log::info!("{}: backing file {}", ctx.backend_path(), backing.display());
+            }
+            if self.options.engine == EngineChoice::IoUring {
+                log::info!("{}: qcow2 images use the thread-pool engine", ctx.backend_path());
+            }
+        }
         for (node, value) in self.options.offer.nodes() {
             ctx.write(node, value);
         }
-        self.disk = Some((cfg, Arc::new(disk)));
+        self.disk = Some((cfg, disk));
         Ok(())
     }
 
@@ -202,15 +213,14 @@ impl Device for BlkDevice {
             }
             Err(e) => return Err(config_error(e)),
         };
-        let limits = disk_limits(disk, &offer);
+        let image = disk.image();
+        let limits = disk_limits(&*image, &offer);
         let frontend = ctx.frontend_domid();
         let queues = fe.queues.iter().map(|q| (&q.ring_refs[..], q.event_channel));
         let setups = ctx.serve_queues(queues, |i, ring| {
-            let engine: Result<Box<dyn IoEngine>, _> = match self.options.engine {
-                EngineChoice::IoUring => IoUringEngine::new(disk.clone()).map(|e| Box::new(e) as _),
-                EngineChoice::Threads | EngineChoice::Auto => {
-                    ThreadPoolEngine::new(disk.clone(), self.options.io_threads).map(|e| Box::new(e) as _)
-                }
+            let engine: Result<Box<dyn IoEngine>, _> = match (self.options.engine, disk.raw()) {
+                (EngineChoice::IoUring, Some(raw)) => IoUringEngine::new(raw.clone()).map(|e| Box::new(e) as _),
+                _ => ThreadPoolEngine::new(image.clone(), self.options.io_threads).map(|e| Box::new(e) as _),
             };
             let engine = engine.map_err(|e| DeviceError::other(format!("Cannot start I/O for queue {i}"), e))?;
             let budget = QueueBudget::new(self.options.queue_buffer_bytes, self.budget.clone());
@@ -223,7 +233,7 @@ impl Device for BlkDevice {
             let queue = queue.map_err(|e| DeviceError::other("Bad ring", e))?;
             Ok(Box::new(BlkRing { queue, counters: RingCounters::new() }) as Box<dyn RingHandler>)
         })?;
-        for (node, value) in connect_nodes(disk, cfg) {
+        for (node, value) in connect_nodes(&*image, cfg) {
             ctx.write(node, value);
         }
         self.rings = Some((fe.queues.len(), fe.ring_page_order, fe.abi));
@@ -246,15 +256,15 @@ impl Device for BlkDevice {
         let mut d = Vec::new();
         if let Some((cfg, disk)) = &self.disk {
             d.push(("image", cfg.path.display().to_string()));
-            d.push(("format", "raw".to_string()));
-            d.push(("mode", if disk.is_read_only() { "r" } else { "w" }.to_string()));
-            d.push(("sectors", disk.sectors().to_string()));
-            d.push(("sector-size", disk.logical_sector_size().to_string()));
+            let image = disk.image();
+            d.push(("format", disk.format().name().to_string()));
+            d.push(("mode", if image.is_read_only() { "r" } else { "w" }.to_string()));
+            d.push(("sectors", image.sectors().to_string()));
+            d.push(("sector-size", image.logical_sector_size().to_string()));
         }
-        let engine = match self.options.engine {
-            EngineChoice::IoUring => "io-uring",
-            EngineChoice::Threads | EngineChoice::Auto => "threads",
-        };
+        let uring = self.options.engine == EngineChoice::IoUring
+            && self.disk.as_ref().map_or(true, |(cfg, _)| cfg.format == ImageFormat::Raw);
+        let engine = if uring { "io-uring" } else { "threads" };
         d.push(("engine", engine.to_string()));
         if let Some((queues, order, abi)) = self.rings {
             d.push(("queues", queues.to_string()));

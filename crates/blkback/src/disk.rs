@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{fallocate, FallocateFlags};
 use nix::sys::ioctl::ioctl_num_type;
 
+use crate::format::DiskImage;
+
 /// `#define BLKGETSIZE64 _IOR(0x12,114,size_t)` (`linux/fs.h`).
 const BLKGETSIZE64: u64 = nix::request_code_read!(0x12, 114, core::mem::size_of::<usize>()) as u64;
 /// `#define BLKSSZGET _IO(0x12,104)`: logical sector size (int).
@@ -81,24 +83,31 @@ fn block_device_discards(rdev: u64) -> bool {
         .is_some_and(|max| max > 0)
 }
 
+/// Opens `path` for reading (and writing unless `read_only`), with
+/// `O_DIRECT` if `direct` and the file system accepts it; whether it did.
+pub(crate) fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<(File, bool), DiskError> {
+    let open = |flags: i32| {
+        OpenOptions::new().read(true).write(!read_only).custom_flags(flags | nix::libc::O_CLOEXEC).open(path)
+    };
+    let opened = |r: std::io::Result<File>| r.map_err(|source| DiskError::Open { path: path.into(), source });
+    if !direct {
+        return Ok((opened(open(0))?, false));
+    }
+    match open(nix::libc::O_DIRECT) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+            log::info!("{}: O_DIRECT not supported, using the page cache", path.display());
+            Ok((opened(open(0))?, false))
+        }
+        Err(source) => Err(DiskError::Open { path: path.into(), source }),
+    }
+}
+
 impl Disk {
     /// Opens `path`, with `O_DIRECT` if `direct` and the target accepts it
     /// (tmpfs, for one, does not: the disk then falls back to the page cache).
     pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Disk, DiskError> {
-        let open = |flags: i32| {
-            OpenOptions::new().read(true).write(!read_only).custom_flags(flags | nix::libc::O_CLOEXEC).open(path)
-        };
-        let (file, direct) = match direct {
-            true => match open(nix::libc::O_DIRECT) {
-                Ok(f) => (f, true),
-                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                    log::info!("{}: O_DIRECT not supported, using the page cache", path.display());
-                    (open(0).map_err(|source| DiskError::Open { path: path.into(), source })?, false)
-                }
-                Err(source) => return Err(DiskError::Open { path: path.into(), source }),
-            },
-            false => (open(0).map_err(|source| DiskError::Open { path: path.into(), source })?, false),
-        };
+        let (file, direct) = open_file(path, read_only, direct)?;
         let probe = |op, source| DiskError::Probe { op, path: path.into(), source };
         let meta = file.metadata().map_err(|e| probe("fstat", e))?;
         let ft = meta.file_type();
@@ -144,60 +153,57 @@ impl Disk {
         self.kind
     }
 
+    /// Opened with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+}
+
+impl DiskImage for Disk {
     /// Size in bytes.
-    pub fn size(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.size
     }
 
-    /// Size in 512-byte sectors (blkif's unit; the `sectors` node).
-    pub fn sectors(&self) -> u64 {
-        self.size / 512
-    }
-
     /// Logical sector size (the `sector-size` node).
-    pub fn logical_sector_size(&self) -> u32 {
+    fn logical_sector_size(&self) -> u32 {
         self.logical_sector
     }
 
     /// Physical sector size (the `physical-sector-size` node).
-    pub fn physical_sector_size(&self) -> u32 {
+    fn physical_sector_size(&self) -> u32 {
         self.physical_sector
     }
 
     /// Opened read-only.
-    pub fn is_read_only(&self) -> bool {
+    fn is_read_only(&self) -> bool {
         self.read_only
     }
 
     /// Discard is offered: writable, and a file (holes are punched) or a
     /// block device whose queue accepts discards.
-    pub fn supports_discard(&self) -> bool {
+    fn supports_discard(&self) -> bool {
         self.discard && !self.read_only
     }
 
-    /// Opened with `O_DIRECT`.
-    pub fn is_direct(&self) -> bool {
-        self.direct
-    }
-
     /// Reads exactly `buf.len()` bytes at `offset`.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
     }
 
     /// Writes all of `buf` at `offset`.
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
     }
 
     /// Makes written data durable (`fdatasync`).
-    pub fn flush(&self) -> std::io::Result<()> {
+    fn flush(&self) -> std::io::Result<()> {
         nix::unistd::fdatasync(self.file.as_raw_fd()).map_err(std::io::Error::from)
     }
 
     /// Discards `len` bytes at `offset`: the range then reads as zeros on
     /// files (a punched hole) and as the device defines on block devices.
-    pub fn discard(&self, offset: u64, len: u64, secure: bool) -> std::io::Result<()> {
+    fn discard(&self, offset: u64, len: u64, secure: bool) -> std::io::Result<()> {
         if len == 0 {
             return Ok(());
         }

@@ -1,7 +1,8 @@
 //! I/O engines: requests go in with a tag, completions come out, and a file
 //! descriptor polls readable while completions wait (for the ring worker's
-//! epoll). The thread-pool engine runs blocking `pread`/`pwrite`/`fdatasync`
-//! on a few threads, so a queue keeps many requests in flight.
+//! epoll). The thread-pool engine runs blocking reads, writes and flushes
+//! of a [`DiskImage`] (any format) on a few threads, so a queue keeps many
+//! requests in flight.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::buffer::AlignedBuf;
-use crate::disk::Disk;
+use crate::format::DiskImage;
 
 /// One storage operation. Data buffers travel with the operation and come
 /// back in its [`Completion`].
@@ -136,8 +137,8 @@ pub struct ThreadPoolEngine {
 }
 
 impl ThreadPoolEngine {
-    /// An engine with `threads` I/O threads on `disk`.
-    pub fn new(disk: Arc<Disk>, threads: usize) -> Result<Self, EngineError> {
+    /// An engine with `threads` I/O threads on `disk`, in any format.
+    pub fn new<D: DiskImage + ?Sized + 'static>(disk: Arc<D>, threads: usize) -> Result<Self, EngineError> {
         let wakeup = Arc::new(Wakeup {
             fd: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
                 .map_err(|e| EngineError::Create(e.into()))?,
@@ -153,7 +154,7 @@ impl ThreadPoolEngine {
                 .spawn(move || {
                     for job in rx {
                         let tag = job.tag;
-                        let completion = guarded(tag, || execute(&disk, job));
+                        let completion = guarded(tag, || execute(&*disk, job));
                         if tx.send(completion).is_err() {
                             break;
                         }
@@ -178,7 +179,7 @@ fn guarded(tag: u64, op: impl FnOnce() -> Completion) -> Completion {
     })
 }
 
-fn execute(disk: &Disk, job: Job) -> Completion {
+fn execute<D: DiskImage + ?Sized>(disk: &D, job: Job) -> Completion {
     let Job { tag, op } = job;
     match op {
         IoOp::Read { offset, mut buf } => {
@@ -234,6 +235,7 @@ impl Drop for ThreadPoolEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::Disk;
     use crate::uring::IoUringEngine;
     use std::time::Duration;
 
@@ -247,8 +249,9 @@ mod tests {
         (Arc::new(Disk::open(&p, false, true).unwrap()), p)
     }
 
-    /// Both engines on the same disk kind; io_uring only where the kernel
-    /// has it (reported, not silently skipped).
+    /// Both engines on the same disk kind, and the thread pool on a qcow2
+    /// image of the same size (every format behaves alike); io_uring only
+    /// where the kernel has it (reported, not silently skipped).
     fn engines(d: &Arc<Disk>) -> Vec<(&'static str, Box<dyn IoEngine>)> {
         let mut v: Vec<(&'static str, Box<dyn IoEngine>)> =
             vec![("threads", Box::new(ThreadPoolEngine::new(d.clone(), 4).unwrap()))];
@@ -256,6 +259,12 @@ mod tests {
             Ok(()) => v.push(("io_uring", Box::new(IoUringEngine::new(d.clone()).unwrap()))),
             Err(e) => eprintln!("io_uring unavailable here ({e}): only the thread pool is tested"),
         }
+        let qcow2 = d.path().with_extension("qcow2");
+        crate::qcow2::create_for_test(&qcow2, d.size());
+        let image = Arc::new(crate::qcow2::Qcow2Image::open(&qcow2, false, true).unwrap());
+        // Open files stay usable after the name goes.
+        std::fs::remove_file(qcow2).unwrap();
+        v.push(("qcow2 threads", Box::new(ThreadPoolEngine::new(image, 4).unwrap())));
         v
     }
 

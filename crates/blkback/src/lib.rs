@@ -10,6 +10,8 @@ pub mod connection;
 pub mod device;
 pub mod disk;
 pub mod engine;
+pub mod format;
+pub mod qcow2;
 pub mod queue;
 pub mod uring;
 
@@ -19,5 +21,7 @@ pub use connection::{QueueError, RingQueue};
 pub use device::{BlkDeviceType, BlkOptions, EngineChoice, DEFAULT_BUFFER_BYTES};
 pub use disk::{Disk, DiskError, DiskKind};
 pub use engine::{Completion, EngineError, IoEngine, IoOp, ThreadPoolEngine};
+pub use format::{DiskImage, ImageError, ImageFormat, OpenImage};
+pub use qcow2::{Qcow2Error, Qcow2Image};
 pub use queue::{QueueExecutor, QueueStats, DEFAULT_QUEUE_BUFFER_BYTES};
 pub use uring::IoUringEngine;

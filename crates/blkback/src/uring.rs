@@ -17,6 +17,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use crate::buffer::AlignedBuf;
 use crate::disk::{Disk, DiskKind};
 use crate::engine::{Completion, EngineError, IoEngine, IoOp};
+use crate::format::DiskImage;
 
 /// Submission queue entries per queue: a pass rarely submits more (the
 /// ring budget), and a full queue is entered early, never refused.

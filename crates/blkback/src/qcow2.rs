@@ -1,0 +1,356 @@
+//! qcow2 images through the `imago` crate (synchronous build, no async
+//! runtime): versions 2 and 3, backing chains of raw or qcow2 images opened
+//! read-only, zero and compressed clusters, discard that frees clusters.
+//!
+//! The backing chain is opened here, not by imago's implicit opener,
+//! because imago probes a backing file's format when the header names none,
+//! and a guest that once wrote to a raw disk which later became a backing
+//! file could have planted a qcow2 header there (pointing, say, at a host
+//! file as *its* backing file). A backing file without a format is refused,
+//! as is an external data file.
+
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use imago::file::File as ImagoFile;
+use imago::qcow2::Qcow2;
+use imago::raw::Raw;
+use imago::{FormatAccess, StorageOpenOptions};
+
+use crate::disk::{open_file, DiskError};
+use crate::format::DiskImage;
+
+/// Backing files below the top image at most. QEMU has no limit; a bound
+/// stops a chain that loops back on itself.
+pub const MAX_BACKING_CHAIN: usize = 16;
+
+/// Errors of opening a qcow2 image or its backing chain.
+#[derive(Debug, thiserror::Error)]
+pub enum Qcow2Error {
+    /// A file of the chain could not be opened.
+    #[error("Cannot open a file of the image")]
+    Open(#[source] DiskError),
+    /// imago refused the image: not qcow2, dirty or corrupt (its
+    /// incompatible feature bits), damaged metadata, an unknown feature.
+    #[error("Cannot use {path} as qcow2")]
+    Image {
+        /// The image.
+        path: PathBuf,
+        /// imago's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The header names a backing file but no backing format.
+    #[error("{image}: backing file {backing:?} has no format in the header, and formats are never guessed (qemu-img rebase -u -F raw|qcow2 sets it)")]
+    BackingFormatMissing {
+        /// The image whose header it is.
+        image: PathBuf,
+        /// The backing file name as written.
+        backing: String,
+    },
+    /// The backing format is one we do not read.
+    #[error("{image}: backing format {format:?} is not supported (raw and qcow2 are)")]
+    BackingFormat {
+        /// The image whose header it is.
+        image: PathBuf,
+        /// The format named.
+        format: String,
+    },
+    /// The image keeps its data in a separate file.
+    #[error("{0}: external data files are not supported")]
+    ExternalDataFile(PathBuf),
+    /// More backing files than [`MAX_BACKING_CHAIN`].
+    #[error("{0}: backing chain longer than {MAX_BACKING_CHAIN} files")]
+    ChainTooLong(PathBuf),
+}
+
+/// A qcow2 image with its backing chain.
+pub struct Qcow2Image {
+    /// Discards need it exclusively (they may free clusters that a
+    /// concurrent read or write has looked up); reads, writes and flushes
+    /// share it.
+    image: RwLock<FormatAccess<ImagoFile>>,
+    path: PathBuf,
+    backing_chain: Vec<PathBuf>,
+    size: u64,
+    discard_granularity: u32,
+    read_only: bool,
+}
+
+impl Qcow2Image {
+    /// Opens the qcow2 image at `path` (writable unless `read_only`) and
+    /// its backing chain (read-only), with `O_DIRECT` where `direct` and
+    /// the file system takes it.
+    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Qcow2Image, Qcow2Error> {
+        let mut backing_chain = Vec::new();
+        let top = open_qcow2(path, !read_only, direct, &mut backing_chain)?;
+        let image = FormatAccess::new(top);
+        let size = image.size();
+        // v3 frees whole clusters (zero clusters); v2 has none, and what a
+        // discard cannot free is written with zeros.
+        let discard_granularity = image.inner().zero_granularity().map_or(512, |g| g.min(u32::MAX.into()) as u32);
+        Ok(Qcow2Image {
+            image: RwLock::new(image),
+            path: path.into(),
+            backing_chain,
+            size,
+            discard_granularity,
+            read_only,
+        })
+    }
+
+    /// The path of the top image.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The backing files, the top image's first.
+    pub fn backing_chain(&self) -> &[PathBuf] {
+        &self.backing_chain
+    }
+
+    fn shared(&self) -> std::io::Result<RwLockReadGuard<'_, FormatAccess<ImagoFile>>> {
+        self.image.read().map_err(|_| poisoned())
+    }
+
+    fn exclusive(&self) -> std::io::Result<RwLockWriteGuard<'_, FormatAccess<ImagoFile>>> {
+        self.image.write().map_err(|_| poisoned())
+    }
+}
+
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        // imago flushes on drop too, but reports a failure only through
+        // `tracing`, which this build compiles out.
+        if !self.read_only {
+            if let Err(e) = self.flush() {
+                log::error!("{}: flushing the image at close failed: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+/// An operation panicked inside the format layer: its metadata may be half
+/// updated, so nothing more is done on the image.
+fn poisoned() -> std::io::Error {
+    std::io::Error::other("an earlier operation on the image panicked")
+}
+
+/// A backing file name as QEMU resolves it: relative to the directory of
+/// the image that names it.
+fn backing_path(image: &Path, name: &str) -> PathBuf {
+    match image.parent() {
+        Some(dir) if Path::new(name).is_relative() => dir.join(name),
+        _ => PathBuf::from(name),
+    }
+}
+
+/// `QCOW_EXT_MAGIC_BACKING_FORMAT` (QEMU's `block/qcow2.h`).
+const BACKING_FORMAT_EXTENSION: u32 = 0xe279_2aca;
+
+/// The backing format of a version 2 image, from its header extensions,
+/// which imago 0.2 reads for version 3 only. QEMU writes them after the
+/// 72-byte v2 header (`qcow2_read_extensions`): type and length (big
+/// endian u32 each), the data padded to 8 bytes, a type of 0 ends them;
+/// they end before the backing file name and within the first cluster.
+fn v2_backing_format(path: &Path) -> std::io::Result<Option<String>> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let mut header = [0u8; 72];
+    file.read_exact_at(&mut header, 0)?;
+    let be32 = |b: &[u8]| u32::from_be_bytes(b[..4].try_into().expect("4 bytes"));
+    if &header[..4] != b"QFI\xfb" || be32(&header[4..]) != 2 {
+        return Ok(None);
+    }
+    let backing_name_offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
+    let cluster_bits = be32(&header[20..]);
+    if !(9..=21).contains(&cluster_bits) {
+        return Ok(None);
+    }
+    let end = match backing_name_offset {
+        0 => 1u64 << cluster_bits,
+        n => n.min(1 << cluster_bits),
+    };
+    let mut offset = 72u64;
+    while offset + 8 <= end {
+        let mut ext = [0u8; 8];
+        file.read_exact_at(&mut ext, offset)?;
+        let (kind, len) = (be32(&ext), u64::from(be32(&ext[4..])));
+        offset += 8;
+        if kind == 0 || offset + len > end {
+            break;
+        }
+        if kind == BACKING_FORMAT_EXTENSION {
+            let mut name = vec![0u8; len as usize];
+            file.read_exact_at(&mut name, offset)?;
+            return Ok(Some(String::from_utf8_lossy(&name).into_owned()));
+        }
+        offset += len.next_multiple_of(8);
+    }
+    Ok(None)
+}
+
+fn storage(path: &Path, writable: bool, direct: bool) -> Result<ImagoFile, Qcow2Error> {
+    let (file, direct) = open_file(path, !writable, direct).map_err(Qcow2Error::Open)?;
+    let options = StorageOpenOptions::new().filename(path).write(writable).direct(direct);
+    ImagoFile::from_open_file(file, options).map_err(|source| Qcow2Error::Image { path: path.into(), source })
+}
+
+/// Opens the qcow2 image at `path` and, below it, its backing chain; the
+/// backing files opened are appended to `chain`.
+fn open_qcow2(
+    path: &Path,
+    writable: bool,
+    direct: bool,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Qcow2<ImagoFile>, Qcow2Error> {
+    let refused = |source| Qcow2Error::Image { path: path.into(), source };
+    let mut image = Qcow2::<ImagoFile>::open_image(storage(path, writable, direct)?, writable).map_err(refused)?;
+    if image.requires_external_data_file() {
+        return Err(Qcow2Error::ExternalDataFile(path.into()));
+    }
+    image.set_data_file(None);
+    let backing = match image.implicit_backing_file() {
+        None => None,
+        Some(name) => {
+            if chain.len() >= MAX_BACKING_CHAIN {
+                return Err(Qcow2Error::ChainTooLong(path.into()));
+            }
+            let file = backing_path(path, name);
+            let format = match image.implicit_backing_format() {
+                Some(f) => Some(f.clone()),
+                None => v2_backing_format(path).map_err(refused)?,
+            };
+            chain.push(file.clone());
+            Some(match format.as_deref() {
+                Some("qcow2") => FormatAccess::new(open_qcow2(&file, false, direct, chain)?),
+                Some("raw") | Some("file") => {
+                    let raw = Raw::open_image(storage(&file, false, direct)?, false)
+                        .map_err(|source| Qcow2Error::Image { path: file.clone(), source })?;
+                    FormatAccess::new(raw)
+                }
+                Some(other) => return Err(Qcow2Error::BackingFormat { image: path.into(), format: other.into() }),
+                None => return Err(Qcow2Error::BackingFormatMissing { image: path.into(), backing: name.clone() }),
+            })
+        }
+    };
+    image.set_backing(backing);
+    Ok(image)
+}
+
+impl DiskImage for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn logical_sector_size(&self) -> u32 {
+        512
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        4096
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn supports_discard(&self) -> bool {
+        !self.read_only
+    }
+
+    fn discard_granularity(&self) -> u32 {
+        self.discard_granularity
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        // imago fills a read past the end with zeros; a disk fails it.
+        if offset.checked_add(buf.len() as u64).map_or(true, |end| end > self.size) {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read beyond the end of the image"));
+        }
+        self.shared()?.read(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.shared()?.write(buf, offset)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        // Cached metadata (L2 tables, refcount blocks, in imago's
+        // dependency order) to the file, then the file to stable storage.
+        let image = self.shared()?;
+        image.flush()?;
+        image.sync()
+    }
+
+    fn discard(&self, offset: u64, len: u64, _secure: bool) -> std::io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // Reads zeros afterwards, as a raw file's punched hole does; whole
+        // clusters are freed (v3: zero clusters where a backing file would
+        // show through), the rest written with zeros.
+        self.exclusive()?.discard_to_zero(offset, len)
+    }
+}
+
+/// Formats an empty qcow2 image of `size` bytes at `path` (v3, 64 KiB
+/// clusters), for tests that have no qemu-img.
+#[cfg(test)]
+pub(crate) fn create_for_test(path: &Path, size: u64) {
+    use imago::FormatCreateBuilder;
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).unwrap();
+    let storage = ImagoFile::from_open_file(file, StorageOpenOptions::new().write(true).filename(path)).unwrap();
+    Qcow2::<ImagoFile>::create_builder(storage).size(size).create().unwrap();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("blkback-qcow2-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn a_backing_name_is_relative_to_the_directory_of_the_image_naming_it() {
+        assert_eq!(backing_path(Path::new("/img/top.qcow2"), "base.raw"), PathBuf::from("/img/base.raw"));
+        assert_eq!(backing_path(Path::new("/img/top.qcow2"), "../b/base"), PathBuf::from("/img/../b/base"));
+        assert_eq!(backing_path(Path::new("/img/top.qcow2"), "/abs/base"), PathBuf::from("/abs/base"));
+        assert_eq!(backing_path(Path::new("top.qcow2"), "base"), PathBuf::from("base"));
+    }
+
+    #[test]
+    fn an_image_made_here_round_trips_and_reports_its_clusters() {
+        let p = temp("roundtrip");
+        create_for_test(&p, 4 << 20);
+        let image = Qcow2Image::open(&p, false, true).unwrap();
+        assert_eq!((image.sectors(), image.discard_granularity()), (8192, 65536));
+        assert!(image.supports_discard() && image.backing_chain().is_empty());
+        let data: Vec<u8> = (0..12288u32).map(|i| (i % 251) as u8).collect();
+        image.write_at(&data, 65536 - 4096).unwrap();
+        image.flush().unwrap();
+        let mut back = vec![0; data.len()];
+        image.read_at(&mut back, 65536 - 4096).unwrap();
+        assert!(back == data);
+        drop(image);
+        let image = Qcow2Image::open(&p, true, false).unwrap();
+        let mut back = vec![0; data.len()];
+        image.read_at(&mut back, 65536 - 4096).unwrap();
+        assert!(back == data, "durable across a reopen");
+        assert!(image.write_at(&data, 0).is_err(), "read-only");
+        assert!(!image.supports_discard());
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_is_not_qcow2_is_refused_and_never_read_as_raw() {
+        let p = temp("notqcow2");
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+        let e = Qcow2Image::open(&p, false, false).err().expect("refused");
+        assert!(matches!(e, Qcow2Error::Image { .. }), "{e:?}");
+        std::fs::remove_file(&p).unwrap();
+        let e = Qcow2Image::open(&p, false, false).err().expect("refused");
+        assert!(matches!(e, Qcow2Error::Open(_)), "{e:?}");
+    }
+}
