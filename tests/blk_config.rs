@@ -120,3 +120,19 @@ fn frontend_nodes_linux_accepts_connect_and_serve() {
     let c = run(q, BlkOp::Read { sector: 8, len: 4096 });
     assert!(c.status == BLKIF_RSP_OKAY && c.data == data);
 }
+
+#[test]
+fn discard_enable_0_offers_no_discard_and_refuses_one() {
+    let h = Harness::new().unwrap();
+    let disk = TempDisk::new("nodiscard", 1 << 20);
+    let params = format!("aio:{}", disk.path.display());
+    let spec = h.spec("qdisk", 1, 0, &params, "w", &[("discard-enable", "0")]);
+    let mut g = h.connect(spec, BlkfrontOptions::default()).unwrap();
+    assert_eq!(h.toolstack.read_backend(g.dev.spec(), "feature-discard").unwrap().as_deref(), Some("0"));
+    assert!(!g.info.discard && g.info.flush);
+    let c = run(g.front.queue(0), BlkOp::Discard { sector: 0, nr_sectors: 8, secure: false });
+    assert_eq!(c.status, BLKIF_RSP_EOPNOTSUPP);
+    let spec = h.spec("qdisk", 1, 1, &params, "w", &[("discard-enable", "1")]);
+    let g = h.connect(spec, BlkfrontOptions::default()).unwrap();
+    assert!(g.info.discard);
+}

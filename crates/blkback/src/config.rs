@@ -6,7 +6,8 @@
 //! `xen-blkfront.c`) and QEMU (`hw/block/xen-block.c`):
 //! - toolstack → backend: `params` (`aio:/path`, `raw:/path`, `/path`,
 //!   `qcow2:/path`), `format` (`raw`, `qcow2` or absent), `mode` (`r` /
-//!   `w`), `device-type` (`cdrom` / `disk`);
+//!   `w`), `device-type` (`cdrom` / `disk`), `discard-enable` (`0`: no
+//!   discard offered);
 //! - backend, before `InitWait` (blkfront reads them in `talk_to_blkback`):
 //!   `feature-max-indirect-segments`, `max-ring-page-order`,
 //!   `multi-queue-max-queues`;
@@ -85,6 +86,9 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// `device-type` is `cdrom`.
     pub cdrom: bool,
+    /// `discard-enable` is not 0 (libxl writes `discard-enable = 0` for
+    /// `no-discard` in the disk spec; absent means enabled).
+    pub discard_enable: bool,
 }
 
 impl DiskConfig {
@@ -110,7 +114,10 @@ impl DiskConfig {
             _ => return Err(ConfigError::Bad { node: "mode".into(), value: mode }),
         };
         let cdrom = read("device-type").is_some_and(|t| t == "cdrom");
-        Ok(DiskConfig { path, format, read_only: read_only || cdrom, cdrom })
+        // As Linux's blkback reads it (`xenbus_read_unsigned(..., 1)`);
+        // QEMU's `0`/`1` read alike.
+        let discard_enable = scan::read_unsigned(read("discard-enable").as_deref().map(str::as_bytes), 1) != 0;
+        Ok(DiskConfig { path, format, read_only: read_only || cdrom, cdrom, discard_enable })
     }
 }
 
@@ -188,13 +195,19 @@ impl Offer {
 /// as Linux's blkback does when it does not advertise it.
 pub const SECURE_DISCARD_OFFERED: bool = false;
 
+/// Whether discard is offered: the disk can, and the toolstack did not
+/// switch it off.
+fn discard_offered(disk: &dyn DiskImage, cfg: &DiskConfig) -> bool {
+    disk.supports_discard() && cfg.discard_enable
+}
+
 /// The limits requests of `disk` are checked against.
-pub fn disk_limits(disk: &dyn DiskImage, offer: &Offer) -> DiskLimits {
+pub fn disk_limits(disk: &dyn DiskImage, cfg: &DiskConfig, offer: &Offer) -> DiskLimits {
     let read_only = disk.is_read_only();
     DiskLimits {
         sectors: disk.sectors(),
         read_only,
-        discard: disk.supports_discard(),
+        discard: discard_offered(disk, cfg),
         barrier: !read_only,
         flush: !read_only,
         max_indirect_segments: offer.max_indirect_segments,
@@ -214,7 +227,7 @@ pub fn connect_nodes(disk: &dyn DiskImage, cfg: &DiskConfig) -> Vec<(&'static st
     let flag = |b: bool| u8::from(b).to_string();
     let writable = !disk.is_read_only();
     let mut nodes = vec![("feature-flush-cache", flag(writable))];
-    let discard = disk.supports_discard();
+    let discard = discard_offered(disk, cfg);
     if discard {
         // A file's holes are punched sector by sector, a qcow2 image's
         // clusters freed whole.
@@ -339,6 +352,17 @@ mod tests {
             format(&[("params", "raw:/d"), ("format", "qcow2")]),
             Err(ConfigError::FormatConflict { params: "raw", node: "qcow2" })
         );
+    }
+
+    #[test]
+    fn discard_enable_0_switches_discard_off_and_absent_leaves_it_on() {
+        let enabled = |v: Option<&str>| {
+            let mut nodes = vec![("params", "/d")];
+            nodes.extend(v.map(|v| ("discard-enable", v)));
+            DiskConfig::read(reader(&nodes)).unwrap().discard_enable
+        };
+        assert!(enabled(None) && enabled(Some("1")) && enabled(Some("junk")));
+        assert!(!enabled(Some("0")) && !enabled(Some(" 0\n")));
     }
 
     #[test]

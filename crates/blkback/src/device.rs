@@ -214,7 +214,7 @@ impl Device for BlkDevice {
             Err(e) => return Err(config_error(e)),
         };
         let image = disk.image();
-        let limits = disk_limits(&*image, &offer);
+        let limits = disk_limits(&*image, cfg, &offer);
         let frontend = ctx.frontend_domid();
         let queues = fe.queues.iter().map(|q| (&q.ring_refs[..], q.event_channel));
         let setups = ctx.serve_queues(queues, |i, ring| {
