@@ -62,6 +62,15 @@ pub enum Qcow2Error {
     /// More backing files than [`MAX_BACKING_CHAIN`].
     #[error("{0}: backing chain longer than {MAX_BACKING_CHAIN} files")]
     ChainTooLong(PathBuf),
+    /// imago panicked on the image's metadata (a bug of imago's, met with
+    /// malformed images: fuzz/upstream/).
+    #[error("{path}: the qcow2 layer failed on this image's metadata ({message})")]
+    Panicked {
+        /// The top image.
+        path: PathBuf,
+        /// The panic's message.
+        message: String,
+    },
 }
 
 /// A qcow2 image with its backing chain.
@@ -83,7 +92,13 @@ impl Qcow2Image {
     /// the file system takes it.
     pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Qcow2Image, Qcow2Error> {
         let mut backing_chain = Vec::new();
-        let top = open_qcow2(path, !read_only, direct, &mut backing_chain)?;
+        // The device's init must fail, not the daemon's thread, on an image
+        // that trips an assertion in imago (I/O runs under the engine's own
+        // panic guard).
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            open_qcow2(path, !read_only, direct, &mut backing_chain)
+        }));
+        let top = opened.map_err(|p| Qcow2Error::Panicked { path: path.into(), message: panic_message(&*p) })??;
         let image = FormatAccess::new(top);
         let size = image.size();
         // v3 frees whole clusters (zero clusters); v2 has none, and what a
@@ -130,6 +145,11 @@ impl Drop for Qcow2Image {
     }
 }
 
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload.downcast_ref::<&str>().copied().or(payload.downcast_ref::<String>().map(String::as_str));
+    text.unwrap_or("?").to_string()
+}
+
 /// An operation panicked inside the format layer: its metadata may be half
 /// updated, so nothing more is done on the image.
 fn poisoned() -> std::io::Error {
@@ -147,31 +167,40 @@ fn backing_path(image: &Path, name: &str) -> PathBuf {
 
 /// `QCOW_EXT_MAGIC_BACKING_FORMAT` (QEMU's `block/qcow2.h`).
 const BACKING_FORMAT_EXTENSION: u32 = 0xe279_2aca;
+/// `QCOW2_EXT_MAGIC_FEATURE_TABLE`; its entries are 48 bytes each.
+const FEATURE_TABLE_EXTENSION: u32 = 0x6803_f857;
 
-/// The backing format of a version 2 image, from its header extensions,
-/// which imago 0.2 reads for version 3 only. QEMU writes them after the
-/// 72-byte v2 header (`qcow2_read_extensions`): type and length (big
-/// endian u32 each), the data padded to 8 bytes, a type of 0 ends them;
-/// they end before the backing file name and within the first cluster.
-fn v2_backing_format(path: &Path) -> std::io::Result<Option<String>> {
+/// Reads an image's header extensions before imago does, for what imago
+/// 0.2.6 gets wrong: it reads none for version 2 (so the backing format of
+/// a v2 image comes from here), and it panics on a feature name table that
+/// is not whole entries (refused here). As QEMU's `qcow2_read_extensions`:
+/// after the header (72 bytes in v2, `header_length` in v3), type and
+/// length (big endian u32 each), the data padded to 8 bytes, a type of 0
+/// ends them; they end before the backing file name and within the first
+/// cluster. A file that is not qcow2 yields nothing (imago refuses it).
+fn read_extensions(path: &Path) -> std::io::Result<Option<String>> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path)?;
-    let mut header = [0u8; 72];
-    file.read_exact_at(&mut header, 0)?;
+    let mut header = [0u8; 104];
+    let len = file.read_at(&mut header, 0)?;
     let be32 = |b: &[u8]| u32::from_be_bytes(b[..4].try_into().expect("4 bytes"));
-    if &header[..4] != b"QFI\xfb" || be32(&header[4..]) != 2 {
-        return Ok(None);
-    }
-    let backing_name_offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
+    let version = be32(&header[4..]);
     let cluster_bits = be32(&header[20..]);
-    if !(9..=21).contains(&cluster_bits) {
+    if len < 72 || &header[..4] != b"QFI\xfb" || !(9..=21).contains(&cluster_bits) {
         return Ok(None);
     }
+    let start = match version {
+        2 => 72,
+        _ if len == 104 => u64::from(be32(&header[100..])),
+        _ => return Ok(None),
+    };
+    let backing_name_offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
     let end = match backing_name_offset {
         0 => 1u64 << cluster_bits,
         n => n.min(1 << cluster_bits),
     };
-    let mut offset = 72u64;
+    let mut offset = start;
+    let mut backing_format = None;
     while offset + 8 <= end {
         let mut ext = [0u8; 8];
         file.read_exact_at(&mut ext, offset)?;
@@ -180,14 +209,23 @@ fn v2_backing_format(path: &Path) -> std::io::Result<Option<String>> {
         if kind == 0 || offset + len > end {
             break;
         }
-        if kind == BACKING_FORMAT_EXTENSION {
-            let mut name = vec![0u8; len as usize];
-            file.read_exact_at(&mut name, offset)?;
-            return Ok(Some(String::from_utf8_lossy(&name).into_owned()));
+        match kind {
+            BACKING_FORMAT_EXTENSION if version == 2 => {
+                let mut name = vec![0u8; len as usize];
+                file.read_exact_at(&mut name, offset)?;
+                backing_format = Some(String::from_utf8_lossy(&name).into_owned());
+            }
+            FEATURE_TABLE_EXTENSION if len % 48 != 0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("feature name table of {len} bytes is not whole 48-byte entries"),
+                ));
+            }
+            _ => {}
         }
         offset += len.next_multiple_of(8);
     }
-    Ok(None)
+    Ok(backing_format)
 }
 
 fn storage(path: &Path, writable: bool, direct: bool) -> Result<ImagoFile, Qcow2Error> {
@@ -205,7 +243,9 @@ fn open_qcow2(
     chain: &mut Vec<PathBuf>,
 ) -> Result<Qcow2<ImagoFile>, Qcow2Error> {
     let refused = |source| Qcow2Error::Image { path: path.into(), source };
-    let mut image = Qcow2::<ImagoFile>::open_image(storage(path, writable, direct)?, writable).map_err(refused)?;
+    let file = storage(path, writable, direct)?;
+    let v2_backing_format = read_extensions(path).map_err(refused)?;
+    let mut image = Qcow2::<ImagoFile>::open_image(file, writable).map_err(refused)?;
     if image.requires_external_data_file() {
         return Err(Qcow2Error::ExternalDataFile(path.into()));
     }
@@ -217,10 +257,7 @@ fn open_qcow2(
                 return Err(Qcow2Error::ChainTooLong(path.into()));
             }
             let file = backing_path(path, name);
-            let format = match image.implicit_backing_format() {
-                Some(f) => Some(f.clone()),
-                None => v2_backing_format(path).map_err(refused)?,
-            };
+            let format = image.implicit_backing_format().cloned().or(v2_backing_format);
             chain.push(file.clone());
             Some(match format.as_deref() {
                 Some("qcow2") => FormatAccess::new(open_qcow2(&file, false, direct, chain)?),
