@@ -72,7 +72,7 @@ pub fn run(data: &[u8]) {
     if size == 0 {
         return;
     }
-    let offset = u64::from(case.offset) % size & !511;
+    let offset = (u64::from(case.offset) % size) & !511;
     let len = (size - offset).min(64 << 10) as usize & !511;
     assert!(image.read_at(&mut [0u8; 512], size).is_err(), "a read past the end fails");
     // As the thread-pool engine runs them (`guarded`): a panic in the
@@ -177,7 +177,7 @@ mod tests {
     fn harness_accepts_empty_and_garbage_inputs() {
         run(&[]);
         run(&[0xff; 300]);
-        let mut header = b"\x01\0\0\0\0\x00\x01QFI\xfb\0\0\0\x03".to_vec();
+        let mut header = b"\x01\x00\x00\x00\x00\x00\x01QFI\xfb\x00\x00\x00\x03".to_vec();
         header.resize(400, 0xff);
         run(&header);
     }
