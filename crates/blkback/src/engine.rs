@@ -260,7 +260,7 @@ mod tests {
             Err(e) => eprintln!("io_uring unavailable here ({e}): only the thread pool is tested"),
         }
         let qcow2 = d.path().with_extension("qcow2");
-        crate::qcow2::create_for_test(&qcow2, d.size());
+        crate::qcow2::Qcow2Image::create(&qcow2, d.size()).unwrap();
         let image = Arc::new(crate::qcow2::Qcow2Image::open(&qcow2, false, true).unwrap());
         // Open files stay usable after the name goes.
         std::fs::remove_file(qcow2).unwrap();

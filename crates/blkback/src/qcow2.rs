@@ -331,14 +331,24 @@ impl DiskImage for Qcow2Image {
     }
 }
 
-/// Formats an empty qcow2 image of `size` bytes at `path` (v3, 64 KiB
-/// clusters), for tests that have no qemu-img.
-#[cfg(test)]
-pub(crate) fn create_for_test(path: &Path, size: u64) {
-    use imago::FormatCreateBuilder;
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).unwrap();
-    let storage = ImagoFile::from_open_file(file, StorageOpenOptions::new().write(true).filename(path)).unwrap();
-    Qcow2::<ImagoFile>::create_builder(storage).size(size).create().unwrap();
+impl Qcow2Image {
+    /// Formats an empty qcow2 image of `size` bytes at `path` (v3, 64 KiB
+    /// clusters, no backing file), replacing what was there; for benchmarks
+    /// and tests that have no qemu-img.
+    pub fn create(path: &Path, size: u64) -> Result<(), Qcow2Error> {
+        use imago::FormatCreateBuilder;
+        let image = |source| Qcow2Error::Image { path: path.into(), source };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|source| Qcow2Error::Open(DiskError::Open { path: path.into(), source }))?;
+        let storage =
+            ImagoFile::from_open_file(file, StorageOpenOptions::new().write(true).filename(path)).map_err(image)?;
+        Qcow2::<ImagoFile>::create_builder(storage).size(size).create().map_err(image)
+    }
 }
 
 #[cfg(test)]
@@ -360,7 +370,7 @@ mod tests {
     #[test]
     fn an_image_made_here_round_trips_and_reports_its_clusters() {
         let p = temp("roundtrip");
-        create_for_test(&p, 4 << 20);
+        Qcow2Image::create(&p, 4 << 20).unwrap();
         let image = Qcow2Image::open(&p, false, true).unwrap();
         assert_eq!((image.sectors(), image.discard_granularity()), (8192, 65536));
         assert!(image.supports_discard() && image.backing_chain().is_empty());

@@ -153,8 +153,9 @@ impl Machine {
         Ok(Client::from_stream(self.xenstored.connect_as(domid.into())?)?)
     }
 
-    /// Adds disk `index` of `domid` backed by `path` as xl does for
-    /// `backendtype=qdisk`, and connects the guest's blkfront through xenbus.
+    /// Adds disk `index` of `domid` backed by the raw file `path` as xl
+    /// does for `backendtype=qdisk`, and connects the guest's blkfront
+    /// through xenbus.
     pub(crate) fn attach(
         &self,
         xs: &Client,
@@ -163,10 +164,28 @@ impl Machine {
         path: &Path,
         opts: BlkfrontOptions,
     ) -> Result<Attached> {
+        self.attach_image(xs, domid, index, path, blkback::ImageFormat::Raw, opts)
+    }
+
+    /// As [`Machine::attach`], the image in `format` (`params` as xl writes
+    /// it: `aio:` for raw, `qcow2:`).
+    pub(crate) fn attach_image(
+        &self,
+        xs: &Client,
+        domid: u16,
+        index: u32,
+        path: &Path,
+        format: blkback::ImageFormat,
+        opts: BlkfrontOptions,
+    ) -> Result<Attached> {
         let devid = 51712 + index * 16; // xvda, xvdb, ...
         let mut spec = DeviceSpec::new("qdisk", 0, domid, devid);
         spec.frontend_kind = "vbd".into();
-        spec.backend_nodes.push(("params".into(), format!("aio:{}", path.display())));
+        let driver = match format {
+            blkback::ImageFormat::Raw => "aio",
+            blkback::ImageFormat::Qcow2 => "qcow2",
+        };
+        spec.backend_nodes.push(("params".into(), format!("{driver}:{}", path.display())));
         spec.backend_nodes.push(("mode".into(), "w".into()));
         spec.frontend_nodes.push(("virtual-device".into(), devid.to_string()));
         self.toolstack.create(&spec)?;
