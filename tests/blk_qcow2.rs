@@ -38,6 +38,12 @@ fn qemu(args: &[&str]) -> String {
     stdout
 }
 
+/// A directory `name` of images, or `None` (and why, printed) without
+/// qemu-utils.
+fn images(name: &str) -> Option<ImageDir> {
+    have_qemu().then(|| ImageDir::new(name))
+}
+
 /// A directory of images, removed on drop.
 struct ImageDir(PathBuf);
 
@@ -123,6 +129,16 @@ fn attach_qcow2(h: &Harness, domid: u16, devid: u32, image: &Path, mode: &str, o
     }
 }
 
+/// The guests go, the backend closes their images and stops (so that
+/// qemu-img sees them closed).
+fn close(mut h: Harness, guests: Vec<Guest>) {
+    for mut g in guests {
+        drop(g.front);
+        g.dev.close(WAIT).unwrap();
+    }
+    h.backend.shutdown();
+}
+
 /// Reads the whole disk in requests of `chunk` bytes.
 fn read_all(q: &mut FrontQueue, bytes: u64, chunk: usize) -> Vec<u8> {
     let mut data = Vec::with_capacity(bytes as usize);
@@ -141,10 +157,7 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 
 #[test]
 fn a_three_deep_chain_reads_as_qemu_img_convert_reads_it() {
-    if !have_qemu() {
-        return;
-    }
-    let dir = ImageDir::new("chain");
+    let Some(dir) = images("chain") else { return };
     let top = three_deep_chain(&dir);
     let expected = qemu_reads(&dir, &top);
     let h = Harness::new().unwrap();
@@ -162,10 +175,7 @@ fn a_three_deep_chain_reads_as_qemu_img_convert_reads_it() {
 
 #[test]
 fn an_image_of_compressed_clusters_reads_as_qemu_reads_it() {
-    if !have_qemu() {
-        return;
-    }
-    let dir = ImageDir::new("compressed");
+    let Some(dir) = images("compressed") else { return };
     let raw = dir.arg("data.raw");
     // Half compressible text, half noise (stored uncompressed by qemu).
     let mut data = pattern(5, 4 * MIB as usize);
@@ -290,11 +300,8 @@ fn flush(q: &mut FrontQueue) {
 
 #[test]
 fn a_mixed_workload_leaves_an_image_qemu_img_checks_clean_and_identical_to_raw() {
-    if !have_qemu() {
-        return;
-    }
     const DISK: u64 = 16 * MIB;
-    let dir = ImageDir::new("workload");
+    let Some(dir) = images("workload") else { return };
     let (base, top, raw) = (dir.arg("base.qcow2"), dir.arg("top.qcow2"), dir.arg("same.raw"));
     // A backing file with data, so that partial-cluster writes and
     // discards in the top image have something to copy or to hide.
@@ -331,13 +338,7 @@ fn a_mixed_workload_leaves_an_image_qemu_img_checks_clean_and_identical_to_raw()
     let got = read_all(same.front.queue(1), DISK, 1 << 20);
     assert_eq!(first_difference(&got, &model), None, "raw disk against the model");
 
-    // The guest goes; the backend closes the image.
-    drop(qcow2.front);
-    qcow2.dev.close(WAIT).unwrap();
-    drop(same.front);
-    same.dev.close(WAIT).unwrap();
-    let mut h = h;
-    h.backend.shutdown();
+    close(h, vec![qcow2, same]);
 
     let check = Command::new("qemu-img").args(["check", &top]).output().unwrap();
     let report = String::from_utf8_lossy(&check.stdout);
@@ -349,10 +350,7 @@ fn a_mixed_workload_leaves_an_image_qemu_img_checks_clean_and_identical_to_raw()
 
 #[test]
 fn discarding_the_whole_disk_frees_its_clusters() {
-    if !have_qemu() {
-        return;
-    }
-    let dir = ImageDir::new("discard");
+    let Some(dir) = images("discard") else { return };
     let image = dir.arg("d.qcow2");
     qemu(&["qemu-img", "create", "-q", "-f", "qcow2", &image, "8M"]);
     let h = Harness::new().unwrap();
@@ -365,10 +363,7 @@ fn discarding_the_whole_disk_frees_its_clusters() {
     let c = run(q, BlkOp::Discard { sector: 0, nr_sectors: 8 * 2048, secure: false });
     assert_eq!(c.status, BLKIF_RSP_OKAY);
     assert!(read_all(q, 8 * MIB, 1 << 20).iter().all(|&b| b == 0), "discarded range reads zeros");
-    drop(g.front);
-    g.dev.close(WAIT).unwrap();
-    let mut h = h;
-    h.backend.shutdown();
+    close(h, vec![g]);
     let map = qemu(&["qemu-img", "map", "--output=json", &image]);
     assert!(!map.contains("\"data\": true"), "no cluster still holds data: {map}");
     let copy = dir.arg("copy.qcow2");
@@ -396,10 +391,7 @@ fn set_incompatible_bits(path: &str, bits: u8) {
 
 #[test]
 fn dirty_corrupt_and_broken_images_are_refused_with_a_clear_error() {
-    if !have_qemu() {
-        return;
-    }
-    let dir = ImageDir::new("refused");
+    let Some(dir) = images("refused") else { return };
     let h = Harness::new().unwrap();
     let make = |name: &str| {
         let p = dir.arg(name);
@@ -443,10 +435,7 @@ fn dirty_corrupt_and_broken_images_are_refused_with_a_clear_error() {
 
 #[test]
 fn a_qcow2_header_a_guest_writes_into_its_raw_disk_stays_data() {
-    if !have_qemu() {
-        return;
-    }
-    let dir = ImageDir::new("planted");
+    let Some(dir) = images("planted") else { return };
     let planted = dir.arg("planted.qcow2");
     qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw", "-u", &planted, "1M"]);
     let header = std::fs::read(&planted).unwrap()[..4096].to_vec();
@@ -462,10 +451,7 @@ fn a_qcow2_header_a_guest_writes_into_its_raw_disk_stays_data() {
 
 #[test]
 fn a_read_only_qcow2_disk_refuses_writes_and_stays_unchanged() {
-    if !have_qemu() {
-        return;
-    }
-    let dir = ImageDir::new("ro");
+    let Some(dir) = images("ro") else { return };
     let image = dir.arg("ro.qcow2");
     qemu(&["qemu-img", "create", "-q", "-f", "qcow2", &image, "1M"]);
     qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x77 0 64k", &image]);
@@ -479,9 +465,6 @@ fn a_read_only_qcow2_disk_refuses_writes_and_stays_unchanged() {
     assert_ne!(run(q, BlkOp::Write { sector: 0, data: &[1; 512] }).status, BLKIF_RSP_OKAY);
     let c = run(q, BlkOp::Read { sector: 0, len: 4096 });
     assert!(c.status == BLKIF_RSP_OKAY && c.data.iter().all(|&b| b == 0x77));
-    drop(g.front);
-    g.dev.close(WAIT).unwrap();
-    let mut h = h;
-    h.backend.shutdown();
+    close(h, vec![g]);
     assert!(std::fs::read(&image).unwrap() == before, "the image file is unchanged");
 }
