@@ -468,3 +468,28 @@ fn a_read_only_qcow2_disk_refuses_writes_and_stays_unchanged() {
     close(h, vec![g]);
     assert!(std::fs::read(&image).unwrap() == before, "the image file is unchanged");
 }
+
+#[test]
+fn a_restarted_backend_reopens_the_image_and_its_writes_stay_consistent() {
+    let Some(dir) = images("restart") else { return };
+    let image = dir.arg("r.qcow2");
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", &image, "8M"]);
+    let mut h = Harness::new().unwrap();
+    let opts = BlkfrontOptions { max_request_bytes: 1 << 20, depth: 16, ..Default::default() };
+    let mut g = attach_qcow2(&h, 1, 0, Path::new(&image), "w", opts);
+    let blocks: Vec<Vec<u8>> = (0..16).map(|i| pattern(900 + i, 256 << 10)).collect();
+    let q = g.front.queue(0);
+    for (i, b) in blocks.iter().enumerate().take(8) {
+        assert_eq!(run(q, BlkOp::Write { sector: i as u64 * 512, data: b }).status, BLKIF_RSP_OKAY);
+    }
+    // The old backend closes the image before the new one opens it.
+    h.restart(|| Ok(())).unwrap();
+    for (i, b) in blocks.iter().enumerate().skip(8) {
+        assert_eq!(run(q, BlkOp::Write { sector: i as u64 * 512, data: b }).status, BLKIF_RSP_OKAY);
+    }
+    let got = read_all(q, 4 * MIB, 1 << 20);
+    assert_eq!(first_difference(&got, &blocks.concat()), None);
+    close(h, vec![g]);
+    let check = qemu(&["qemu-img", "check", &image]);
+    assert!(check.contains("No errors were found"), "{check}");
+}
