@@ -727,7 +727,9 @@ mod tests {
         port: Port,
     }
 
-    fn guest_with_ring(pool: &mut WorkerPool, host: &Arc<SimHost>, domid: u16) -> (Guest, Placement) {
+    /// Guest `domid` (created) with a one-page echo ring and an unbound
+    /// port for dom 0, not served yet; and the ring's grants.
+    fn unserved_guest(host: &Arc<SimHost>, domid: u16) -> (Guest, Vec<gnttab::GrantRef>) {
         host.create_domain(domid).unwrap();
         let pages = host.grant_table(domid).alloc_pages(1).unwrap();
         let grefs = host.grant_table(domid).grant_pages(&pages, 0, false).unwrap();
@@ -736,11 +738,26 @@ mod tests {
         let front = FrontRing::new(host.grant_mapper(0).map(domid, &grefs, true).unwrap()).unwrap();
         let evtchn = host.evtchn(domid);
         let remote = evtchn.bind_unbound_port(0).unwrap();
-        let port = BoundPort::bind(host.evtchn(0), domid, remote).unwrap();
-        let back = BackRing::new(host.grant_mapper(0).map(domid, &grefs, true).unwrap()).unwrap();
+        (Guest { _pages: pages, ring: front, evtchn, port: remote }, grefs)
+    }
+
+    /// Dom 0's end of `guest`'s ring: its port bound, its ring mapped.
+    fn back_end(
+        host: &Arc<SimHost>,
+        domid: u16,
+        grefs: &[gnttab::GrantRef],
+        guest: &Guest,
+    ) -> (BoundPort, BackRing<u64, u64>) {
+        let port = BoundPort::bind(host.evtchn(0), domid, guest.port).unwrap();
+        (port, BackRing::new(host.grant_mapper(0).map(domid, grefs, true).unwrap()).unwrap())
+    }
+
+    fn guest_with_ring(pool: &mut WorkerPool, host: &Arc<SimHost>, domid: u16) -> (Guest, Placement) {
+        let (guest, grefs) = unserved_guest(host, domid);
+        let (port, back) = back_end(host, domid, &grefs, &guest);
         let owner = Owner { key: DeviceKey { kind: "echo".into(), frontend: domid, devid: 0 }, generation: 1 };
         let placement = pool.add(owner, RingSetup { port, handler: Box::new(Echo(back)) });
-        (Guest { _pages: pages, ring: front, evtchn, port: remote }, placement)
+        (guest, placement)
     }
 
     impl Guest {
@@ -822,18 +839,11 @@ mod tests {
         let (failures, _failed) = crossbeam_channel::unbounded();
         let mut pool = WorkerPool::new(1, 64, failures).unwrap();
         let (mut neighbour, _) = guest_with_ring(&mut pool, &host, 1);
-        host.create_domain(2).unwrap();
-        let pages = host.grant_table(2).alloc_pages(1).unwrap();
-        let grefs = host.grant_table(2).grant_pages(&pages, 0, false).unwrap();
-        let front = FrontRing::new(host.grant_mapper(0).map(2, &grefs, true).unwrap()).unwrap();
-        let evtchn = host.evtchn(2);
-        let remote = evtchn.bind_unbound_port(0).unwrap();
-        let port = BoundPort::bind(host.evtchn(0), 2, remote).unwrap();
-        let back = BackRing::new(host.grant_mapper(0).map(2, &grefs, true).unwrap()).unwrap();
+        let (mut attacker, grefs) = unserved_guest(&host, 2);
+        let (port, back) = back_end(&host, 2, &grefs, &attacker);
         let passes = Arc::new(AtomicUsize::new(0));
         let owner = Owner { key: DeviceKey { kind: "echo".into(), frontend: 2, devid: 0 }, generation: 1 };
         pool.add(owner, RingSetup { port, handler: Box::new(Counted(Echo(back), passes.clone())) });
-        let mut attacker = Guest { _pages: pages, ring: front, evtchn, port: remote };
         attacker.send(&[1]);
         assert_eq!(attacker.receive(1), vec![2]);
         let before = passes.load(Ordering::Relaxed);
@@ -1081,15 +1091,10 @@ mod tests {
     fn a_ring_added_to_a_worker_notifies_the_frontend_once() {
         let host = SimHost::new();
         host.create_domain(0).unwrap();
-        host.create_domain(3).unwrap();
-        let pages = host.grant_table(3).alloc_pages(1).unwrap();
-        let grefs = host.grant_table(3).grant_pages(&pages, 0, false).unwrap();
-        let mut front = FrontRing::<u64, u64>::new(host.grant_mapper(0).map(3, &grefs, true).unwrap()).unwrap();
-        let guest = host.evtchn(3);
-        let remote = guest.bind_unbound_port(0).unwrap();
-        front.push_request(&1).unwrap();
-        front.push_request(&2).unwrap();
-        front.push_requests_and_check_notify().unwrap();
+        let (mut guest, grefs) = unserved_guest(&host, 3);
+        guest.ring.push_request(&1).unwrap();
+        guest.ring.push_request(&2).unwrap();
+        guest.ring.push_requests_and_check_notify().unwrap();
         let mut previous = BackRing::<u64, u64>::new(host.grant_mapper(0).map(3, &grefs, true).unwrap()).unwrap();
         while let Some(v) = previous.next_request().unwrap() {
             previous.push_response(&(v + 1)).unwrap();
@@ -1100,12 +1105,12 @@ mod tests {
         let (failures, _failed) = crossbeam_channel::unbounded();
         let mut pool = WorkerPool::new(1, 64, failures).unwrap();
         let back = BackRing::resume(host.grant_mapper(0).map(3, &grefs, true).unwrap(), None).unwrap();
-        let port = BoundPort::bind(host.evtchn(0), 3, remote).unwrap();
+        let port = BoundPort::bind(host.evtchn(0), 3, guest.port).unwrap();
         pool.add(owner_of(3), RingSetup { port, handler: Box::new(Echo(back)) });
-        let ready = evtchn::wait_pending(&*guest, Some(Duration::from_secs(30))).unwrap();
+        let ready = evtchn::wait_pending(&*guest.evtchn, Some(Duration::from_secs(30))).unwrap();
         assert!(ready, "no event for the published responses");
         let mut got = Vec::new();
-        front.take_responses(2, &mut got).unwrap();
+        guest.ring.take_responses(2, &mut got).unwrap();
         assert_eq!(got, vec![2, 3]);
     }
 
@@ -1137,21 +1142,15 @@ mod tests {
         let (failures, failed) = crossbeam_channel::unbounded();
         let mut pool = WorkerPool::new(1, 64, failures).unwrap();
         let (mut neighbour, _) = guest_with_ring(&mut pool, &host, 1);
-        host.create_domain(2).unwrap();
-        let pages = host.grant_table(2).alloc_pages(1).unwrap();
-        let grefs = host.grant_table(2).grant_pages(&pages, 0, false).unwrap();
-        let mut front = FrontRing::<u64, u64>::new(host.grant_mapper(0).map(2, &grefs, true).unwrap()).unwrap();
-        let guest = host.evtchn(2);
-        let remote = guest.bind_unbound_port(0).unwrap();
-        let port = BoundPort::bind(host.evtchn(0), 2, remote).unwrap();
-        let back = BackRing::new(host.grant_mapper(0).map(2, &grefs, true).unwrap()).unwrap();
+        let (mut bad, grefs) = unserved_guest(&host, 2);
+        let (port, back) = back_end(&host, 2, &grefs, &bad);
         let (release, released) = crossbeam_channel::bounded(1);
         let (dropping, drop_started) = crossbeam_channel::bounded(1);
         pool.add(owner_of(2), RingSetup { port, handler: Box::new(SlowToDrop(Echo(back), released, dropping)) });
 
-        front.push_request(&666).unwrap();
-        front.push_requests_and_check_notify().unwrap();
-        guest.notify(remote).unwrap();
+        bad.ring.push_request(&666).unwrap();
+        bad.ring.push_requests_and_check_notify().unwrap();
+        bad.evtchn.notify(bad.port).unwrap();
         // The poisoned ring fails; while its drop waits, its worker goes on.
         drop_started.recv_timeout(Duration::from_secs(30)).expect("the poisoned ring failed");
         neighbour.send(&[7]);
