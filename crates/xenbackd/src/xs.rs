@@ -344,7 +344,7 @@ pub fn unsanitise(input: &[u8]) -> Vec<u8> {
 }
 
 /// What `strerror` says for the error behind a client failure.
-fn describe(e: &ClientError) -> String {
+pub(crate) fn describe(e: &ClientError) -> String {
     if let Some(errno) = e.errno() {
         return errno.describe();
     }

@@ -155,11 +155,6 @@ fn live_update(client: &Client, args: &[Vec<u8>]) -> u8 {
 fn answer_or_error(r: Result<Vec<u8>, ClientError>) -> String {
     match r {
         Ok(reply) => String::from_utf8_lossy(strip_nul(&reply)).into_owned(),
-        Err(e) => std::io::Error::from_raw_os_error(errno_of(&e))
-            .to_string()
-            .split(" (os error")
-            .next()
-            .unwrap_or_default()
-            .into(),
+        Err(e) => crate::xs::describe(&e),
     }
 }
