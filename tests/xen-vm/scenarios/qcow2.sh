@@ -9,21 +9,12 @@
 # re-attach, and leave the backing files untouched; the same image given
 # as raw (aio:) must read as the bytes of the file, header included.
 . /test/lib/vbd.sh
+. /test/lib/checks.sh
+checks_begin qcow2 QCOW2
 DEV=/dev/xvda
 DEVID=51712
-npass=0; nfail=0
-ok() { echo "PASS $*"; npass=$((npass + 1)); }
-bad() { echo "FAIL $*"; nfail=$((nfail + 1)); }
-step() { echo "QCOW2 [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
 md5() { md5sum | cut -d' ' -f1; }
-finish() {
-    xenbackd_stop
-    echo "----- xenbackd log (tail) -----"; tail -25 /tmp/xenbackd.log 2>/dev/null
-    if grep -qi 'panick' /tmp/xenbackd.log 2>/dev/null; then bad "xenbackd panicked"; fi
-    echo "qcow2: $npass checks passed, $nfail failed"
-    if [ "$nfail" = 0 ] && [ "$npass" -gt 0 ]; then echo "PASS qcow2"; exit 0; fi
-    echo "FAIL qcow2"; exit 1
-}
+finish() { xenbackd_log_end; checks_end; }
 [ -f /test/images/top.md5 ] || { bad "no /test/images (run-scenarios makes them with tests/xen-vm/host-images)"; finish; }
 if ! xenbackd_start; then bad "qcow2: $XENBACKD_WHY"; finish; fi
 step "xenbackd serve pid $XENBACKD_PID"

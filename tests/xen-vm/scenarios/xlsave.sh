@@ -13,17 +13,10 @@
 # Env: DOMU_MEM (MiB, default 128), DOMU_TIMEOUT (s, default 300).
 . /test/lib/vbd.sh
 . /test/lib/xl.sh
-npass=0; nfail=0
-ok() { echo "PASS $*"; npass=$((npass + 1)); }
-bad() { echo "FAIL $*"; nfail=$((nfail + 1)); }
-step() { echo "XLSAVE [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
+. /test/lib/checks.sh
+checks_begin xlsave XLSAVE
 T=${DOMU_TIMEOUT:-300}
-finish() {
-    xl_logs g7
-    echo "xlsave: $npass checks passed, $nfail failed"
-    if [ "$nfail" = 0 ] && [ "$npass" -gt 0 ]; then echo "PASS xlsave"; exit 0; fi
-    echo "FAIL xlsave"; exit 1
-}
+finish() { xl_logs g7; checks_end; }
 [ -f /boot/domu/vmlinuz ] || { bad "no /boot/domu (the domu-kit archive is missing)"; finish; }
 [ -x /test/xenbackd ] || { bad "no /test/xenbackd"; finish; }
 xl_setup || { bad "xenconsoled"; finish; }
