@@ -414,6 +414,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "the journal is a mapped file, which Miri cannot map")]
     fn resumed_backend_takes_the_requests_its_predecessor_left() {
         let (mut front, back) = pair(1);
         let (journal, path) = journal("left");
@@ -454,6 +455,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "the journal is a mapped file, which Miri cannot map")]
     fn crash_with_unpublished_responses_replays_from_the_journal_not_the_slots() {
         // The case: requests answered out of order, one response
         // published, one written and not published, one in flight, one not
@@ -495,6 +497,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "the journal is a mapped file, which Miri cannot map")]
     fn a_journal_of_another_ring_or_an_unfinished_one_is_refused() {
         let (_front, back) = pair(1);
         let (journal, path) = journal("other");
@@ -515,6 +518,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "the journal is a mapped file, which Miri cannot map")]
     fn a_guest_scribbled_rsp_prod_is_caught_by_the_journal() {
         let (mut front, back) = pair(1);
         let (journal, path) = journal("scribble");
@@ -538,6 +542,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "the journal is a mapped file, which Miri cannot map")]
     fn every_request_is_answered_once_across_crashes_at_any_call() {
         // A backend killed between any two ring calls leaves exactly the ring
         // and the journal; each new one resumes from both. Requests carry a
