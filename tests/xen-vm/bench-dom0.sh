@@ -15,7 +15,9 @@
 # Prints "BENCHRES <round> <backend> <test> <value>" lines or
 # "BENCHNA <backend> round <R>: <reason>".
 # Env (kernel cmdline via boot --env): BENCH_SECS (default 5), BENCH_ROUNDS
-# (default 3), BENCH_ONLY (colon list of backends, default all five).
+# (default 3), BENCH_ONLY (colon list of backends, default all five),
+# BENCH_FORMAT=qcow2: ours and qdisk serve /test/images/bench.qcow2 (the
+# host's qemu-img made it fully allocated) as params qcow2:PATH; no RAM disk.
 . /test/lib/vbd.sh
 SECS=${BENCH_SECS:-5}
 ROUNDS=${BENCH_ROUNDS:-3}
@@ -25,16 +27,26 @@ DEV=/dev/xvda
 say() { echo "BENCH [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
 na() { echo "BENCHNA $1 round $ROUND: $2"; }
 
+FORMAT=${BENCH_FORMAT:-raw}
 [ -x /usr/bin/fio ] || { say "no fio in the image (needs the fio archive)"; exit 1; }
-modprobe brd rd_nr=1 rd_size=$((SIZE_MB * 1024)) max_part=0 || { say "modprobe brd failed"; exit 1; }
-[ -b /dev/ram0 ] || { say "no /dev/ram0"; exit 1; }
-# fill it once so that reads hit allocated pages everywhere
-dd if=/dev/zero of=/dev/ram0 bs=1M count=$SIZE_MB oflag=direct 2>/dev/null
-say "ram disk /dev/ram0 ${SIZE_MB}MiB ($(phys_of /dev/ram0))"
+if [ "$FORMAT" = qcow2 ]; then
+    QIMG=/test/images/bench.qcow2
+    [ -f $QIMG ] || { say "no $QIMG"; exit 1; }
+    SIZE_MB=128 PARAMS=qcow2:$QIMG
+    say "target qcow2 $QIMG ($(du -m $QIMG | cut -f1) MiB allocated, ${SIZE_MB}MiB virtual) on $(stat -f -c %T /test)"
+else
+    modprobe brd rd_nr=1 rd_size=$((SIZE_MB * 1024)) max_part=0 || { say "modprobe brd failed"; exit 1; }
+    [ -b /dev/ram0 ] || { say "no /dev/ram0"; exit 1; }
+    # fill it once so that reads hit allocated pages everywhere
+    dd if=/dev/zero of=/dev/ram0 bs=1M count=$SIZE_MB oflag=direct 2>/dev/null
+    PARAMS=aio:/dev/ram0
+    say "target raw ram disk /dev/ram0 ${SIZE_MB}MiB ($(phys_of /dev/ram0))"
+fi
 
 # the I/O engine: libaio if fio and the kernel accept it, else psync
 ENGINE=libaio
-/usr/bin/fio --name=probe --filename=/dev/ram0 --rw=read --bs=4k --size=64k --direct=1 \
+PROBE="--filename=/dev/ram0 --direct=1"; [ "$FORMAT" = qcow2 ] && PROBE="--filename=/tmp/probe.dat --direct=0"
+/usr/bin/fio --name=probe $PROBE --rw=read --bs=4k --size=64k \
     --ioengine=libaio --minimal > /tmp/probe.out 2>&1 || ENGINE=psync
 say "fio $(/usr/bin/fio --version), ioengine=$ENGINE, ${SECS}s per test, $ROUNDS rounds, cpus=$(grep -c ^processor /proc/cpuinfo)"
 [ $ENGINE = psync ] && say "libaio refused: $(tail -1 /tmp/probe.out)"
@@ -90,19 +102,22 @@ through() {
 }
 # bench_one BACKEND: one backend's jobs in the current round
 bench_one() {
+    case $FORMAT,$1 in
+    qcow2,raw|qcow2,blkback|qcow2,uring) na "$1" "not with BENCH_FORMAT=qcow2"; return 1 ;;
+    esac
     case $1 in
     raw) runfio raw /dev/ram0 ;;
     blkback) through blkback vbd /dev/ram0 "$(phys_of /dev/ram0)" ;;
     qdisk)
         if qemu_qdisk_start 0; then
-            through qdisk qdisk aio:/dev/ram0; _q=$?
+            through qdisk qdisk $PARAMS; _q=$?
             qemu_qdisk_stop 0; return $_q
         fi
         na qdisk "$QEMU_WHY"; return 1 ;;
     ours|uring)
         [ "$1" = ours ] && _e=threads || _e=io-uring
         if xenbackd_start --io-engine $_e; then
-            through "$1" qdisk aio:/dev/ram0 || { tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'; xenbackd_stop; return 1; }
+            through "$1" qdisk $PARAMS || { tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'; xenbackd_stop; return 1; }
             xenbackd_stop
         else
             na "$1" "$XENBACKD_WHY"; return 1

@@ -32,11 +32,16 @@ xl_logs() {
     done
 }
 
-# cfg NAME MODE [override]: xl.cfg of a guest with a qdisk disk on /tmp/NAME.img
+# cfg NAME MODE [override]: xl.cfg of a guest with a qdisk disk on
+# /tmp/NAME.img (raw, made here), or the disk spec XL_DISK if set (its
+# image made by the caller)
 cfg() {
     n=$1 mode=$2 ovr=${3:-}
-    dd if=/dev/zero of=/tmp/$n.img bs=1M count=32 2>/dev/null
-    printf 'XENVM-DOM0-MARKER-%s' "$n" | dd of=/tmp/$n.img conv=notrunc 2>/dev/null
+    disk=${XL_DISK:-format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=/tmp/$n.img}
+    if [ -z "${XL_DISK:-}" ]; then
+        dd if=/dev/zero of=/tmp/$n.img bs=1M count=32 2>/dev/null
+        printf 'XENVM-DOM0-MARKER-%s' "$n" | dd of=/tmp/$n.img conv=notrunc 2>/dev/null
+    fi
     extra="console=hvc0 loglevel=4 domu.wait=90 domu.mode=$mode domu.holdio=${XLDISK_HOLDIO:-1}"
     [ "$mode" = xvdb ] && extra="console=hvc0 loglevel=4 domu.wait=90 domu.xvdb=$T"
     cat > /tmp/$n.cfg <<CFG
@@ -47,7 +52,7 @@ ramdisk = "/boot/domu/initrd.cpio.gz"
 extra = "$extra"
 memory = ${DOMU_MEM:-128}
 vcpus = 1
-disk = ['format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=/tmp/$n.img']
+disk = ['$disk']
 on_poweroff = "destroy"
 on_reboot = "restart"
 on_crash = "destroy"

@@ -16,18 +16,12 @@
 . /test/lib/xl.sh # alive
 DEVID=51712
 BACKEND=${DOMU_BACKEND:-ours}
-npass=0; nfail=0
-ok() { echo "PASS $*"; npass=$((npass + 1)); }
-bad() { echo "FAIL $*"; nfail=$((nfail + 1)); }
-step() { echo "DOMU [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
+. /test/lib/checks.sh
+checks_begin domu DOMU
 finish() {
     for n in domu1 domu2 domu3; do xl domid $n >/dev/null 2>&1 && xl destroy $n; done
-    xenbackd_stop
-    echo "----- xenbackd log (tail) -----"; tail -25 /tmp/xenbackd.log 2>/dev/null
-    grep -qi 'panick' /tmp/xenbackd.log 2>/dev/null && bad "xenbackd panicked"
-    echo "domu: $npass checks passed, $nfail failed"
-    if [ "$nfail" = 0 ] && [ "$npass" -gt 0 ]; then echo "PASS domu"; exit 0; fi
-    echo "FAIL domu"; exit 1
+    xenbackd_log_end
+    checks_end
 }
 [ -f /boot/domu/vmlinuz ] || { bad "no /boot/domu (the domu-kit archive is missing)"; finish; }
 mkdir -p /var/log/xen/console /var/lib/xen/dump /run/xen /var/lock

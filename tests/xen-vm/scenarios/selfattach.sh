@@ -14,18 +14,12 @@
 . /test/lib/vbd.sh
 DEV=/dev/xvda
 DEVID=51712
-npass=0; nfail=0
-ok() { echo "PASS $*"; npass=$((npass + 1)); }
-bad() { echo "FAIL $*"; nfail=$((nfail + 1)); }
-step() { echo "SELFATTACH [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
+. /test/lib/checks.sh
+checks_begin selfattach SELFATTACH
 md5() { md5sum | cut -d' ' -f1; }
 finish() {
-    xenbackd_stop
-    echo "----- xenbackd log (tail) -----"; tail -25 /tmp/xenbackd.log 2>/dev/null
-    if grep -qi 'panick' /tmp/xenbackd.log 2>/dev/null; then bad "xenbackd panicked"; fi
-    echo "selfattach: $npass checks passed, $nfail failed"
-    if [ "$nfail" = 0 ] && [ "$npass" -gt 0 ]; then echo "PASS selfattach"; exit 0; fi
-    echo "FAIL selfattach"; exit 1
+    xenbackd_log_end
+    checks_end
 }
 
 if ! xenbackd_start; then bad "selfattach: $XENBACKD_WHY"; finish; fi

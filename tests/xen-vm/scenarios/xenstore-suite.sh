@@ -15,16 +15,13 @@ ITERS=${XS_SUITE_ITERS:-20}
 RSECS=${XS_SUITE_RANDOM:-10}
 CSOCK=/run/xenstored/socket
 OSOCK=/tmp/sim-xenstored.sock
-npass=0; nfail=0
-ok() { echo "PASS $*"; npass=$((npass + 1)); }
-bad() { echo "FAIL $*"; nfail=$((nfail + 1)); }
+. /test/lib/checks.sh
+checks_begin xenstore-suite XSSUITE
 OPID=
 finish() {
     [ -n "$OPID" ] && kill "$OPID" 2>/dev/null
     xenstore-control log on >/dev/null 2>&1
-    echo "xenstore-suite: $npass checks passed, $nfail failed"
-    if [ "$nfail" = 0 ] && [ "$npass" -gt 0 ]; then echo "PASS xenstore-suite"; exit 0; fi
-    echo "FAIL xenstore-suite"; exit 1
+    checks_end
 }
 [ -x "$TX" ] || { bad "no $TX in the image (tests/xen-vm/build-image copies it)"; finish; }
 [ -S "$CSOCK" ] || { bad "no C xenstored socket $CSOCK"; finish; }

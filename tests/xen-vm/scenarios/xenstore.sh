@@ -9,9 +9,8 @@
 # Transactions are reached the way the tools reach them: a multi-key
 # read/write is one transaction. Everything runs as dom0.
 XB=/test/xenbackd
-npass=0; nfail=0
-ok() { echo "PASS $*"; npass=$((npass + 1)); }
-bad() { echo "FAIL $*"; nfail=$((nfail + 1)); }
+. /test/lib/checks.sh
+checks_begin xenstore XENSTORE
 
 if ! $XB xs --help >/tmp/xs-help 2>&1 && grep -q 'unknown command' /tmp/xs-help; then
     bad "xenstore: this xenbackd has no \`xs\` command: $(head -1 /tmp/xs-help)"
@@ -174,7 +173,4 @@ else
     bad "control: no $XC in the image"
 fi
 xenstore-rm /lab
-echo "xenstore: $npass checks passed, $nfail failed"
-[ "$nfail" = 0 ] && echo "PASS xenstore" && exit 0
-echo "FAIL xenstore"
-exit 1
+checks_end

@@ -18,17 +18,13 @@
 #      XLDISK_HOLDIO=0: holding guests sleep instead of writing their disks.
 . /test/lib/vbd.sh
 . /test/lib/xl.sh
-npass=0; nfail=0
-ok() { echo "PASS $*"; npass=$((npass + 1)); }
-bad() { echo "FAIL $*"; nfail=$((nfail + 1)); }
-step() { echo "XLDISK [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
+. /test/lib/checks.sh
+checks_begin xldisk XLDISK
 T=${DOMU_TIMEOUT:-300}
 XB=/usr/lib/xen-4.17/bin
 finish() {
     xl_logs g1 g2 g3 g4 g5 g6
-    echo "xldisk: $npass checks passed, $nfail failed"
-    if [ "$nfail" = 0 ] && [ "$npass" -gt 0 ]; then echo "PASS xldisk"; exit 0; fi
-    echo "FAIL xldisk"; exit 1
+    checks_end
 }
 [ -f /boot/domu/vmlinuz ] || { bad "no /boot/domu (the domu-kit archive is missing)"; finish; }
 [ -x /test/xenbackd ] || { bad "no /test/xenbackd"; finish; }

@@ -11,18 +11,14 @@
 . /test/lib/vbd.sh
 DEV=/dev/xvda
 DEVID=51712
-npass=0; nfail=0
-ok() { echo "PASS $*"; npass=$((npass + 1)); }
-bad() { echo "FAIL $*"; nfail=$((nfail + 1)); }
-step() { echo "XSAWAY [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
+. /test/lib/checks.sh
+checks_begin xsaway XSAWAY
 md5() { md5sum | cut -d' ' -f1; }
 finish() {
     kill -9 ${XENBACKD_PID:-} 2>/dev/null
     echo "----- xenbackd log (tail) -----"; tail -25 /tmp/xenbackd.log 2>/dev/null
     if grep -qi 'panick' /tmp/xenbackd.log 2>/dev/null; then bad "xenbackd panicked"; fi
-    echo "xsaway: $npass checks passed, $nfail failed"
-    if [ "$nfail" = 0 ] && [ "$npass" -gt 0 ]; then echo "PASS xsaway"; exit 0; fi
-    echo "FAIL xsaway"; exit 1
+    checks_end
 }
 
 if ! xenbackd_start; then bad "xsaway: $XENBACKD_WHY"; finish; fi
