@@ -132,7 +132,8 @@ fn discard_enable_0_offers_no_discard_and_refuses_one() {
     assert!(!g.info.discard && g.info.flush);
     let c = run(g.front.queue(0), BlkOp::Discard { sector: 0, nr_sectors: 8, secure: false });
     assert_eq!(c.status, BLKIF_RSP_EOPNOTSUPP);
-    let spec = h.spec("qdisk", 1, 1, &params, "w", &[("discard-enable", "1")]);
+    let other = TempDisk::new("discard", 1 << 20);
+    let spec = h.spec("qdisk", 1, 1, &format!("aio:{}", other.path.display()), "w", &[("discard-enable", "1")]);
     let g = h.connect(spec, BlkfrontOptions::default()).unwrap();
     assert!(g.info.discard);
 }

@@ -20,24 +20,6 @@ use xen_bus::XenbusState;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions, FrontQueue};
 use xen_sim::rng::Rng;
 
-/// Whether qemu-img and qemu-io are here; prints why not.
-fn have_qemu() -> bool {
-    let found = ["qemu-img", "qemu-io"].iter().all(|t| Command::new(t).arg("--version").output().is_ok());
-    if !found {
-        assert!(std::env::var_os("CI").is_none(), "qemu-utils missing under CI (scripts/setup installs it)");
-        println!("skipped: qemu-utils (qemu-img, qemu-io) not installed");
-    }
-    found
-}
-
-/// Runs a qemu tool; its stdout, or a panic with its stderr.
-fn qemu(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{args:?}: {}{stdout}", String::from_utf8_lossy(&out.stderr));
-    stdout
-}
-
 /// A directory `name` of images, or `None` (and why, printed) without
 /// qemu-utils.
 fn images(name: &str) -> Option<ImageDir> {
@@ -443,6 +425,10 @@ fn a_qcow2_header_a_guest_writes_into_its_raw_disk_stays_data() {
     let h = Harness::new().unwrap();
     let mut g = h.attach(1, 0, &disk, "w", BlkfrontOptions::default()).unwrap();
     assert_eq!(run(g.front.queue(0), BlkOp::Write { sector: 0, data: &header }).status, BLKIF_RSP_OKAY);
+    // Opened again once the writer has closed it (its lock keeps a second
+    // open out meanwhile).
+    close(h, vec![g]);
+    let h = Harness::new().unwrap();
     let mut again = h.attach(2, 1, &disk, "w", BlkfrontOptions::default()).unwrap();
     assert_eq!(again.info.sectors, 2048, "still the raw file's size");
     let c = run(again.front.queue(0), BlkOp::Read { sector: 0, len: 4096 });

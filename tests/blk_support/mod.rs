@@ -203,6 +203,25 @@ pub fn wait_one(q: &mut FrontQueue) -> BlkCompletion {
     panic!("no completion");
 }
 
+/// Whether qemu-img and qemu-io are here; prints why not. Under CI (`CI`
+/// set) their absence is a failure: `scripts/setup` installs qemu-utils.
+pub fn have_qemu() -> bool {
+    let found = ["qemu-img", "qemu-io"].iter().all(|t| std::process::Command::new(t).arg("--version").output().is_ok());
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "qemu-utils missing under CI (scripts/setup installs it)");
+        println!("skipped: qemu-utils (qemu-img, qemu-io) not installed");
+    }
+    found
+}
+
+/// Runs a qemu tool; its stdout, or a panic with its stderr.
+pub fn qemu(args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{args:?}: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
 /// Deterministic bytes for `seed`.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

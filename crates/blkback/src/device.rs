@@ -28,6 +28,7 @@ use crate::config::{connect_nodes, disk_limits, DiskConfig, FrontendConfig, Offe
 use crate::connection::RingQueue;
 use crate::engine::{IoEngine, ThreadPoolEngine};
 use crate::format::{ImageFormat, OpenImage};
+use crate::lock::{LockKind, Locking};
 use crate::queue::{QueueExecutor, DEFAULT_QUEUE_BUFFER_BYTES};
 use crate::uring::IoUringEngine;
 
@@ -76,6 +77,10 @@ pub struct BlkOptions {
     /// hold ([`DEFAULT_BUFFER_BYTES`], 64 MiB), unless the type is made
     /// with a shared [`BufferBudget`] ([`BlkDeviceType::with_budget`]).
     pub buffer_bytes: usize,
+    /// Whether images are locked as QEMU locks them ([`Locking::Auto`] by
+    /// default: OFD locks where the kernel has them; docs/blkback.md,
+    /// Image locking, says why).
+    pub locking: Locking,
 }
 
 /// The daemon's default budget of bounce buffers: 64 MiB, 16 queues at
@@ -92,6 +97,7 @@ impl Default for BlkOptions {
             engine: EngineChoice::Auto,
             queue_buffer_bytes: DEFAULT_QUEUE_BUFFER_BYTES,
             buffer_bytes: DEFAULT_BUFFER_BYTES,
+            locking: Locking::Auto,
         }
     }
 }
@@ -102,6 +108,8 @@ pub struct BlkDeviceType {
     name: String,
     options: BlkOptions,
     budget: Arc<BufferBudget>,
+    /// `options.locking` on this kernel.
+    lock: Option<LockKind>,
 }
 
 impl BlkDeviceType {
@@ -124,13 +132,19 @@ impl BlkDeviceType {
                 }
             };
         }
+        let lock = options.locking.resolve();
         log::info!(
-            "{name}: I/O engine {:?}, buffers {} KiB per queue, {} KiB in all",
+            "{name}: I/O engine {:?}, buffers {} KiB per queue, {} KiB in all, image locks {}",
             options.engine,
             options.queue_buffer_bytes >> 10,
-            budget.limit() >> 10
+            budget.limit() >> 10,
+            match lock {
+                Some(LockKind::Ofd) => "OFD",
+                Some(LockKind::Posix) => "POSIX",
+                None => "off",
+            }
         );
-        Arc::new(BlkDeviceType { name, options, budget })
+        Arc::new(BlkDeviceType { name, options, budget, lock })
     }
 
     /// The budget its queues' buffers are charged to.
@@ -145,12 +159,19 @@ impl DeviceType for BlkDeviceType {
     }
 
     fn create(&self, _ctx: &DeviceCtx) -> Result<Box<dyn Device>, DeviceError> {
-        Ok(Box::new(BlkDevice { options: self.options, budget: self.budget.clone(), disk: None, rings: None }))
+        Ok(Box::new(BlkDevice {
+            options: self.options,
+            lock: self.lock,
+            budget: self.budget.clone(),
+            disk: None,
+            rings: None,
+        }))
     }
 }
 
 struct BlkDevice {
     options: BlkOptions,
+    lock: Option<LockKind>,
     budget: Arc<BufferBudget>,
     disk: Option<(DiskConfig, OpenImage)>,
     /// Of the connection: queues, `ring-page-order`, the ABI.
@@ -172,7 +193,10 @@ impl Device for BlkDevice {
         let cfg = DiskConfig::read(|n| reader.read(n));
         reader.check()?;
         let cfg = cfg.map_err(config_error)?;
-        let disk = OpenImage::open(&cfg.path, cfg.format, cfg.read_only, self.options.direct)
+        // A reconnection opens the image again (its size may have changed):
+        // the old one is closed first, or its lock would refuse the new one.
+        self.disk = None;
+        let disk = OpenImage::open(&cfg.path, cfg.format, cfg.read_only, self.options.direct, self.lock)
             .map_err(|e| DeviceError::other(format!("Cannot open {}", cfg.path.display()), e))?;
         let image = disk.image();
         log::info!(

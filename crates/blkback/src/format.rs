@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::disk::{Disk, DiskError};
+use crate::lock::{lock_image, ImageLocks, LockError, LockKind};
 use crate::qcow2::{Qcow2Error, Qcow2Image};
 
 /// A virtual disk's bytes, as the I/O engines read and write them. All
@@ -85,6 +86,9 @@ pub enum ImageError {
     /// The qcow2 image or its backing chain.
     #[error("qcow2 image")]
     Qcow2(#[source] Qcow2Error),
+    /// The raw file or block device is in use by another program.
+    #[error("Raw disk in use")]
+    Lock(#[source] LockError),
 }
 
 /// An open image, by format: the I/O engines take it as a [`DiskImage`];
@@ -108,13 +112,29 @@ impl std::fmt::Debug for OpenImage {
 
 impl OpenImage {
     /// Opens `path` as `format`: read-only if `read_only` (backing files
-    /// always are), with `O_DIRECT` if `direct` and the file system takes it.
-    pub fn open(path: &Path, format: ImageFormat, read_only: bool, direct: bool) -> Result<OpenImage, ImageError> {
+    /// always are), with `O_DIRECT` if `direct` and the file system takes it,
+    /// and with QEMU's locks of a guest's disk (and of backing files) where
+    /// `lock` says which ([`crate::lock`]). A file another program uses in
+    /// a way ours excludes is refused.
+    pub fn open(
+        path: &Path,
+        format: ImageFormat,
+        read_only: bool,
+        direct: bool,
+        lock: Option<LockKind>,
+    ) -> Result<OpenImage, ImageError> {
         Ok(match format {
-            ImageFormat::Raw => OpenImage::Raw(Arc::new(Disk::open(path, read_only, direct).map_err(ImageError::Raw)?)),
-            ImageFormat::Qcow2 => {
-                OpenImage::Qcow2(Arc::new(Qcow2Image::open(path, read_only, direct).map_err(ImageError::Qcow2)?))
+            ImageFormat::Raw => {
+                let disk = Disk::open(path, read_only, direct).map_err(ImageError::Raw)?;
+                if let Some(kind) = lock {
+                    let locks = ImageLocks::guest_disk(ImageFormat::Raw, !read_only);
+                    lock_image(std::os::fd::AsFd::as_fd(&disk), path, locks, kind).map_err(ImageError::Lock)?;
+                }
+                OpenImage::Raw(Arc::new(disk))
             }
+            ImageFormat::Qcow2 => OpenImage::Qcow2(Arc::new(
+                Qcow2Image::open_locked(path, read_only, direct, lock).map_err(ImageError::Qcow2)?,
+            )),
         })
     }
 

@@ -18,7 +18,8 @@ use imago::raw::Raw;
 use imago::{FormatAccess, StorageOpenOptions};
 
 use crate::disk::{open_file, DiskError};
-use crate::format::DiskImage;
+use crate::format::{DiskImage, ImageFormat};
+use crate::lock::{lock_image, ImageLocks, LockError, LockKind};
 
 /// Backing files below the top image at most. QEMU has no limit; a bound
 /// stops a chain that loops back on itself.
@@ -30,6 +31,9 @@ pub enum Qcow2Error {
     /// A file of the chain could not be opened.
     #[error("Cannot open a file of the image")]
     Open(#[source] DiskError),
+    /// A file of the chain is in use by another program (its lock bytes).
+    #[error("A file of the image is in use")]
+    Lock(#[source] LockError),
     /// imago refused the image: not qcow2, dirty or corrupt (its
     /// incompatible feature bits), damaged metadata, an unknown feature.
     #[error("Cannot use {path} as qcow2")]
@@ -91,12 +95,25 @@ impl Qcow2Image {
     /// its backing chain (read-only), with `O_DIRECT` where `direct` and
     /// the file system takes it.
     pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Qcow2Image, Qcow2Error> {
+        Self::open_locked(path, read_only, direct, None)
+    }
+
+    /// As [`Qcow2Image::open`], taking QEMU's locks with `lock`: a guest
+    /// disk's on the image, a backing file's on each backing file
+    /// ([`ImageLocks`]).
+    pub fn open_locked(
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        lock: Option<LockKind>,
+    ) -> Result<Qcow2Image, Qcow2Error> {
         let mut backing_chain = Vec::new();
         // The device's init must fail, not the daemon's thread, on an image
         // that trips an assertion in imago (I/O runs under the engine's own
         // panic guard).
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            open_qcow2(path, !read_only, direct, &mut backing_chain)
+            let locks = lock.map(|kind| (kind, ImageLocks::guest_disk(ImageFormat::Qcow2, !read_only)));
+            open_qcow2(path, !read_only, direct, locks, &mut backing_chain)
         }));
         let top = opened.map_err(|p| Qcow2Error::Panicked { path: path.into(), message: panic_message(&*p) })??;
         let image = FormatAccess::new(top);
@@ -228,8 +245,18 @@ fn read_extensions(path: &Path) -> std::io::Result<Option<String>> {
     Ok(backing_format)
 }
 
-fn storage(path: &Path, writable: bool, direct: bool) -> Result<ImagoFile, Qcow2Error> {
+/// Opens one file of the chain for imago, locked with `locks` first (the
+/// locks live as long as imago keeps the file open).
+fn storage(
+    path: &Path,
+    writable: bool,
+    direct: bool,
+    locks: Option<(LockKind, ImageLocks)>,
+) -> Result<ImagoFile, Qcow2Error> {
     let (file, direct) = open_file(path, !writable, direct).map_err(Qcow2Error::Open)?;
+    if let Some((kind, locks)) = locks {
+        lock_image(std::os::fd::AsFd::as_fd(&file), path, locks, kind).map_err(Qcow2Error::Lock)?;
+    }
     let options = StorageOpenOptions::new().filename(path).write(writable).direct(direct);
     ImagoFile::from_open_file(file, options).map_err(|source| Qcow2Error::Image { path: path.into(), source })
 }
@@ -240,10 +267,11 @@ fn open_qcow2(
     path: &Path,
     writable: bool,
     direct: bool,
+    locks: Option<(LockKind, ImageLocks)>,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Qcow2<ImagoFile>, Qcow2Error> {
     let refused = |source| Qcow2Error::Image { path: path.into(), source };
-    let file = storage(path, writable, direct)?;
+    let file = storage(path, writable, direct, locks)?;
     let v2_backing_format = read_extensions(path).map_err(refused)?;
     let mut image = Qcow2::<ImagoFile>::open_image(file, writable).map_err(refused)?;
     if image.requires_external_data_file() {
@@ -259,10 +287,11 @@ fn open_qcow2(
             let file = backing_path(path, name);
             let format = image.implicit_backing_format().cloned().or(v2_backing_format);
             chain.push(file.clone());
+            let backing_locks = locks.map(|(kind, _)| (kind, ImageLocks::backing_file()));
             Some(match format.as_deref() {
-                Some("qcow2") => FormatAccess::new(open_qcow2(&file, false, direct, chain)?),
+                Some("qcow2") => FormatAccess::new(open_qcow2(&file, false, direct, backing_locks, chain)?),
                 Some("raw") | Some("file") => {
-                    let raw = Raw::open_image(storage(&file, false, direct)?, false)
+                    let raw = Raw::open_image(storage(&file, false, direct, backing_locks)?, false)
                         .map_err(|source| Qcow2Error::Image { path: file.clone(), source })?;
                     FormatAccess::new(raw)
                 }

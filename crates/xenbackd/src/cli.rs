@@ -133,6 +133,27 @@ impl From<IoEngine> for blkback::EngineChoice {
     }
 }
 
+/// Whether `serve` locks images as QEMU does (QEMU's `locking` option).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ImageLocking {
+    /// QEMU's OFD byte locks where the kernel has them, else none
+    Auto,
+    /// OFD locks, or POSIX locks on kernels without them (logged)
+    On,
+    /// no locks, as QEMU's own qdisk backend
+    Off,
+}
+
+impl From<ImageLocking> for blkback::Locking {
+    fn from(l: ImageLocking) -> Self {
+        match l {
+            ImageLocking::Auto => blkback::Locking::Auto,
+            ImageLocking::On => blkback::Locking::On,
+            ImageLocking::Off => blkback::Locking::Off,
+        }
+    }
+}
+
 /// The longest time a demo or benchmark workload may be asked to run (a day).
 pub const MAX_SECONDS: f64 = 86_400.0;
 

@@ -12,7 +12,7 @@ use nix::sys::signal::{SigSet, Signal};
 use xen_backend::{Backend, Config, DeviceKey, DeviceType, Frontends, Platform};
 use xs_wire::{Client, TxId};
 
-use crate::cli::{count, IoEngine};
+use crate::cli::{count, ImageLocking, IoEngine};
 use xenbackd::control::{ControlServer, DEVICES_TIMEOUT};
 use xenbackd::sd_notify;
 use xenbackd::status::{self, Status};
@@ -83,6 +83,11 @@ pub struct ServeArgs {
     /// Use the page cache instead of O_DIRECT
     #[arg(long)]
     buffered: bool,
+    /// Lock images as QEMU does, so that QEMU, qemu-img or another xenbackd
+    /// cannot write an image served here (and we refuse one they write);
+    /// off for storage that live migration opens on two hosts at once
+    #[arg(long, value_name = "L", value_enum, default_value_t = ImageLocking::Auto)]
+    image_locking: ImageLocking,
     /// Close every device on SIGTERM/SIGINT instead of leaving them for the
     /// next serve to resume
     #[arg(long)]
@@ -148,6 +153,7 @@ pub fn run(args: ServeArgs) -> Result<u8> {
         io_threads: args.io_threads,
         engine: args.io_engine.into(),
         direct: !args.buffered,
+        locking: args.image_locking.into(),
         queue_buffer_bytes: args.queue_buffers << 20,
         buffer_bytes: args.buffers << 20,
         ..BlkOptions::default()
