@@ -71,11 +71,16 @@ impl Drop for QemuIo {
     }
 }
 
-/// The `error` node of a device that closed, or a panic if it connected.
+/// The `error` node of a device that closed (or a panic if it connected),
+/// then the device removed: a failed device is tried again when its
+/// frontend changes state, and would take the image once it is free.
 fn refused(h: &Harness, domid: u16, devid: u32, params: &str, mode: &str) -> String {
     let mut dev = h.create(h.spec("qdisk", domid, devid, params, mode, &[])).unwrap();
     dev.wait_backend_state("Closed", WAIT, |s| s == Some(XenbusState::Closed)).unwrap();
-    dev.read_backend("error").unwrap().expect("error node")
+    let error = dev.read_backend("error").unwrap().expect("error node");
+    h.toolstack.remove(dev.spec()).unwrap();
+    assert!(h.backend.sync(WAIT));
+    error
 }
 
 /// The guests go, the backend closes their images and stops.
@@ -128,7 +133,11 @@ fn an_image_qemu_io_writes_is_refused_with_the_holder_named() {
     let e = refused(&h, 1, 1, &format!("aio:{}", disk.path.display()), "r");
     assert!(e.contains("Failed to get shared \"write\" lock"), "{e}");
     drop(holder);
-    let mut g = h.attach(1, 2, &disk, "w", BlkfrontOptions::default()).unwrap();
+    let spec = h.spec("qdisk", 1, 2, &format!("aio:{}", disk.path.display()), "w", &[]);
+    let mut g = match h.connect(spec.clone(), BlkfrontOptions::default()) {
+        Ok(g) => g,
+        Err(e) => panic!("{e:#}; error node {:?}", h.toolstack.read_backend(&spec, "error").unwrap()),
+    };
     assert_eq!(run(g.front.queue(0), BlkOp::Write { sector: 8, data: &[1; 512] }).status, BLKIF_RSP_OKAY);
 }
 
