@@ -698,12 +698,23 @@ impl Xenbus {
             "" => self.directory_changed(key),
             "frontend" | "frontend-id" => {}
             "online" => self.online_changed(&key),
-            node => {
-                let res = self.call(&key, |d, ctx| d.backend_changed(ctx, node));
-                if let Some(Err(e)) = res {
-                    self.fail(&key, e);
-                }
-            }
+            node => match self.call(&key, |d, ctx| d.backend_changed(ctx, node)) {
+                Some(Ok(Ok(()))) => self.publish_changes(&key),
+                Some(Ok(Err(e)) | Err(e)) => self.fail(&key, e),
+                None => {}
+            },
+        }
+    }
+
+    /// Commits what a connected device queued in `backend_changed` at once,
+    /// with its `state` written again in the same transaction: how Linux's
+    /// blkback tells blkfront of a new size (`xen_vbd_resize`; blkfront
+    /// re-reads `sectors` on every Connected event). A device not connected
+    /// yet has them committed with its next state change.
+    fn publish_changes(&mut self, key: &DeviceKey) {
+        let Some(slot) = self.devices.get(key) else { return };
+        if slot.state == XenbusState::Connected && slot.ctx.has_writes() {
+            self.set_state(key, XenbusState::Connected, &[]);
         }
     }
 

@@ -46,7 +46,10 @@ pub trait Device: Send {
     /// set up besides them.
     fn disconnect(&mut self, _ctx: &DeviceCtx) {}
     /// A node below the backend directory changed (not one the framework
-    /// owns: `state`, `hotplug-status`, `error`).
+    /// owns: `state`, `hotplug-status`, `error`). Writes it queues are
+    /// committed at once where the device is Connected, with `state`
+    /// written again (Linux's signal of a new disk size); an error fails the
+    /// device.
     fn backend_changed(&mut self, _ctx: &DeviceCtx, _node: &str) -> Result<(), DeviceError> {
         Ok(())
     }
@@ -402,6 +405,11 @@ impl DeviceCtx {
         let mut queued = self.lock_writes();
         writes.append(&mut queued);
         *queued = writes;
+    }
+
+    /// Whether writes are queued.
+    pub(crate) fn has_writes(&self) -> bool {
+        !self.lock_writes().is_empty()
     }
 
     /// Takes the queued writes (the framework commits them).

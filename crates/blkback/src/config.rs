@@ -75,17 +75,27 @@ pub enum ConfigError {
     Rings(RingNodeError),
 }
 
-/// The disk a backend directory describes (toolstack nodes).
+/// An image named by `params`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskConfig {
+pub struct Medium {
     /// The file or block device.
     pub path: PathBuf,
     /// How the disk is laid out in it.
     pub format: ImageFormat,
+}
+
+/// The disk a backend directory describes (toolstack nodes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image; `None` for a removable drive with no medium (`params`
+    /// empty, or `aio:` as libxl writes an empty CD-ROM).
+    pub medium: Option<Medium>,
     /// `mode` is `r`, or the device is a CD-ROM.
     pub read_only: bool,
     /// `device-type` is `cdrom`.
     pub cdrom: bool,
+    /// `removable` is not 0 (libxl writes 1 for CD-ROMs).
+    pub removable: bool,
     /// `discard-enable` is not 0 (libxl writes `discard-enable = 0` for
     /// `no-discard` in the disk spec; absent means enabled).
     pub discard_enable: bool,
@@ -96,16 +106,24 @@ impl DiskConfig {
     /// (read through `read`, relative to the backend directory).
     pub fn read(read: impl Fn(&str) -> Option<String>) -> Result<DiskConfig, ConfigError> {
         let params = read("params").ok_or_else(|| ConfigError::Missing("params".into()))?;
-        let (from_params, path) = parse_params(&params)?;
-        let from_node = match read("format") {
-            Some(name) if !name.is_empty() => Some(format_named(&name)?),
-            _ => None,
-        };
-        let format = match (from_params, from_node) {
-            (Some(p), Some(n)) if p != n => {
-                return Err(ConfigError::FormatConflict { params: p.name(), node: n.name() })
+        let cdrom = read("device-type").is_some_and(|t| t == "cdrom");
+        let removable = cdrom || scan::read_unsigned(read("removable").as_deref().map(str::as_bytes), 0) != 0;
+        let medium = match parse_params(&params) {
+            Err(ConfigError::Bad { .. }) if removable && is_empty_medium(&params) => None,
+            parsed => {
+                let (from_params, path) = parsed?;
+                let from_node = match read("format") {
+                    Some(name) if !name.is_empty() => Some(format_named(&name)?),
+                    _ => None,
+                };
+                let format = match (from_params, from_node) {
+                    (Some(p), Some(n)) if p != n => {
+                        return Err(ConfigError::FormatConflict { params: p.name(), node: n.name() })
+                    }
+                    (p, n) => p.or(n).unwrap_or(ImageFormat::Raw),
+                };
+                Some(Medium { path, format })
             }
-            (p, n) => p.or(n).unwrap_or(ImageFormat::Raw),
         };
         let mode = read("mode").unwrap_or_else(|| "w".into());
         let read_only = match mode.as_str() {
@@ -113,12 +131,25 @@ impl DiskConfig {
             "w" | "rw" | "w!" => false,
             _ => return Err(ConfigError::Bad { node: "mode".into(), value: mode }),
         };
-        let cdrom = read("device-type").is_some_and(|t| t == "cdrom");
         // As Linux's blkback reads it (`xenbus_read_unsigned(..., 1)`);
         // QEMU's `0`/`1` read alike.
         let discard_enable = scan::read_unsigned(read("discard-enable").as_deref().map(str::as_bytes), 1) != 0;
-        Ok(DiskConfig { path, format, read_only: read_only || cdrom, cdrom, discard_enable })
+        Ok(DiskConfig { medium, read_only: read_only || cdrom, cdrom, removable, discard_enable })
     }
+
+    /// The `info` node's bits: `VDISK_CDROM` from `device-type`,
+    /// `VDISK_REMOVABLE` from `removable`, `VDISK_READONLY` from `mode` (or
+    /// a CD-ROM).
+    pub fn info(&self) -> u32 {
+        let bit = |set: bool, bit: u32| if set { bit } else { 0 };
+        bit(self.cdrom, VDISK_CDROM) | bit(self.removable, VDISK_REMOVABLE) | bit(self.read_only, VDISK_READONLY)
+    }
+}
+
+/// A `params` of no image: empty, or driver prefixes only (`aio:`, what
+/// libxl writes for a CD-ROM drive created empty).
+fn is_empty_medium(params: &str) -> bool {
+    params.trim().split(':').all(|part| matches!(part, "" | "aio" | "raw" | "file" | "phy"))
 }
 
 /// A format by the name libxl writes (`libxl__device_disk_string_of_format`:
@@ -204,8 +235,11 @@ fn discard_offered(disk: &dyn DiskImage, cfg: &DiskConfig) -> bool {
 /// The limits requests of `disk` are checked against.
 pub fn disk_limits(disk: &dyn DiskImage, cfg: &DiskConfig, offer: &Offer) -> DiskLimits {
     let read_only = disk.is_read_only();
+    // A removable drive's medium may change after a request is parsed: its
+    // range is checked against the medium when it starts (`engine.rs`).
+    let sectors = if cfg.removable { crate::media::MAX_MEDIUM_SECTORS } else { disk.sectors() };
     DiskLimits {
-        sectors: disk.sectors(),
+        sectors,
         read_only,
         discard: discard_offered(disk, cfg),
         barrier: !read_only,
@@ -217,13 +251,7 @@ pub fn disk_limits(disk: &dyn DiskImage, cfg: &DiskConfig, offer: &Offer) -> Dis
 /// The nodes written just before `Connected`, in Linux blkback's order
 /// (`connect()` in `xenbus.c`).
 pub fn connect_nodes(disk: &dyn DiskImage, cfg: &DiskConfig) -> Vec<(&'static str, String)> {
-    let mut info = 0;
-    if disk.is_read_only() {
-        info |= VDISK_READONLY;
-    }
-    if cfg.cdrom {
-        info |= VDISK_CDROM;
-    }
+    let info = cfg.info() | if disk.is_read_only() { VDISK_READONLY } else { 0 };
     let flag = |b: bool| u8::from(b).to_string();
     let writable = !disk.is_read_only();
     let mut nodes = vec![("feature-flush-cache", flag(writable))];
@@ -342,7 +370,7 @@ mod tests {
 
     #[test]
     fn the_format_comes_from_params_or_the_format_node_and_they_must_agree() {
-        let format = |nodes: &[(&str, &str)]| DiskConfig::read(reader(nodes)).map(|c| c.format);
+        let format = |nodes: &[(&str, &str)]| DiskConfig::read(reader(nodes)).map(|c| c.medium.unwrap().format);
         assert_eq!(format(&[("params", "/d")]), Ok(ImageFormat::Raw));
         assert_eq!(format(&[("params", "aio:/d"), ("format", "")]), Ok(ImageFormat::Raw));
         assert_eq!(format(&[("params", "qcow2:/d")]), Ok(ImageFormat::Qcow2));
@@ -363,6 +391,39 @@ mod tests {
         };
         assert!(enabled(None) && enabled(Some("1")) && enabled(Some("junk")));
         assert!(!enabled(Some("0")) && !enabled(Some(" 0\n")));
+    }
+
+    #[test]
+    fn info_has_cdrom_removable_and_read_only_bits_from_their_nodes() {
+        let info = |nodes: &[(&str, &str)]| {
+            let mut all = vec![("params", "/d")];
+            all.extend_from_slice(nodes);
+            DiskConfig::read(reader(&all)).unwrap().info()
+        };
+        assert_eq!(info(&[]), 0);
+        assert_eq!(info(&[("mode", "r")]), VDISK_READONLY);
+        assert_eq!(info(&[("removable", "1")]), VDISK_REMOVABLE);
+        assert_eq!(info(&[("removable", "0"), ("device-type", "disk")]), 0);
+        // libxl's CD-ROM: device-type cdrom, removable 1, mode r.
+        let cd = info(&[("device-type", "cdrom"), ("removable", "1"), ("mode", "r")]);
+        assert_eq!(cd, VDISK_CDROM | VDISK_REMOVABLE | VDISK_READONLY);
+        assert_eq!(info(&[("device-type", "cdrom"), ("mode", "w")]), cd, "a CD-ROM is removable and read-only");
+    }
+
+    #[test]
+    fn only_a_removable_drive_may_be_empty() {
+        for params in ["", "aio:", " aio: "] {
+            let cd = DiskConfig::read(reader(&[("params", params), ("device-type", "cdrom")])).unwrap();
+            assert_eq!(cd.medium, None, "{params:?}");
+            let r = DiskConfig::read(reader(&[("params", params), ("removable", "1")])).unwrap();
+            assert_eq!(r.medium, None);
+            let e = DiskConfig::read(reader(&[("params", params), ("device-type", "disk")])).unwrap_err();
+            assert!(matches!(e, ConfigError::Bad { ref node, .. } if node == "params"), "{e:?}");
+        }
+        let e = DiskConfig::read(reader(&[("params", "tap:"), ("device-type", "cdrom")])).unwrap_err();
+        assert_eq!(e, ConfigError::Driver("tap".into()));
+        let cd = DiskConfig::read(reader(&[("params", "qcow2:/cd.qcow2"), ("device-type", "cdrom")])).unwrap();
+        assert_eq!(cd.medium, Some(Medium { path: "/cd.qcow2".into(), format: ImageFormat::Qcow2 }));
     }
 
     #[test]

@@ -24,11 +24,13 @@ use xen_backend::{
 };
 
 use crate::buffer::{BufferBudget, QueueBudget};
-use crate::config::{connect_nodes, disk_limits, DiskConfig, FrontendConfig, Offer};
+use crate::config::{connect_nodes, disk_limits, DiskConfig, FrontendConfig, Medium, Offer};
 use crate::connection::RingQueue;
+use crate::disk::Disk;
 use crate::engine::{IoEngine, ThreadPoolEngine};
-use crate::format::{ImageFormat, OpenImage};
+use crate::format::{DiskImage, OpenImage};
 use crate::lock::{LockKind, Locking};
+use crate::media::Drive;
 use crate::queue::{QueueExecutor, DEFAULT_QUEUE_BUFFER_BYTES};
 use crate::uring::IoUringEngine;
 
@@ -173,9 +175,41 @@ struct BlkDevice {
     options: BlkOptions,
     lock: Option<LockKind>,
     budget: Arc<BufferBudget>,
-    disk: Option<(DiskConfig, OpenImage)>,
+    disk: Option<Opened>,
     /// Of the connection: queues, `ring-page-order`, the ABI.
     rings: Option<(usize, u32, xen_bus::Protocol)>,
+}
+
+/// A device's disk: what the toolstack configured, and the storage.
+struct Opened {
+    cfg: DiskConfig,
+    storage: Storage,
+}
+
+/// Where a disk's bytes are.
+enum Storage {
+    /// The image `params` named, for as long as the device is there.
+    Fixed(OpenImage),
+    /// A drive with removable media (`device-type = cdrom`, `removable =
+    /// 1`), whose medium `params` changes while connected.
+    Removable(Arc<Drive>),
+}
+
+impl Storage {
+    fn image(&self) -> Arc<dyn DiskImage> {
+        match self {
+            Storage::Fixed(image) => image.image(),
+            Storage::Removable(drive) => drive.clone(),
+        }
+    }
+
+    /// The raw file for io_uring: fixed raw disks only.
+    fn raw(&self) -> Option<&Arc<Disk>> {
+        match self {
+            Storage::Fixed(image) => image.raw(),
+            Storage::Removable(_) => None,
+        }
+    }
 }
 
 fn config_error(e: crate::config::ConfigError) -> DeviceError {
@@ -196,34 +230,26 @@ impl Device for BlkDevice {
         // A reconnection opens the image again (its size may have changed):
         // the old one is closed first, or its lock would refuse the new one.
         self.disk = None;
-        let disk = OpenImage::open(&cfg.path, cfg.format, cfg.read_only, self.options.direct, self.lock)
-            .map_err(|e| DeviceError::other(format!("Cannot open {}", cfg.path.display()), e))?;
-        let image = disk.image();
-        log::info!(
-            "{}: {} ({}, {} sectors{})",
-            ctx.backend_path(),
-            cfg.path.display(),
-            cfg.format.name(),
-            image.sectors(),
-            if image.is_read_only() { ", read-only" } else { "" }
-        );
-        if let OpenImage::Qcow2(q) = &disk {
-            for backing in q.backing_chain() {
-                log::info!("{}: backing file {}", ctx.backend_path(), backing.display());
+        let medium = cfg.medium.as_ref().map(|m| self.open_medium(ctx, m, cfg.read_only)).transpose()?;
+        let storage = if cfg.removable {
+            if medium.is_none() {
+                log::info!("{}: removable drive, empty", ctx.backend_path());
             }
-            if self.options.engine == EngineChoice::IoUring {
-                log::info!("{}: qcow2 images use the thread-pool engine", ctx.backend_path());
-            }
-        }
+            Storage::Removable(Drive::new(medium, cfg.read_only))
+        } else {
+            // `DiskConfig::read` lets only a removable drive be empty.
+            let medium = medium.ok_or_else(|| DeviceError::BadNode { node: "params".into(), value: String::new() })?;
+            Storage::Fixed(medium)
+        };
         for (node, value) in self.options.offer.nodes() {
             ctx.write(node, value);
         }
-        self.disk = Some((cfg, disk));
+        self.disk = Some(Opened { cfg, storage });
         Ok(())
     }
 
     fn connect(&mut self, ctx: &DeviceCtx) -> Result<Vec<RingSetup>, DeviceError> {
-        let Some((cfg, disk)) = &self.disk else {
+        let Some(Opened { cfg, storage }) = &self.disk else {
             return Err(DeviceError::msg("Connect before the disk was opened"));
         };
         let offer = self.options.offer;
@@ -237,14 +263,20 @@ impl Device for BlkDevice {
             }
             Err(e) => return Err(config_error(e)),
         };
-        let image = disk.image();
+        let image = storage.image();
         let limits = disk_limits(&*image, cfg, &offer);
         let frontend = ctx.frontend_domid();
         let queues = fe.queues.iter().map(|q| (&q.ring_refs[..], q.event_channel));
         let setups = ctx.serve_queues(queues, |i, ring| {
-            let engine: Result<Box<dyn IoEngine>, _> = match (self.options.engine, disk.raw()) {
-                (EngineChoice::IoUring, Some(raw)) => IoUringEngine::new(raw.clone()).map(|e| Box::new(e) as _),
-                _ => ThreadPoolEngine::new(image.clone(), self.options.io_threads).map(|e| Box::new(e) as _),
+            let threads = self.options.io_threads;
+            let engine: Result<Box<dyn IoEngine>, _> = match (self.options.engine, storage) {
+                (_, Storage::Removable(drive)) => {
+                    ThreadPoolEngine::for_drive(drive.clone(), threads).map(|e| Box::new(e) as _)
+                }
+                (EngineChoice::IoUring, Storage::Fixed(OpenImage::Raw(raw))) => {
+                    IoUringEngine::new(raw.clone()).map(|e| Box::new(e) as _)
+                }
+                _ => ThreadPoolEngine::new(image.clone(), threads).map(|e| Box::new(e) as _),
             };
             let engine = engine.map_err(|e| DeviceError::other(format!("Cannot start I/O for queue {i}"), e))?;
             let budget = QueueBudget::new(self.options.queue_buffer_bytes, self.budget.clone());
@@ -276,18 +308,78 @@ impl Device for BlkDevice {
         log::info!("{}: disconnected", ctx.backend_path());
     }
 
+    /// A removable drive's `params` changed: the medium goes out, the one
+    /// named goes in (docs/blkback.md, Removable media). Other disks keep
+    /// their image, as QEMU's xen-block (which does not watch `params`) and
+    /// Linux's blkback (which refuses a new `physical-device`) do.
+    fn backend_changed(&mut self, ctx: &DeviceCtx, node: &str) -> Result<(), DeviceError> {
+        if node != "params" {
+            return Ok(());
+        }
+        let Some(opened) = &self.disk else { return Ok(()) };
+        let reader = NodeReader::new(|n: &str| ctx.backend_str_opt(n));
+        let new = DiskConfig::read(|n| reader.read(n));
+        reader.check()?;
+        let drive = match &opened.storage {
+            Storage::Removable(drive) => drive.clone(),
+            Storage::Fixed(_) => {
+                if new.map_or(true, |c| c.medium != opened.cfg.medium) {
+                    log::warn!("{}: params changed on a disk that is not removable; ignored", ctx.backend_path());
+                }
+                return Ok(());
+            }
+        };
+        let wanted = match new {
+            Ok(cfg) => cfg.medium,
+            Err(e) => {
+                log::error!("{}: new params refused, the drive is left empty: {e}", ctx.backend_path());
+                None
+            }
+        };
+        if wanted == opened.cfg.medium {
+            return Ok(());
+        }
+        let read_only = opened.cfg.read_only;
+        // Out first: requests in flight keep the old medium open until
+        // they are done, none started from now on reads it.
+        if let Some(old) = drive.replace(None) {
+            log::info!("{}: medium {:?} ejected", ctx.backend_path(), old);
+        }
+        let loaded = wanted.as_ref().and_then(|m| match self.open_medium(ctx, m, read_only) {
+            Ok(image) => Some(image),
+            Err(e) => {
+                log::error!("{}: the drive is left empty: {}", ctx.backend_path(), e.node_text());
+                None
+            }
+        });
+        let inserted = loaded.is_some();
+        drive.replace(loaded);
+        if let Some(opened) = &mut self.disk {
+            // A medium that did not open is not recorded: the same `params`
+            // written again tries again.
+            opened.cfg.medium = if inserted { wanted } else { None };
+        }
+        ctx.write("sectors", drive.sectors());
+        Ok(())
+    }
+
     fn describe(&self) -> Vec<(&'static str, String)> {
         let mut d = Vec::new();
-        if let Some((cfg, disk)) = &self.disk {
-            d.push(("image", cfg.path.display().to_string()));
-            let image = disk.image();
-            d.push(("format", disk.format().name().to_string()));
+        if let Some(Opened { cfg, storage }) = &self.disk {
+            let image = storage.image();
+            match &cfg.medium {
+                Some(m) => {
+                    d.push(("image", m.path.display().to_string()));
+                    d.push(("format", m.format.name().to_string()));
+                }
+                None => d.push(("image", "(no medium)".to_string())),
+            }
             d.push(("mode", if image.is_read_only() { "r" } else { "w" }.to_string()));
             d.push(("sectors", image.sectors().to_string()));
             d.push(("sector-size", image.logical_sector_size().to_string()));
         }
         let uring = self.options.engine == EngineChoice::IoUring
-            && self.disk.as_ref().map_or(true, |(cfg, _)| cfg.format == ImageFormat::Raw);
+            && self.disk.as_ref().map_or(true, |o| o.storage.raw().is_some());
         let engine = if uring { "io-uring" } else { "threads" };
         d.push(("engine", engine.to_string()));
         if let Some((queues, order, abi)) = self.rings {
@@ -296,6 +388,34 @@ impl Device for BlkDevice {
             d.push(("protocol", format!("{abi:?}")));
         }
         d
+    }
+}
+
+impl BlkDevice {
+    /// Opens the image `medium` names (read-only if `read_only`), locked
+    /// as the device type says; logged with its size and backing files.
+    fn open_medium(&self, ctx: &DeviceCtx, medium: &Medium, read_only: bool) -> Result<OpenImage, DeviceError> {
+        let Medium { path, format } = medium;
+        let disk = OpenImage::open(path, *format, read_only, self.options.direct, self.lock)
+            .map_err(|e| DeviceError::other(format!("Cannot open {}", path.display()), e))?;
+        let image = disk.image();
+        log::info!(
+            "{}: {} ({}, {} sectors{})",
+            ctx.backend_path(),
+            path.display(),
+            format.name(),
+            image.sectors(),
+            if image.is_read_only() { ", read-only" } else { "" }
+        );
+        if let OpenImage::Qcow2(q) = &disk {
+            for backing in q.backing_chain() {
+                log::info!("{}: backing file {}", ctx.backend_path(), backing.display());
+            }
+            if self.options.engine == EngineChoice::IoUring {
+                log::info!("{}: qcow2 images use the thread-pool engine", ctx.backend_path());
+            }
+        }
+        Ok(disk)
     }
 }
 

@@ -13,6 +13,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::buffer::AlignedBuf;
 use crate::format::DiskImage;
+use crate::media::Drive;
 
 /// One storage operation. Data buffers travel with the operation and come
 /// back in its [`Completion`].
@@ -125,10 +126,22 @@ impl Wakeup {
 struct Job {
     tag: u64,
     op: IoOp,
+    /// What it runs on: the disk, or the medium in the drive when it was
+    /// submitted (none: the drive is empty).
+    disk: Option<Arc<dyn DiskImage>>,
+}
+
+/// What an engine's operations run on.
+enum Source {
+    /// One image for the engine's life.
+    Fixed(Arc<dyn DiskImage>),
+    /// Whatever medium the drive holds at each submission.
+    Drive(Arc<Drive>),
 }
 
 /// Blocking I/O on a pool of threads shared by the queues of one disk.
 pub struct ThreadPoolEngine {
+    source: Source,
     jobs: Option<Sender<Job>>,
     done: Receiver<Completion>,
     wakeup: Arc<Wakeup>,
@@ -138,7 +151,18 @@ pub struct ThreadPoolEngine {
 
 impl ThreadPoolEngine {
     /// An engine with `threads` I/O threads on `disk`, in any format.
-    pub fn new<D: DiskImage + ?Sized + 'static>(disk: Arc<D>, threads: usize) -> Result<Self, EngineError> {
+    pub fn new(disk: Arc<dyn DiskImage>, threads: usize) -> Result<Self, EngineError> {
+        Self::start(Source::Fixed(disk), threads)
+    }
+
+    /// An engine on a drive with removable media: each operation runs on the
+    /// medium in the drive when it is submitted, and fails (`ENOMEDIUM`)
+    /// when the drive is empty.
+    pub fn for_drive(drive: Arc<Drive>, threads: usize) -> Result<Self, EngineError> {
+        Self::start(Source::Drive(drive), threads)
+    }
+
+    fn start(source: Source, threads: usize) -> Result<Self, EngineError> {
         let wakeup = Arc::new(Wakeup {
             fd: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
                 .map_err(|e| EngineError::Create(e.into()))?,
@@ -148,13 +172,13 @@ impl ThreadPoolEngine {
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let mut handles = Vec::new();
         for i in 0..threads.max(1) {
-            let (rx, tx, disk, wakeup) = (jobs_rx.clone(), done_tx.clone(), disk.clone(), wakeup.clone());
+            let (rx, tx, wakeup) = (jobs_rx.clone(), done_tx.clone(), wakeup.clone());
             let h = std::thread::Builder::new()
                 .name(format!("blk-io-{i}"))
                 .spawn(move || {
                     for job in rx {
                         let tag = job.tag;
-                        let completion = guarded(tag, || execute(&*disk, job));
+                        let completion = guarded(tag, || execute(job));
                         if tx.send(completion).is_err() {
                             break;
                         }
@@ -164,7 +188,7 @@ impl ThreadPoolEngine {
                 .map_err(EngineError::Create)?;
             handles.push(h);
         }
-        Ok(ThreadPoolEngine { jobs: Some(jobs_tx), done: done_rx, wakeup, in_flight: 0, threads: handles })
+        Ok(ThreadPoolEngine { source, jobs: Some(jobs_tx), done: done_rx, wakeup, in_flight: 0, threads: handles })
     }
 }
 
@@ -179,20 +203,38 @@ fn guarded(tag: u64, op: impl FnOnce() -> Completion) -> Completion {
     })
 }
 
-fn execute<D: DiskImage + ?Sized>(disk: &D, job: Job) -> Completion {
-    let Job { tag, op } = job;
+/// Whether `len` bytes at `offset` lie within `disk` (requests were checked
+/// against the disk's size when parsed, but a drive's medium may have
+/// changed since, to a smaller one).
+fn within(disk: &dyn DiskImage, offset: u64, len: u64) -> std::io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= disk.size() => Ok(()),
+        _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "beyond the end of the medium")),
+    }
+}
+
+fn execute(job: Job) -> Completion {
+    let Job { tag, op, disk } = job;
+    let Some(disk) = disk else {
+        let buf = match op {
+            IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
+            IoOp::Flush | IoOp::Discard { .. } => None,
+        };
+        return Completion { tag, result: Err(std::io::Error::from_raw_os_error(nix::libc::ENOMEDIUM)), buf };
+    };
     match op {
         IoOp::Read { offset, mut buf } => {
-            let result = disk.read_at(&mut buf, offset);
+            let result = within(&*disk, offset, buf.len() as u64).and_then(|()| disk.read_at(&mut buf, offset));
             Completion { tag, result, buf: Some(buf) }
         }
         IoOp::Write { offset, buf } => {
-            let result = disk.write_at(&buf, offset);
+            let result = within(&*disk, offset, buf.len() as u64).and_then(|()| disk.write_at(&buf, offset));
             Completion { tag, result, buf: Some(buf) }
         }
         IoOp::Flush => Completion { tag, result: disk.flush(), buf: None },
         IoOp::Discard { offset, len, secure } => {
-            Completion { tag, result: disk.discard(offset, len, secure), buf: None }
+            let result = within(&*disk, offset, len).and_then(|()| disk.discard(offset, len, secure));
+            Completion { tag, result, buf: None }
         }
     }
 }
@@ -200,7 +242,11 @@ fn execute<D: DiskImage + ?Sized>(disk: &D, job: Job) -> Completion {
 impl IoEngine for ThreadPoolEngine {
     fn submit(&mut self, tag: u64, op: IoOp) -> Result<(), EngineError> {
         let jobs = self.jobs.as_ref().ok_or(EngineError::Stopped)?;
-        jobs.send(Job { tag, op }).map_err(|_| EngineError::Stopped)?;
+        let disk = match &self.source {
+            Source::Fixed(disk) => Some(disk.clone()),
+            Source::Drive(drive) => drive.medium(),
+        };
+        jobs.send(Job { tag, op, disk }).map_err(|_| EngineError::Stopped)?;
         self.in_flight += 1;
         Ok(())
     }
@@ -266,6 +312,47 @@ mod tests {
         std::fs::remove_file(qcow2).unwrap();
         v.push(("qcow2 threads", Box::new(ThreadPoolEngine::new(image, 4).unwrap())));
         v
+    }
+
+    /// A drive's operations run on the medium in it when submitted: those
+    /// submitted before a change read the old medium whenever they run,
+    /// those after read the new one, an empty drive fails them.
+    #[test]
+    fn a_drive_engine_runs_each_operation_on_the_medium_it_was_submitted_to() {
+        use crate::format::{ImageFormat, OpenImage};
+        let dir = std::env::temp_dir();
+        let (a, b) = (
+            dir.join(format!("blkback-drive-a-{}", std::process::id())),
+            dir.join(format!("blkback-drive-b-{}", std::process::id())),
+        );
+        std::fs::write(&a, [0xaa; 8192]).unwrap();
+        std::fs::write(&b, [0xbb; 4096]).unwrap();
+        let open = |p: &std::path::Path| OpenImage::open(p, ImageFormat::Raw, true, false, None).unwrap();
+        let drive = Drive::new(Some(open(&a)), true);
+        let mut engine = ThreadPoolEngine::for_drive(drive.clone(), 2).unwrap();
+        let read = |offset| {
+            let mut buf = AlignedBuf::new(512);
+            buf.set_len(512);
+            IoOp::Read { offset, buf }
+        };
+        for tag in 0..8 {
+            engine.submit(tag, read(tag * 512)).unwrap();
+        }
+        drive.replace(Some(open(&b)));
+        engine.submit(8, read(0)).unwrap();
+        engine.submit(9, read(4096)).unwrap();
+        drive.replace(None);
+        engine.submit(10, read(0)).unwrap();
+        let mut done = wait_all(&mut engine, 11);
+        done.sort_by_key(|c| c.tag);
+        for c in &done[..8] {
+            assert!(c.result.is_ok() && c.buf.as_ref().unwrap().iter().all(|&x| x == 0xaa), "tag {}", c.tag);
+        }
+        assert!(done[8].buf.as_ref().unwrap().iter().all(|&x| x == 0xbb));
+        assert!(done[9].result.is_err(), "beyond the new, smaller medium");
+        assert_eq!(done[10].result.as_ref().unwrap_err().raw_os_error(), Some(nix::libc::ENOMEDIUM));
+        std::fs::remove_file(a).unwrap();
+        std::fs::remove_file(b).unwrap();
     }
 
     #[test]

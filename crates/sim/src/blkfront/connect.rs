@@ -5,7 +5,10 @@
 //! nodes at Connected, go Connected).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use xs_wire::{Client, TxId, WatchEvent, XsErrno};
 
 use blkif::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST;
 use gnttab::PAGE_SIZE;
@@ -13,7 +16,7 @@ use gnttab::PAGE_SIZE;
 use super::{Blkfront, BlkfrontError, BlkfrontOptions};
 use xen_bus::XenbusState;
 
-use crate::frontend::FrontendDevice;
+use crate::frontend::{DeviceSpec, FrontendDevice, FrontendError};
 use crate::host::SimHost;
 
 /// What the backend says about the disk at Connected (`blkfront_connect`).
@@ -93,5 +96,78 @@ impl Blkfront {
         };
         dev.set_state(XenbusState::Connected)?;
         Ok((front, info))
+    }
+}
+
+/// What Linux's blkfront does when the backend writes `state` = Connected
+/// again while connected (`blkback_changed` calls `blkfront_connect`: "the
+/// back-end may be signalling a capacity change"): `sectors` is read again
+/// and becomes the disk's capacity. A watch of the backend's `state` on a
+/// connection of its own, so that only its events count.
+pub struct CapacityWatch {
+    xs: Client,
+    token: String,
+    state: String,
+    sectors: String,
+    events: Receiver<WatchEvent>,
+}
+
+impl CapacityWatch {
+    /// Watches `spec`'s backend on `xs` (a guest's connection), past the
+    /// event xenstored fires as a watch is set.
+    pub fn new(xs: Client, spec: &DeviceSpec, timeout: Duration) -> Result<CapacityWatch, BlkfrontError> {
+        let backend = spec.backend_path();
+        let token = format!("sim-capacity:{backend}");
+        let (state, sectors) = (format!("{backend}/state"), format!("{backend}/sectors"));
+        let events = xs.events();
+        xs.watch(&state, &token)?;
+        let watch = CapacityWatch { xs, token, state, sectors, events };
+        watch.next_event(Instant::now() + timeout, "the watch's first event")?;
+        Ok(watch)
+    }
+
+    fn next_event(&self, deadline: Instant, what: &str) -> Result<(), BlkfrontError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(ev) if ev.token == self.token => return Ok(()),
+                Ok(_) => {}
+                Err(_) => {
+                    let state = self.read(&self.state)?.and_then(|s| XenbusState::parse(s.as_bytes()));
+                    return Err(FrontendError::Timeout { waiting_for: what.to_string(), state }.into());
+                }
+            }
+        }
+    }
+
+    fn read(&self, path: &str) -> Result<Option<String>, BlkfrontError> {
+        match self.xs.read(TxId::NONE, path) {
+            Ok(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
+            Err(e) if e.errno() == Some(XsErrno::ENOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits for `state` events; at each that reads Connected, reads
+    /// `sectors`, and returns it once `done` holds for it.
+    pub fn wait(&self, timeout: Duration, done: impl Fn(u64) -> bool) -> Result<u64, BlkfrontError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.next_event(deadline, "a capacity change")?;
+            if self.read(&self.state)?.and_then(|s| XenbusState::parse(s.as_bytes())) != Some(XenbusState::Connected) {
+                continue;
+            }
+            if let Some(sectors) = self.read(&self.sectors)?.and_then(|s| s.trim().parse().ok()) {
+                if done(sectors) {
+                    return Ok(sectors);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for CapacityWatch {
+    fn drop(&mut self) {
+        let _ = self.xs.unwatch(&self.state, &self.token);
     }
 }

@@ -24,7 +24,7 @@ use xen_ring::RingError;
 
 use crate::host::{DomId, SimHost};
 
-pub use connect::DiskInfo;
+pub use connect::{CapacityWatch, DiskInfo};
 pub use queue::{BlkCompletion, BlkOp, FrontQueue};
 
 /// How the frontend sets itself up.
