@@ -137,3 +137,38 @@ fn discard_enable_0_offers_no_discard_and_refuses_one() {
     let g = h.connect(spec, BlkfrontOptions::default()).unwrap();
     assert!(g.info.discard);
 }
+
+/// `direct-io-safe` (libxl writes `1` for the disk spec's `direct-io-safe`)
+/// tells QEMU that `O_DIRECT` is safe with the guest's grant-mapped pages;
+/// ours are bounce buffers, so every disk is opened `O_DIRECT` where its
+/// file system takes it, whatever the node says, and none under `serve
+/// --buffered` (docs/blkback.md).
+#[test]
+fn direct_io_safe_does_not_decide_o_direct_and_buffered_does() {
+    // On the temporary directory's file system, not tmpfs (no O_DIRECT).
+    let disk = |name: &str| {
+        let path = std::env::temp_dir().join(format!("blk-config-{}-{name}", std::process::id()));
+        std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        TempDisk { path }
+    };
+    let cache = |h: &Harness, devid: u32| {
+        let devices = h.backend.monitor().devices(WAIT).expect("status");
+        let d = devices.iter().find(|d| d.key.devid == devid).expect("device");
+        d.details.iter().find(|(k, _)| *k == "cache").map(|(_, v)| v.clone()).expect("cache")
+    };
+    let h = Harness::new().unwrap();
+    let disks = [disk("dio-absent"), disk("dio-0"), disk("dio-1")];
+    for (devid, (d, safe)) in disks.iter().zip([None, Some("0"), Some("1")]).enumerate() {
+        let extra: Vec<(&str, &str)> = safe.map(|v| ("direct-io-safe", v)).into_iter().collect();
+        let spec = h.spec("qdisk", 1, devid as u32, &format!("aio:{}", d.path.display()), "w", &extra);
+        let mut g = h.connect(spec, BlkfrontOptions::default()).unwrap();
+        assert_eq!(run(g.front.queue(0), BlkOp::Write { sector: 0, data: &pattern(20, 4096) }).status, BLKIF_RSP_OKAY);
+        assert_eq!(cache(&h, devid as u32), "direct", "direct-io-safe {safe:?}");
+    }
+    // The first backend closes its images (and their locks go) first.
+    drop(h);
+    let (h, _) = Harness::with_options(blkback::BlkOptions { direct: false, ..blk_options() }).unwrap();
+    let spec = h.spec("qdisk", 1, 0, &format!("aio:{}", disks[2].path.display()), "w", &[("direct-io-safe", "1")]);
+    let _g = h.connect(spec, BlkfrontOptions::default()).unwrap();
+    assert_eq!(cache(&h, 0), "page cache");
+}

@@ -426,6 +426,26 @@ mod tests {
         assert_eq!(cd.medium, Some(Medium { path: "/cd.qcow2".into(), format: ImageFormat::Qcow2 }));
     }
 
+    /// libxl writes `w` or `r`. QEMU's xen-block is read-only unless the
+    /// first character is `w`, Linux's blkback unless the value contains a
+    /// `w`; both agree on these, and where they disagree (`rw`: QEMU
+    /// read-only) the writer's intent (Linux's reading) is followed.
+    #[test]
+    fn mode_is_read_as_libxl_writes_it_and_anything_else_is_refused() {
+        let mode = |m: Option<&str>| {
+            let mut nodes = vec![("params", "/d")];
+            nodes.extend(m.map(|m| ("mode", m)));
+            DiskConfig::read(reader(&nodes)).map(|c| c.read_only)
+        };
+        assert_eq!(mode(Some("w")), Ok(false));
+        assert_eq!(mode(Some("r")), Ok(true));
+        assert_eq!((mode(Some("w!")), mode(Some("rw")), mode(Some("ro"))), (Ok(false), Ok(false), Ok(true)));
+        assert_eq!(mode(None), Ok(false), "absent: writable, as QEMU's xen-block");
+        for odd in ["", "x", "W", "read"] {
+            assert_eq!(mode(Some(odd)), Err(ConfigError::Bad { node: "mode".into(), value: odd.into() }));
+        }
+    }
+
     #[test]
     fn mode_r_and_cdrom_are_read_only() {
         let c = DiskConfig::read(reader(&[("params", "/d"), ("format", "raw"), ("mode", "r")])).unwrap();

@@ -377,6 +377,13 @@ impl Device for BlkDevice {
             d.push(("mode", if image.is_read_only() { "r" } else { "w" }.to_string()));
             d.push(("sectors", image.sectors().to_string()));
             d.push(("sector-size", image.logical_sector_size().to_string()));
+            let direct = match storage {
+                Storage::Fixed(image) => Some(image.is_direct()),
+                Storage::Removable(drive) => drive.is_direct(),
+            };
+            if let Some(direct) = direct {
+                d.push(("cache", if direct { "direct" } else { "page cache" }.to_string()));
+            }
         }
         let uring = self.options.engine == EngineChoice::IoUring
             && self.disk.as_ref().map_or(true, |o| o.storage.raw().is_some());

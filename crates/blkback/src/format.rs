@@ -154,6 +154,15 @@ impl OpenImage {
         }
     }
 
+    /// Whether it was opened with `O_DIRECT` (asked for, and the file
+    /// system takes it).
+    pub fn is_direct(&self) -> bool {
+        match self {
+            OpenImage::Raw(d) => d.is_direct(),
+            OpenImage::Qcow2(q) => q.is_direct(),
+        }
+    }
+
     /// The raw file or block device, for the io_uring engine; `None` for
     /// formats whose layout needs the format layer between guest and file.
     pub fn raw(&self) -> Option<&Arc<Disk>> {

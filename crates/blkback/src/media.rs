@@ -51,6 +51,11 @@ impl Drive {
         self.slot().is_some()
     }
 
+    /// Whether the medium in it was opened with `O_DIRECT` (`None`: empty).
+    pub fn is_direct(&self) -> Option<bool> {
+        self.slot().as_ref().map(OpenImage::is_direct)
+    }
+
     /// Puts `medium` in (or nothing) and gives back the one taken out; it
     /// closes once the caller and the requests still on it let it go.
     pub fn replace(&self, medium: Option<OpenImage>) -> Option<OpenImage> {

@@ -88,6 +88,8 @@ pub struct Qcow2Image {
     size: u64,
     discard_granularity: u32,
     read_only: bool,
+    /// The top image was opened with `O_DIRECT`.
+    direct: bool,
 }
 
 impl Qcow2Image {
@@ -115,7 +117,8 @@ impl Qcow2Image {
             let locks = lock.map(|kind| (kind, ImageLocks::guest_disk(ImageFormat::Qcow2, !read_only)));
             open_qcow2(path, !read_only, direct, locks, &mut backing_chain)
         }));
-        let top = opened.map_err(|p| Qcow2Error::Panicked { path: path.into(), message: panic_message(&*p) })??;
+        let (top, direct) =
+            opened.map_err(|p| Qcow2Error::Panicked { path: path.into(), message: panic_message(&*p) })??;
         let image = FormatAccess::new(top);
         let size = image.size();
         // v3 frees whole clusters (zero clusters); v2 has none, and what a
@@ -128,7 +131,14 @@ impl Qcow2Image {
             size,
             discard_granularity,
             read_only,
+            direct,
         })
+    }
+
+    /// Whether the top image was opened with `O_DIRECT` (asked for, and the
+    /// file system takes it).
+    pub fn is_direct(&self) -> bool {
+        self.direct
     }
 
     /// The path of the top image.
@@ -252,26 +262,29 @@ fn storage(
     writable: bool,
     direct: bool,
     locks: Option<(LockKind, ImageLocks)>,
-) -> Result<ImagoFile, Qcow2Error> {
+) -> Result<(ImagoFile, bool), Qcow2Error> {
     let (file, direct) = open_file(path, !writable, direct).map_err(Qcow2Error::Open)?;
     if let Some((kind, locks)) = locks {
         lock_image(std::os::fd::AsFd::as_fd(&file), path, locks, kind).map_err(Qcow2Error::Lock)?;
     }
     let options = StorageOpenOptions::new().filename(path).write(writable).direct(direct);
-    ImagoFile::from_open_file(file, options).map_err(|source| Qcow2Error::Image { path: path.into(), source })
+    let file =
+        ImagoFile::from_open_file(file, options).map_err(|source| Qcow2Error::Image { path: path.into(), source })?;
+    Ok((file, direct))
 }
 
 /// Opens the qcow2 image at `path` and, below it, its backing chain; the
-/// backing files opened are appended to `chain`.
+/// backing files opened are appended to `chain`. Also whether `path` was
+/// opened with `O_DIRECT`.
 fn open_qcow2(
     path: &Path,
     writable: bool,
     direct: bool,
     locks: Option<(LockKind, ImageLocks)>,
     chain: &mut Vec<PathBuf>,
-) -> Result<Qcow2<ImagoFile>, Qcow2Error> {
+) -> Result<(Qcow2<ImagoFile>, bool), Qcow2Error> {
     let refused = |source| Qcow2Error::Image { path: path.into(), source };
-    let file = storage(path, writable, direct, locks)?;
+    let (file, opened_direct) = storage(path, writable, direct, locks)?;
     let v2_backing_format = read_extensions(path).map_err(refused)?;
     let mut image = Qcow2::<ImagoFile>::open_image(file, writable).map_err(refused)?;
     if image.requires_external_data_file() {
@@ -289,9 +302,9 @@ fn open_qcow2(
             chain.push(file.clone());
             let backing_locks = locks.map(|(kind, _)| (kind, ImageLocks::backing_file()));
             Some(match format.as_deref() {
-                Some("qcow2") => FormatAccess::new(open_qcow2(&file, false, direct, backing_locks, chain)?),
+                Some("qcow2") => FormatAccess::new(open_qcow2(&file, false, direct, backing_locks, chain)?.0),
                 Some("raw") | Some("file") => {
-                    let raw = Raw::open_image(storage(&file, false, direct, backing_locks)?, false)
+                    let raw = Raw::open_image(storage(&file, false, direct, backing_locks)?.0, false)
                         .map_err(|source| Qcow2Error::Image { path: file.clone(), source })?;
                     FormatAccess::new(raw)
                 }
@@ -301,7 +314,7 @@ fn open_qcow2(
         }
     };
     image.set_backing(backing);
-    Ok(image)
+    Ok((image, opened_direct))
 }
 
 impl DiskImage for Qcow2Image {
