@@ -710,10 +710,14 @@ impl Xenbus {
     /// with its `state` written again in the same transaction: how Linux's
     /// blkback tells blkfront of a new size (`xen_vbd_resize`; blkfront
     /// re-reads `sectors` on every Connected event). A device not connected
-    /// yet has them committed with its next state change.
+    /// yet, or whose rings are being taken back, has them committed with its
+    /// next state change.
     fn publish_changes(&mut self, key: &DeviceKey) {
         let Some(slot) = self.devices.get(key) else { return };
-        if slot.state == XenbusState::Connected && slot.ctx.has_writes() {
+        // Not while its rings are being taken back: the Connected event
+        // would make a closing blkfront start over (`blkback_changed`).
+        let settled = slot.releasing == 0 && slot.after_release.is_none() && slot.pending_error.is_none();
+        if slot.state == XenbusState::Connected && settled && slot.ctx.has_writes() {
             self.set_state(key, XenbusState::Connected, &[]);
         }
     }
