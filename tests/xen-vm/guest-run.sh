@@ -18,6 +18,13 @@ while read -r name tmo; do
     t1=$(cut -d' ' -f1 /proc/uptime)
     # a scenario killed by its timeout reports 124 like coreutils' timeout
     [ $rc = 137 ] && { echo "FAIL $name: timed out after ${tmo}s"; rc=124; }
+    # a scenario killed by its timeout leaves its `xenbackd serve` behind,
+    # which would fail the next one (its control socket is taken)
+    for p in /proc/[0-9]*; do
+        case "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" in
+        "/test/xenbackd serve"*) echo "XENLAB: killing the xenbackd serve $name left (pid ${p#/proc/})"; kill -9 ${p#/proc/} 2>/dev/null;;
+        esac
+    done
     # user processes of dom0 killed by a fault meanwhile (the kernel logs them
     # at KERN_INFO, below the console's loglevel): the lab's TCG crashes
     dmesg 2>/dev/null | grep -E 'segfault at|traps:|general protection|invalid opcode' | sed 's/^/DOM0-FAULT /' | tail -20
