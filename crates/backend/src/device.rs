@@ -396,6 +396,15 @@ impl DeviceCtx {
         self.lock_writes().push((node.to_string(), value.to_string().into_bytes()));
     }
 
+    /// Writes a node of the frontend directory at once, not queued: one
+    /// the toolstack owns there and a backend fills in (the console's
+    /// `tty`, which libxl and `xl console` read from the frontend
+    /// directory).
+    pub fn write_frontend_node(&self, node: &str, value: &str) -> Result<(), DeviceError> {
+        let path = format!("{}/{node}", self.frontend_path);
+        self.platform.xenstore().write(TxId::NONE, &path, value.as_bytes()).map_err(DeviceError::Xenstore)
+    }
+
     fn lock_writes(&self) -> std::sync::MutexGuard<'_, Vec<(String, Vec<u8>)>> {
         self.writes.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -1,0 +1,326 @@
+//! [`ConsoleRing`]: serves one console page on a worker. Per pass, bounded:
+//!
+//! 1. the host side's events (a client connecting or hanging up);
+//! 2. pending guest output to the host side, until it would block;
+//! 3. guest output (`out`) into the pending buffer, at most what the
+//!    buffer has room for, the pass's budget allows and the console's rate
+//!    allows; with [`Overflow::Block`] a host side that does not drain
+//!    leaves the rest in the guest's ring (the guest waits: Linux's
+//!    hvc_xen retries, yielding, until there is room), with
+//!    [`Overflow::DiscardOldest`] (xenconsoled's default) the oldest
+//!    pending bytes go instead;
+//! 4. host input into the guest's `in` ring, at most the room it has (no
+//!    host input is read while it is full, so none is buffered here);
+//! 5. the guest is notified if either ring moved (hvc_xen reads and writes
+//!    on that event, and counts an event that moved nothing as spurious).
+//!
+//! A guest index beyond its ring breaks the ring ([`xen_ring::ByteReader`],
+//! [`xen_ring::ByteWriter`]): the console fails, with the error, and
+//! nothing else does.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gnttab::GrantMapping;
+use xen_backend::{DeviceError, Drained, Progress, RingCounters, RingHandler, RingStats};
+use xen_ring::{ByteReader, ByteWriter};
+
+use crate::abi::{XENCONSOLE_CONNECTED, XENCONS_CONNECTION, XENCONS_IN, XENCONS_OUT};
+use crate::host::{Host, HostError, HostRead};
+
+/// Bytes of guest output one unit of the worker's per-pass budget stands
+/// for: the default budget (64) takes one full `out` ring per pass.
+pub const BYTES_PER_UNIT: usize = 32;
+
+/// Default sustained guest output per console, bytes per second.
+pub const DEFAULT_RATE: u64 = 1 << 20;
+/// Default burst: what a console may write at once above its rate.
+pub const DEFAULT_BURST: u64 = 64 << 10;
+
+/// The host side, shared between a device (which keeps it across guest
+/// reconnections) and the ring handler that uses it while connected.
+pub type HostSlot = Arc<Mutex<Option<Host>>>;
+
+/// What happens to guest output the host side does not take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overflow {
+    /// Stop consuming the guest's ring once the buffer is full: nothing is
+    /// lost, the guest waits.
+    Block,
+    /// Keep consuming and drop the oldest buffered bytes beyond the buffer
+    /// (xenconsoled's `--overflow-data=discard`): the guest never waits.
+    DiscardOldest,
+}
+
+/// Where a console's guest output is copied as it is consumed (a log file).
+pub trait OutputSink: Send {
+    /// Takes bytes in the order the guest wrote them.
+    fn write(&mut self, data: &[u8]);
+}
+
+/// Per-console limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of guest output kept for the host side.
+    pub buffer: usize,
+    /// What happens beyond it.
+    pub overflow: Overflow,
+    /// Sustained guest output, bytes per second (0: unlimited).
+    pub rate: u64,
+    /// Bytes above the rate allowed at once.
+    pub burst: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { buffer: crate::config::MAX_BUFFER, overflow: Overflow::Block, rate: DEFAULT_RATE, burst: DEFAULT_BURST }
+    }
+}
+
+/// A token bucket in bytes.
+#[derive(Debug)]
+struct RateLimit {
+    rate: u64,
+    burst: u64,
+    tokens: u64,
+    /// Tokens are added for the time since.
+    since: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u64, burst: u64, now: Instant) -> Self {
+        let burst = burst.max(XENCONS_OUT.size as u64);
+        RateLimit { rate, burst, tokens: burst, since: now }
+    }
+
+    /// Bytes that may be taken now.
+    fn available(&mut self, now: Instant) -> u64 {
+        if self.rate == 0 {
+            return u64::MAX;
+        }
+        let elapsed = now.saturating_duration_since(self.since).as_nanos();
+        let add = (elapsed * u128::from(self.rate) / 1_000_000_000).min(u128::from(self.burst)) as u64;
+        if add > 0 {
+            self.tokens = (self.tokens + add).min(self.burst);
+            // Only the time the added tokens stand for: no fraction is lost.
+            self.since += Duration::from_nanos((u128::from(add) * 1_000_000_000 / u128::from(self.rate)) as u64);
+            if self.tokens == self.burst {
+                self.since = now;
+            }
+        }
+        self.tokens
+    }
+
+    fn take(&mut self, n: u64) {
+        if self.rate != 0 {
+            self.tokens = self.tokens.saturating_sub(n);
+        }
+    }
+
+    /// How long until `n` bytes may be taken.
+    fn wait_for(&self, n: u64) -> Duration {
+        let missing = n.saturating_sub(self.tokens).max(1);
+        Duration::from_nanos((u128::from(missing) * 1_000_000_000 / u128::from(self.rate.max(1))) as u64)
+            .max(Duration::from_millis(1))
+    }
+}
+
+/// Serves one console page; see the module docs.
+pub struct ConsoleRing {
+    out: ByteReader<Arc<GrantMapping>>,
+    input: ByteWriter<Arc<GrantMapping>>,
+    slot: HostSlot,
+    host: Option<Host>,
+    limits: Limits,
+    limiter: RateLimit,
+    sink: Option<Box<dyn OutputSink>>,
+    counters: Arc<RingCounters>,
+    from_guest: u64,
+    to_guest: u64,
+    dropped: u64,
+}
+
+fn host_error(e: HostError) -> DeviceError {
+    DeviceError::Other { msg: "Console host side failed".into(), source: Some(Box::new(e)) }
+}
+
+impl ConsoleRing {
+    /// Attaches to the console page `mem` (indices where the guest and any
+    /// previous backend left them), says it is served (the `connection`
+    /// flag of newer headers), and takes the host side out of `slot` until
+    /// dropped.
+    pub fn new(
+        mem: GrantMapping,
+        slot: HostSlot,
+        limits: Limits,
+        sink: Option<Box<dyn OutputSink>>,
+    ) -> Result<Self, DeviceError> {
+        let mem = Arc::new(mem);
+        let out = ByteReader::new(mem.clone(), XENCONS_OUT)?;
+        let input = ByteWriter::new(mem.clone(), XENCONS_IN)?;
+        mem.write(XENCONS_CONNECTION, &[XENCONSOLE_CONNECTED])
+            .map_err(|e| DeviceError::msg(format!("Cannot write the console page: {e}")))?;
+        let host = slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| DeviceError::msg("Console host side is still in use by a previous connection"))?;
+        Ok(ConsoleRing {
+            out,
+            input,
+            slot,
+            host: Some(host),
+            limits,
+            limiter: RateLimit::new(limits.rate, limits.burst, Instant::now()),
+            sink,
+            counters: RingCounters::new(),
+            from_guest: 0,
+            to_guest: 0,
+            dropped: 0,
+        })
+    }
+
+    /// Bytes dropped so far under [`Overflow::DiscardOldest`].
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    fn pass(&mut self, budget: usize) -> Result<Progress, DeviceError> {
+        let host = self.host.as_mut().ok_or_else(|| DeviceError::msg("Console host side is gone"))?;
+        host.events().map_err(host_error)?;
+        let mut wrote = host.flush().map_err(host_error)?;
+
+        // Guest output, bounded by room, budget and rate.
+        let avail = self.out.available()? as usize;
+        let room = match self.limits.overflow {
+            Overflow::Block => self.limits.buffer.saturating_sub(host.pending.len()),
+            Overflow::DiscardOldest => usize::MAX,
+        };
+        let budget_bytes = budget.saturating_mul(BYTES_PER_UNIT);
+        let tokens = usize::try_from(self.limiter.available(Instant::now())).unwrap_or(usize::MAX);
+        let mut chunk = [0u8; XENCONS_OUT.size as usize];
+        let want = avail.min(room).min(budget_bytes).min(tokens).min(chunk.len());
+        let took = self.out.read(&mut chunk[..want])?;
+        if took > 0 {
+            let data = &chunk[..took];
+            if let Some(sink) = &mut self.sink {
+                sink.write(data);
+            }
+            self.limiter.take(took as u64);
+            self.from_guest += took as u64;
+            host.pending.extend(data);
+            let over = host.pending.len().saturating_sub(self.limits.buffer);
+            if over > 0 {
+                if self.dropped == 0 {
+                    log::warn!("console output not taken by its host side: dropping the oldest bytes");
+                }
+                host.pending.drain(..over);
+                self.dropped += over as u64;
+            }
+            wrote += host.flush().map_err(host_error)?;
+        }
+
+        // Host input, never more than the guest's ring has room for.
+        let mut produced = 0;
+        let space = self.input.space()? as usize;
+        if space > 0 {
+            let mut buf = [0u8; XENCONS_IN.size as usize];
+            if let HostRead::Data(n) = host.read(&mut buf[..space.min(XENCONS_IN.size as usize)]).map_err(host_error)? {
+                produced = self.input.write(&buf[..n])?;
+                self.to_guest += produced as u64;
+            }
+        }
+        let room_in = self.input.space()? > 0;
+        host.set_interest(room_in, !host.pending.is_empty()).map_err(host_error)?;
+
+        let left = avail - took;
+        let (more, retry) = if left == 0 {
+            (false, None)
+        } else if want == budget_bytes && budget_bytes <= room.min(tokens) {
+            (true, None)
+        } else if tokens < room.min(budget_bytes) {
+            (false, Some(self.limiter.wait_for(left.min(budget_bytes) as u64)))
+        } else {
+            // The buffer is full: the host side's writability (or a new
+            // client) wakes us.
+            (false, None)
+        };
+        self.counters.publish(RingStats {
+            in_flight: host.pending.len() as u64,
+            completed: self.from_guest,
+            failed: self.dropped,
+            bytes_read: self.to_guest,
+            bytes_written: self.from_guest,
+            ..RingStats::default()
+        });
+        Ok(Progress { notify: took > 0 || produced > 0, more, idle: took == 0 && produced == 0 && wrote == 0, retry })
+    }
+}
+
+impl RingHandler for ConsoleRing {
+    fn process(&mut self, budget: usize) -> Result<Progress, DeviceError> {
+        self.pass(budget)
+    }
+
+    fn completion_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.host.as_ref().map(Host::poll_fd)
+    }
+
+    /// Nothing is in flight: pending output stays with the host side for
+    /// the next connection.
+    fn drain(&mut self) -> Drained {
+        Drained { notify: false, done: true }
+    }
+
+    fn counters(&self) -> Option<Arc<RingCounters>> {
+        Some(self.counters.clone())
+    }
+}
+
+impl Drop for ConsoleRing {
+    fn drop(&mut self) {
+        if let Some(host) = self.host.take() {
+            *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(host);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_refills_at_its_rate_up_to_the_burst() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(1000, 4096, t0);
+        assert_eq!(r.available(t0), 4096);
+        r.take(4096);
+        assert_eq!(r.available(t0), 0);
+        assert_eq!(r.available(t0 + Duration::from_millis(500)), 500);
+        assert_eq!(r.available(t0 + Duration::from_secs(100)), 4096, "capped at the burst");
+        r.take(4096);
+        assert_eq!(r.wait_for(100), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn rate_limit_loses_no_fraction_over_many_small_steps() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(1500, 2048, t0);
+        r.take(2048);
+        let mut total = 0;
+        for ms in 1..=1000u64 {
+            let got = r.available(t0 + Duration::from_millis(ms));
+            r.take(got);
+            total += got;
+        }
+        assert_eq!(total, 1500);
+    }
+
+    #[test]
+    fn zero_rate_is_unlimited() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(0, 0, t0);
+        r.take(1 << 40);
+        assert_eq!(r.available(t0), u64::MAX);
+    }
+}
