@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod blkfront;
+pub mod consfront;
 pub mod dom0;
 pub mod frontend;
 pub mod host;

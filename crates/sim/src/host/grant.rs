@@ -92,6 +92,23 @@ impl GrantTable {
         Ok(GrantRef(r))
     }
 
+    /// Fills reserved entry `gref` (below [`RESERVED_GRANT_ENTRIES`]), as
+    /// the domain builder does for the console and xenstore pages.
+    fn grant_reserved(&mut self, gref: GrantRef, frame: u64, to: DomId, readonly: bool) -> Result<()> {
+        if gref.0 >= RESERVED_GRANT_ENTRIES {
+            return Err(Error::NotGranted(gref));
+        }
+        if self.entries.is_empty() {
+            self.grow()?;
+        }
+        let slot = &mut self.entries[gref.0 as usize];
+        if slot.as_ref().is_some_and(|e| e.maps > 0 || e.copies > 0) {
+            return Err(Error::Busy(gref));
+        }
+        *slot = Some(GrantEntry { frame, to, readonly, maps: 0, copies: 0 });
+        Ok(())
+    }
+
     fn end_access(&mut self, gref: GrantRef) -> Result<()> {
         let slot = self.entries.get_mut(gref.0 as usize).ok_or(Error::NotGranted(gref))?;
         match slot {
@@ -99,7 +116,10 @@ impl GrantTable {
             Some(e) if e.maps > 0 || e.copies > 0 => Err(Error::Busy(gref)),
             Some(_) => {
                 *slot = None;
-                self.free.push(gref.0);
+                // A reserved entry is never handed out by `grant`.
+                if gref.0 >= RESERVED_GRANT_ENTRIES {
+                    self.free.push(gref.0);
+                }
                 Ok(())
             }
         }
@@ -199,6 +219,20 @@ impl SimGrantTable {
         let gref = lock(&dom).grant(page.0, to, readonly)?;
         log::trace!("dom{} grants frame {} to dom{to} as {gref:?} (readonly {readonly})", self.domid, page.0);
         Ok(gref)
+    }
+
+    /// Grants `page` to `to` at the reserved reference `gref`
+    /// (`GNTTAB_RESERVED_CONSOLE` = 0, `GNTTAB_RESERVED_XENSTORE` = 1): what
+    /// libxl's domain builder (`xc_dom_gnttab_init`) does before the guest
+    /// runs, so a console backend maps the page without foreign mapping.
+    pub fn grant_reserved(&self, gref: GrantRef, page: impl Into<PageFrame>, to: DomId, readonly: bool) -> Result<()> {
+        let page = page.into();
+        let dom = self.domain()?;
+        if !dom.memory.is_allocated(page.0) {
+            return Err(Error::BadFrame { domid: self.domid, pfn: page.0 });
+        }
+        let result = lock(&dom).grant_reserved(gref, page.0, to, readonly);
+        result
     }
 
     /// Grants every page of `pages` to `to`, in order.
