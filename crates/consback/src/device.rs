@@ -22,6 +22,9 @@ use crate::ring::{ConsoleRing, HostSlot, Limits};
 /// Looks up the `-chardev` an `output = chardev:ID` names.
 pub type ChardevLookup = Arc<dyn Fn(&str) -> Option<Connection> + Send + Sync>;
 
+/// Told a console's pty name once it is published (devid, `/dev/pts/N`).
+pub type TtyPublished = Arc<dyn Fn(u32, &str) + Send + Sync>;
+
 /// How consoles are served.
 #[derive(Clone)]
 pub struct ConsoleOptions {
@@ -29,11 +32,14 @@ pub struct ConsoleOptions {
     pub limits: Limits,
     /// The device model's `-chardev` table, for `output = chardev:ID`.
     pub chardevs: ChardevLookup,
+    /// Told each pty name written to a `tty` node (the device model's
+    /// `query-chardev` shows it, as QEMU's does).
+    pub tty_published: Option<TtyPublished>,
 }
 
 impl Default for ConsoleOptions {
     fn default() -> Self {
-        ConsoleOptions { limits: Limits::default(), chardevs: Arc::new(|_| None) }
+        ConsoleOptions { limits: Limits::default(), chardevs: Arc::new(|_| None), tty_published: None }
     }
 }
 
@@ -102,6 +108,9 @@ impl Device for ConsoleDevice {
             .map_err(|e| DeviceError::Other { msg: format!("Cannot open the console's {}", spec.connection), source: Some(Box::new(e)) })?;
         if let Some(tty) = host.tty() {
             ctx.write_frontend_node("tty", tty)?;
+            if let Some(told) = &self.opts.tty_published {
+                told(ctx.key().devid, tty);
+            }
             log::info!("{}: {} on {tty}", ctx.backend_path(), spec.name.as_deref().unwrap_or("console"));
             self.tty = Some(tty.to_string());
         } else {

@@ -13,6 +13,6 @@ mod host;
 mod ring;
 
 pub use config::{ConfigError, Connection, ConsoleNodes, ConsoleSpec};
-pub use device::{ChardevLookup, ConsoleDeviceType, ConsoleOptions};
+pub use device::{ChardevLookup, ConsoleDeviceType, ConsoleOptions, TtyPublished};
 pub use host::{Host, HostError, HostRead};
 pub use ring::{ConsoleRing, HostSlot, Limits, OutputSink, Overflow, BYTES_PER_UNIT, DEFAULT_BURST, DEFAULT_RATE};

@@ -154,6 +154,24 @@ impl From<ImageLocking> for blkback::Locking {
     }
 }
 
+/// What a console does with output its host side does not take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConsoleOverflow {
+    /// Keep it in the guest's ring: the guest waits
+    Block,
+    /// Drop the oldest buffered bytes: the guest never waits
+    Discard,
+}
+
+impl From<ConsoleOverflow> for consback::Overflow {
+    fn from(o: ConsoleOverflow) -> Self {
+        match o {
+            ConsoleOverflow::Block => consback::Overflow::Block,
+            ConsoleOverflow::Discard => consback::Overflow::DiscardOldest,
+        }
+    }
+}
+
 /// The longest time a demo or benchmark workload may be asked to run (a day).
 pub const MAX_SECONDS: f64 = 86_400.0;
 

@@ -1,6 +1,8 @@
 //! The device-model mode: `xenbackd` started by libxl in place of QEMU for
 //! one PV (or PVH) guest, with QEMU's command line (see [`crate::dm_args`]).
-//! It serves that guest's `backend/qdisk` devices and no other domain's,
+//! It serves that guest's `backend/qdisk` and `backend/console` devices
+//! (its disks, and its channels on the `-chardev`s libxl passes) and no
+//! other domain's,
 //! writes `device-model/<domid>/state = running` (what libxl waits for),
 //! answers libxl's QMP on the sockets named by `-chardev`/`-mon` (see
 //! [`crate::qmp`]), and exits on SIGHUP (libxl's destroy), SIGTERM, SIGINT
@@ -17,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use blkback::{BlkDeviceType, BlkOptions};
+use consback::{ChardevLookup, Connection, ConsoleDeviceType, ConsoleOptions, TtyPublished};
 use crossbeam_channel::{Receiver, Sender};
 use nix::sys::signal::{SigSet, Signal};
 use xen_backend::{Backend, Config, DeviceType, Frontends};
@@ -24,7 +27,7 @@ use xs_wire::{Client, TxId};
 
 use crate::platform::lazy_xen_platform;
 use xenbackd::control::ControlServer;
-use xenbackd::dm_args::{DmConfig, QmpChardev, QmpSocket};
+use xenbackd::dm_args::{ChannelChardev, DmConfig, QmpChardev, QmpSocket};
 use xenbackd::qmp::{self, ChardevInfo, Decoder, Effect, RunState, Session, VmState};
 
 /// What the main thread waits for.
@@ -98,18 +101,24 @@ pub fn run(args: Vec<String>) -> Result<u8> {
     let vm = Arc::new(Mutex::new(VmState {
         run,
         name: cfg.name.clone(),
-        chardevs: cfg.qmp.iter().map(chardev_info).collect(),
+        chardevs: cfg.qmp.iter().map(chardev_info).chain(cfg.channels.iter().filter_map(channel_info)).collect(),
         package: format!("xenbackd {}", env!("CARGO_PKG_VERSION")),
     }));
 
-    let device_types: Vec<Arc<dyn DeviceType>> = vec![BlkDeviceType::new("qdisk", BlkOptions::default())];
+    let device_types: Vec<Arc<dyn DeviceType>> = vec![
+        BlkDeviceType::new("qdisk", BlkOptions::default()),
+        ConsoleDeviceType::new("console", console_options(&cfg.channels, vm.clone())),
+    ];
     let config = Config {
         frontends: Frontends::Only(cfg.domid),
         journal_dir: Some(crate::JOURNAL_DIR.into()),
         ..Config::default()
     };
     let mut backend = Backend::start(platform, device_types, config).context("starting the backend")?;
-    log::info!("serving backend/qdisk/{} of dom{self_domid}", cfg.domid);
+    log::info!("serving backend/{{qdisk,console}}/{} of dom{self_domid}", cfg.domid);
+    for c in &cfg.channels {
+        log::info!("channel chardev {}: {}", c.id, c.connection);
+    }
     // `xenbackd status --control-socket /run/xenbackd/dm-<domid>.sock`;
     // without it (another process holds it, no /run) the guest is served all the same.
     let control_path = std::path::PathBuf::from(format!("{}/dm-{}.sock", crate::RUN_DIR, cfg.domid));
@@ -197,6 +206,31 @@ fn chardev_info(c: &QmpChardev) -> ChardevInfo {
         QmpSocket::Fd(fd) => format!("fd:{fd}"),
     };
     ChardevInfo { label: c.id.clone(), filename }
+}
+
+/// A channel socket as QEMU's `query-chardev` lists it; a pty is listed
+/// once its console publishes the name ([`console_options`]).
+fn channel_info(c: &ChannelChardev) -> Option<ChardevInfo> {
+    match &c.connection {
+        Connection::Socket(p) => Some(ChardevInfo { label: c.id.clone(), filename: format!("unix:{},server=on", p.display()) }),
+        Connection::Pty => None,
+    }
+}
+
+/// The guest's consoles: `output = chardev:ID` names a `-chardev` of the
+/// command line; a pty's name, once written to its `tty` node, is also
+/// listed by `query-chardev` as `pty:/dev/pts/N` under `libxl-channel<devid>`.
+fn console_options(channels: &[ChannelChardev], vm: Arc<Mutex<VmState>>) -> ConsoleOptions {
+    let table = channels.to_vec();
+    let chardevs: ChardevLookup = Arc::new(move |id| table.iter().find(|c| c.id == id).map(|c| c.connection.clone()));
+    let published: TtyPublished = Arc::new(move |devid, tty| {
+        let label = format!("libxl-channel{devid}");
+        let info = ChardevInfo { label: label.clone(), filename: format!("pty:{tty}") };
+        let mut vm = vm.lock().unwrap_or_else(|p| p.into_inner());
+        vm.chardevs.retain(|c| c.label != label);
+        vm.chardevs.push(info);
+    });
+    ConsoleOptions { chardevs, tty_published: Some(published), ..ConsoleOptions::default() }
 }
 
 /// The listening socket of a QMP chardev.

@@ -29,6 +29,16 @@ pub struct QmpChardev {
     pub socket: QmpSocket,
 }
 
+/// A guest channel's `-chardev` (`libxl-channel<devid>`), which the
+/// console backend connects a guest's console to (`output = chardev:ID`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelChardev {
+    /// The chardev's `id=`.
+    pub id: String,
+    /// What it is.
+    pub connection: consback::Connection,
+}
+
 /// The parsed command line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DmConfig {
@@ -42,6 +52,9 @@ pub struct DmConfig {
     pub incoming: Option<String>,
     /// The QMP monitors, in command-line order.
     pub qmp: Vec<QmpChardev>,
+    /// The other `-chardev pty` and `-chardev socket,path=...,server=on`:
+    /// guest channels.
+    pub channels: Vec<ChannelChardev>,
     /// `-pidfile`.
     pub pidfile: Option<String>,
     /// `-daemonize`.
@@ -185,6 +198,8 @@ fn get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
 struct Chardev {
     id: String,
     socket: Option<QmpSocket>,
+    /// `pty`, or a listening socket by path: usable for a channel.
+    channel: Option<consback::Connection>,
     text: String,
 }
 
@@ -203,10 +218,13 @@ fn parse_chardev(value: &str) -> Result<Chardev, ArgsError> {
     } else {
         None
     };
-    if socket.is_some() && get(&pairs, "server").is_some_and(|s| s != "on" && s != "yes" && s != "true") {
-        return Err(bad("a QMP socket must be server=on"));
-    }
-    Ok(Chardev { id, socket, text: value.to_string() })
+    let server = get(&pairs, "server").is_some_and(|s| s.is_empty() || s == "on" || s == "yes" || s == "true");
+    let channel = match (backend, &socket) {
+        ("pty", _) => Some(consback::Connection::Pty),
+        ("socket", Some(QmpSocket::Path(p))) if server => consback::config::socket_path(p).ok().map(consback::Connection::Socket),
+        _ => None,
+    };
+    Ok(Chardev { id, socket, channel, text: value.to_string() })
 }
 
 fn check_machine(value: &str) -> Result<(), ArgsError> {
@@ -322,14 +340,20 @@ impl DmConfig {
             };
             used.push(id.clone());
             match (&c.socket, mode.as_str()) {
+                (Some(_), "control") if get(&opts(&c.text), "server").is_some_and(|s| s != "on" && s != "yes" && s != "true" && !s.is_empty()) => {
+                    return Err(ArgsError::BadOption { option: "-chardev", value: c.text.clone(), why: "a QMP socket must be server=on" })
+                }
                 (Some(s), "control") => cfg.qmp.push(QmpChardev { id: id.clone(), socket: s.clone() }),
                 _ => cfg.unsupported.push(format!("-mon chardev={id},mode={mode} (-chardev {})", c.text)),
             }
         }
-        // A chardev no monitor uses is a guest channel (pty, or a socket to
-        // a guest port): the console backend's job, not done yet.
+        // A chardev no monitor uses is a guest channel (pty, or a socket
+        // server on a path): the console backend connects it.
         for c in chardevs.iter().filter(|c| !used.contains(&c.id)) {
-            cfg.unsupported.push(format!("-chardev {}", c.text));
+            match &c.channel {
+                Some(conn) => cfg.channels.push(ChannelChardev { id: c.id.clone(), connection: conn.clone() }),
+                None => cfg.unsupported.push(format!("-chardev {}", c.text)),
+            }
         }
         Ok(cfg)
     }
@@ -440,9 +464,28 @@ mod tests {
     }
 
     #[test]
-    fn channels_and_vnc_are_reported_unsupported() {
-        let cfg = DmConfig::parse(&v("-xen-domid 2 -chardev pty,id=libxl-channel0 -vnc 127.0.0.1:0 -M xenpv")).unwrap();
-        assert_eq!(cfg.unsupported.len(), 2, "{:?}", cfg.unsupported);
+    fn channel_chardevs_are_channels_and_vnc_is_unsupported() {
+        let cfg = DmConfig::parse(&v("-xen-domid 2 -chardev pty,id=libxl-channel1 \
+            -chardev socket,id=libxl-channel2,path=/run/ch.sock,server=on,wait=off -vnc 127.0.0.1:0 -M xenpv"))
+        .unwrap();
+        assert_eq!(
+            cfg.channels,
+            vec![
+                ChannelChardev { id: "libxl-channel1".into(), connection: consback::Connection::Pty },
+                ChannelChardev {
+                    id: "libxl-channel2".into(),
+                    connection: consback::Connection::Socket("/run/ch.sock".into())
+                },
+            ]
+        );
+        assert_eq!(cfg.unsupported, vec!["-vnc 127.0.0.1:0".to_string()]);
+    }
+
+    #[test]
+    fn a_channel_socket_that_does_not_listen_is_unsupported() {
+        let cfg = DmConfig::parse(&v("-xen-domid 2 -chardev socket,id=c,path=/x,server=off -M xenpv")).unwrap();
+        assert!(cfg.channels.is_empty());
+        assert_eq!(cfg.unsupported.len(), 1, "{:?}", cfg.unsupported);
     }
 
     #[test]

@@ -24,17 +24,19 @@ const MAX_IO_THREADS: u64 = 64;
 
 /// Serve PV backends on this Xen host
 ///
-/// Serves Xen PV block backends for every guest from this domain: devices
-/// the toolstack creates below /local/domain/<self>/backend/<NAME>/ (xl's
-/// backendtype=qdisk by default) are connected to their frontends; disks are
-/// the files or block devices named by `params` (`aio:/path`, `raw:/path` or
-/// `/path`; `format` must be raw).
+/// Serves Xen PV block and console backends for every guest from this
+/// domain: devices the toolstack creates below
+/// /local/domain/<self>/backend/<NAME>/ (xl's backendtype=qdisk disks and
+/// `console` channels by default) are connected to their frontends; disks
+/// are the files or block devices named by `params` (`aio:/path`,
+/// `raw:/path` or `/path`; `format` must be raw); a console goes to a pty
+/// (its name in the frontend's `tty` node) or a unix socket (`path`).
 ///
-/// A qdisk disk that libxl created (`xl create`, `xl block-attach`) is left
-/// to the device model libxl starts for its guest (xenbackd itself or QEMU,
+/// A qdisk disk or a channel that libxl created (`xl create`, `xl
+/// block-attach`) is left to the device model libxl starts for its guest (xenbackd itself or QEMU,
 /// see docs/device-model.md): libxl records it in
-/// /libxl/<domid>/device/vbd/<devid>, and exactly one process must serve
-/// each device.
+/// /libxl/<domid>/device/{vbd,console}/<devid>, and exactly one process
+/// must serve each device.
 ///
 /// `xenbackd status` and `xenbackd metrics` ask it over its control socket
 /// (--control-socket). Started by systemd with Type=notify, it tells systemd
@@ -59,9 +61,18 @@ Logging: RUST_LOG (default info)."
 )]
 pub struct ServeArgs {
     /// Serve backend/NAME (repeatable; e.g. vbd when the kernel's blkback is
-    /// not loaded)
-    #[arg(long = "type", value_name = "NAME", default_value = "qdisk", value_parser = device_type_name)]
+    /// not loaded): `console` is the console device type (channels and
+    /// secondary consoles), any other name the block device type
+    #[arg(long = "type", value_name = "NAME", default_values_t = ["qdisk".to_string(), "console".to_string()], value_parser = device_type_name)]
     types: Vec<String>,
+    /// Guest output one console may send, KiB per second (0: unlimited)
+    #[arg(long, value_name = "KIB", default_value_t = consback::DEFAULT_RATE >> 10)]
+    console_rate: u64,
+    /// What happens to console output its host side does not take: block
+    /// (the guest waits) or discard (the oldest bytes go, as xenconsoled's
+    /// default)
+    #[arg(long, value_name = "POLICY", value_enum, default_value_t = crate::cli::ConsoleOverflow::Block)]
+    console_overflow: crate::cli::ConsoleOverflow,
     /// Ring worker threads, 1 to 1024 [default: number of CPUs]
     #[arg(long, value_name = "N", value_parser = count(1..=MAX_WORKERS))]
     workers: Option<usize>,
@@ -125,10 +136,15 @@ fn device_type_name(s: &str) -> Result<String, String> {
 /// the device. Devices without the record (another toolstack, or written by
 /// hand) and libxl's `vbd` (phy) disks, which have no device model, are ours.
 pub fn not_libxl_device_model(xs: &Client, key: &DeviceKey, dir: &str) -> bool {
-    if key.kind != "qdisk" {
-        return true;
-    }
-    let record = format!("/libxl/{}/device/vbd/{}/backend", key.frontend, key.devid);
+    // libxl's channels and secondary consoles backed by the toolstack's
+    // domain get a device model too (`libxl__need_xenpv_qemu`), recorded in
+    // /libxl/<domid>/device/console/<devid>.
+    let kind = match key.kind.as_str() {
+        "qdisk" => "vbd",
+        "console" => "console",
+        _ => return true,
+    };
+    let record = format!("/libxl/{}/device/{kind}/{}/backend", key.frontend, key.devid);
     match xs.read(TxId::NONE, &record) {
         Ok(v) if String::from_utf8_lossy(&v).trim_end_matches('\0') == dir => {
             log::info!("{key}: created by libxl, which starts a device model for it; not served here");
@@ -176,8 +192,21 @@ pub fn run(args: ServeArgs) -> Result<u8> {
     let xs = Client::connect().context("connecting to xenstore")?;
     let platform = Platform::xen(xs).context("opening the Xen devices")?;
     let domid = platform.domid();
-    let device_types: Vec<std::sync::Arc<dyn DeviceType>> =
-        types.iter().map(|t| BlkDeviceType::with_budget(t.clone(), opts, budget.clone()) as _).collect();
+    let console = consback::ConsoleOptions {
+        limits: consback::Limits {
+            rate: args.console_rate << 10,
+            overflow: args.console_overflow.into(),
+            ..consback::Limits::default()
+        },
+        ..consback::ConsoleOptions::default()
+    };
+    let device_types: Vec<std::sync::Arc<dyn DeviceType>> = types
+        .iter()
+        .map(|t| match t.as_str() {
+            "console" => consback::ConsoleDeviceType::new(t.clone(), console.clone()) as _,
+            _ => BlkDeviceType::with_budget(t.clone(), opts, budget.clone()) as _,
+        })
+        .collect();
     let workers = config.workers;
     let mut backend = Backend::start(platform, device_types, config).context("starting the backend")?;
     let monitor = backend.monitor();
@@ -256,5 +285,9 @@ mod tests {
         assert!(not_libxl_device_model(&xs, &key("vbd"), vbd), "libxl's vbd has no device model");
         xs.write(TxId::NONE, "/libxl/3/device/vbd/51712/backend", b"/local/domain/5/backend/qdisk/3/51712").unwrap();
         assert!(not_libxl_device_model(&xs, &key("qdisk"), DIR), "a record naming another backend is not this one");
+        let console = "/local/domain/0/backend/console/3/51712";
+        assert!(not_libxl_device_model(&xs, &key("console"), console), "a console without a libxl record: ours");
+        xs.write(TxId::NONE, "/libxl/3/device/console/51712/backend", console.as_bytes()).unwrap();
+        assert!(!not_libxl_device_model(&xs, &key("console"), console), "libxl's channel: the device model's");
     }
 }

@@ -113,6 +113,53 @@ impl Host {
         self.xs.mkdir(TxId::NONE, &format!("/local/domain/0/device-model/{domid}")).unwrap();
     }
 
+    /// The nodes `libxl__device_console_add` writes for `channel = [
+    /// "connection=pty,name=org.example.1" ]` (devid 1) or with
+    /// `connection=socket,path=PATH`, in one transaction with libxl's record.
+    fn libxl_channel(&self, domid: u32, devid: u32, socket: Option<&Path>) {
+        let be = format!("/local/domain/0/backend/console/{domid}/{devid}");
+        let fe = format!("/local/domain/{domid}/device/console/{devid}");
+        let name = format!("org.example.{devid}");
+        let (connection, output) = match socket {
+            None => ("pty".to_string(), "pty".to_string()),
+            Some(_) => ("socket".to_string(), format!("chardev:libxl-channel{devid}")),
+        };
+        let tx = self.xs.transaction_start().unwrap();
+        let mut be_nodes = vec![
+            ("frontend", fe.clone()),
+            ("frontend-id", domid.to_string()),
+            ("online", "1".into()),
+            ("state", "1".into()),
+            ("protocol", "vt100".into()),
+            ("name", name.clone()),
+            ("connection", connection.clone()),
+        ];
+        if let Some(p) = socket {
+            be_nodes.push(("path", p.display().to_string()));
+        }
+        for (k, v) in &be_nodes {
+            self.xs.write(tx, &format!("{be}/{k}"), v.as_bytes()).unwrap();
+        }
+        for (k, v) in [
+            ("backend", be.as_str()),
+            ("backend-id", "0"),
+            ("name", &name),
+            ("limit", "1048576"),
+            ("type", "ioemu"),
+            ("output", &output),
+            ("tty", ""),
+            ("state", "1"),
+            ("protocol", "vt100"),
+        ] {
+            self.xs.write(tx, &format!("{fe}/{k}"), v.as_bytes()).unwrap();
+        }
+        let libxl = format!("/libxl/{domid}/device/console/{devid}");
+        for (k, v) in [("frontend", fe.as_str()), ("backend", be.as_str()), ("name", &name), ("connection", &connection)] {
+            self.xs.write(tx, &format!("{libxl}/{k}"), v.as_bytes()).unwrap();
+        }
+        self.xs.transaction_end(tx, true).unwrap();
+    }
+
     fn backend(&self, domid: u32, node: &str) -> Option<String> {
         self.read(&format!("/local/domain/0/backend/qdisk/{domid}/{VDEV}/{node}"))
     }
@@ -175,6 +222,55 @@ impl Host {
     fn log(&self) -> String {
         std::fs::read_to_string(self.path("dm.log")).unwrap_or_default()
     }
+}
+
+#[test]
+fn libxl_channels_are_served_on_a_pty_and_a_socket() {
+    let host = Host::new("channels");
+    let sock = host.path("channel2.sock");
+    host.libxl_channel(GUEST, 1, None);
+    host.libxl_channel(GUEST, 2, Some(&sock));
+    host.libxl_channel(OTHER, 1, None);
+    let mut args = host.libxl_args(Path::new(XB), GUEST);
+    // libxl_dm.c: one -chardev per channel, before -nodefaults.
+    let at = args.iter().position(|a| a == "-nodefaults").unwrap();
+    args.splice(
+        at..at,
+        [
+            "-chardev".to_string(),
+            "pty,id=libxl-channel1".to_string(),
+            "-chardev".to_string(),
+            format!("socket,id=libxl-channel2,path={},server=on,wait=off", sock.display()),
+        ],
+    );
+    let mut child = host.spawn(&args);
+    let be = |devid: u32, node: &str| host.read(&format!("/local/domain/0/backend/console/{GUEST}/{devid}/{node}"));
+
+    for devid in [1, 2] {
+        host.wait_for("InitWait of a channel", WAIT, || be(devid, "state").as_deref() == Some("2"));
+    }
+    let tty = host.read(&format!("/local/domain/{GUEST}/device/console/1/tty")).unwrap();
+    assert!(tty.starts_with("/dev/pts/") && Path::new(&tty).exists(), "tty node {tty:?}; log:\n{}", host.log());
+    std::os::unix::net::UnixStream::connect(&sock).expect("the socket channel listens");
+    let qmp = host.path(&format!("qmp-libxl-{GUEST}"));
+    let chardevs = Qmp::libxl(&qmp, "query-chardev");
+    let listed: Vec<(String, String)> = chardevs["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["label"].as_str().unwrap().to_string(), c["filename"].as_str().unwrap().to_string()))
+        .collect();
+    assert!(listed.contains(&("libxl-channel1".into(), format!("pty:{tty}"))), "{listed:?}");
+    assert!(listed.contains(&("libxl-channel2".into(), format!("unix:{},server=on", sock.display()))), "{listed:?}");
+    assert!(!host.log().contains("not provided by xenbackd (ignored): -chardev"), "log:\n{}", host.log());
+    let other = format!("/local/domain/0/backend/console/{OTHER}/1/state");
+    assert_eq!(host.read(&other).as_deref(), Some("1"), "another guest's channel is not touched");
+
+    sighup(&child);
+    let status = wait_exit(&mut child, WAIT);
+    assert!(status.success(), "{status}; log:\n{}", host.log());
+    assert_eq!(be(1, "state").as_deref(), Some("6"));
+    assert!(!sock.exists(), "the channel's socket file is removed");
 }
 
 /// One QMP connection, as `libxl__ev_qmp` makes one per command.
