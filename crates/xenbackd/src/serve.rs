@@ -41,8 +41,12 @@ const MAX_IO_THREADS: u64 = 64;
 /// `xenbackd status` and `xenbackd metrics` ask it over its control socket
 /// (--control-socket). Started by systemd with Type=notify, it tells systemd
 /// it is ready once the backend serves. SIGHUP logs one line of status
-/// (devices by state, counters) and changes nothing: serve logs to stderr,
-/// so there is no log file to reopen.
+/// (devices by state, counters) and reopens the guests' console logs
+/// (--console-log-dir); serve itself logs to stderr.
+///
+/// With --consoles it also does xenconsoled's job: every domain's primary
+/// console gets a pty (its name in /local/domain/N/console/tty, for `xl
+/// console`), mapped at the reserved grant GNTTAB_RESERVED_CONSOLE.
 ///
 /// Runs until SIGTERM or SIGINT. Then every ring finishes the requests in
 /// flight and answers them, and the process exits 0 leaving xenstore as it
@@ -99,6 +103,23 @@ pub struct ServeArgs {
     /// off for storage that live migration opens on two hosts at once
     #[arg(long, value_name = "L", value_enum, default_value_t = ImageLocking::Auto)]
     image_locking: ImageLocking,
+    /// Also serve every domain's primary console (/local/domain/N/console),
+    /// as xenconsoled does: stop xenconsoled first (refused while it runs,
+    /// unless --force-consoles)
+    #[arg(long)]
+    consoles: bool,
+    /// With --consoles: write each guest's console output to
+    /// DIR/guest-<name>.log (reopened on SIGHUP)
+    #[arg(long, value_name = "DIR", requires = "consoles")]
+    console_log_dir: Option<std::path::PathBuf>,
+    /// With --console-log-dir: MiB per log file before it becomes
+    /// <file>.old, 1 to 4096
+    #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = count(1..=4096))]
+    console_log_size: usize,
+    /// With --consoles: serve even if xenconsoled seems to run, and take
+    /// over consoles whose tty another daemon holds
+    #[arg(long, requires = "consoles")]
+    force_consoles: bool,
     /// Close every device on SIGTERM/SIGINT instead of leaving them for the
     /// next serve to resume
     #[arg(long)]
@@ -208,6 +229,23 @@ pub fn run(args: ServeArgs) -> Result<u8> {
         })
         .collect();
     let workers = config.workers;
+    let primary = if args.consoles {
+        let opts = consback::PrimaryOptions {
+            limits: consback::Limits { rate: args.console_rate << 10, ..consback::PrimaryOptions::default().limits },
+            log_dir: args.console_log_dir.clone(),
+            log_max: (args.console_log_size as u64) << 20,
+            force: args.force_consoles,
+            ..consback::PrimaryOptions::default()
+        };
+        if let Some(dir) = &opts.log_dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let xs = Client::connect().context("connecting to xenstore for the primary consoles")?;
+        let platform = Platform::xen(xs).context("opening the Xen devices for the primary consoles")?;
+        Some(consback::PrimaryConsoles::start(platform, opts).context("serving the primary consoles")?)
+    } else {
+        None
+    };
     let mut backend = Backend::start(platform, device_types, config).context("starting the backend")?;
     let monitor = backend.monitor();
     if let Err(e) = control.serve(monitor.clone()) {
@@ -235,6 +273,10 @@ pub fn run(args: ServeArgs) -> Result<u8> {
             Signal::SIGHUP => {
                 let summary = status::summary(&Status::gather(&monitor, DEVICES_TIMEOUT));
                 log::info!("SIGHUP: {summary}");
+                if let Some(p) = &primary {
+                    p.reopen_logs();
+                    log::info!("SIGHUP: console logs reopened; {} primary consoles served", p.served().len());
+                }
                 // And for `systemctl status`.
                 let _ = sd_notify::notify(&format!("STATUS={summary}"));
             }

@@ -353,3 +353,14 @@ fn xenstore_control_as_xen_s_tool() {
     assert_eq!(r.code, Some(2));
     assert!(r.stderr.ends_with("xenstore-control <command> [<arg>...]\n"), "{}", r.stderr);
 }
+
+#[test]
+fn console_log_options_need_the_primary_consoles() {
+    for args in [&["serve", "--console-log-dir", "/tmp/x"][..], &["serve", "--force-consoles"]] {
+        let r = xenbackd(args);
+        assert_eq!(r.code, Some(2), "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("--consoles"), "{args:?}: {}", r.stderr);
+    }
+    let r = xenbackd(&["serve", "--console-overflow", "sometimes"]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+}
