@@ -16,7 +16,10 @@ use xen_bus::XenbusState;
 use xen_sim::consfront::ChannelConnection;
 
 /// Reads `n` bytes of `r` on a thread of its own (a pty read blocks).
-fn read_in_background<R: Read + Send + 'static>(mut r: R, n: usize) -> crossbeam_channel::Receiver<Result<(Vec<u8>, R)>> {
+fn read_in_background<R: Read + Send + 'static>(
+    mut r: R,
+    n: usize,
+) -> crossbeam_channel::Receiver<Result<(Vec<u8>, R)>> {
     let (tx, rx) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || {
         let got = read_host(&mut r, n).map(|v| (v, r));

@@ -60,7 +60,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("consback-abi-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("t.c"), source).unwrap();
-        let Ok(status) = std::process::Command::new("cc").arg("-o").arg(dir.join("t")).arg(dir.join("t.c")).status() else {
+        let Ok(status) = std::process::Command::new("cc").arg("-o").arg(dir.join("t")).arg(dir.join("t.c")).status()
+        else {
             eprintln!("skipped: no C compiler");
             return;
         };

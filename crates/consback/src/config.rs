@@ -169,7 +169,10 @@ mod tests {
             ("limit", "1048576"),
         ]);
         let spec = ConsoleSpec::parse(&n, TYPE_IOEMU, &none).unwrap();
-        assert_eq!(spec, ConsoleSpec { connection: Connection::Pty, name: Some("org.example.0".into()), buffer: 1 << 20 });
+        assert_eq!(
+            spec,
+            ConsoleSpec { connection: Connection::Pty, name: Some("org.example.0".into()), buffer: 1 << 20 }
+        );
     }
 
     #[test]
@@ -220,7 +223,9 @@ mod tests {
 
     #[test]
     fn limit_is_clamped_and_garbage_refused() {
-        let with = |l: &str| ConsoleSpec::parse(&nodes(&[("type", "ioemu"), ("output", "pty"), ("limit", l)]), TYPE_IOEMU, &none);
+        let with = |l: &str| {
+            ConsoleSpec::parse(&nodes(&[("type", "ioemu"), ("output", "pty"), ("limit", l)]), TYPE_IOEMU, &none)
+        };
         assert_eq!(with("1").unwrap().buffer, MIN_BUFFER);
         assert_eq!(with("99999999999").unwrap().buffer, MAX_BUFFER);
         assert_eq!(with("0").unwrap().buffer, MAX_BUFFER);

@@ -103,9 +103,12 @@ impl Device for ConsoleDevice {
             // A reconnection: the same host side, the same tty.
             return Ok(());
         }
-        let spec = ConsoleSpec::parse(&Self::read_nodes(ctx)?, TYPE_IOEMU, &*self.opts.chardevs).map_err(config_error)?;
-        let host = Host::open(&spec.connection)
-            .map_err(|e| DeviceError::Other { msg: format!("Cannot open the console's {}", spec.connection), source: Some(Box::new(e)) })?;
+        let spec =
+            ConsoleSpec::parse(&Self::read_nodes(ctx)?, TYPE_IOEMU, &*self.opts.chardevs).map_err(config_error)?;
+        let host = Host::open(&spec.connection).map_err(|e| DeviceError::Other {
+            msg: format!("Cannot open the console's {}", spec.connection),
+            source: Some(Box::new(e)),
+        })?;
         if let Some(tty) = host.tty() {
             ctx.write_frontend_node("tty", tty)?;
             if let Some(told) = &self.opts.tty_published {

@@ -225,12 +225,13 @@ impl Host {
         for ev in &events[..n] {
             match Token::from_u64(ev.data()) {
                 Some(Token::Listener) => self.accept()?,
-                Some(Token::Client) if ev.events().intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) => {
-                    // Unread input first, while the guest can take it: it
-                    // was sent before the hangup.
-                    if !(self.want_in && ev.events().contains(EpollFlags::EPOLLIN)) {
-                        self.drop_client("hung up");
-                    }
+                // Unread input first, while the guest can take it: it was
+                // sent before the hangup.
+                Some(Token::Client)
+                    if ev.events().intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
+                        && !(self.want_in && ev.events().contains(EpollFlags::EPOLLIN)) =>
+                {
+                    self.drop_client("hung up")
                 }
                 _ => {}
             }

@@ -18,5 +18,8 @@ pub use config::{ConfigError, Connection, ConsoleNodes, ConsoleSpec};
 pub use device::{ChardevLookup, ConsoleDeviceType, ConsoleOptions, TtyPublished};
 pub use host::{Host, HostError, HostRead};
 pub use log::LogFile;
-pub use primary::{decide, running_xenconsoled, Decision, PrimaryConsoles, PrimaryError, PrimaryNodes, PrimaryOptions, XENCONSOLED_PID_FILES};
+pub use primary::{
+    decide, running_xenconsoled, Decision, PrimaryConsoles, PrimaryError, PrimaryNodes, PrimaryOptions,
+    XENCONSOLED_PID_FILES,
+};
 pub use ring::{ConsoleRing, HostSlot, Limits, OutputSink, Overflow, BYTES_PER_UNIT, DEFAULT_BURST, DEFAULT_RATE};

@@ -215,7 +215,15 @@ impl PrimaryConsoles {
         let stop = Arc::new(AtomicBool::new(false));
         let reopen = Arc::new(AtomicU64::new(0));
         let served = Arc::new(Mutex::new(Vec::new()));
-        let mut svc = Service { platform, xs, pool, opts, consoles: BTreeMap::new(), reopen: reopen.clone(), served: served.clone() };
+        let mut svc = Service {
+            platform,
+            xs,
+            pool,
+            opts,
+            consoles: BTreeMap::new(),
+            reopen: reopen.clone(),
+            served: served.clone(),
+        };
         let flag = stop.clone();
         let thread = xen_backend::spawn_named(
             "xenbackd-consoled",
@@ -227,7 +235,9 @@ impl PrimaryConsoles {
                         Ok(ev) => svc.event(&ev.token),
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                         Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                            log::error!("xenstore connection of the console service lost; consoles keep running, none is added");
+                            log::error!(
+                                "xenstore connection of the console service lost; consoles keep running, none is added"
+                            );
                             while !flag.load(Ordering::Relaxed) {
                                 std::thread::sleep(TICK);
                                 svc.failures();
@@ -394,16 +404,19 @@ impl Service {
 
     fn serve(&mut self, domid: DomId, port: u32, buffer: usize, ring_ref: String) -> Result<(), DeviceError> {
         // No privcmd here: the reserved grant is the only way to the page.
-        let mem = self.platform.grants().map(domid, &[GNTTAB_RESERVED_CONSOLE], true).map_err(|e| DeviceError::Other {
-            msg: "Cannot map its page at GNTTAB_RESERVED_CONSOLE (no foreign-mapping fallback)".into(),
-            source: Some(Box::new(e)),
-        })?;
+        let mem =
+            self.platform.grants().map(domid, &[GNTTAB_RESERVED_CONSOLE], true).map_err(|e| DeviceError::Other {
+                msg: "Cannot map its page at GNTTAB_RESERVED_CONSOLE (no foreign-mapping fallback)".into(),
+                source: Some(Box::new(e)),
+            })?;
         let c = self.consoles.get_mut(&domid).expect("known");
         let slot = match &c.host {
             Some(s) => s.clone(),
             None => {
-                let host = Host::open(&Connection::Pty)
-                    .map_err(|e| DeviceError::Other { msg: "Cannot create its pty".into(), source: Some(Box::new(e)) })?;
+                let host = Host::open(&Connection::Pty).map_err(|e| DeviceError::Other {
+                    msg: "Cannot create its pty".into(),
+                    source: Some(Box::new(e)),
+                })?;
                 let s: HostSlot = Arc::new(Mutex::new(Some(host)));
                 c.host = Some(s.clone());
                 s
@@ -505,7 +518,10 @@ mod tests {
     #[test]
     fn xenconsoled_type_or_none_is_served_and_ioemu_is_not() {
         let never = |_: &str| false;
-        assert_eq!(decide(&nodes(Some("xenconsoled"), ""), None, false, &never), Decision::Serve { port: 3, buffer: MAX_BUFFER });
+        assert_eq!(
+            decide(&nodes(Some("xenconsoled"), ""), None, false, &never),
+            Decision::Serve { port: 3, buffer: MAX_BUFFER }
+        );
         assert_eq!(decide(&nodes(None, ""), None, false, &never), Decision::Serve { port: 3, buffer: MAX_BUFFER });
         assert!(matches!(decide(&nodes(Some("ioemu"), ""), None, false, &never), Decision::Skip(_)));
     }
@@ -522,7 +538,10 @@ mod tests {
         assert!(matches!(decide(&nodes(None, "/dev/pts/7"), None, false, &exists), Decision::Skip(_)));
         assert!(matches!(decide(&nodes(None, "/dev/pts/7"), None, true, &exists), Decision::Serve { .. }));
         assert!(matches!(decide(&nodes(None, "/dev/pts/9"), None, false, &exists), Decision::Serve { .. }), "stale");
-        assert!(matches!(decide(&nodes(None, "/dev/pts/7"), Some("/dev/pts/7"), false, &exists), Decision::Serve { .. }), "ours");
+        assert!(
+            matches!(decide(&nodes(None, "/dev/pts/7"), Some("/dev/pts/7"), false, &exists), Decision::Serve { .. }),
+            "ours"
+        );
     }
 
     #[test]

@@ -73,7 +73,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { buffer: crate::config::MAX_BUFFER, overflow: Overflow::Block, rate: DEFAULT_RATE, burst: DEFAULT_BURST }
+        Limits {
+            buffer: crate::config::MAX_BUFFER,
+            overflow: Overflow::Block,
+            rate: DEFAULT_RATE,
+            burst: DEFAULT_BURST,
+        }
     }
 }
 
@@ -300,7 +305,11 @@ mod tests {
     }
 
     fn tempfile() -> std::fs::File {
-        let path = std::env::temp_dir().join(format!("consback-page-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let path = std::env::temp_dir().join(format!(
+            "consback-page-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         f.set_len(4096).unwrap();
@@ -427,7 +436,6 @@ mod tests {
         // 2048 at once, 4096 more at 20,000 bytes/s: at least 0.2 s.
         assert!(start.elapsed() >= Duration::from_millis(190), "{:?}", start.elapsed());
     }
-
 
     #[test]
     fn rate_limit_refills_at_its_rate_up_to_the_burst() {

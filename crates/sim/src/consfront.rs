@@ -180,7 +180,11 @@ fn timeout_error(what: String) -> FrontendError {
 }
 
 /// Allocates the console page and a port for `backend`.
-fn new_page(host: &Arc<SimHost>, domid: DomId, backend: DomId) -> Result<(GuestPages, Box<dyn EventChannel>, Port), FrontendError> {
+fn new_page(
+    host: &Arc<SimHost>,
+    domid: DomId,
+    backend: DomId,
+) -> Result<(GuestPages, Box<dyn EventChannel>, Port), FrontendError> {
     let grants = host.grant_table(domid);
     let page = grants.alloc_pages(1)?;
     let evtchn = host.evtchn(domid);
@@ -291,7 +295,13 @@ const RESERVED_CONSOLE: GrantRef = GrantRef(0);
 impl PrimaryConsole {
     /// Builds guest `domid`'s console for a daemon in `backend`, the nodes
     /// written through the toolstack's `xs` (dom0, privileged).
-    pub fn create(host: &Arc<SimHost>, xs: &Client, domid: DomId, backend: DomId, name: &str) -> Result<Self, FrontendError> {
+    pub fn create(
+        host: &Arc<SimHost>,
+        xs: &Client,
+        domid: DomId,
+        backend: DomId,
+        name: &str,
+    ) -> Result<Self, FrontendError> {
         Self::create_with_type(host, xs, domid, backend, name, "xenconsoled")
     }
 

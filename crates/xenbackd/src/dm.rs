@@ -212,7 +212,9 @@ fn chardev_info(c: &QmpChardev) -> ChardevInfo {
 /// once its console publishes the name ([`console_options`]).
 fn channel_info(c: &ChannelChardev) -> Option<ChardevInfo> {
     match &c.connection {
-        Connection::Socket(p) => Some(ChardevInfo { label: c.id.clone(), filename: format!("unix:{},server=on", p.display()) }),
+        Connection::Socket(p) => {
+            Some(ChardevInfo { label: c.id.clone(), filename: format!("unix:{},server=on", p.display()) })
+        }
         Connection::Pty => None,
     }
 }

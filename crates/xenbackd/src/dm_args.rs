@@ -221,7 +221,9 @@ fn parse_chardev(value: &str) -> Result<Chardev, ArgsError> {
     let server = get(&pairs, "server").is_some_and(|s| s.is_empty() || s == "on" || s == "yes" || s == "true");
     let channel = match (backend, &socket) {
         ("pty", _) => Some(consback::Connection::Pty),
-        ("socket", Some(QmpSocket::Path(p))) if server => consback::config::socket_path(p).ok().map(consback::Connection::Socket),
+        ("socket", Some(QmpSocket::Path(p))) if server => {
+            consback::config::socket_path(p).ok().map(consback::Connection::Socket)
+        }
         _ => None,
     };
     Ok(Chardev { id, socket, channel, text: value.to_string() })
@@ -340,8 +342,15 @@ impl DmConfig {
             };
             used.push(id.clone());
             match (&c.socket, mode.as_str()) {
-                (Some(_), "control") if get(&opts(&c.text), "server").is_some_and(|s| s != "on" && s != "yes" && s != "true" && !s.is_empty()) => {
-                    return Err(ArgsError::BadOption { option: "-chardev", value: c.text.clone(), why: "a QMP socket must be server=on" })
+                (Some(_), "control")
+                    if get(&opts(&c.text), "server")
+                        .is_some_and(|s| s != "on" && s != "yes" && s != "true" && !s.is_empty()) =>
+                {
+                    return Err(ArgsError::BadOption {
+                        option: "-chardev",
+                        value: c.text.clone(),
+                        why: "a QMP socket must be server=on",
+                    })
                 }
                 (Some(s), "control") => cfg.qmp.push(QmpChardev { id: id.clone(), socket: s.clone() }),
                 _ => cfg.unsupported.push(format!("-mon chardev={id},mode={mode} (-chardev {})", c.text)),

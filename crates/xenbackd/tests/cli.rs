@@ -97,7 +97,9 @@ fn help_of_every_command_goes_to_stdout_with_status_0() {
 fn serve_help_documents_the_bounds() {
     let r = xenbackd(&["help", "serve"]);
     assert!(r.stdout.starts_with("Serve PV backends on this Xen host\n"), "{}", r.stdout);
-    for text in ["--workers <N>", "1 to 1024", "--io-threads <N>", "1 to 64", "--close-on-exit", "[default: qdisk console]"] {
+    for text in
+        ["--workers <N>", "1 to 1024", "--io-threads <N>", "1 to 64", "--close-on-exit", "[default: qdisk console]"]
+    {
         assert!(r.stdout.contains(text), "{text:?} not in {}", r.stdout);
     }
 }

@@ -154,7 +154,9 @@ impl Host {
             self.xs.write(tx, &format!("{fe}/{k}"), v.as_bytes()).unwrap();
         }
         let libxl = format!("/libxl/{domid}/device/console/{devid}");
-        for (k, v) in [("frontend", fe.as_str()), ("backend", be.as_str()), ("name", &name), ("connection", &connection)] {
+        for (k, v) in
+            [("frontend", fe.as_str()), ("backend", be.as_str()), ("name", &name), ("connection", &connection)]
+        {
             self.xs.write(tx, &format!("{libxl}/{k}"), v.as_bytes()).unwrap();
         }
         self.xs.transaction_end(tx, true).unwrap();
