@@ -1,6 +1,6 @@
 //! What a console is connected to, read from the nodes libxl writes
 //! (`libxl__device_console_add`, `libxl__init_console_from_channel`) as
-//! plain values: parsed here, executed by [`crate::host`].
+//! plain values: parsed here, executed by [`crate::Host`].
 //!
 //! Backend directory: `connection` (`pty` or `socket`), `path` (the
 //! socket's), `name`. Frontend directory (read-only to the guest):
