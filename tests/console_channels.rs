@@ -275,3 +275,72 @@ fn real_programs_on_the_pty_and_the_socket() -> Result<()> {
     }
     Ok(())
 }
+
+/// One worker, a guest writing its console as fast as it can, and a quiet
+/// guest: the chatty one gets its rate and no more, and the quiet one's
+/// bytes get through at once.
+#[test]
+fn chatty_guest_is_rate_limited_and_does_not_starve_another() -> Result<()> {
+    let rate = 256 << 10;
+    let opts =
+        ConsoleOptions { limits: Limits { rate, burst: 32 << 10, ..Limits::default() }, ..ConsoleOptions::default() };
+    let h = ConsoleHarness::with_config("chatty", opts, xen_backend::Config { workers: 1, ..Default::default() })?;
+    let path = h.dir.path("chatty.sock");
+    let loud = h.guest(20)?;
+    let quiet = h.guest(21)?;
+    let mut chatty = h.connected(&loud, 20, 1, &ChannelConnection::Socket(path.clone()))?;
+    let mut calm = h.connected(&quiet, 21, 1, &ChannelConnection::Pty)?;
+    let mut term = open_tty(&h.tty(21, 1)?)?;
+    let mut client = connect_socket(&path)?;
+    client.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain = {
+        let (received, stop) = (received.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = client.read(&mut buf) {
+                    received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<()> {
+            let data = pattern(2048, 9);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if chatty.page()?.write(&data)? == 0 {
+                    chatty.page()?.wait_event(Duration::from_millis(1))?;
+                }
+            }
+            Ok(())
+        })
+    };
+
+    let start = Instant::now();
+    let mut worst = Duration::ZERO;
+    for i in 0..30u8 {
+        let t = Instant::now();
+        calm.page()?.write_all(&[b'a' + i % 26], WAIT)?;
+        assert_eq!(read_host(&mut term, 1)?, [b'a' + i % 26]);
+        worst = worst.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let elapsed = start.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("writer")?;
+    drain.join().expect("drain");
+
+    let got = received.load(std::sync::atomic::Ordering::Relaxed);
+    let allowed = rate as f64 * elapsed.as_secs_f64() + f64::from(32 << 10) + 4096.0;
+    eprintln!("chatty guest: {got} bytes in {elapsed:?} (at most {allowed:.0}); quiet guest's worst byte: {worst:?}");
+    assert!(
+        got as f64 <= allowed,
+        "chatty guest sent {got} bytes in {elapsed:?}, more than its rate allows ({allowed})"
+    );
+    assert!(got as f64 >= allowed * 0.5, "chatty guest got only {got} of {allowed} bytes through");
+    assert!(worst < Duration::from_millis(250), "the quiet guest waited {worst:?}");
+    Ok(())
+}
