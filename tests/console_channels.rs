@@ -344,3 +344,38 @@ fn chatty_guest_is_rate_limited_and_does_not_starve_another() -> Result<()> {
     assert!(worst < Duration::from_millis(250), "the quiet guest waited {worst:?}");
     Ok(())
 }
+
+/// libxl gives a PV guest's primary console a backend directory too
+/// (`backend/console/<domid>/0`, frontend `/local/domain/<domid>/console`,
+/// type `xenconsoled`): not a device of ours, left exactly as it is.
+#[test]
+fn the_primary_consoles_backend_directory_is_left_alone() -> Result<()> {
+    let h = ConsoleHarness::new("primary-dir", ConsoleOptions::default())?;
+    let guest = h.guest(12)?;
+    let xs = h.toolstack.xenstore();
+    let be = "/local/domain/0/backend/console/12/0";
+    let fe = "/local/domain/12/console";
+    for (path, value) in [
+        (format!("{fe}/type"), "xenconsoled"),
+        (format!("{fe}/ring-ref"), "4242"),
+        (format!("{fe}/port"), "2"),
+        (format!("{fe}/tty"), ""),
+        (format!("{be}/frontend"), fe),
+        (format!("{be}/frontend-id"), "12"),
+        (format!("{be}/online"), "1"),
+        (format!("{be}/state"), "1"),
+        (format!("{be}/protocol"), "vt100"),
+    ] {
+        xs.write(xs_wire::TxId::NONE, &path, value.as_bytes())?;
+    }
+    // A channel of the same guest, served beside it.
+    let mut chan = h.connected(&guest, 12, 1, &ChannelConnection::Pty)?;
+    chan.page()?.write_all(b"x", WAIT)?;
+    assert!(h.backend.sync(WAIT));
+    let read = |p: &str| xs.read(xs_wire::TxId::NONE, p).ok().map(|v| String::from_utf8_lossy(&v).into_owned());
+    assert_eq!(read(&format!("{be}/state")).as_deref(), Some("1"), "no state written");
+    assert_eq!(read(&format!("{be}/error")), None);
+    assert_eq!(read(&format!("{fe}/tty")).as_deref(), Some(""), "no pty for it");
+    assert_eq!(read("/local/domain/0/error/backend/console/12/0/error"), None);
+    Ok(())
+}

@@ -776,6 +776,12 @@ impl Xenbus {
             self.foreign.insert(key);
             return;
         }
+        // The type's own say, from the nodes (a console another daemon serves).
+        if !catch_unwind(AssertUnwindSafe(|| kind.serves(self.xs(), &key, &frontend))).unwrap_or(false) {
+            log::info!("{key}: not served by the {} device type; left to its own backend", kind.name());
+            self.foreign.insert(key);
+            return;
+        }
         let online = text(2).as_deref() == Some("1");
         // Left Connected by a previous backend process, with its frontend
         // Connected: take it over without a state change (see `resume`).

@@ -24,6 +24,15 @@ pub trait DeviceType: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// Creates the device for a new backend directory. Nothing is mapped yet.
     fn create(&self, ctx: &DeviceCtx) -> Result<Box<dyn Device>, DeviceError>;
+    /// Whether this type serves the device at all, judged from its nodes
+    /// (`frontend` is the frontend directory): one it declines is left
+    /// untouched, nothing written, for whichever backend it is meant for
+    /// (the console type declines a primary console of type
+    /// `xenconsoled`, as QEMU does). Asked once, when the device is first
+    /// seen, after [`crate::Frontends`]. The default serves every device.
+    fn serves(&self, _xs: &xs_wire::Client, _key: &DeviceKey, _frontend: &str) -> bool {
+        true
+    }
 }
 
 /// One device instance. The framework calls these from its xenbus thread, in

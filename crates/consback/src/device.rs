@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex};
 
 use gnttab::GrantRef;
-use xen_backend::{Device, DeviceCtx, DeviceError, DeviceType, RingSetup};
+use xen_backend::{Device, DeviceCtx, DeviceError, DeviceKey, DeviceType, RingSetup};
 
 use crate::config::{ConfigError, Connection, ConsoleNodes, ConsoleSpec, TYPE_IOEMU};
 use crate::host::Host;
@@ -66,6 +66,25 @@ impl ConsoleDeviceType {
 impl DeviceType for ConsoleDeviceType {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// QEMU's `xen_console_device_create` rule: only consoles whose
+    /// frontend `type` is `ioemu`. libxl gives every PV guest's primary
+    /// console a `backend/console/<domid>/0` too, of type `xenconsoled`:
+    /// that one is xenconsoled's (or `serve --consoles`'), not a device's.
+    fn serves(&self, xs: &xs_wire::Client, key: &DeviceKey, frontend: &str) -> bool {
+        match xs.read(xs_wire::TxId::NONE, &format!("{frontend}/type")) {
+            Ok(v) if v.strip_suffix(b"\0").unwrap_or(&v) == TYPE_IOEMU.as_bytes() => true,
+            Ok(v) => {
+                log::info!("{key}: console of type {:?}, not ioemu: not ours", String::from_utf8_lossy(&v));
+                false
+            }
+            // Absent (QEMU declines too) or unreadable.
+            Err(e) => {
+                log::info!("{key}: no readable console type ({e}): not ours");
+                false
+            }
+        }
     }
 
     fn create(&self, _ctx: &DeviceCtx) -> Result<Box<dyn Device>, DeviceError> {

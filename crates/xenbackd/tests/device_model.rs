@@ -233,6 +233,19 @@ fn libxl_channels_are_served_on_a_pty_and_a_socket() {
     host.libxl_channel(GUEST, 1, None);
     host.libxl_channel(GUEST, 2, Some(&sock));
     host.libxl_channel(OTHER, 1, None);
+    // The primary console's directories, as libxl writes them for every PV guest.
+    let primary_be = format!("/local/domain/0/backend/console/{GUEST}/0");
+    let primary_fe = format!("/local/domain/{GUEST}/console");
+    for (path, value) in [
+        (format!("{primary_fe}/type"), "xenconsoled".to_string()),
+        (format!("{primary_fe}/tty"), String::new()),
+        (format!("{primary_be}/frontend"), primary_fe.clone()),
+        (format!("{primary_be}/frontend-id"), GUEST.to_string()),
+        (format!("{primary_be}/online"), "1".into()),
+        (format!("{primary_be}/state"), "1".into()),
+    ] {
+        host.xs.write(TxId::NONE, &path, value.as_bytes()).unwrap();
+    }
     let mut args = host.libxl_args(Path::new(XB), GUEST);
     // libxl_dm.c: one -chardev per channel, before -nodefaults.
     let at = args.iter().position(|a| a == "-nodefaults").unwrap();
@@ -273,6 +286,8 @@ fn libxl_channels_are_served_on_a_pty_and_a_socket() {
     assert!(status.success(), "{status}; log:\n{}", host.log());
     assert_eq!(be(1, "state").as_deref(), Some("6"));
     assert!(!sock.exists(), "the channel's socket file is removed");
+    assert_eq!(be(0, "state").as_deref(), Some("1"), "the primary console is xenconsoled's, never touched");
+    assert_eq!(host.read(&format!("{primary_fe}/tty")).as_deref(), Some(""));
 }
 
 /// One QMP connection, as `libxl__ev_qmp` makes one per command.
