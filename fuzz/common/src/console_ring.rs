@@ -158,7 +158,8 @@ impl Scenario {
 /// The page twice (the guest's view and the backend's), over one file.
 fn page() -> (GrantMapping, GrantMapping) {
     let path = std::env::temp_dir().join(format!("fuzz-console-{}", std::process::id()));
-    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("page file");
+    let f =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("page file");
     let _ = std::fs::remove_file(&path);
     f.set_len(PAGE as u64).expect("page size");
     (GrantMapping::shared_file(&f, PAGE).expect("map"), GrantMapping::shared_file(&f, PAGE).expect("map"))
@@ -178,7 +179,11 @@ fn snapshot(mem: &GrantMapping) -> Vec<u8> {
 pub fn run(data: &[u8]) {
     let sc = Scenario::decode(data);
     let (guest, backend) = page();
-    let sock = std::env::temp_dir().join(format!("fuzz-console-{}-{:?}.sock", std::process::id(), std::thread::current().id()));
+    let sock = std::env::temp_dir().join(format!(
+        "fuzz-console-{}-{:?}.sock",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     let slot: HostSlot = Arc::new(Mutex::new(Some(Host::open(&Connection::Socket(sock.clone())).expect("listen"))));
     let overflow = if sc.discard { Overflow::DiscardOldest } else { Overflow::Block };
     let limits = Limits { buffer: BUFFER, overflow, rate: 0, burst: 0 };
@@ -198,70 +203,73 @@ pub fn run(data: &[u8]) {
         (XENCONS_CONNECTION, 1),
     ];
 
-    let mut step = |op: &Op, ring: &mut ConsoleRing, client: &mut UnixStream, honest: &mut bool, broken: &mut bool| match op {
-        Op::SetIndex { which, value } => {
-            *honest = false;
-            guest.store_u32(idx(*which), *value, Ordering::Release).expect("index");
-        }
-        Op::Scribble { offset, bytes } => {
-            *honest = false;
-            let at = usize::from(*offset) % PAGE;
-            let n = bytes.len().min(PAGE - at);
-            guest.write(at, &bytes[..n]).expect("page");
-        }
-        Op::GuestWrite { bytes } => {
-            let (c, p) = (load(&guest, XENCONS_OUT.cons), load(&guest, XENCONS_OUT.prod));
-            let room = XENCONS_OUT.size.saturating_sub(p.wrapping_sub(c)) as usize;
-            let n = bytes.len().min(room);
-            for (i, b) in bytes[..n].iter().enumerate() {
-                let at = XENCONS_OUT.data + (p.wrapping_add(i as u32) & (XENCONS_OUT.size - 1)) as usize;
-                guest.write(at, &[*b]).expect("array");
+    let mut step =
+        |op: &Op, ring: &mut ConsoleRing, client: &mut UnixStream, honest: &mut bool, broken: &mut bool| match op {
+            Op::SetIndex { which, value } => {
+                *honest = false;
+                guest.store_u32(idx(*which), *value, Ordering::Release).expect("index");
             }
-            guest.store_u32(XENCONS_OUT.prod, p.wrapping_add(n as u32), Ordering::Release).expect("index");
-            guest_sent.extend_from_slice(&bytes[..n]);
-        }
-        Op::GuestRead { count } => {
-            let (c, p) = (load(&guest, XENCONS_IN.cons), load(&guest, XENCONS_IN.prod));
-            let n = p.wrapping_sub(c).min(u32::from(*count)).min(XENCONS_IN.size);
-            for i in 0..n {
-                let mut b = [0u8];
-                guest.read(XENCONS_IN.data + (c.wrapping_add(i) & (XENCONS_IN.size - 1)) as usize, &mut b).expect("array");
-                guest_got.push(b[0]);
+            Op::Scribble { offset, bytes } => {
+                *honest = false;
+                let at = usize::from(*offset) % PAGE;
+                let n = bytes.len().min(PAGE - at);
+                guest.write(at, &bytes[..n]).expect("page");
             }
-            guest.store_u32(XENCONS_IN.cons, c.wrapping_add(n), Ordering::Release).expect("index");
-        }
-        Op::Process { budget } => {
-            if *broken {
-                return;
+            Op::GuestWrite { bytes } => {
+                let (c, p) = (load(&guest, XENCONS_OUT.cons), load(&guest, XENCONS_OUT.prod));
+                let room = XENCONS_OUT.size.saturating_sub(p.wrapping_sub(c)) as usize;
+                let n = bytes.len().min(room);
+                for (i, b) in bytes[..n].iter().enumerate() {
+                    let at = XENCONS_OUT.data + (p.wrapping_add(i as u32) & (XENCONS_OUT.size - 1)) as usize;
+                    guest.write(at, &[*b]).expect("array");
+                }
+                guest.store_u32(XENCONS_OUT.prod, p.wrapping_add(n as u32), Ordering::Release).expect("index");
+                guest_sent.extend_from_slice(&bytes[..n]);
             }
-            let before = snapshot(&guest);
-            let result = ring.process(usize::from(*budget).max(1));
-            let after = snapshot(&guest);
-            let mut at = 0;
-            for &(start, len) in allowed.iter().chain(&[(PAGE, 0)]) {
-                assert!(before[at..start] == after[at..start], "the backend wrote bytes in {at}..{start}");
-                at = start + len;
+            Op::GuestRead { count } => {
+                let (c, p) = (load(&guest, XENCONS_IN.cons), load(&guest, XENCONS_IN.prod));
+                let n = p.wrapping_sub(c).min(u32::from(*count)).min(XENCONS_IN.size);
+                for i in 0..n {
+                    let mut b = [0u8];
+                    guest
+                        .read(XENCONS_IN.data + (c.wrapping_add(i) & (XENCONS_IN.size - 1)) as usize, &mut b)
+                        .expect("array");
+                    guest_got.push(b[0]);
+                }
+                guest.store_u32(XENCONS_IN.cons, c.wrapping_add(n), Ordering::Release).expect("index");
             }
-            match result {
-                Ok(_) => assert!(counters.load().in_flight <= BUFFER as u64, "more output buffered than the limit"),
-                Err(e) => {
-                    assert!(!*honest, "an honest guest's console failed: {e}");
-                    *broken = true;
+            Op::Process { budget } => {
+                if *broken {
+                    return;
+                }
+                let before = snapshot(&guest);
+                let result = ring.process(usize::from(*budget).max(1));
+                let after = snapshot(&guest);
+                let mut at = 0;
+                for &(start, len) in allowed.iter().chain(&[(PAGE, 0)]) {
+                    assert!(before[at..start] == after[at..start], "the backend wrote bytes in {at}..{start}");
+                    at = start + len;
+                }
+                match result {
+                    Ok(_) => assert!(counters.load().in_flight <= BUFFER as u64, "more output buffered than the limit"),
+                    Err(e) => {
+                        assert!(!*honest, "an honest guest's console failed: {e}");
+                        *broken = true;
+                    }
                 }
             }
-        }
-        Op::HostWrite { bytes } => {
-            if let Ok(n) = client.write(bytes) {
-                host_sent.extend_from_slice(&bytes[..n]);
+            Op::HostWrite { bytes } => {
+                if let Ok(n) = client.write(bytes) {
+                    host_sent.extend_from_slice(&bytes[..n]);
+                }
             }
-        }
-        Op::HostRead { len } => {
-            let mut buf = vec![0u8; usize::from(*len)];
-            if let Ok(n) = client.read(&mut buf) {
-                host_got.extend_from_slice(&buf[..n]);
+            Op::HostRead { len } => {
+                let mut buf = vec![0u8; usize::from(*len)];
+                if let Ok(n) = client.read(&mut buf) {
+                    host_got.extend_from_slice(&buf[..n]);
+                }
             }
-        }
-    };
+        };
     for op in &sc.ops {
         step(op, &mut ring, &mut client, &mut honest, &mut broken);
     }
@@ -308,21 +316,53 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "full-buffer",
-            sc(false, (0..40).flat_map(|_| [Op::GuestWrite { bytes: vec![b'x'; 255] }, Op::Process { budget: 2 }]).collect()),
+            sc(
+                false,
+                (0..40).flat_map(|_| [Op::GuestWrite { bytes: vec![b'x'; 255] }, Op::Process { budget: 2 }]).collect(),
+            ),
         ),
         (
             "discard",
-            sc(true, (0..40).flat_map(|_| [Op::GuestWrite { bytes: vec![b'y'; 255] }, Op::Process { budget: 64 }]).collect()),
+            sc(
+                true,
+                (0..40).flat_map(|_| [Op::GuestWrite { bytes: vec![b'y'; 255] }, Op::Process { budget: 64 }]).collect(),
+            ),
         ),
         (
             "guest-not-reading",
-            sc(false, (0..12).flat_map(|_| [Op::HostWrite { bytes: vec![b'z'; 255] }, Op::Process { budget: 64 }]).collect()),
+            sc(
+                false,
+                (0..12).flat_map(|_| [Op::HostWrite { bytes: vec![b'z'; 255] }, Op::Process { budget: 64 }]).collect(),
+            ),
         ),
-        ("runaway-out-prod", sc(false, vec![Op::SetIndex { which: 3, value: 5000 }, Op::Process { budget: 64 }, Op::Process { budget: 1 }])),
-        ("in-cons-ahead", sc(false, vec![Op::HostWrite { bytes: text("abc") }, Op::SetIndex { which: 0, value: 77 }, Op::Process { budget: 64 }])),
+        (
+            "runaway-out-prod",
+            sc(
+                false,
+                vec![Op::SetIndex { which: 3, value: 5000 }, Op::Process { budget: 64 }, Op::Process { budget: 1 }],
+            ),
+        ),
+        (
+            "in-cons-ahead",
+            sc(
+                false,
+                vec![
+                    Op::HostWrite { bytes: text("abc") },
+                    Op::SetIndex { which: 0, value: 77 },
+                    Op::Process { budget: 64 },
+                ],
+            ),
+        ),
         (
             "scribble-indices",
-            sc(false, vec![Op::Scribble { offset: 3072, bytes: vec![0xff; 16] }, Op::Process { budget: 64 }, Op::GuestRead { count: 9 }]),
+            sc(
+                false,
+                vec![
+                    Op::Scribble { offset: 3072, bytes: vec![0xff; 16] },
+                    Op::Process { budget: 64 },
+                    Op::GuestRead { count: 9 },
+                ],
+            ),
         ),
     ]
 }
