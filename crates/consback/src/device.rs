@@ -155,7 +155,10 @@ impl Device for ConsoleDevice {
 
     fn describe(&self) -> Vec<(&'static str, String)> {
         let Some(spec) = &self.spec else { return Vec::new() };
-        let mut d = vec![("connection", spec.connection.to_string())];
+        let mut d = match &spec.connection {
+            Connection::Pty => vec![("connection", "pty".to_string())],
+            Connection::Socket(p) => vec![("connection", "socket".to_string()), ("path", p.display().to_string())],
+        };
         if let Some(name) = &spec.name {
             d.push(("name", name.clone()));
         }

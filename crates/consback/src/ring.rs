@@ -143,6 +143,8 @@ pub struct ConsoleRing {
     from_guest: u64,
     to_guest: u64,
     dropped: u64,
+    /// Passes that moved bytes (status counts them as requests).
+    moves: u64,
 }
 
 fn host_error(e: HostError) -> DeviceError {
@@ -182,6 +184,7 @@ impl ConsoleRing {
             from_guest: 0,
             to_guest: 0,
             dropped: 0,
+            moves: 0,
         })
     }
 
@@ -235,6 +238,9 @@ impl ConsoleRing {
                 self.to_guest += produced as u64;
             }
         }
+        if took > 0 || produced > 0 {
+            self.moves += 1;
+        }
         let room_in = self.input.space()? > 0;
         host.set_interest(room_in, !host.pending.is_empty()).map_err(host_error)?;
 
@@ -252,7 +258,7 @@ impl ConsoleRing {
         };
         self.counters.publish(RingStats {
             in_flight: host.pending.len() as u64,
-            completed: self.from_guest,
+            completed: self.moves,
             failed: self.dropped,
             bytes_read: self.to_guest,
             bytes_written: self.from_guest,

@@ -410,8 +410,9 @@ pub fn render_text(now: &Status, before: Option<&Status>) -> String {
             d.kind.clone(),
             d.devid.to_string(),
             state,
-            d.detail("image").map_or_else(dash, str::to_string),
-            d.detail("format").map_or_else(dash, str::to_string),
+            // A console: its pty or socket, and which of the two.
+            d.detail("image").or(d.detail("tty")).or(d.detail("path")).map_or_else(dash, str::to_string),
+            d.detail("format").or(d.detail("connection")).map_or_else(dash, str::to_string),
             d.detail("queues").map_or_else(dash, str::to_string),
             d.detail("ring-order").map_or_else(dash, str::to_string),
             if counted { t.in_flight.to_string() } else { dash() },
@@ -629,6 +630,31 @@ mod tests {
         assert!(out.contains("IOPS, MB/s, P50/P99: since each device connected\n"), "{out}");
         // 100, 150 and 200 µs in turn: both within 128-256 µs.
         assert_eq!(cols.iter().filter(|c| **c == "0.256").count(), 2, "p50 and p99: {out}");
+    }
+
+    #[test]
+    fn a_console_shows_its_pty_or_socket_and_the_connection() {
+        let mut s = sample(5000, 0, 0);
+        let console = |devid, details: &[(&str, &str)]| DeviceStatus {
+            kind: "console".into(),
+            domain: 5,
+            devid,
+            state: "Connected".into(),
+            frontend_state: Some("Connected".into()),
+            failed: false,
+            resumed: false,
+            connected_for: Some(Duration::from_secs(1)),
+            details: details.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            rings: vec![None],
+        };
+        s.devices = Some(vec![
+            console(1, &[("connection", "pty"), ("name", "org.a"), ("tty", "/dev/pts/4")]),
+            console(2, &[("connection", "socket"), ("path", "/run/ch.sock")]),
+        ]);
+        let out = render_text(&s, None);
+        let rows: Vec<Vec<&str>> = out.lines().skip(3).take(2).map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(rows[0][4..6], ["/dev/pts/4", "pty"], "{out}");
+        assert_eq!(rows[1][4..6], ["/run/ch.sock", "socket"], "{out}");
     }
 
     #[test]
