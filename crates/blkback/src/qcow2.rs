@@ -9,13 +9,15 @@
 //! file as *its* backing file). A backing file without a format is refused,
 //! as is an external data file.
 
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{FormatAccess, StorageOpenOptions};
+use imago::{FormatAccess, ShallowMapping, StorageOpenOptions};
 
 use crate::disk::{open_file, DiskError};
 use crate::format::{DiskImage, ImageFormat};
@@ -81,8 +83,14 @@ pub enum Qcow2Error {
 pub struct Qcow2Image {
     /// Discards need it exclusively (they may free clusters that a
     /// concurrent read or write has looked up); reads, writes and flushes
-    /// share it.
+    /// share it, and so does looking up a [`DirectMapping`].
     image: RwLock<FormatAccess<ImagoFile>>,
+    /// The top image's file, for I/O on its data clusters without imago.
+    top_file: std::fs::File,
+    /// Direct I/O that holds a cluster mapping: discards wait for none.
+    leases: Arc<Leases>,
+    /// Reads and writes that went to the top file directly, all told.
+    direct_requests: AtomicU64,
     path: PathBuf,
     backing_chain: Vec<PathBuf>,
     size: u64,
@@ -117,7 +125,7 @@ impl Qcow2Image {
             let locks = lock.map(|kind| (kind, ImageLocks::guest_disk(ImageFormat::Qcow2, !read_only)));
             open_qcow2(path, !read_only, direct, locks, &mut backing_chain)
         }));
-        let (top, direct) =
+        let (top, top_file, direct) =
             opened.map_err(|p| Qcow2Error::Panicked { path: path.into(), message: panic_message(&*p) })??;
         let image = FormatAccess::new(top);
         let size = image.size();
@@ -126,6 +134,9 @@ impl Qcow2Image {
         let discard_granularity = image.inner().zero_granularity().map_or(512, |g| g.min(u32::MAX.into()) as u32);
         Ok(Qcow2Image {
             image: RwLock::new(image),
+            top_file,
+            leases: Arc::default(),
+            direct_requests: AtomicU64::new(0),
             path: path.into(),
             backing_chain,
             size,
@@ -151,6 +162,54 @@ impl Qcow2Image {
         &self.backing_chain
     }
 
+    /// Where the `len` bytes at guest `offset` lie in the top image's file,
+    /// if they are one run of allocated data clusters that may be written
+    /// in place (no copy on write, not a backing file's, not zero or
+    /// compressed); `None` sends the request through imago. The mapping
+    /// holds until the returned lease is dropped: discards wait for it.
+    ///
+    /// Never blocks on a discard (the caller is the ring worker, which
+    /// must go on reaping the direct I/O the discard waits for): while one
+    /// holds or waits for the image, the answer is `None`.
+    pub fn map_direct(&self, offset: u64, len: u64, write: bool) -> Option<DirectMapping> {
+        if len == 0 || (write && self.read_only) || offset.checked_add(len).map_or(true, |end| end > self.size) {
+            return None;
+        }
+        let image = match self.image.try_read() {
+            Ok(image) => image,
+            Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => return None,
+        };
+        // Hostile metadata that trips imago fails the request on the
+        // thread pool, under its panic guard, not on the ring worker.
+        let looked_up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // The top layer only: data in a backing file is imago's to read.
+            match image.get_shallow_mapping(offset, len) {
+                Ok((ShallowMapping::Raw { offset: host_offset, writable: true, .. }, mapped)) if mapped >= len => {
+                    Some(host_offset)
+                }
+                _ => None,
+            }
+        }));
+        let host_offset = looked_up.ok().flatten()?;
+        // Taken while the image is shared, so a discard that then takes it
+        // exclusively sees this lease and waits for it.
+        let lease = self.leases.take();
+        drop(image);
+        self.direct_requests.fetch_add(1, Ordering::Relaxed);
+        Some(DirectMapping { host_offset, lease })
+    }
+
+    /// Reads and writes served on the top file directly so far
+    /// ([`Qcow2Image::map_direct`]); for tests and `status`.
+    pub fn direct_requests(&self) -> u64 {
+        self.direct_requests.load(Ordering::Relaxed)
+    }
+
+    /// The top image's file, where [`DirectMapping::host_offset`] points.
+    pub fn top_file(&self) -> BorrowedFd<'_> {
+        self.top_file.as_fd()
+    }
+
     fn shared(&self) -> std::io::Result<RwLockReadGuard<'_, FormatAccess<ImagoFile>>> {
         self.image.read().map_err(|_| poisoned())
     }
@@ -158,6 +217,54 @@ impl Qcow2Image {
     fn exclusive(&self) -> std::io::Result<RwLockWriteGuard<'_, FormatAccess<ImagoFile>>> {
         self.image.write().map_err(|_| poisoned())
     }
+}
+
+/// Direct I/O in flight on mapped clusters.
+#[derive(Default)]
+struct Leases {
+    held: AtomicUsize,
+    /// Paired with `released`, for a discard that waits.
+    waiting: Mutex<()>,
+    released: Condvar,
+}
+
+impl Leases {
+    fn take(self: &Arc<Self>) -> MappingLease {
+        self.held.fetch_add(1, Ordering::AcqRel);
+        MappingLease(self.clone())
+    }
+
+    /// Until no lease is held. The caller holds the image exclusively, so
+    /// no new one is taken meanwhile.
+    fn wait_none(&self) {
+        let mut guard = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        while self.held.load(Ordering::Acquire) > 0 {
+            guard = self.released.wait(guard).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Keeps a [`DirectMapping`] valid: no cluster of the image is freed while
+/// one is held. Dropped when the direct I/O's completion is reaped.
+pub struct MappingLease(Arc<Leases>);
+
+impl Drop for MappingLease {
+    fn drop(&mut self) {
+        if self.0.held.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Under the mutex, so a discard between its check and its wait
+            // cannot miss this.
+            let _guard = self.0.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            self.0.released.notify_all();
+        }
+    }
+}
+
+/// A request's range in the top image's file ([`Qcow2Image::map_direct`]).
+pub struct DirectMapping {
+    /// Where the guest offset lies in the top file.
+    pub host_offset: u64,
+    /// Held until the I/O on it has completed.
+    pub lease: MappingLease,
 }
 
 impl Drop for Qcow2Image {
@@ -257,34 +364,40 @@ fn read_extensions(path: &Path) -> std::io::Result<Option<String>> {
 
 /// Opens one file of the chain for imago, locked with `locks` first (the
 /// locks live as long as imago keeps the file open).
+/// Also a duplicate of its descriptor (the same open file: its `O_DIRECT`
+/// and its locks), through which the io_uring engine reaches the data
+/// clusters imago maps (imago's `File` does not lend its descriptor).
 fn storage(
     path: &Path,
     writable: bool,
     direct: bool,
     locks: Option<(LockKind, ImageLocks)>,
-) -> Result<(ImagoFile, bool), Qcow2Error> {
+) -> Result<(ImagoFile, std::fs::File, bool), Qcow2Error> {
     let (file, direct) = open_file(path, !writable, direct).map_err(Qcow2Error::Open)?;
     if let Some((kind, locks)) = locks {
         lock_image(std::os::fd::AsFd::as_fd(&file), path, locks, kind).map_err(Qcow2Error::Lock)?;
     }
+    let open_error = |source| Qcow2Error::Open(DiskError::Open { path: path.into(), source });
+    let duplicate = file.try_clone().map_err(open_error)?;
     let options = StorageOpenOptions::new().filename(path).write(writable).direct(direct);
     let file =
         ImagoFile::from_open_file(file, options).map_err(|source| Qcow2Error::Image { path: path.into(), source })?;
-    Ok((file, direct))
+    Ok((file, duplicate, direct))
 }
 
 /// Opens the qcow2 image at `path` and, below it, its backing chain; the
-/// backing files opened are appended to `chain`. Also whether `path` was
-/// opened with `O_DIRECT`.
+/// backing files opened are appended to `chain`. Also `path`'s own file
+/// (a duplicate descriptor, [`storage`]) and whether it was opened with
+/// `O_DIRECT`.
 fn open_qcow2(
     path: &Path,
     writable: bool,
     direct: bool,
     locks: Option<(LockKind, ImageLocks)>,
     chain: &mut Vec<PathBuf>,
-) -> Result<(Qcow2<ImagoFile>, bool), Qcow2Error> {
+) -> Result<(Qcow2<ImagoFile>, std::fs::File, bool), Qcow2Error> {
     let refused = |source| Qcow2Error::Image { path: path.into(), source };
-    let (file, opened_direct) = storage(path, writable, direct, locks)?;
+    let (file, own_file, opened_direct) = storage(path, writable, direct, locks)?;
     let v2_backing_format = read_extensions(path).map_err(refused)?;
     let mut image = Qcow2::<ImagoFile>::open_image(file, writable).map_err(refused)?;
     if image.requires_external_data_file() {
@@ -314,7 +427,7 @@ fn open_qcow2(
         }
     };
     image.set_backing(backing);
-    Ok((image, opened_direct))
+    Ok((image, own_file, opened_direct))
 }
 
 impl DiskImage for Qcow2Image {
@@ -368,8 +481,13 @@ impl DiskImage for Qcow2Image {
         }
         // Reads zeros afterwards, as a raw file's punched hole does; whole
         // clusters are freed (v3: zero clusters where a backing file would
-        // show through), the rest written with zeros.
-        self.exclusive()?.discard_to_zero(offset, len)
+        // show through), the rest written with zeros. Freed clusters may be
+        // allocated again at once, for another guest offset: direct I/O
+        // still on them must end first (a stale write would land in the
+        // new data).
+        let mut image = self.exclusive()?;
+        self.leases.wait_none();
+        image.discard_to_zero(offset, len)
     }
 }
 
