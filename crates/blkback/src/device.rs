@@ -26,11 +26,11 @@ use xen_backend::{
 use crate::buffer::{BufferBudget, QueueBudget};
 use crate::config::{connect_nodes, disk_limits, DiskConfig, FrontendConfig, Medium, Offer};
 use crate::connection::RingQueue;
-use crate::disk::Disk;
 use crate::engine::{IoEngine, ThreadPoolEngine};
 use crate::format::{DiskImage, OpenImage};
 use crate::lock::{LockKind, Locking};
 use crate::media::Drive;
+use crate::qcow2_engine::Qcow2UringEngine;
 use crate::queue::{QueueExecutor, DEFAULT_QUEUE_BUFFER_BYTES};
 use crate::uring::IoUringEngine;
 
@@ -202,14 +202,6 @@ impl Storage {
             Storage::Removable(drive) => drive.clone(),
         }
     }
-
-    /// The raw file for io_uring: fixed raw disks only.
-    fn raw(&self) -> Option<&Arc<Disk>> {
-        match self {
-            Storage::Fixed(image) => image.raw(),
-            Storage::Removable(_) => None,
-        }
-    }
 }
 
 fn config_error(e: crate::config::ConfigError) -> DeviceError {
@@ -241,6 +233,18 @@ impl Device for BlkDevice {
             let medium = medium.ok_or_else(|| DeviceError::BadNode { node: "params".into(), value: String::new() })?;
             Storage::Fixed(medium)
         };
+        if self.options.engine == EngineChoice::IoUring {
+            match &storage {
+                Storage::Fixed(OpenImage::Qcow2(_)) => log::info!(
+                    "{}: qcow2 on io_uring with imago for metadata (allocated clusters in place, the rest on the thread pool)",
+                    ctx.backend_path()
+                ),
+                Storage::Removable(_) => {
+                    log::info!("{}: removable media use the thread-pool engine", ctx.backend_path())
+                }
+                Storage::Fixed(OpenImage::Raw(_)) => {}
+            }
+        }
         for (node, value) in self.options.offer.nodes() {
             ctx.write(node, value);
         }
@@ -275,6 +279,9 @@ impl Device for BlkDevice {
                 }
                 (EngineChoice::IoUring, Storage::Fixed(OpenImage::Raw(raw))) => {
                     IoUringEngine::new(raw.clone()).map(|e| Box::new(e) as _)
+                }
+                (EngineChoice::IoUring, Storage::Fixed(OpenImage::Qcow2(image))) => {
+                    Qcow2UringEngine::new(image.clone(), threads).map(|e| Box::new(e) as _)
                 }
                 _ => ThreadPoolEngine::new(image.clone(), threads).map(|e| Box::new(e) as _),
             };
@@ -385,10 +392,20 @@ impl Device for BlkDevice {
                 d.push(("cache", if direct { "direct" } else { "page cache" }.to_string()));
             }
         }
-        let uring = self.options.engine == EngineChoice::IoUring
-            && self.disk.as_ref().map_or(true, |o| o.storage.raw().is_some());
-        let engine = if uring { "io-uring" } else { "threads" };
+        let fixed = self.disk.as_ref().map(|o| match &o.storage {
+            Storage::Fixed(image) => Some(image),
+            Storage::Removable(_) => None,
+        });
+        let engine = match (self.options.engine, fixed) {
+            (EngineChoice::IoUring, None | Some(Some(OpenImage::Raw(_)))) => "io-uring",
+            (EngineChoice::IoUring, Some(Some(OpenImage::Qcow2(_)))) => "io-uring with imago for metadata",
+            _ => "threads",
+        };
         d.push(("engine", engine.to_string()));
+        if let Some(Some(OpenImage::Qcow2(q))) = fixed {
+            // Reads and writes that went to the image file directly.
+            d.push(("direct-requests", q.direct_requests().to_string()));
+        }
         if let Some((queues, order, abi)) = self.rings {
             d.push(("queues", queues.to_string()));
             d.push(("ring-order", order.to_string()));
@@ -417,9 +434,6 @@ impl BlkDevice {
         if let OpenImage::Qcow2(q) = &disk {
             for backing in q.backing_chain() {
                 log::info!("{}: backing file {}", ctx.backend_path(), backing.display());
-            }
-            if self.options.engine == EngineChoice::IoUring {
-                log::info!("{}: qcow2 images use the thread-pool engine", ctx.backend_path());
             }
         }
         Ok(disk)

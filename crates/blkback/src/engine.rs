@@ -333,7 +333,11 @@ mod tests {
         let image = Arc::new(crate::qcow2::Qcow2Image::open(&qcow2, false, true).unwrap());
         // Open files stay usable after the name goes.
         std::fs::remove_file(qcow2).unwrap();
-        v.push(("qcow2 threads", Box::new(ThreadPoolEngine::new(image, 4).unwrap())));
+        v.push(("qcow2 threads", Box::new(ThreadPoolEngine::new(image.clone(), 4).unwrap())));
+        if crate::uring::probe().is_ok() {
+            let engine = crate::qcow2_engine::Qcow2UringEngine::new(image, 2).unwrap();
+            v.push(("qcow2 io_uring", Box::new(engine)));
+        }
         v
     }
 

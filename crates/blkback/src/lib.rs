@@ -14,6 +14,7 @@ pub mod format;
 pub mod lock;
 pub mod media;
 pub mod qcow2;
+pub mod qcow2_engine;
 pub mod queue;
 pub mod uring;
 

@@ -5,7 +5,9 @@
 //! an eventfd registered with the ring makes the queue's fd readable for
 //! the worker's epoll. Discards of block devices (`BLKDISCARD`, which
 //! io_uring cannot issue before Linux 6.12) run on one helper thread that
-//! signals the same eventfd.
+//! signals the same eventfd. The same engine serves a qcow2 image's
+//! allocated data clusters in its file (`qcow2_engine.rs`), each operation
+//! holding the lease that keeps its cluster mapping valid.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use crate::buffer::AlignedBuf;
 use crate::disk::{Disk, DiskKind};
 use crate::engine::{Completion, EngineError, IoEngine, IoOp};
 use crate::format::DiskImage;
+use crate::qcow2::{MappingLease, Qcow2Image};
 
 /// Submission queue entries per queue: a pass rarely submits more (the
 /// ring budget), and a full queue is entered early, never refused.
@@ -35,6 +38,9 @@ struct Pending {
     /// Bytes of `buf` already transferred (a short read or write goes on
     /// from there).
     done: usize,
+    /// For I/O on a qcow2 image's data cluster: its mapping stays valid
+    /// until the completion is reaped.
+    _lease: Option<MappingLease>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,10 +57,19 @@ pub fn probe() -> std::io::Result<()> {
     IoUring::new(2).map(drop)
 }
 
+/// The file an engine's operations go to.
+enum Target {
+    /// A raw file or block device: the guest's offsets are the file's.
+    Raw(Arc<Disk>),
+    /// A qcow2 image's top file: offsets are host offsets, mapped before
+    /// submission ([`IoUringEngine::submit_mapped`]).
+    Qcow2(Arc<Qcow2Image>),
+}
+
 /// io_uring on one disk, for one queue.
 pub struct IoUringEngine {
     ring: IoUring,
-    disk: Arc<Disk>,
+    target: Target,
     eventfd: EventFd,
     /// Operations by slot; the slot index is the entry's `user_data`.
     slots: Vec<Option<Pending>>,
@@ -80,13 +95,24 @@ struct DiscardThread {
 impl IoUringEngine {
     /// An engine on `disk`; fails where io_uring is unavailable.
     pub fn new(disk: Arc<Disk>) -> Result<Self, EngineError> {
+        Self::on(Target::Raw(disk))
+    }
+
+    /// An engine on the top file of `image`, for reads and writes whose
+    /// clusters were mapped ([`IoUringEngine::submit_mapped`]); nothing
+    /// else is submitted to it.
+    pub fn for_mapped_clusters(image: Arc<Qcow2Image>) -> Result<Self, EngineError> {
+        Self::on(Target::Qcow2(image))
+    }
+
+    fn on(target: Target) -> Result<Self, EngineError> {
         let ring = IoUring::builder().build(ENTRIES).map_err(EngineError::Create)?;
         let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
             .map_err(|e| EngineError::Create(e.into()))?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(EngineError::Create)?;
         Ok(IoUringEngine {
             ring,
-            disk,
+            target,
             eventfd,
             slots: Vec::new(),
             free: Vec::new(),
@@ -99,7 +125,36 @@ impl IoUringEngine {
     }
 
     fn fd(&self) -> types::Fd {
-        types::Fd(self.disk.as_fd().as_raw_fd())
+        match &self.target {
+            Target::Raw(disk) => types::Fd(disk.as_fd().as_raw_fd()),
+            Target::Qcow2(image) => types::Fd(image.top_file().as_raw_fd()),
+        }
+    }
+
+    /// Queues a read or write of a qcow2 image at `host_offset` in its top
+    /// file, where [`Qcow2Image::map_direct`] found the guest's range;
+    /// `lease` is dropped once the kernel is done with it.
+    pub fn submit_mapped(
+        &mut self,
+        tag: u64,
+        op: IoOp,
+        host_offset: u64,
+        lease: MappingLease,
+    ) -> Result<(), EngineError> {
+        let (kind, buf) = match op {
+            IoOp::Read { buf, .. } => (Kind::Read, buf),
+            IoOp::Write { buf, .. } => (Kind::Write, buf),
+            IoOp::Flush | IoOp::Discard { .. } => {
+                return Err(EngineError::Submit(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "only reads and writes go to mapped clusters",
+                )))
+            }
+        };
+        let pending = Pending { tag, kind, offset: host_offset, buf: Some(buf), len: 0, done: 0, _lease: Some(lease) };
+        let slot = self.slot(pending);
+        self.in_flight += 1;
+        self.push(slot)
     }
 
     fn slot(&mut self, pending: Pending) -> usize {
@@ -215,6 +270,8 @@ impl IoUringEngine {
     }
 
     fn finish(&mut self, slot: usize, result: std::io::Result<()>) -> Completion {
+        // The lease (if any) goes with `p`: the kernel is done with the
+        // cluster.
         let p = self.slots[slot].take().expect("slot in use");
         self.free.push(slot);
         self.in_flight -= 1;
@@ -223,9 +280,12 @@ impl IoUringEngine {
 
     fn discard_on_thread(&mut self, slot: usize, offset: u64, len: u64, secure: bool) -> Result<(), EngineError> {
         if self.discards.is_none() {
+            let Target::Raw(disk) = &self.target else {
+                return Err(EngineError::Submit(std::io::Error::from_raw_os_error(nix::libc::EOPNOTSUPP)));
+            };
             let (jobs, rx) = crossbeam_channel::unbounded::<(usize, u64, u64, bool)>();
             let (tx, done) = crossbeam_channel::unbounded();
-            let disk = self.disk.clone();
+            let disk = disk.clone();
             let wake = self.eventfd.as_fd().try_clone_to_owned().map_err(EngineError::Create)?;
             let thread = std::thread::Builder::new()
                 .name("blk-discard".into())
@@ -259,14 +319,23 @@ impl IoUringEngine {
 
 impl IoEngine for IoUringEngine {
     fn submit(&mut self, tag: u64, op: IoOp) -> Result<(), EngineError> {
+        if let Target::Qcow2(_) = self.target {
+            // Guest offsets are not the file's: only mapped I/O comes here.
+            return Err(EngineError::Submit(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "qcow2 I/O must be mapped first",
+            )));
+        }
         let (kind, offset, buf, len) = match op {
             IoOp::Read { offset, buf } => (Kind::Read, offset, Some(buf), 0),
             IoOp::Write { offset, buf } => (Kind::Write, offset, Some(buf), 0),
             IoOp::Flush => (Kind::Flush, 0, None, 0),
             IoOp::Discard { offset, len, secure } => {
-                let slot = self.slot(Pending { tag, kind: Kind::Discard, offset, buf: None, len, done: 0 });
+                let slot =
+                    self.slot(Pending { tag, kind: Kind::Discard, offset, buf: None, len, done: 0, _lease: None });
                 self.in_flight += 1;
-                if self.disk.kind() == DiskKind::File && len > 0 {
+                let file = matches!(&self.target, Target::Raw(disk) if disk.kind() == DiskKind::File);
+                if file && len > 0 {
                     return self.push(slot);
                 }
                 // BLKDISCARD (and the empty range, which fallocate refuses)
@@ -276,7 +345,7 @@ impl IoEngine for IoUringEngine {
                 });
             }
         };
-        let slot = self.slot(Pending { tag, kind, offset, buf, len, done: 0 });
+        let slot = self.slot(Pending { tag, kind, offset, buf, len, done: 0, _lease: None });
         self.in_flight += 1;
         self.push(slot)
     }
