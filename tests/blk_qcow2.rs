@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blk_support::*;
+use blkback::EngineChoice;
 use blkif::abi::*;
 use xen_bus::XenbusState;
 use xen_sim::blkfront::{BlkOp, BlkfrontOptions, FrontQueue};
@@ -152,6 +153,13 @@ fn a_three_deep_chain_reads_as_qemu_img_convert_reads_it() {
     for chunk in [1 << 20, 4096 + 512] {
         let got = read_all(g.front.queue(0), 8 * MIB, chunk);
         assert_eq!(first_difference(&got, &expected), None, "chunks of {chunk}");
+    }
+    // The top's own data (100 KiB at 3 MiB: two clusters) is read in place
+    // by the small reads that fall inside it, the rest through imago.
+    let direct = direct_requests(&h, 0);
+    match engine() {
+        EngineChoice::IoUring => assert!((1..=30).contains(&direct), "{direct} reads in place"),
+        EngineChoice::Threads | EngineChoice::Auto => assert_eq!(direct, 0),
     }
 }
 
@@ -478,4 +486,136 @@ fn a_restarted_backend_reopens_the_image_and_its_writes_stay_consistent() {
     close(h, vec![g]);
     let check = qemu(&["qemu-img", "check", &image]);
     assert!(check.contains("No errors were found"), "{check}");
+}
+
+/// Reads and writes the device served on the image file directly so far
+/// (`status`' `direct-requests`).
+fn direct_requests(h: &Harness, devid: u32) -> u64 {
+    let devices = h.backend.monitor().devices(WAIT).expect("status");
+    let d = devices.iter().find(|d| d.key.devid == devid).expect("device");
+    let n = d.details.iter().find(|(k, _)| *k == "direct-requests").map(|(_, v)| v.clone());
+    n.expect("a fixed qcow2 disk reports direct-requests").parse().unwrap()
+}
+
+/// On a fully allocated image every read and write goes to the image file
+/// at its host offset on the io_uring engine (none on the thread pool),
+/// and qemu-img reads back what was written.
+#[test]
+fn a_fully_allocated_image_is_read_and_written_in_place_on_io_uring() {
+    let Some(dir) = images("prealloc") else { return };
+    let image = dir.arg("full.qcow2");
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full", &image, "8M"]);
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 0 8M", &image]);
+    let h = Harness::new().unwrap();
+    let opts = BlkfrontOptions { max_request_bytes: 1 << 20, depth: 16, ..Default::default() };
+    let mut g = attach_qcow2(&h, 1, 0, Path::new(&image), "w", opts);
+    let before = direct_requests(&h, 0);
+    let q = g.front.queue(0);
+    let mut model = vec![0x6b; 8 * MIB as usize];
+    let mut rng = Rng::new(41);
+    let mut requests = 0;
+    for i in 0..64u64 {
+        let len = if i % 8 == 0 { 1 << 20 } else { 4096 << rng.below(3) };
+        let offset = rng.below((8 * MIB - len) / 512) * 512;
+        if i % 2 == 0 {
+            let data = pattern(i, len as usize);
+            assert_eq!(run(q, BlkOp::Write { sector: offset / 512, data: &data }).status, BLKIF_RSP_OKAY);
+            model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+        } else {
+            let c = run(q, BlkOp::Read { sector: offset / 512, len: len as usize });
+            assert!(c.status == BLKIF_RSP_OKAY && c.data[..] == model[offset as usize..(offset + len) as usize]);
+        }
+        requests += 1;
+    }
+    flush(q);
+    let direct = direct_requests(&h, 0) - before;
+    match engine() {
+        EngineChoice::IoUring => assert_eq!(direct, requests, "every request in place"),
+        EngineChoice::Threads | EngineChoice::Auto => assert_eq!(direct, 0, "the thread pool goes through imago"),
+    }
+    close(h, vec![g]);
+    assert_eq!(first_difference(&qemu_reads(&dir, Path::new(&image)), &model), None);
+    let check = qemu(&["qemu-img", "check", &image]);
+    assert!(check.contains("No errors were found"), "{check}");
+}
+
+/// Discards (which free clusters) in flight together with writes to the
+/// same clusters, on two queues, over many rounds, while allocating writes
+/// elsewhere may take the freed clusters: each cluster then reads either
+/// the write's data or zeros, whole; what the guest reads is what qemu-img
+/// reads from the closed image (no write landed in a cluster that was
+/// freed and given to another offset), and `qemu-img check` is clean.
+#[test]
+fn discards_in_flight_with_writes_to_the_same_clusters_corrupt_nothing() {
+    const DISK: u64 = 8 * MIB;
+    const CLUSTER: u64 = 65536;
+    let Some(dir) = images("discard-race") else { return };
+    let (image, raw) = (dir.arg("race.qcow2"), dir.arg("race.raw"));
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full", &image, "8M"]);
+    let h = Harness::new().unwrap();
+    let opts = BlkfrontOptions { queues: 2, max_request_bytes: 1 << 20, depth: 32, ..Default::default() };
+    let mut g = attach_qcow2(&h, 1, 0, Path::new(&image), "w", opts);
+    let before = direct_requests(&h, 0);
+    let clusters = DISK / CLUSTER;
+    let mut rng = Rng::new(77);
+    for round in 0..30u64 {
+        // Cluster -> the seed written to it this round.
+        let mut written: Vec<(u64, u64)> = Vec::new();
+        let mut data = Vec::new();
+        while written.len() < 12 {
+            let c = rng.below(clusters);
+            if written.iter().all(|&(w, _)| w != c) {
+                written.push((c, round * 1000 + c));
+                data.push(pattern(round * 1000 + c, CLUSTER as usize));
+            }
+        }
+        for (i, &(c, _)) in written.iter().enumerate() {
+            let sector = c * CLUSTER / 512;
+            g.front.queue(0).submit(i as u64, BlkOp::Write { sector, data: &data[i] }).unwrap();
+            let discard = BlkOp::Discard { sector, nr_sectors: CLUSTER / 512, secure: false };
+            g.front.queue(1).submit(100 + i as u64, discard).unwrap();
+        }
+        // Writes elsewhere meanwhile, which allocate (freed clusters may be
+        // reused for them).
+        let fresh = rng.below(clusters);
+        let fresh_data = pattern(round, CLUSTER as usize);
+        if written.iter().all(|&(w, _)| w != fresh) {
+            g.front.queue(1).submit(999, BlkOp::Write { sector: fresh * CLUSTER / 512, data: &fresh_data }).unwrap();
+        }
+        for queue in 0..2 {
+            let n = if queue == 0 {
+                written.len()
+            } else {
+                written.len() + usize::from(written.iter().all(|&(w, _)| w != fresh))
+            };
+            let mut done = Vec::new();
+            let deadline = std::time::Instant::now() + WAIT;
+            while done.len() < n {
+                assert!(std::time::Instant::now() < deadline, "completions missing");
+                g.front.queue(queue).wait(std::time::Duration::from_millis(100), &mut done).unwrap();
+            }
+            assert!(done.iter().all(|c| c.status == BLKIF_RSP_OKAY), "round {round}");
+        }
+        let q = g.front.queue(0);
+        for (i, &(c, _)) in written.iter().enumerate() {
+            let got = run(q, BlkOp::Read { sector: c * CLUSTER / 512, len: CLUSTER as usize });
+            assert_eq!(got.status, BLKIF_RSP_OKAY);
+            let zeros = got.data.iter().all(|&b| b == 0);
+            assert!(zeros || got.data == data[i], "round {round}: cluster {c} is neither the write nor zeros");
+        }
+    }
+    let direct = direct_requests(&h, 0) - before;
+    if engine() == EngineChoice::IoUring {
+        assert!(direct > 0, "some writes went in place");
+    }
+    flush(g.front.queue(0));
+    let seen = read_all(g.front.queue(1), DISK, 1 << 20);
+    std::fs::write(&raw, &seen).unwrap();
+    close(h, vec![g]);
+    let check = Command::new("qemu-img").args(["check", &image]).output().unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "qemu-img check: {report}{}", String::from_utf8_lossy(&check.stderr));
+    assert!(report.contains("No errors were found") && !report.contains("leaked"), "{report}");
+    let compare = qemu(&["qemu-img", "compare", "-f", "qcow2", "-F", "raw", &image, &raw]);
+    assert!(compare.contains("Images are identical"), "{compare}");
 }
