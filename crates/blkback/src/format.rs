@@ -92,7 +92,8 @@ pub enum ImageError {
 }
 
 /// An open image, by format: the I/O engines take it as a [`DiskImage`];
-/// io_uring needs the raw file itself.
+/// io_uring needs the raw file itself, or a qcow2 image for its mapping of
+/// data clusters.
 #[derive(Clone)]
 pub enum OpenImage {
     /// A raw file or block device.
