@@ -27,6 +27,7 @@ pub use engine::{Completion, EngineError, IoEngine, IoOp, ThreadPoolEngine};
 pub use format::{DiskImage, ImageError, ImageFormat, OpenImage};
 pub use lock::{ImageLocks, LockError, LockKind, Locking};
 pub use media::Drive;
-pub use qcow2::{Qcow2Error, Qcow2Image};
+pub use qcow2::{DirectMapping, MappingLease, Qcow2Error, Qcow2Image};
+pub use qcow2_engine::Qcow2UringEngine;
 pub use queue::{QueueExecutor, QueueStats, DEFAULT_QUEUE_BUFFER_BYTES};
 pub use uring::IoUringEngine;
