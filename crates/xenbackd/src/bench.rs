@@ -329,7 +329,10 @@ pub fn run(args: BlkArgs) -> Result<u8> {
             (q.path().to_path_buf(), blkback::ImageFormat::Qcow2)
         }
     };
-    let m = Machine::start_with(BlkOptions { engine, ..BlkOptions::default() })?;
+    // No image locks: each workload attaches the file again while the
+    // backend may still be closing the previous workload's device (whose
+    // lock then refused the next one), and nothing else opens it.
+    let m = Machine::start_with(BlkOptions { engine, locking: blkback::Locking::Off, ..BlkOptions::default() })?;
     println!(
         "xenbackd bench blk: {} MiB {} image {}, {secs} s per workload, I/O engine {engine:?}",
         size >> 20,
