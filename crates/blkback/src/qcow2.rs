@@ -91,6 +91,11 @@ pub struct Qcow2Image {
     leases: Arc<Leases>,
     /// Reads and writes that went to the top file directly, all told.
     direct_requests: AtomicU64,
+    /// What the top file needs of a direct request's offset and length
+    /// (imago's probed `req_align`: the `O_DIRECT` block size where it is
+    /// open so); imago realigns the others, direct I/O cannot. `u64::MAX`
+    /// (nothing direct) where buffers would need more than a page.
+    direct_align: u64,
     path: PathBuf,
     backing_chain: Vec<PathBuf>,
     size: u64,
@@ -129,6 +134,14 @@ impl Qcow2Image {
             opened.map_err(|p| Qcow2Error::Panicked { path: path.into(), message: panic_message(&*p) })??;
         let image = FormatAccess::new(top);
         let size = image.size();
+        // Bounce buffers are page-aligned. imago's `mem_align` is not
+        // applied to lengths: it probes 1 and then the page size only, so
+        // it says 4096 where the kernel takes 512-byte multiples (the raw
+        // path sends the same lengths from the same buffers).
+        let direct_align = match image.mem_align() {
+            mem if mem <= crate::buffer::BUFFER_ALIGN => image.req_align().max(1) as u64,
+            _ => u64::MAX,
+        };
         // v3 frees whole clusters (zero clusters); v2 has none, and what a
         // discard cannot free is written with zeros.
         let discard_granularity = image.inner().zero_granularity().map_or(512, |g| g.min(u32::MAX.into()) as u32);
@@ -137,6 +150,7 @@ impl Qcow2Image {
             top_file,
             leases: Arc::default(),
             direct_requests: AtomicU64::new(0),
+            direct_align,
             path: path.into(),
             backing_chain,
             size,
@@ -172,7 +186,11 @@ impl Qcow2Image {
     /// must go on reaping the direct I/O the discard waits for): while one
     /// holds or waits for the image, the answer is `None`.
     pub fn map_direct(&self, offset: u64, len: u64, write: bool) -> Option<DirectMapping> {
-        if len == 0 || (write && self.read_only) || offset.checked_add(len).map_or(true, |end| end > self.size) {
+        if len == 0
+            || len % self.direct_align != 0
+            || (write && self.read_only)
+            || offset.checked_add(len).map_or(true, |end| end > self.size)
+        {
             return None;
         }
         let image = match self.image.try_read() {
@@ -190,7 +208,7 @@ impl Qcow2Image {
                 _ => None,
             }
         }));
-        let host_offset = looked_up.ok().flatten()?;
+        let host_offset = looked_up.ok().flatten().filter(|host| host % self.direct_align == 0)?;
         // Taken while the image is shared, so a discard that then takes it
         // exclusively sees this lease and waits for it.
         let lease = self.leases.take();
