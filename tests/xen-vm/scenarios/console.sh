@@ -32,8 +32,13 @@ SOCK=/run/xen/ch-g9.sock
 step "---- 1: a pty channel and a socket channel, xenbackd the device model"
 cfg g9 once /test/xenbackd
 sed -i 's/^extra = "\(.*\)"$/extra = "\1 domu.chan=120"/' /tmp/g9.cfg
+# Debian 12's xl (Xen 4.17) numbers channels from devid 0, which is the
+# primary console's: the first channel is overwritten by it and lost, with
+# QEMU as with us (fixed upstream in 2025, "tools/xl: fix channel
+# parsing"). A placeholder takes that place, so the two real channels are
+# devids 1 and 2 (hvc1 and hvc2 in the guest).
 cat >> /tmp/g9.cfg <<CFG
-channel = [ "connection=pty,name=org.xenbackd.lab.pty", "connection=socket,path=$SOCK,name=org.xenbackd.lab.sock" ]
+channel = [ "connection=pty,name=org.xenbackd.lab.lost", "connection=pty,name=org.xenbackd.lab.pty", "connection=socket,path=$SOCK,name=org.xenbackd.lab.sock" ]
 CFG
 if create g9; then
     d=$D_g9
@@ -41,14 +46,19 @@ if create g9; then
     [ "$(xenstore-read /local/domain/$d/device/console/1/name 2>/dev/null)" = org.xenbackd.lab.pty ] &&
         [ "$(xenstore-read /local/domain/$d/device/console/2/name 2>/dev/null)" = org.xenbackd.lab.sock ] &&
         ok "g9: libxl made console devices 1 (pty) and 2 (socket)" || bad "g9: console device names"
-    xl channel-list g9 > /tmp/chl 2>&1; sed 's/^/    /' /tmp/chl
+    wait_for "channel tty" 30 sh -c "[ -c \"\$(xenstore-read /local/domain/$d/device/console/1/tty 2>/dev/null)\" ]"
     tty=$(xenstore-read /local/domain/$d/device/console/1/tty 2>/dev/null)
-    [ -n "$tty" ] && [ -c "$tty" ] && ok "g9: pty channel at $tty (device/console/1/tty)" || bad "g9: no pty in device/console/1/tty ('$tty')"
-    grep -q "$tty" /tmp/chl && ok "g9: xl channel-list shows $tty" || bad "g9: xl channel-list does not show the pty"
+    xl channel-list g9 > /tmp/chl 2>&1; sed 's/^/    /' /tmp/chl
+    if [ -n "$tty" ] && [ -c "$tty" ]; then
+        ok "g9: pty channel at $tty (device/console/1/tty)"
+        grep -q "$tty" /tmp/chl && ok "g9: xl channel-list shows $tty" || bad "g9: xl channel-list does not show $tty"
+    else
+        bad "g9: no pty in device/console/1/tty ('$tty')"; tty=/nonexistent
+    fi
     [ -S $SOCK ] && ok "g9: socket channel listening at $SOCK" || bad "g9: no socket at $SOCK"
     # the socket: our line in at once, then everything the guest sends
     (echo XENVM-CHAN-SOCK-IN; sleep $T) | /test/unixcat $SOCK 60 > /tmp/sock.out 2>/tmp/sock.err & UC=$!
-    if console_has g9 '/dev/hvc1 wrote' $T; then
+    if [ -c "$tty" ] && console_has g9 '/dev/hvc1 wrote' $T; then
         l=$(timeout 20 head -n1 "$tty")
         [ "$l" = XENVM-CHAN-PTY-OUT ] && ok "g9: the guest's line on hvc1 read from $tty" || bad "g9: read '$l' from $tty"
         echo XENVM-CHAN-PTY-IN > "$tty"
