@@ -56,8 +56,9 @@ if create g9; then
         bad "g9: no pty in device/console/1/tty ('$tty')"; tty=/nonexistent
     fi
     [ -S $SOCK ] && ok "g9: socket channel listening at $SOCK" || bad "g9: no socket at $SOCK"
-    # the socket: our line in at once, then everything the guest sends
-    (echo XENVM-CHAN-SOCK-IN; sleep $T) | /test/unixcat $SOCK 60 > /tmp/sock.out 2>/tmp/sock.err & UC=$!
+    # the socket: our line once the guest has hvc2 raw (before, its tty
+    # would echo it back), then everything the guest sends
+    (console_has g9 '/dev/hvc2 wrote' $T; echo XENVM-CHAN-SOCK-IN; sleep $T) | /test/unixcat $SOCK 60 > /tmp/sock.out 2>/tmp/sock.err & UC=$!
     if [ -c "$tty" ] && console_has g9 '/dev/hvc1 wrote' $T; then
         l=$(timeout 20 head -n1 "$tty")
         [ "$l" = XENVM-CHAN-PTY-OUT ] && ok "g9: the guest's line on hvc1 read from $tty" || bad "g9: read '$l' from $tty"
@@ -102,6 +103,7 @@ else
         bad "serve --consoles: rc $rc, $(tail -2 /tmp/refuse.log)"
 fi
 kill "$(cat /run/xenconsoled.pid)" 2>/dev/null
+wait_for "xenconsoled gone" 10 sh -c '! pidof xenconsoled >/dev/null' || kill -9 $(pidof xenconsoled) 2>/dev/null
 wait_for "xenconsoled gone" 10 sh -c '! pidof xenconsoled >/dev/null' && ok "xenconsoled stopped" || bad "xenconsoled still running"
 mv /var/log/xen/console /var/log/xen/console.xenconsoled; mkdir -p /var/log/xen/console
 if xenbackd_start --consoles --console-log-dir /var/log/xen/console; then
