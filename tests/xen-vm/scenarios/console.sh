@@ -72,11 +72,11 @@ if create g9; then
         bad "g9: the guest did not read dom0's line on hvc2"
     if console_has g9 'bulk sent' $T; then
         want=$(sed -n "s/.*DOMU: bulk md5 \([0-9a-f]*\).*/\1/p" /var/log/xen/console/guest-g9.log | tail -1)
-        wait_for "bulk" 60 sh -c '[ $(wc -c < /tmp/sock.out) -ge $((19 + 262144)) ]'
+        wait_for "bulk" 60 sh -c '[ $(wc -c < /tmp/sock.out) -ge $((20 + 262144)) ]'
         first=$(head -n1 /tmp/sock.out)
         got=$(tail -c 262144 /tmp/sock.out | md5)
         [ "$first" = XENVM-CHAN-SOCK-OUT ] && ok "g9: the guest's line on hvc2 read from the socket" || bad "g9: socket's first line '$first'"
-        [ "$got" = "$want" ] && [ "$(wc -c < /tmp/sock.out)" = $((19 + 262144)) ] &&
+        [ "$got" = "$want" ] && [ "$(wc -c < /tmp/sock.out)" = $((20 + 262144)) ] &&
             ok "g9: 256 KiB from the guest through the socket channel byte-exact ($got)" ||
             bad "g9: socket got $(wc -c < /tmp/sock.out) bytes, md5 $got, the guest sent $want"
     else
@@ -118,9 +118,16 @@ if xenbackd_start --consoles --console-log-dir /var/log/xen/console; then
             ok "g10: console/tty = $(xenstore-read /local/domain/$d/console/tty) (written by xenbackd)" || bad "g10: no console/tty"
         console_has g10 'echoing the console' $T && ok "g10: the guest's boot in /var/log/xen/console/guest-g10.log" ||
             bad "g10: no guest output in the log: $(tail -3 /var/log/xen/console/guest-g10.log 2>&1)"
-        (sleep 3; echo XENVM-XLCONSOLE-IN; sleep 8; printf '\035') | timeout 40 xl console g10 > /tmp/xlcons.out 2>&1
-        grep -q "console read 'XENVM-XLCONSOLE-IN'" /tmp/xlcons.out && ok "g10: xl console: a typed line reached the guest and its answer came back" ||
-            bad "g10: xl console got: $(tr -d '\r' < /tmp/xlcons.out | tail -3 | tr '\n' ';')"
+        # xl console runs Xen's xenconsole client on console/tty; it reads
+        # its stdin only when interactive (a terminal), so here it is run
+        # as xl runs it plus --interactive, stdin a pipe
+        (sleep 3; echo XENVM-XLCONSOLE-IN; sleep 8; printf '\035') |
+            timeout 40 /usr/lib/xen-4.17/bin/xenconsole --interactive --num 0 --type pv $d > /tmp/xlcons.out 2>&1
+        grep -q "console read 'XENVM-XLCONSOLE-IN'" /tmp/xlcons.out && ok "g10: xenconsole: a typed line reached the guest and its answer came back" ||
+            bad "g10: xenconsole got: $(tr -d '\r' < /tmp/xlcons.out | tail -3 | tr '\n' ';')"
+        timeout 20 xl console g10 < /dev/null > /tmp/xlcons2.out 2>&1
+        grep -q "echoing the console" /tmp/xlcons2.out && ok "g10: xl console shows the guest's output" ||
+            bad "g10: xl console got: $(tr -d '\r' < /tmp/xlcons2.out | tail -2 | tr '\n' ';')"
         console_has g10 "console read 'XENVM-XLCONSOLE-IN'" 10 && ok "g10: the exchange is in the log too" || bad "g10: not in the log"
         xl shutdown g10 && ok "g10: xl shutdown" || bad "g10: xl shutdown"
         wait_gone g10
