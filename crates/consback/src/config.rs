@@ -37,6 +37,16 @@ impl core::fmt::Display for Connection {
     }
 }
 
+/// The buffer a numeric `limit` node gives, for channels and primary
+/// consoles alike: 0 (no limit, to QEMU and xenconsoled) is the most we
+/// keep, anything else is clamped to `MIN_BUFFER..=MAX_BUFFER`.
+pub(crate) fn buffer_for_limit(limit: u64) -> usize {
+    match limit {
+        0 => MAX_BUFFER,
+        n => (n.min(MAX_BUFFER as u64) as usize).max(MIN_BUFFER),
+    }
+}
+
 /// The nodes read, as values (`None`: absent).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConsoleNodes {
@@ -122,8 +132,7 @@ impl ConsoleSpec {
             None => LIBXL_XENCONSOLE_LIMIT,
             // `%u`, as QEMU reads it; 0 means no limit there, the most here.
             Some(s) => match s.trim().parse::<u64>() {
-                Ok(0) => MAX_BUFFER,
-                Ok(n) => (n.min(MAX_BUFFER as u64) as usize).max(MIN_BUFFER),
+                Ok(n) => buffer_for_limit(n),
                 Err(_) => return Err(ConfigError::BadLimit(s.to_string())),
             },
         };

@@ -31,7 +31,7 @@ use xen_backend::{BoundPort, DeviceError, DeviceKey, PlacedRing, Platform, RingP
 use xs_wire::{Client, TxId, XsErrno};
 
 use crate::abi::GNTTAB_RESERVED_CONSOLE;
-use crate::config::{Connection, MAX_BUFFER, MIN_BUFFER};
+use crate::config::{buffer_for_limit, Connection, MAX_BUFFER};
 use crate::host::Host;
 use crate::log::LogFile;
 use crate::ring::{ConsoleRing, HostSlot, Limits, OutputSink};
@@ -167,9 +167,8 @@ pub fn decide(nodes: &PrimaryNodes, ours: Option<&str>, force: bool, tty_exists:
         }
     }
     let buffer = match nodes.limit.as_deref().map(|l| l.trim().parse::<u64>()) {
-        Some(Ok(0)) | None => MAX_BUFFER,
-        Some(Ok(n)) => (n.min(MAX_BUFFER as u64) as usize).max(MIN_BUFFER),
-        Some(Err(_)) => MAX_BUFFER,
+        Some(Ok(n)) => buffer_for_limit(n),
+        None | Some(Err(_)) => MAX_BUFFER,
     };
     Decision::Serve { port, buffer }
 }
