@@ -129,17 +129,33 @@ impl PortEntry {
 
 struct DomPorts {
     generation: u64,
-    /// Index is the port number; entry 0 is reserved and stays free.
-    ports: Vec<PortEntry>,
+    /// Index is the port number; entry 0 is reserved and stays free. Each
+    /// port has its own lock, taken under the table's shared lock to send
+    /// or unmask (one guest's notifications never wait for another's, as
+    /// with Xen's per-channel locks); binding and closing hold the table
+    /// exclusively and need no port lock.
+    ports: Vec<Mutex<PortEntry>>,
 }
 
 impl DomPorts {
+    /// The entry of `port`, with the table held exclusively.
+    fn entry_mut(&mut self, port: usize) -> Option<&mut PortEntry> {
+        self.ports.get_mut(port).map(|m| m.get_mut().expect("event channel port lock poisoned"))
+    }
+
+    /// The entry of `port`, locked, with the table held shared.
+    fn entry(&self, port: usize) -> Option<MutexGuard<'_, PortEntry>> {
+        self.ports.get(port).map(|m| m.lock().expect("event channel port lock poisoned"))
+    }
+
     fn free_port(&mut self) -> Option<usize> {
-        if let Some(p) = (1..self.ports.len()).find(|&p| self.ports[p].state == PortStatus::Closed) {
+        if let Some(p) =
+            (1..self.ports.len()).find(|&p| self.entry_mut(p).is_some_and(|e| e.state == PortStatus::Closed))
+        {
             return Some(p);
         }
         if self.ports.len() < MAX_PORTS {
-            self.ports.push(PortEntry::FREE);
+            self.ports.push(Mutex::new(PortEntry::FREE));
             Some(self.ports.len() - 1)
         } else {
             None
@@ -147,7 +163,7 @@ impl DomPorts {
     }
 }
 
-/// Every domain's ports, behind one host-wide lock.
+/// Every domain's ports, behind one host-wide read-write lock.
 pub(crate) struct EvtchnTable {
     domains: HashMap<DomId, DomPorts>,
 }
@@ -159,14 +175,15 @@ impl EvtchnTable {
 
     pub(crate) fn add_domain(&mut self, domid: DomId, generation: u64) {
         let mut ports = Vec::with_capacity(64);
-        ports.push(PortEntry::FREE);
+        ports.push(Mutex::new(PortEntry::FREE));
         self.domains.insert(domid, DomPorts { generation, ports });
     }
 
     /// Closes every port of `domid` (Xen's `evtchn_destroy`) and forgets it.
     pub(crate) fn remove_domain(&mut self, domid: DomId) {
-        let Some(dp) = self.domains.get(&domid) else { return };
-        let open: Vec<usize> = (1..dp.ports.len()).filter(|&p| dp.ports[p].state != PortStatus::Closed).collect();
+        let Some(dp) = self.domains.get_mut(&domid) else { return };
+        let open: Vec<usize> =
+            (1..dp.ports.len()).filter(|&p| dp.entry_mut(p).is_some_and(|e| e.state != PortStatus::Closed)).collect();
         for p in open {
             self.close(domid, p);
         }
@@ -176,18 +193,18 @@ impl EvtchnTable {
     /// Xen's `__evtchn_close`: frees the port; an interdomain far end becomes
     /// unbound, offered to `domid` again.
     fn close(&mut self, domid: DomId, port: usize) {
-        let Some(entry) = self.domains.get_mut(&domid).and_then(|d| d.ports.get_mut(port)) else { return };
+        let Some(entry) = self.domains.get_mut(&domid).and_then(|d| d.entry_mut(port)) else { return };
         let state = entry.state;
         *entry = PortEntry::FREE;
         if let PortStatus::Interdomain { remote, remote_port } = state {
-            if let Some(far) = self.domains.get_mut(&remote).and_then(|d| d.ports.get_mut(remote_port.0 as usize)) {
+            if let Some(far) = self.domains.get_mut(&remote).and_then(|d| d.entry_mut(remote_port.0 as usize)) {
                 far.state = PortStatus::Unbound { remote: domid };
             }
         }
     }
 
     pub(crate) fn status(&self, domid: DomId, port: Port) -> Option<PortStatus> {
-        self.domains.get(&domid)?.ports.get(port.0 as usize).map(|e| e.state).filter(|_| port.0 != 0)
+        self.domains.get(&domid)?.entry(port.0 as usize).map(|e| e.state).filter(|_| port.0 != 0)
     }
 
     pub(crate) fn generation(&self, domid: DomId) -> u64 {
@@ -209,7 +226,7 @@ pub struct SimEventChannel {
 impl SimEventChannel {
     pub(crate) fn new(host: Arc<SimHost>, domid: DomId) -> std::io::Result<Self> {
         let eventfd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
-        let generation = host.evtchn_table().generation(domid);
+        let generation = host.evtchn_shared().generation(domid);
         let shared =
             Arc::new(HandleShared { id: NEXT_HANDLE.fetch_add(1, Ordering::Relaxed), eventfd, ring: Mutex::default() });
         Ok(SimEventChannel { host, domid, generation, shared })
@@ -228,9 +245,27 @@ impl SimEventChannel {
         }
     }
 
-    /// The entry of `port` if it is bound on this handle.
+    /// [`SimEventChannel::ports`] with the table held shared.
+    fn ports_shared<'a>(&self, t: &'a EvtchnTable, op: &'static str) -> evtchn::Result<&'a DomPorts> {
+        match t.domains.get(&self.domid) {
+            Some(d) if d.generation == self.generation => Ok(d),
+            _ => Err(op_err(op, nix::libc::ESRCH)),
+        }
+    }
+
+    fn is_mine(&self, e: &PortEntry) -> bool {
+        e.owner.as_ref().is_some_and(|h| h.id == self.shared.id)
+    }
+
+    /// The entry of `port` if it is bound on this handle, with the table
+    /// held exclusively.
     fn owned<'a>(&self, dp: &'a mut DomPorts, port: Port) -> Option<&'a mut PortEntry> {
-        dp.ports.get_mut(port.0 as usize).filter(|e| e.owner.as_ref().is_some_and(|h| h.id == self.shared.id))
+        dp.entry_mut(port.0 as usize).filter(|e| self.is_mine(e))
+    }
+
+    /// The entry of `port`, locked, if it is bound on this handle.
+    fn owned_shared<'a>(&self, dp: &'a DomPorts, port: Port) -> Option<MutexGuard<'a, PortEntry>> {
+        dp.entry(port.0 as usize).filter(|e| self.is_mine(e))
     }
 }
 
@@ -243,8 +278,8 @@ impl EventChannel for SimEventChannel {
         }
         let offered = t
             .domains
-            .get(&remote_domid)
-            .and_then(|d| d.ports.get(remote_port.0 as usize))
+            .get_mut(&remote_domid)
+            .and_then(|d| d.entry_mut(remote_port.0 as usize))
             .is_some_and(|e| remote_port.0 != 0 && e.state == PortStatus::Unbound { remote: self.domid });
         let dp = self.ports(&mut t, BIND_INTERDOMAIN)?;
         let local = dp.free_port().ok_or_else(|| op_err(BIND_INTERDOMAIN, nix::libc::ENOSPC))?;
@@ -252,16 +287,17 @@ impl EventChannel for SimEventChannel {
             return Err(op_err(BIND_INTERDOMAIN, nix::libc::EINVAL));
         }
         let lport = Port(local as u32);
-        dp.ports[local] = PortEntry {
+        *dp.entry_mut(local).expect("free_port returned it") = PortEntry {
             state: PortStatus::Interdomain { remote: remote_domid, remote_port },
             owner: Some(self.shared.clone()),
             pending: false,
             masked: false,
         };
-        let far = &mut t.domains.get_mut(&remote_domid).expect("checked above").ports[remote_port.0 as usize];
+        let far =
+            t.domains.get_mut(&remote_domid).and_then(|d| d.entry_mut(remote_port.0 as usize)).expect("checked above");
         far.state = PortStatus::Interdomain { remote: self.domid, remote_port: lport };
         // Xen conservatively marks the new local port pending.
-        self.ports(&mut t, BIND_INTERDOMAIN)?.ports[local].set_pending(lport);
+        self.ports(&mut t, BIND_INTERDOMAIN)?.entry_mut(local).expect("bound above").set_pending(lport);
         log::debug!("dom{} port {lport} bound to dom{remote_domid} port {remote_port}", self.domid);
         Ok(lport)
     }
@@ -270,7 +306,7 @@ impl EventChannel for SimEventChannel {
         let mut t = self.host.evtchn_table();
         let dp = self.ports(&mut t, BIND_UNBOUND)?;
         let p = dp.free_port().ok_or_else(|| op_err(BIND_UNBOUND, nix::libc::ENOSPC))?;
-        dp.ports[p] = PortEntry {
+        *dp.entry_mut(p).expect("free_port returned it") = PortEntry {
             state: PortStatus::Unbound { remote: remote_domid },
             owner: Some(self.shared.clone()),
             pending: false,
@@ -295,12 +331,15 @@ impl EventChannel for SimEventChannel {
     }
 
     fn notify(&self, port: Port) -> evtchn::Result<()> {
-        let mut t = self.host.evtchn_table();
-        let dp = self.ports(&mut t, NOTIFY)?;
-        let state = self.owned(dp, port).ok_or_else(|| op_err(NOTIFY, nix::libc::ENOTCONN))?.state;
+        let t = self.host.evtchn_shared();
+        let dp = self.ports_shared(&t, NOTIFY)?;
+        let state = self.owned_shared(dp, port).ok_or_else(|| op_err(NOTIFY, nix::libc::ENOTCONN))?.state;
+        // The local port's lock is released: one port lock at a time, so
+        // two domains notifying each other cannot deadlock. Nothing can
+        // rebind either port meanwhile (that needs the table exclusively).
         match state {
             PortStatus::Interdomain { remote, remote_port } => {
-                if let Some(far) = t.domains.get_mut(&remote).and_then(|d| d.ports.get_mut(remote_port.0 as usize)) {
+                if let Some(mut far) = t.domains.get(&remote).and_then(|d| d.entry(remote_port.0 as usize)) {
                     far.set_pending(remote_port);
                 }
                 Ok(())
@@ -325,9 +364,9 @@ impl EventChannel for SimEventChannel {
     }
 
     fn unmask(&self, port: Port) -> evtchn::Result<()> {
-        let mut t = self.host.evtchn_table();
-        let dp = self.ports(&mut t, UNMASK)?;
-        let entry = self.owned(dp, port).ok_or(evtchn::Error::NotBound(port))?;
+        let t = self.host.evtchn_shared();
+        let dp = self.ports_shared(&t, UNMASK)?;
+        let mut entry = self.owned_shared(dp, port).ok_or(evtchn::Error::NotBound(port))?;
         if entry.masked {
             entry.masked = false;
             if entry.pending {
@@ -349,9 +388,8 @@ impl Drop for SimEventChannel {
     fn drop(&mut self) {
         let mut t = self.host.evtchn_table();
         let Ok(dp) = self.ports(&mut t, "close") else { return };
-        let mine: Vec<usize> = (1..dp.ports.len())
-            .filter(|&p| dp.ports[p].owner.as_ref().is_some_and(|h| h.id == self.shared.id))
-            .collect();
+        let mine: Vec<usize> =
+            (1..dp.ports.len()).filter(|&p| dp.entry_mut(p).is_some_and(|e| self.is_mine(e))).collect();
         for p in mine {
             t.close(self.domid, p);
         }

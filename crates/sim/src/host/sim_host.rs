@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use evtchn::{EventChannel, Port};
 use gnttab::GrantMapper;
@@ -27,7 +27,7 @@ pub(crate) struct Domain {
 /// No domain exists at first, not even 0: create the backend's domain too.
 pub struct SimHost {
     domains: RwLock<HashMap<DomId, Arc<Domain>>>,
-    evtchn: Mutex<EvtchnTable>,
+    evtchn: RwLock<EvtchnTable>,
     generations: AtomicU64,
 }
 
@@ -36,7 +36,7 @@ impl SimHost {
     pub fn new() -> Arc<Self> {
         Arc::new(SimHost {
             domains: RwLock::new(HashMap::new()),
-            evtchn: Mutex::new(EvtchnTable::new()),
+            evtchn: RwLock::new(EvtchnTable::new()),
             generations: AtomicU64::new(1),
         })
     }
@@ -118,15 +118,22 @@ impl SimHost {
     /// `EVTCHNOP_status` of `port` in `domid` (`None` if the domain does not
     /// exist or the port was never allocated).
     pub fn port_status(&self, domid: DomId, port: Port) -> Option<PortStatus> {
-        self.evtchn_table().status(domid, port)
+        self.evtchn_shared().status(domid, port)
     }
 
     pub(crate) fn domain(&self, domid: DomId) -> Option<Arc<Domain>> {
         self.domains.read().expect("domain registry lock poisoned").get(&domid).cloned()
     }
 
-    pub(crate) fn evtchn_table(&self) -> MutexGuard<'_, EvtchnTable> {
-        self.evtchn.lock().expect("event channel table lock poisoned")
+    /// The event-channel table for binding and closing ports (exclusive).
+    pub(crate) fn evtchn_table(&self) -> RwLockWriteGuard<'_, EvtchnTable> {
+        self.evtchn.write().expect("event channel table lock poisoned")
+    }
+
+    /// The event-channel table for sending and unmasking (shared: each port
+    /// has its own lock, as each channel has in Xen).
+    pub(crate) fn evtchn_shared(&self) -> RwLockReadGuard<'_, EvtchnTable> {
+        self.evtchn.read().expect("event channel table lock poisoned")
     }
 }
 
