@@ -209,6 +209,53 @@ impl ThreadCounters {
     }
 }
 
+/// Pins thread `tid` of this process (0: the calling thread) to `cpu`.
+pub fn pin_thread(tid: u32, cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a cpu_set_t is plain data; all zeros is the empty set.
+    let mut set: nix::libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    if cpu >= 8 * core::mem::size_of::<nix::libc::cpu_set_t>() {
+        return Err(std::io::Error::from_raw_os_error(nix::libc::EINVAL));
+    }
+    // SAFETY: `cpu` is within the set (checked above); `set` is ours.
+    unsafe { nix::libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: the kernel reads `size_of_val(&set)` bytes from a valid
+    // cpu_set_t; a tid of another process is refused by the kernel's checks
+    // like any caller's.
+    let rc = unsafe { nix::libc::sched_setaffinity(tid as nix::libc::pid_t, core::mem::size_of_val(&set), &set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Pins every thread of this process whose name `choose` accepts to
+/// `cpu`; returns how many. Threads started later are not pinned.
+pub fn pin_threads(choose: impl Fn(&str) -> bool, cpu: usize) -> std::io::Result<usize> {
+    let mut pinned = 0;
+    for (tid, name) in thread_names()? {
+        if choose(&name) {
+            pin_thread(tid, cpu)?;
+            pinned += 1;
+        }
+    }
+    Ok(pinned)
+}
+
+/// Puts the calling thread in `SCHED_IDLE`: it runs only when its CPU has
+/// nothing else to run. A benchmark's simulated guest that spins (an
+/// attacker) then takes no CPU from a measured thread beside it, as a real
+/// guest's vCPUs, scheduled by Xen on their own pCPUs, would not.
+pub fn idle_priority() -> std::io::Result<()> {
+    let param = nix::libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the call's duration; pid 0
+    // is the calling thread.
+    let rc = unsafe { nix::libc::sched_setscheduler(0, nix::libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A tracepoint filter that passes the system calls numbered `ids`
 /// (`nix::libc::SYS_*`).
 pub fn syscall_filter(ids: &[nix::libc::c_long]) -> String {
@@ -218,6 +265,37 @@ pub fn syscall_filter(ids: &[nix::libc::c_long]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pins_a_named_thread_and_idles_the_caller() {
+        let (done, finished) = std::sync::mpsc::channel::<(String, String)>();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::Builder::new()
+            .name("measure-pin".into())
+            .spawn(move || {
+                idle_priority().unwrap();
+                // Pinned by the main thread, by name, before this returns.
+                stopped.recv().unwrap();
+                let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+                let cpus =
+                    status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+                // Field 41 of stat is the scheduling policy (SCHED_IDLE = 5).
+                let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+                let policy = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(38).unwrap().to_string();
+                done.send((cpus, policy)).unwrap();
+            })
+            .unwrap();
+        // Wait until the thread is named (its name is set as it starts).
+        while !thread_names().unwrap().iter().any(|(_, n)| n == "measure-pin") {
+            std::thread::yield_now();
+        }
+        assert_eq!(pin_threads(|n| n == "measure-pin", 0).unwrap(), 1);
+        stop.send(()).unwrap();
+        let (cpus, policy) = finished.recv().unwrap();
+        t.join().unwrap();
+        assert_eq!(cpus, "0");
+        assert_eq!(policy, nix::libc::SCHED_IDLE.to_string());
+    }
 
     #[test]
     fn counts_the_system_calls_and_switches_of_a_chosen_thread() {

@@ -34,6 +34,17 @@ use crate::scratch::{self, ScratchFile};
 /// /proc/self/task/*/stat) and the most bytes of bounce buffers the
 /// daemon held so far. With one worker (the default) attacker and
 /// neighbour share it: the worst case.
+///
+/// Each round runs every row, the rows' order rotated by the round; at the
+/// end, per attack, the neighbour's p50 and p99 as median (min-max) over
+/// the rounds, and p99 over the same round's undisturbed p99.
+///
+/// Unless --no-pin: the backend's threads run on the first CPU, the
+/// simulated guests on the last one, the attacker's threads there at
+/// SCHED_IDLE. So the attacker's own spinning (its vCPUs, which Xen would
+/// run on their own pCPUs) takes no CPU from the backend or from the
+/// neighbour's guest, and what is measured is what the backend gives each
+/// guest. Needs 2 CPUs.
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct HostileArgs {
@@ -52,6 +63,53 @@ pub struct HostileArgs {
     /// Bounce buffers of the daemon in MiB, 1 to 65536 (as serve --buffers)
     #[arg(long, value_name = "MIB", default_value_t = blkback::DEFAULT_BUFFER_BYTES >> 20, value_parser = crate::cli::count(1..=65536))]
     buffers: usize,
+    /// Rounds, 1 to 20
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = crate::cli::count(1..=20))]
+    rounds: usize,
+    /// Leave every thread where the kernel puts it
+    #[arg(long)]
+    no_pin: bool,
+}
+
+/// Where the threads run: the backend on one CPU, the simulated guests on
+/// another (see `HostileArgs`).
+#[derive(Clone, Copy, Debug)]
+struct Placement {
+    backend: usize,
+    guests: usize,
+}
+
+impl Placement {
+    /// The first and the last CPU this process may use, if two.
+    fn choose() -> Result<Option<Placement>> {
+        let status = std::fs::read_to_string("/proc/self/status")?;
+        let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim();
+        let mut cpus = Vec::new();
+        for part in list.split(',').filter(|p| !p.is_empty()) {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            cpus.extend(a.parse::<usize>()?..=b.parse::<usize>()?);
+        }
+        Ok(match (cpus.first(), cpus.last()) {
+            (Some(&backend), Some(&guests)) if backend != guests => Some(Placement { backend, guests }),
+            _ => None,
+        })
+    }
+
+    /// Pins the backend's threads that exist now (ring workers, I/O threads).
+    fn pin_backend(self) -> Result<()> {
+        xen_sim::measure::pin_threads(|n| n.starts_with("xenbackd-w") || n.starts_with("blk-io"), self.backend)?;
+        Ok(())
+    }
+
+    /// Called by a simulated guest's thread: onto the guests' CPU, and for
+    /// an attacker at idle priority.
+    fn enter_guest(self, attacker: bool) -> Result<()> {
+        xen_sim::measure::pin_thread(0, self.guests)?;
+        if attacker {
+            xen_sim::measure::idle_priority()?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,7 +246,15 @@ fn worker_ticks() -> u64 {
     ticks
 }
 
-fn run_row(m: &Machine, attack: Attack, row: u16, disks: &[std::path::PathBuf; 2], secs: f64) -> Result<Row> {
+fn run_row(
+    m: &Machine,
+    attack: Attack,
+    row: u16,
+    disks: &[std::path::PathBuf; 2],
+    secs: f64,
+    place: Option<Placement>,
+) -> Result<Row> {
+    let enter = move |attacker: bool| place.map_or(Ok(()), |p| p.enter_guest(attacker));
     let (nd, ad) = (20 + 2 * row, 21 + 2 * row);
     let nxs = m.guest(nd)?;
     let mut n = m.attach(&nxs, nd, 0, &disks[0], BlkfrontOptions { depth: 1, ..Default::default() })?;
@@ -209,7 +275,10 @@ fn run_row(m: &Machine, attack: Attack, row: u16, disks: &[std::path::PathBuf; 2
         for q in a.front.take().expect("connected").into_queues() {
             let stop = stop.clone();
             threads.push(match attack {
-                Attack::Storm => std::thread::spawn(move || storm(q, &stop)),
+                Attack::Storm => std::thread::spawn(move || {
+                    enter(true)?;
+                    storm(q, &stop)
+                }),
                 Attack::BogusReads => {
                     let page = grants.alloc_pages(1)?;
                     let gref = grants.grant_pages(&page, 0, true)?[0].0;
@@ -220,12 +289,22 @@ fn run_row(m: &Machine, attack: Attack, row: u16, disks: &[std::path::PathBuf; 2
                         page.mapping().write(s as usize * 8, &seg)?;
                     }
                     pages.push(page);
-                    std::thread::spawn(move || bogus_reads(q, gref, &stop))
+                    std::thread::spawn(move || {
+                        enter(true)?;
+                        bogus_reads(q, gref, &stop)
+                    })
                 }
-                _ => std::thread::spawn(move || big_reads(q, &stop)),
+                _ => std::thread::spawn(move || {
+                    enter(true)?;
+                    big_reads(q, &stop)
+                }),
             });
         }
         attacker = Some(a);
+    }
+    if let Some(p) = place {
+        // The attacker's disk may have started I/O threads.
+        p.pin_backend()?;
     }
     // Let the attack start before the neighbour is measured.
     std::thread::sleep(Duration::from_millis(100));
@@ -234,7 +313,10 @@ fn run_row(m: &Machine, attack: Attack, row: u16, disks: &[std::path::PathBuf; 2
     let nstop = Arc::new(AtomicBool::new(false));
     let measured = {
         let nstop = nstop.clone();
-        std::thread::spawn(move || neighbour(nq, &nstop))
+        std::thread::spawn(move || {
+            enter(false)?;
+            neighbour(nq, &nstop)
+        })
     };
     crate::scratch::sleep(Duration::from_secs_f64(secs));
     nstop.store(true, Ordering::Relaxed);
@@ -271,39 +353,79 @@ pub fn run(args: HostileArgs) -> Result<u8> {
     let [a, b] = files;
     let files = [a?, b?];
     let disks = files.each_ref().map(|f| f.path().to_path_buf());
+    // No image locks: each row attaches the files again while the backend
+    // may still be closing the previous row's devices (whose locks would
+    // refuse the next ones), and nothing else opens them.
     let options = BlkOptions {
         engine,
+        locking: blkback::Locking::Off,
         queue_buffer_bytes: args.queue_buffers << 20,
         buffer_bytes: args.buffers << 20,
         ..BlkOptions::default()
     };
     let m = Machine::start_with_config(options, Config { workers: args.workers, ..Config::default() })?;
+    let place = if args.no_pin { None } else { Placement::choose()? };
+    if let Some(p) = place {
+        p.pin_backend()?;
+    }
     println!(
-        "xenbackd bench hostile: {} s per row, {} worker(s), I/O engine {engine:?}, buffers {} MiB per queue, {} MiB in all",
-        args.seconds, args.workers, args.queue_buffers, args.buffers
+        "xenbackd bench hostile: {} s per row, {} round(s), {} worker(s), I/O engine {engine:?}, buffers {} MiB per queue, {} MiB in all",
+        args.seconds, args.rounds, args.workers, args.queue_buffers, args.buffers
     );
+    match place {
+        Some(p) => println!("backend on CPU {}, guests on CPU {} (attackers at SCHED_IDLE)", p.backend, p.guests),
+        None if args.no_pin => println!("threads not pinned (--no-pin)"),
+        None => println!("threads not pinned (one CPU)"),
+    }
     println!(
-        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>11}",
-        "attack", "requests", "p50 ms", "p99 ms", "max ms", "attacker", "wakeups", "cpu %", "peak MiB"
+        "{:<5} {:<12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>11}",
+        "round", "attack", "requests", "p50 ms", "p99 ms", "max ms", "attacker", "wakeups", "cpu %", "peak MiB"
     );
-    for (row, (attack, name)) in ATTACKS.iter().enumerate() {
-        if scratch::interrupted() {
-            return Ok(130);
+    // (p50, p99) per round, per attack.
+    let mut results = vec![vec![(0.0, 0.0); ATTACKS.len()]; args.rounds];
+    for (round, per_attack) in results.iter_mut().enumerate() {
+        for k in 0..ATTACKS.len() {
+            let i = (k + round) % ATTACKS.len();
+            let (attack, name) = ATTACKS[i];
+            if scratch::interrupted() {
+                return Ok(130);
+            }
+            let row = (round * ATTACKS.len() + k) as u16;
+            let mut r = run_row(&m, attack, row, &disks, args.seconds, place)?;
+            r.latencies.sort_unstable();
+            let (p50, p99) = (percentile_ms(&r.latencies, 0.5), percentile_ms(&r.latencies, 0.99));
+            per_attack[i] = (p50, p99);
+            println!(
+                "{:<5} {:<12} {:>9} {:>9.3} {:>9.3} {:>9.3} {:>10} {:>9} {:>8.0} {:>11.1}",
+                round + 1,
+                name,
+                r.latencies.len(),
+                p50,
+                p99,
+                percentile_ms(&r.latencies, 1.0),
+                r.attacker,
+                r.wakeups,
+                r.worker_cpu,
+                m.budget().peak() as f64 / f64::from(1 << 20)
+            );
         }
-        let mut r = run_row(&m, *attack, row as u16, &disks, args.seconds)?;
-        r.latencies.sort_unstable();
-        println!(
-            "{:<12} {:>9} {:>9.3} {:>9.3} {:>9.3} {:>10} {:>9} {:>8.0} {:>11.1}",
-            name,
-            r.latencies.len(),
-            percentile_ms(&r.latencies, 0.5),
-            percentile_ms(&r.latencies, 0.99),
-            percentile_ms(&r.latencies, 1.0),
-            r.attacker,
-            r.wakeups,
-            r.worker_cpu,
-            m.budget().peak() as f64 / f64::from(1 << 20)
-        );
+    }
+    println!();
+    println!("per attack over {} round(s): median (min-max); ratios against the same round's \"none\"", args.rounds);
+    println!("{:<12} {:>22} {:>22} {:>22}", "attack", "p50 ms", "p99 ms", "p99 / none's p99");
+    for (i, (_, name)) in ATTACKS.iter().enumerate() {
+        let p50: Vec<f64> = results.iter().map(|r| r[i].0).collect();
+        let p99: Vec<f64> = results.iter().map(|r| r[i].1).collect();
+        let ratio: Vec<f64> = results.iter().map(|r| r[i].1 / r[0].1.max(1e-3)).collect();
+        println!("{:<12} {:>22} {:>22} {:>22}", name, spread(&p50, 3), spread(&p99, 3), spread(&ratio, 2));
     }
     Ok(0)
+}
+
+/// `median (min-max)` of `v`, with `digits` decimals.
+fn spread(v: &[f64], digits: usize) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let median = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+    format!("{median:.digits$} ({:.digits$}-{:.digits$})", v[0], v[v.len() - 1])
 }
