@@ -226,13 +226,16 @@ impl RingQueue {
             pass.notify |= self.respond()?;
             // Waiting for buffers: a completion, or the retry, calls again.
             if !self.exec.can_take() {
-                return Ok(Progress { idle: taken == 0, retry: self.exec.retry(), ..pass });
+                let more = self.exec.has_backlog();
+                return Ok(Progress { more, idle: taken == 0, retry: self.exec.retry(), ..pass });
             }
             // With the budget spent, report more work; else (or if the ring
             // is empty now) arm req_event so the next request notifies us.
             let waiting = self.ring.final_check_for_requests().map_err(ring_err)?;
             if left == 0 || !waiting {
-                return Ok(Progress { more: waiting, idle: taken == 0, retry: self.exec.retry(), ..pass });
+                // Completions left for the next poll need a call too.
+                let more = waiting || self.exec.has_backlog();
+                return Ok(Progress { more, idle: taken == 0, retry: self.exec.retry(), ..pass });
             }
         }
     }
@@ -243,8 +246,13 @@ impl RingQueue {
     /// A ring the guest broke gets no more responses, but its requests in
     /// flight are still waited for (their buffers are the engine's).
     pub fn drain(&mut self) -> (bool, bool) {
-        // The first poll also starts writes taken but not started.
+        // The first poll also starts writes taken but not started; the
+        // completions one poll leaves for the next are answered here too
+        // (nothing else would call again).
         self.exec.poll(&mut self.responses);
+        while self.exec.has_backlog() {
+            self.exec.poll(&mut self.responses);
+        }
         let notify = match self.respond() {
             Ok(notify) => notify,
             Err(e) => {
@@ -267,7 +275,9 @@ impl RingQueue {
             if self.exec.pending() == 0 {
                 return Ok(notify);
             }
-            wait_readable(self.exec.completion_fd());
+            if !self.exec.has_backlog() {
+                wait_readable(self.exec.completion_fd());
+            }
         }
     }
 

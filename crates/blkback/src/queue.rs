@@ -41,6 +41,11 @@ const SUSPECT_READS: u32 = 1024;
 /// How often a queue parked on the daemon's budget, with nothing of its own
 /// in flight to wake it, tries again.
 const BUDGET_RETRY: Duration = Duration::from_millis(1);
+/// Read data copied to the guest per poll: further completions wait for the
+/// next poll (the ring reports more work), so one pass that reaps many
+/// large reads does not hold the worker, and the guests behind it, for all
+/// their copies. At least one completion is answered per poll.
+const POLL_READ_BYTES: usize = 256 << 10;
 
 /// Counters of a queue, for the demo and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -111,6 +116,8 @@ pub struct QueueExecutor {
     /// are done together, in one call, at the next poll.
     unstarted_writes: Vec<UnstartedWrite>,
     completions: Vec<Completion>,
+    /// Completions reaped and not answered yet, beyond [`POLL_READ_BYTES`].
+    backlog: Vec<Completion>,
     /// Bounce buffers of finished requests, reused (allocating and freeing
     /// a large buffer per request costs page faults and `munmap`s).
     spare: Vec<AlignedBuf>,
@@ -149,6 +156,7 @@ impl QueueExecutor {
             barrier_in_flight: false,
             unstarted_writes: Vec::new(),
             completions: Vec::new(),
+            backlog: Vec::new(),
             spare: Vec::new(),
             budget: QueueBudget::new(DEFAULT_QUEUE_BUFFER_BYTES, BufferBudget::new(usize::MAX)),
             parked: None,
@@ -183,6 +191,12 @@ impl QueueExecutor {
         } else {
             None
         }
+    }
+
+    /// Completions wait to be answered by the next poll (which nothing
+    /// else will trigger: call again).
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
     }
 
     /// Something of this queue is in flight (its completion will poll us).
@@ -242,7 +256,10 @@ impl QueueExecutor {
     pub fn poll(&mut self, out: &mut Vec<Response>) {
         self.start_writes(out);
         let mut done = std::mem::take(&mut self.completions);
+        done.append(&mut self.backlog);
         self.engine.completions(&mut done);
+        let cut = self.within_read_bytes(&done);
+        self.backlog.extend(done.drain(cut..));
         let copied = self.copy_reads_to_guest(&done);
         for (c, read_copied) in done.drain(..).zip(copied) {
             self.complete(c, read_copied, out);
@@ -278,6 +295,32 @@ impl QueueExecutor {
         }
     }
 
+    /// The data to copy to the guest for a completion: a successful read's
+    /// segments and buffer.
+    fn read_to_copy<'a>(&'a self, c: &'a Completion) -> Option<(&'a [Segment], &'a AlignedBuf)> {
+        match (self.in_flight.get(&c.tag), &c.buf) {
+            (Some(InFlight { stage: Stage::Data { direction: Direction::Read, segments, .. }, .. }), Some(buf))
+                if c.result.is_ok() =>
+            {
+                Some((segments, buf))
+            }
+            _ => None,
+        }
+    }
+
+    /// How many of `done`, from the first, one poll answers: as many as fit
+    /// [`POLL_READ_BYTES`] of read data, and at least one.
+    fn within_read_bytes(&self, done: &[Completion]) -> usize {
+        let mut bytes = 0;
+        for (i, c) in done.iter().enumerate() {
+            bytes += self.read_to_copy(c).map_or(0, |(_, buf)| buf.len());
+            if bytes > POLL_READ_BYTES && i > 0 {
+                return i;
+            }
+        }
+        done.len()
+    }
+
     /// Copies the data of every read in `done` that succeeded to the guest
     /// in ONE grant copy (one ioctl for the batch, not one per request).
     /// Per completion: whether its data reached the guest (true for
@@ -287,15 +330,7 @@ impl QueueExecutor {
         // Per completion: its copies' range in `copies`, if it is a read to copy.
         let mut spans = Vec::with_capacity(done.len());
         for c in done {
-            let read = match (self.in_flight.get(&c.tag), &c.buf) {
-                (Some(InFlight { stage: Stage::Data { direction: Direction::Read, segments, .. }, .. }), Some(buf))
-                    if c.result.is_ok() =>
-                {
-                    Some((segments, buf))
-                }
-                _ => None,
-            };
-            let Some((segments, buf)) = read else {
+            let Some((segments, buf)) = self.read_to_copy(c) else {
                 spans.push(None);
                 continue;
             };
@@ -783,6 +818,38 @@ mod tests {
         }
         let pages = grants.pages.lock().unwrap();
         assert!((0..8u32).filter(|&i| i != 3).all(|i| pages[&(2 + i)].iter().all(|&b| b == 0x33)));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn one_poll_copies_a_bounded_amount_of_read_data_and_leaves_the_rest() {
+        let (mut q, _, p) = setup();
+        let mut out = Vec::new();
+        // 12 reads of 44 KiB (11 segments): 528 KiB, over POLL_READ_BYTES.
+        for id in 0..12u32 {
+            let segs = [(2 + id % 14, 0, 7); 11];
+            q.submit(request(BLKIF_OP_READ, id.into(), u64::from(id) * 88, &segs).as_bytes(), &mut out);
+        }
+        // Let every read finish, so that one poll could collect them all.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut left_some = false;
+        while q.pending() > 0 {
+            let before = out.len();
+            q.poll(&mut out);
+            let answered = out.len() - before;
+            assert!(answered * 44 * 1024 <= POLL_READ_BYTES, "{answered} reads of 44 KiB answered by one poll");
+            if q.has_backlog() {
+                assert!(answered >= 1, "a poll with completions waiting answered none");
+                left_some = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            assert!(std::time::Instant::now() < deadline, "requests never completed");
+        }
+        assert!(left_some, "12 reads finished together were answered by one poll");
+        assert!(!q.has_backlog());
+        assert_eq!(out.len(), 12);
+        assert!(out.iter().all(|r| r.status == Status::Okay));
         std::fs::remove_file(p).unwrap();
     }
 
