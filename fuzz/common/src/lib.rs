@@ -12,6 +12,7 @@ pub mod backend_state;
 pub mod blkif_parse;
 pub mod byte_ring;
 pub mod console_ring;
+pub mod dm_args;
 pub mod input;
 pub mod qcow2_image;
 pub mod qmp;
@@ -41,6 +42,7 @@ pub const TARGETS: &[Target] = &[
     Target { name: "xs_client_hostile", run: xs_client_hostile::run, seeds: xs_client_hostile::seeds },
     Target { name: "backend_state", run: backend_state::run, seeds: backend_state::seeds },
     Target { name: "qmp", run: qmp::run, seeds: qmp::seeds },
+    Target { name: "dm_args", run: dm_args::run, seeds: dm_args::seeds },
     Target { name: "byte_ring", run: byte_ring::run, seeds: byte_ring::seeds },
     Target { name: "console_ring", run: console_ring::run, seeds: console_ring::seeds },
     Target { name: "qcow2_image", run: qcow2_image::run, seeds: qcow2_image::seeds },
