@@ -246,7 +246,9 @@ pub fn pin_threads(choose: impl Fn(&str) -> bool, cpu: usize) -> std::io::Result
 /// attacker) then takes no CPU from a measured thread beside it, as a real
 /// guest's vCPUs, scheduled by Xen on their own pCPUs, would not.
 pub fn idle_priority() -> std::io::Result<()> {
-    let param = nix::libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_param is plain data (musl's has more fields than
+    // glibc's); all zeros is priority 0, the only one SCHED_IDLE takes.
+    let param: nix::libc::sched_param = unsafe { core::mem::zeroed() };
     // SAFETY: `param` is a valid sched_param for the call's duration; pid 0
     // is the calling thread.
     let rc = unsafe { nix::libc::sched_setscheduler(0, nix::libc::SCHED_IDLE, &param) };
