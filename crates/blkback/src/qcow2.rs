@@ -569,6 +569,35 @@ mod tests {
     }
 
     #[test]
+    fn a_write_without_a_refcount_block_for_the_header_fails_and_keeps_the_image() {
+        // Refcount table entry 0 emptied: nothing says the header's cluster
+        // is in use. imago 0.2.6 placed a refcount block for it at cluster
+        // 0, over the header, which the table cannot reference (offset 0
+        // is "none"), and then recursed allocating it until the stack
+        // overflowed (fuzz/upstream/README.md); the patched imago refuses.
+        let p = temp("headerless-refcounts");
+        Qcow2Image::create(&p, 1 << 20).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let mut reftable_offset = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut reftable_offset, 48).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0; 8], u64::from_be_bytes(reftable_offset)).unwrap();
+        let before = std::fs::read(&p).unwrap();
+        let image = Qcow2Image::open(&p, false, false).unwrap();
+
+        let write = image.write_at(&[0x5a; 4096], 8192).expect_err("no cluster can be allocated");
+        let discard = image.discard(0, 65536, false).expect_err("nor an L2 table for zero clusters");
+        let flush = image.flush();
+        drop(image);
+
+        for e in [write, discard] {
+            assert!(e.to_string().contains("no refcount block for the image header"), "{e}");
+        }
+        assert!(flush.is_ok(), "{flush:?}");
+        assert!(std::fs::read(&p).unwrap() == before, "the image is unchanged");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
     fn a_file_that_is_not_qcow2_is_refused_and_never_read_as_raw() {
         let p = temp("notqcow2");
         std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();

@@ -380,7 +380,12 @@ impl<S: Storage> Allocator<S> {
     ) -> io::Result<PendingClusters> {
         let mut index = self.first_free_cluster;
         loop {
-            if end_cluster == Some(index) {
+            // `>=`, not `==`: the search starts at `first_free_cluster`, which may already be
+            // beyond `end_cluster`, namely when the range's refblock exists but the reftable does
+            // not reference it (one placed at cluster 0, whose offset reads as “no refblock”).
+            // Stopping only exactly at `end_cluster` then never stops, and `ensure_rb()` recurses
+            // for the same range until the stack overflows.
+            if end_cluster.is_some_and(|end| index >= end) {
                 return Err(io::Error::other("Maximum cluster index reached"));
             }
 
@@ -542,6 +547,16 @@ impl<S: Storage> Allocator<S> {
             new_rb.set_cluster(new_rb_allocation.cluster());
             Some(new_rb_allocation)
         } else {
+            // Cluster 0 holds the image header, so the refblock covering it cannot be placed
+            // there; nor could the reftable reference it (offset 0 means “no refblock”), so it
+            // would be created again and again.  Only a corrupt image has no refblock for the
+            // header.
+            if rb_cluster == HostCluster(0) {
+                return Err(invalid_data(
+                    "Refcount table has no refcount block for the image header (cluster 0)",
+                ));
+            }
+
             // Place the refblock such that it covers itself.  Its refcount is stored only in
             // itself, so until it is referenced, there is nothing that could be leaked.
             new_rb.set_cluster(rb_cluster);
@@ -747,6 +762,40 @@ impl<S: Storage> Allocator<S> {
 mod tests {
     use super::*;
     use crate::null::Null;
+
+    /// Regression test for unbounded recursion on a corrupt image whose refcount table has no
+    /// refblock for cluster 0 (the header): `ensure_rb(0)` could find no cluster before the one it
+    /// covers, so placed the refblock at cluster 0 itself (over the header), where the reftable
+    /// cannot reference it (offset 0 means no refblock); the next allocation, starting at cluster
+    /// 1, then called `ensure_rb(0)` again, whose search for a cluster below cluster 0 started at
+    /// cluster 1 and never reached its end, recursing until the stack overflowed.
+    #[maybe_async::test(feature = "sync", async(feature = "async", tokio::test))]
+    async fn test_allocate_without_refblock_for_header() {
+        let header = Arc::new(Header::new(16, 4, None, None, None));
+        let null = Arc::new(Null::new(1 << 30));
+        let caches = Arc::new(MetadataCaches::new(&null, &header, 128, 32));
+        let data = vec![RefTableEntry::default(); 8];
+        let reftable = RefTable::from_data(data.into_boxed_slice(), &header);
+
+        let mut allocator = Allocator {
+            file: Arc::clone(&null),
+            reftable,
+            first_free_cluster: HostCluster(0),
+            header: Arc::clone(&header),
+            caches: Arc::clone(&caches),
+            clusters_to_free: Arc::new(ClustersToFreeList::default()),
+        };
+
+        for _ in 0..2 {
+            let err = allocator
+                .allocate_clusters(ClusterCount(1), None, false)
+                .await
+                .err()
+                .expect("allocation must fail");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+            assert!(allocator.reftable.get(0).refblock_offset().is_none());
+        }
+    }
 
     /// Regression test for a bug in `Allocator::grow_reftable()`'s free-space search loop: when it
     /// hit a reftable index that had no refblock at all (i.e. a range that has never been
