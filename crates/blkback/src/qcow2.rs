@@ -99,7 +99,9 @@ pub struct Qcow2Image {
     path: PathBuf,
     backing_chain: Vec<PathBuf>,
     size: u64,
-    discard_granularity: u32,
+    /// The cluster size, where discard frees clusters (v3); `None` (v2):
+    /// no discard.
+    discard_granularity: Option<u32>,
     read_only: bool,
     /// The top image was opened with `O_DIRECT`.
     direct: bool,
@@ -142,9 +144,10 @@ impl Qcow2Image {
             mem if mem <= crate::buffer::BUFFER_ALIGN => image.req_align().max(1) as u64,
             _ => u64::MAX,
         };
-        // v3 frees whole clusters (zero clusters); v2 has none, and what a
-        // discard cannot free is written with zeros.
-        let discard_granularity = image.inner().zero_granularity().map_or(512, |g| g.min(u32::MAX.into()) as u32);
+        // v3 frees whole clusters (zero clusters), and writes zeros over
+        // the rest of a range. v2 has no zero clusters, and imago refuses
+        // to discard on it ("qcow2 version 3 required"): no discard offered.
+        let discard_granularity = image.inner().zero_granularity().map(|g| g.min(u32::MAX.into()) as u32);
         Ok(Qcow2Image {
             image: RwLock::new(image),
             top_file,
@@ -466,11 +469,11 @@ impl DiskImage for Qcow2Image {
     }
 
     fn supports_discard(&self) -> bool {
-        !self.read_only
+        !self.read_only && self.discard_granularity.is_some()
     }
 
     fn discard_granularity(&self) -> u32 {
-        self.discard_granularity
+        self.discard_granularity.unwrap_or(512)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
