@@ -1,31 +1,98 @@
-//! Target `qcow2_image`: [`blkback::Qcow2Image::open`] of a hostile image
-//! file (with a hostile backing file beside it), read-only or writable,
-//! then reads and a flush through [`blkback::DiskImage`].
+//! Target `qcow2_image`: [`blkback::Qcow2Image`] on a hostile image file
+//! (with a hostile backing file beside it), read-only or writable, running
+//! reads, writes, discards and flushes through [`blkback::DiskImage`]; or,
+//! to check what the I/O returns, on a consistent image the harness makes.
 //!
-//! Properties: opening never panics (a panic inside imago becomes
-//! `Qcow2Error::Panicked`) and nothing allocates beyond libFuzzer's RSS
-//! limit, whatever the header, tables and extensions say; on a successful
-//! open, a read past the end fails.
+//! Properties, whatever the header, tables and extensions say: opening and
+//! every operation return (`Ok` or `Err`), never panic or overflow the
+//! stack (the panic guards of `Qcow2Image::open` and of the engine are not
+//! counted on: `Qcow2Error::Panicked` or a panic here is a finding), and
+//! nothing allocates beyond libFuzzer's RSS limit; a read past the end
+//! fails. On an image the
+//! harness made (imago's, any cluster size from 512 B to 4 KiB and refcount
+//! width from 1 to 64 bits, alone or over a raw backing file) every
+//! operation succeeds (writes fail read-only), a read returns what was last
+//! written there, zeros after a discard and the backing file's bytes
+//! elsewhere, and so does the image opened again after it was closed. A
+//! hostile image has no such reference: its refcounts may call its own
+//! metadata free, and imago (as QEMU without its overlap checks) then
+//! writes data over it, so what it reads back is not checked.
 //!
-//! Input: a flags byte (bit 0: open writable), a read offset (`u32`, taken
-//! modulo the disk size), the image's length (`u16`), the image bytes, then
-//! the bytes of the file named `backing` in the image's directory (the seeds'
+//! Input: a flags byte (bit 0: open writable; bit 1: the harness makes the
+//! image, bits 2-3 its cluster size `512 << n`, bits 4-6 its refcount width
+//! `1 << n`, bit 7 over the raw backing file), a size (`u16`: the made
+//! image's, `(n % 2048 + 1) * 512` bytes), an operation count (`u8`, at
+//! most 16), the operations (kind `u8`: read, write, discard or flush
+//! (`n % 4`); fill byte `u8`; offset `u32` taken modulo the disk size;
+//! length `u8`, `(n % 128 + 1) * 512` bytes within the disk), the image's
+//! length (`u16`), the image bytes (ignored for a made image), then the
+//! bytes of the file named `backing` in the image's directory (the seeds'
 //! images name it as their raw or qcow2 backing file).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use blkback::{DiskImage, Qcow2Image};
+use blkback::{DiskImage, Qcow2Error, Qcow2Image};
 
 use crate::input::Input;
+
+/// Operations per input at most.
+pub const MAX_OPS: usize = 16;
+
+/// One operation on the open image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `read_at`.
+    Read,
+    /// `write_at` of the fill byte.
+    Write,
+    /// `discard`.
+    Discard,
+    /// `flush`.
+    Flush,
+}
+
+/// An operation and where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Op {
+    /// What.
+    pub kind: Kind,
+    /// The byte a write writes.
+    pub fill: u8,
+    /// Where (modulo the disk size, rounded down to 512 bytes).
+    pub offset: u32,
+    /// How much: `(len % 128 + 1) * 512` bytes, cut at the end of the disk.
+    pub len: u8,
+}
+
+/// How the harness makes a consistent image (instead of the input's bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Made {
+    /// `log2(cluster size) - 9`, 0..=3.
+    pub cluster_shift: u8,
+    /// `log2(refcount bits)`, 0..=6 (7 is taken as 6).
+    pub refcount_order: u8,
+    /// Over the raw backing file.
+    pub backed: bool,
+    /// Disk size: `(size % 2048 + 1) * 512` bytes.
+    pub size: u16,
+}
+
+impl Made {
+    fn disk_size(self) -> u64 {
+        (u64::from(self.size) % 2048 + 1) * 512
+    }
+}
 
 /// One decoded input.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Case {
     /// Open the image writable.
     pub writable: bool,
-    /// Where to read (modulo the disk size).
-    pub offset: u32,
-    /// The image file.
+    /// A consistent image made by the harness, or the input's bytes.
+    pub made: Option<Made>,
+    /// The operations, in order.
+    pub ops: Vec<Op>,
+    /// The image file (unused for a made image).
     pub image: Vec<u8>,
     /// The file `backing` beside it.
     pub backing: Vec<u8>,
@@ -35,17 +102,43 @@ impl Case {
     /// Decodes an input (every byte string decodes to some case).
     pub fn decode(data: &[u8]) -> Case {
         let mut input = Input::new(data);
-        let writable = input.u8() & 1 != 0;
-        let offset = input.u32();
+        let flags = input.u8();
+        let size = input.u16();
+        let made = (flags & 2 != 0).then_some(Made {
+            cluster_shift: (flags >> 2) & 3,
+            refcount_order: ((flags >> 4) & 7).min(6),
+            backed: flags & 0x80 != 0,
+            size,
+        });
+        let count = usize::from(input.u8()).min(MAX_OPS);
+        let ops = (0..count)
+            .map(|_| {
+                let kind = [Kind::Read, Kind::Write, Kind::Discard, Kind::Flush][usize::from(input.u8() % 4)];
+                Op { kind, fill: input.u8(), offset: input.u32(), len: input.u8() }
+            })
+            .collect();
         let len = usize::from(input.u16());
         let image = input.bytes(len).to_vec();
-        Case { writable, offset, image, backing: input.rest().to_vec() }
+        Case { writable: flags & 1 != 0, made, ops, image, backing: input.rest().to_vec() }
     }
 
     /// The input that decodes to this case.
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = vec![u8::from(self.writable)];
-        v.extend_from_slice(&self.offset.to_le_bytes());
+        let mut flags = u8::from(self.writable);
+        let mut size = 0;
+        if let Some(m) = self.made {
+            flags |= 2 | (m.cluster_shift & 3) << 2 | (m.refcount_order & 7) << 4 | u8::from(m.backed) << 7;
+            size = m.size;
+        }
+        let mut v = vec![flags];
+        v.extend_from_slice(&size.to_le_bytes());
+        v.push(self.ops.len() as u8);
+        for op in &self.ops {
+            let kind = [Kind::Read, Kind::Write, Kind::Discard, Kind::Flush].iter().position(|k| *k == op.kind);
+            v.extend_from_slice(&[kind.expect("a kind") as u8, op.fill]);
+            v.extend_from_slice(&op.offset.to_le_bytes());
+            v.push(op.len);
+        }
         v.extend_from_slice(&(self.image.len() as u16).to_le_bytes());
         v.extend_from_slice(&self.image);
         v.extend_from_slice(&self.backing);
@@ -65,47 +158,145 @@ pub fn run(data: &[u8]) {
     let case = Case::decode(data);
     let dir = case_dir();
     let (image_path, backing_path) = (dir.join("image"), dir.join("backing"));
-    std::fs::write(&image_path, &case.image).expect("write the image");
     std::fs::write(&backing_path, &case.backing).expect("write the backing file");
-    let Ok(image) = Qcow2Image::open(&image_path, !case.writable, false) else { return };
+    // What a consistent image reads: the backing file's bytes (zeros past
+    // its end), or zeros.
+    let mut model = case.made.map(|made| {
+        make_image(&image_path, made);
+        let mut bytes = if made.backed { case.backing.clone() } else { Vec::new() };
+        bytes.resize(made.disk_size() as usize, 0);
+        bytes
+    });
+    if model.is_none() {
+        std::fs::write(&image_path, &case.image).expect("write the image");
+    }
+    let image = match Qcow2Image::open(&image_path, !case.writable, false) {
+        Ok(image) => image,
+        Err(e) => {
+            assert!(!matches!(e, Qcow2Error::Panicked { .. }), "imago panicked opening the image: {e}");
+            assert!(model.is_none(), "the harness's image is refused: {e}");
+            return;
+        }
+    };
     let size = image.size();
+    if let Some(model) = &model {
+        assert_eq!(size, model.len() as u64, "the made image's size");
+    }
+    assert!(image.read_at(&mut [0u8; 512], size).is_err(), "a read past the end fails");
     if size == 0 {
         return;
     }
-    let offset = (u64::from(case.offset) % size) & !511;
-    let len = (size - offset).min(64 << 10) as usize & !511;
-    assert!(image.read_at(&mut [0u8; 512], size).is_err(), "a read past the end fails");
-    // As the thread-pool engine runs them (`guarded`): a panic in the
-    // format layer fails the operation. Writes and discards are left out:
-    // imago 0.2.6 can recurse without bound allocating refcount blocks for a
-    // hostile refcount table (a stack overflow, which no guard catches:
-    // fuzz/upstream/imago-0.2.6-refblock-recursion).
-    let _ = std::panic::catch_unwind(|| {
-        let mut buf = vec![0xa5u8; len];
-        let _ = image.read_at(&mut buf, offset);
-        if case.writable {
-            let _ = image.flush();
+    for op in &case.ops {
+        let offset = (u64::from(op.offset) % size) & !511;
+        let len = ((u64::from(op.len) % 128 + 1) * 512).min(size - offset);
+        let range = offset as usize..(offset + len) as usize;
+        match op.kind {
+            Kind::Read => {
+                let mut buf = vec![0xa5u8; len as usize];
+                let read = image.read_at(&mut buf, offset);
+                if let Some(model) = &model {
+                    read.unwrap_or_else(|e| panic!("read {range:?} of the made image: {e}"));
+                    assert!(buf == model[range.clone()], "read {range:?}: not what was written");
+                }
+            }
+            Kind::Write => {
+                let buf = vec![op.fill; len as usize];
+                let written = image.write_at(&buf, offset);
+                if let Some(model) = &mut model {
+                    match written {
+                        Ok(()) if case.writable => model[range.clone()].copy_from_slice(&buf),
+                        Err(_) if !case.writable => {}
+                        _ => panic!("write {range:?} of the made image (writable {}): {written:?}", case.writable),
+                    }
+                    let mut back = vec![0x5au8; len as usize];
+                    image.read_at(&mut back, offset).unwrap_or_else(|e| panic!("read back {range:?}: {e}"));
+                    assert!(back == model[range.clone()], "read back {range:?}: not what was written");
+                }
+            }
+            Kind::Discard => {
+                let discarded = image.discard(offset, len, false);
+                if let Some(model) = &mut model {
+                    match discarded {
+                        Ok(()) if case.writable => model[range.clone()].fill(0),
+                        // Read-only: nothing offers discard, and imago refuses.
+                        Err(_) if !case.writable => {}
+                        _ => panic!("discard {range:?} of the made image (writable {}): {discarded:?}", case.writable),
+                    }
+                }
+            }
+            Kind::Flush => {
+                let flushed = image.flush();
+                if model.is_some() {
+                    flushed.unwrap_or_else(|e| panic!("flush of the made image: {e}"));
+                }
+            }
         }
-    });
+    }
+    // Closing flushes; what was written is there when opened again.
+    drop(image);
+    if let Some(model) = &model {
+        let image = Qcow2Image::open(&image_path, true, false).expect("the made image opens again");
+        let mut all = vec![0xa5u8; model.len()];
+        image.read_at(&mut all, 0).expect("read the made image again");
+        assert!(all == *model, "after closing and opening again: not what was written");
+    }
+}
+
+/// Makes a consistent image at `path` as `made` says (v3, no data).
+fn make_image(path: &Path, made: Made) {
+    use imago::file::File;
+    use imago::qcow2::Qcow2;
+    use imago::{FormatCreateBuilder, StorageOpenOptions};
+    let file =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).expect("image file");
+    let storage = File::from_open_file(file, StorageOpenOptions::new().write(true).filename(path)).expect("storage");
+    let mut create = Qcow2::<File>::create_builder(storage)
+        .size(made.disk_size())
+        .cluster_size(512 << made.cluster_shift)
+        .refcount_width(1 << made.refcount_order);
+    if made.backed {
+        create = create.backing("backing".into(), "raw".into());
+    }
+    create.create().expect("create the image");
 }
 
 /// Seeds: images made by imago with 512-byte clusters (small enough for
 /// the smoke run's 16 KiB inputs), empty and with data, without a backing
-/// file and over a raw or qcow2 one.
+/// file and over a raw or qcow2 one, each written, read, discarded and
+/// flushed; and images the harness makes, of each cluster size.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let plain = image(None, &[(0, 0x11), (3 << 10, 0x22)]);
     let over_raw = image(Some("raw"), &[(1 << 10, 0x33)]);
     let over_qcow2 = image(Some("qcow2"), &[(2 << 10, 0x44)]);
-    let case = |writable, offset, image: &Vec<u8>, backing: Vec<u8>| {
-        Case { writable, offset, image: image.clone(), backing }.encode()
+    let op = |kind, fill, offset, len| Op { kind, fill, offset, len };
+    let io = vec![
+        op(Kind::Read, 0, 512, 3),
+        op(Kind::Write, 0x77, 1536, 4),
+        op(Kind::Read, 0, 1024, 7),
+        op(Kind::Discard, 0, 2048, 1),
+        op(Kind::Flush, 0, 0, 0),
+        op(Kind::Write, 0x88, 6144, 1),
+        op(Kind::Read, 0, 0, 15),
+    ];
+    let case = |writable, image: &Vec<u8>, backing: Vec<u8>| {
+        Case { writable, made: None, ops: io.clone(), image: image.clone(), backing }.encode()
+    };
+    let made = |writable, cluster_shift, refcount_order, backed, size| {
+        let made = Some(Made { cluster_shift, refcount_order, backed, size });
+        let backing = if backed { (0..6000u32).map(|i| (i % 253) as u8).collect() } else { Vec::new() };
+        Case { writable, made, ops: io.clone(), image: Vec::new(), backing }.encode()
     };
     vec![
-        ("empty-read-only", case(false, 0, &image(None, &[]), Vec::new())),
-        ("data-read-only", case(false, 512, &plain, Vec::new())),
-        ("data-writable", case(true, 3 << 10, &plain, Vec::new())),
-        ("over-raw", case(true, 1 << 10, &over_raw, vec![0x5a; 8 << 10])),
-        ("over-qcow2", case(false, 0, &over_qcow2, plain.clone())),
-        ("over-missing-backing", case(false, 0, &over_raw, Vec::new())),
+        ("empty-read-only", case(false, &image(None, &[]), Vec::new())),
+        ("data-read-only", case(false, &plain, Vec::new())),
+        ("data-writable", case(true, &plain, Vec::new())),
+        ("over-raw", case(true, &over_raw, vec![0x5a; 8 << 10])),
+        ("over-qcow2", case(true, &over_qcow2, plain.clone())),
+        ("over-missing-backing", case(false, &over_raw, Vec::new())),
+        ("made-512-refcount-64", made(true, 0, 6, false, 31)),
+        ("made-1k-refcount-1-over-raw", made(true, 1, 0, true, 40)),
+        ("made-2k-refcount-16-read-only", made(false, 2, 4, true, 15)),
+        ("made-4k-refcount-8", made(true, 3, 3, false, 2047)),
     ]
 }
 
@@ -177,7 +368,8 @@ mod tests {
     fn harness_accepts_empty_and_garbage_inputs() {
         run(&[]);
         run(&[0xff; 300]);
-        let mut header = b"\x01\x00\x00\x00\x00\x00\x01QFI\xfb\x00\x00\x00\x03".to_vec();
+        // Writable, one write, a 256-byte image with a v3 header of 0xff.
+        let mut header = b"\x01\x00\x00\x01\x01\xff\x00\x10\x00\x00\x00\x00\x01QFI\xfb\x00\x00\x00\x03".to_vec();
         header.resize(400, 0xff);
         run(&header);
     }
