@@ -601,6 +601,26 @@ mod tests {
     }
 
     #[test]
+    fn a_discard_in_a_disk_smaller_than_a_cluster_zeros_only_its_range() {
+        // 40 KiB of disk in one 64 KiB cluster: imago 0.2.6 cut the zeroing
+        // range to the disk size and then subtracted a cluster from it,
+        // which overflowed (fuzz/upstream/README.md).
+        let p = temp("small-discard");
+        Qcow2Image::create(&p, 40 << 10).unwrap();
+        let image = Qcow2Image::open(&p, false, false).unwrap();
+        image.write_at(&[0x5a; 40 << 10], 0).unwrap();
+
+        image.discard(0, 4096, false).unwrap();
+
+        let mut back = vec![0xa5; 40 << 10];
+        image.read_at(&mut back, 0).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0), "the discarded range reads zeros");
+        assert!(back[4096..].iter().all(|&b| b == 0x5a), "the rest of the cluster is kept");
+        drop(image);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
     fn a_file_that_is_not_qcow2_is_refused_and_never_read_as_raw() {
         let p = temp("notqcow2");
         std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();

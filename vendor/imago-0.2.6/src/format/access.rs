@@ -604,7 +604,10 @@ impl<S: Storage + 'static> FormatAccess<S> {
                 // Non-zero tail, we cannot zero that cluster.  Still try to zero as much as
                 // possible.
                 fully_zeroed = false;
-                aligned_end -= gran;
+                // Not `aligned_end -= gran`: `aligned_end` may have been cut to the image size,
+                // which need not be a multiple of `gran` (nor at least `gran`), and subtracting
+                // would then overflow or leave an unaligned end that still covers the tail.
+                aligned_end = end - end % gran;
             }
 
             while aligned_start < aligned_end {
