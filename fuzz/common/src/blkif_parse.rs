@@ -165,7 +165,11 @@ pub fn run(data: &[u8]) {
                     assert!(!(op == BLKIF_OP_FLUSH_DISKCACHE && !disk.flush), "flush not offered");
                     assert!(!(*direction == Direction::Write && disk.read_only), "write on a read-only disk");
                     let total: u64 = segments.iter().map(Segment::sectors).sum();
-                    assert!(segments.is_empty() || in_range(sector, total, disk), "{sector}+{total} beyond {}", disk.sectors);
+                    assert!(
+                        segments.is_empty() || in_range(sector, total, disk),
+                        "{sector}+{total} beyond {}",
+                        disk.sectors
+                    );
                 }
                 RequestKind::Discard { sector: s, nr_sectors, secure } => {
                     assert_eq!(op, BLKIF_OP_DISCARD);
@@ -235,7 +239,8 @@ pub fn run(data: &[u8]) {
         }
         Err(Fault::OutOfRange { .. }) => {
             assert!(pages.len() >= need && !(0..usize::from(nr)).any(|i| bad_segment(pages, 8 * i)));
-            let total: u64 = (0..usize::from(nr)).map(|i| field(pages, 8 * i + 5, 1) - field(pages, 8 * i + 4, 1) + 1).sum();
+            let total: u64 =
+                (0..usize::from(nr)).map(|i| field(pages, 8 * i + 5, 1) - field(pages, 8 * i + 4, 1) + 1).sum();
             assert!(!in_range(sector, total, disk), "in-range indirect request refused");
         }
         Err(f) => panic!("unexpected indirect fault {f}"),
@@ -290,17 +295,61 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         out.push(case(abi, disk(false), slot(abi, BLKIF_OP_READ, 3, None, 0x1122, 64, &segs(3)), 0, 0, vec![]));
         out.push(case(abi, disk(true), slot(abi, BLKIF_OP_WRITE, 11, None, 7, 8, &segs(11)), 2, 0, segs(2)));
         out.push(case(abi, disk(false), slot(abi, BLKIF_OP_FLUSH_DISKCACHE, 0, None, 9, 0, &[]), 0, 0, vec![]));
-        out.push(case(abi, disk(false), slot(abi, BLKIF_OP_WRITE_BARRIER, 1, None, 10, (1 << 20) - 8, &segs(1)), 0, 0, vec![]));
-        out.push(case(abi, disk(false), slot(abi, BLKIF_OP_DISCARD, 1, None, 11, 0, &(1u64 << 20).to_le_bytes()), 0, 0, vec![]));
-        out.push(case(abi, disk(false), slot(abi, BLKIF_OP_INDIRECT, BLKIF_OP_WRITE, Some(201), 12, 4096, &indirect_tail), 0, 0, indirect_pages.clone()));
-        out.push(case(abi, disk(false), slot(abi, BLKIF_OP_READ, 2, None, 13, 0, &[seg(1, 0, 7), seg(2, 5, 8)].concat()), 0, 0, vec![]));
+        out.push(case(
+            abi,
+            disk(false),
+            slot(abi, BLKIF_OP_WRITE_BARRIER, 1, None, 10, (1 << 20) - 8, &segs(1)),
+            0,
+            0,
+            vec![],
+        ));
+        out.push(case(
+            abi,
+            disk(false),
+            slot(abi, BLKIF_OP_DISCARD, 1, None, 11, 0, &(1u64 << 20).to_le_bytes()),
+            0,
+            0,
+            vec![],
+        ));
+        out.push(case(
+            abi,
+            disk(false),
+            slot(abi, BLKIF_OP_INDIRECT, BLKIF_OP_WRITE, Some(201), 12, 4096, &indirect_tail),
+            0,
+            0,
+            indirect_pages.clone(),
+        ));
+        out.push(case(
+            abi,
+            disk(false),
+            slot(abi, BLKIF_OP_READ, 2, None, 13, 0, &[seg(1, 0, 7), seg(2, 5, 8)].concat()),
+            0,
+            0,
+            vec![],
+        ));
     }
     const NAMES: [&str; 21] = [
-        "native-read", "native-write-read-only", "native-flush", "native-barrier-at-end", "native-discard-whole",
-        "native-indirect", "native-bad-segment", "x86_32-read", "x86_32-write-read-only", "x86_32-flush",
-        "x86_32-barrier-at-end", "x86_32-discard-whole", "x86_32-indirect", "x86_32-bad-segment", "x86_64-read",
-        "x86_64-write-read-only", "x86_64-flush", "x86_64-barrier-at-end", "x86_64-discard-whole",
-        "x86_64-indirect", "x86_64-bad-segment",
+        "native-read",
+        "native-write-read-only",
+        "native-flush",
+        "native-barrier-at-end",
+        "native-discard-whole",
+        "native-indirect",
+        "native-bad-segment",
+        "x86_32-read",
+        "x86_32-write-read-only",
+        "x86_32-flush",
+        "x86_32-barrier-at-end",
+        "x86_32-discard-whole",
+        "x86_32-indirect",
+        "x86_32-bad-segment",
+        "x86_64-read",
+        "x86_64-write-read-only",
+        "x86_64-flush",
+        "x86_64-barrier-at-end",
+        "x86_64-discard-whole",
+        "x86_64-indirect",
+        "x86_64-bad-segment",
     ];
     assert_eq!(out.len(), NAMES.len());
     NAMES.into_iter().zip(out).collect()
@@ -326,7 +375,10 @@ mod tests {
         assert_eq!(parse(c.abi, &c.slot, &c.disk).unwrap_err().fault, Fault::ReadOnly);
         for i in [5, 12, 19] {
             let c = Case::decode(&s[i].1);
-            assert!(matches!(parse(c.abi, &c.slot, &c.disk).unwrap().kind, RequestKind::Indirect { nr_segments: 201, .. }));
+            assert!(matches!(
+                parse(c.abi, &c.slot, &c.disk).unwrap().kind,
+                RequestKind::Indirect { nr_segments: 201, .. }
+            ));
         }
     }
 

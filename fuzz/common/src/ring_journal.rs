@@ -279,7 +279,14 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             "crash-before-publication",
             scenario(
                 false,
-                vec![Publish { count: 6 }, Take { count: 6 }, Answer { pick: 3 }, Answer { pick: 0 }, Crash, Take { count: 8 }],
+                vec![
+                    Publish { count: 6 },
+                    Take { count: 6 },
+                    Answer { pick: 3 },
+                    Answer { pick: 0 },
+                    Crash,
+                    Take { count: 8 },
+                ],
             ),
         ),
         (
@@ -319,7 +326,19 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             "scribbled-rsp-prod",
             scenario(false, vec![Publish { count: 2 }, Take { count: 2 }, SetIndex { which: 2, value: 9 }, Crash]),
         ),
-        ("bogus-answer", scenario(false, vec![Answer { pick: 3 }, Publish { count: 1 }, Take { count: 1 }, Answer { pick: 0 }, Answer { pick: 0 }])),
+        (
+            "bogus-answer",
+            scenario(
+                false,
+                vec![
+                    Answer { pick: 3 },
+                    Publish { count: 1 },
+                    Take { count: 1 },
+                    Answer { pick: 0 },
+                    Answer { pick: 0 },
+                ],
+            ),
+        ),
     ]
 }
 

@@ -236,7 +236,11 @@ impl Conn {
             }
             assert_eq!(m.req_id, msg.req_id, "reply to {msg:?} with another req_id: {m:?}");
             assert_eq!(m.tx_id, msg.tx_id, "reply to {msg:?} with another tx_id: {m:?}");
-            assert!(m.msg_type == msg.msg_type || m.msg_type == MsgType::ERROR, "reply of type {:?} to {msg:?}", m.msg_type);
+            assert!(
+                m.msg_type == msg.msg_type || m.msg_type == MsgType::ERROR,
+                "reply of type {:?} to {msg:?}",
+                m.msg_type
+            );
             return m;
         }
     }
