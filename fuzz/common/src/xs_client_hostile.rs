@@ -20,17 +20,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use xs_wire::client::ClientError;
-use xs_wire::{Client, Decoder, Message, MsgType, TxId, XENSTORE_PAYLOAD_MAX};
+use xs_wire::client::{ClientError, Options};
+use xs_wire::transport::SocketTransport;
+use xs_wire::{Access, Client, Decoder, Message, MsgType, Perm, TxId, WatchEvent, XENSTORE_PAYLOAD_MAX};
 
 use crate::input::Input;
 
 /// The client's reply timeout.
 const TIMEOUT: Duration = Duration::from_millis(10);
+/// The client's watch queue: small, so the daemon's events overflow it.
+const WATCH_QUEUE: usize = 2;
+/// How many methods [`Call::op`] picks from.
+const CALLS: u8 = 17;
 /// The longest a call may take (it may send several requests, each waiting up to the timeout).
 const CALL_BOUND: Duration = Duration::from_secs(3);
 
-/// A client call: `op % 15` picks the method, `arg` its argument.
+/// A client call: `op % CALLS` picks the method, `arg` its argument.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Call {
     /// Which method.
@@ -239,7 +244,7 @@ fn daemon(mut stream: UnixStream, answers: Vec<Answer>, doomed: Arc<AtomicBool>)
 fn call(client: &Client, c: Call) -> Result<(), ClientError> {
     let tx = TxId(u32::from(c.arg % 4));
     let path = "/local/domain/1/device/vbd/51712/state";
-    match c.op % 15 {
+    match c.op % CALLS {
         0 => client.read(tx, path).map(drop),
         1 => client.write(tx, path, &vec![b'4'; usize::from(c.arg)]),
         2 => client.mkdir(tx, path),
@@ -254,7 +259,13 @@ fn call(client: &Client, c: Call) -> Result<(), ClientError> {
         11 => client.get_domain_path(u32::from(c.arg)).map(drop),
         12 => client.is_domain_introduced(u32::from(c.arg)).map(drop),
         13 => client.read_many(tx, &[path, "/local", "/tool"]).map(drop),
-        _ => client.submit(MsgType(u32::from(c.arg)), tx, b"x\0".to_vec())?.wait().map(drop),
+        14 => client.submit(MsgType(u32::from(c.arg)), tx, b"x\0".to_vec())?.wait().map(drop),
+        15 => {
+            let access = [Access::None, Access::Read, Access::Write, Access::Both][usize::from(c.arg % 4)];
+            client.set_perms(tx, path, &[Perm::new(Access::None, 0), Perm::new(access, u32::from(c.arg >> 2))])
+        }
+        // A whole transaction, `arg` writes in it, rerun on EAGAIN.
+        _ => client.transaction(|tx| (0..c.arg % 4).try_for_each(|_| client.write(tx, path, b"5"))),
     }
 }
 
@@ -266,8 +277,8 @@ pub fn run(data: &[u8]) {
     let d = doomed.clone();
     let answers = script.answers.clone();
     let server = std::thread::spawn(move || daemon(theirs, answers, d));
-    let client = Client::from_stream(ours).expect("client");
-    client.set_timeout(TIMEOUT);
+    let opts = Options { timeout: TIMEOUT, watch_queue: WATCH_QUEUE };
+    let client = Client::from_transport(Box::new(SocketTransport::new(ours)), opts).expect("client");
     let events = client.events();
     for &c in &script.calls {
         let dead_before = doomed.load(Ordering::SeqCst);
@@ -287,8 +298,21 @@ pub fn run(data: &[u8]) {
         let r = client.read(TxId::NONE, "/x");
         assert!(matches!(r, Err(ClientError::Disconnected { .. })), "read on a dead connection gave {r:?}");
     }
-    for ev in events.try_iter() {
+    // Nobody took events before: after a drop the queue holds the first
+    // `WATCH_QUEUE` events, then the overflow marker (a late answer may
+    // still add events and drops while they are taken).
+    let dropped = client.dropped_events();
+    let delivered: Vec<WatchEvent> = events.try_iter().collect();
+    let dropped_after = client.dropped_events();
+    for ev in &delivered {
         assert!(!ev.path.contains('\0') && !ev.token.contains('\0'), "event with a NUL: {ev:?}");
+    }
+    if dropped > 0 {
+        assert!(delivered.len() > WATCH_QUEUE, "{dropped} events dropped, {} delivered", delivered.len());
+        assert!(delivered[..WATCH_QUEUE].iter().all(|e| !e.is_overflow()), "overflow marker early: {delivered:?}");
+        assert!(delivered[WATCH_QUEUE].is_overflow(), "no overflow marker after {dropped} drops: {delivered:?}");
+    } else if dropped_after == 0 {
+        assert!(delivered.iter().all(|e| !e.is_overflow()), "overflow marker without a drop: {delivered:?}");
     }
     drop(client);
     server.join().expect("daemon thread");
@@ -352,7 +376,11 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 &all[..3],
                 vec![
                     Answer {
-                        frames: vec![Frame::Event(b"/a".to_vec()), Frame::Event(b"/a\0t".to_vec()), Frame::Reply(b"v".to_vec())],
+                        frames: vec![
+                            Frame::Event(b"/a".to_vec()),
+                            Frame::Event(b"/a\0t".to_vec()),
+                            Frame::Reply(b"v".to_vec()),
+                        ],
                         close: false,
                     },
                     Answer { frames: vec![Frame::Event(b"/a\0t\0x\0".to_vec()), Frame::Event(vec![])], close: false },
@@ -365,10 +393,45 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "oversized",
-            script(&all[..3], vec![Answer { frames: vec![Frame::Reply(b"4".to_vec()), Frame::Oversized(5000)], close: false }]),
+            script(
+                &all[..3],
+                vec![Answer { frames: vec![Frame::Reply(b"4".to_vec()), Frame::Oversized(5000)], close: false }],
+            ),
         ),
         ("close", script(&all[..3], vec![Answer { frames: vec![Frame::Reply(b"4".to_vec())], close: true }])),
-        ("bad-directory-part", script(&[Call { op: 5, arg: 0 }], vec![reply(b"7\0"), reply(b"8\0a\0"), reply(b"7\0\0")])),
+        (
+            "bad-directory-part",
+            script(&[Call { op: 5, arg: 0 }], vec![reply(b"7\0"), reply(b"8\0a\0"), reply(b"7\0\0")]),
+        ),
+        (
+            "transaction-conflict-and-perms",
+            script(
+                &[Call { op: 16, arg: 1 }, Call { op: 15, arg: 5 }],
+                vec![
+                    reply(b"12\0"),
+                    reply(b"OK\0"),
+                    Answer { frames: vec![Frame::Error(b"EAGAIN\0".to_vec())], close: false },
+                    reply(b"13\0"),
+                    reply(b"OK\0"),
+                    reply(b"OK\0"),
+                    reply(b"OK\0"),
+                ],
+            ),
+        ),
+        (
+            "watch-queue-overflow",
+            script(
+                &all[7..8],
+                vec![Answer {
+                    frames: vec![
+                        Frame::Event(b"/a\0t\0".to_vec()),
+                        Frame::Event(b"/b\0t\0".to_vec()),
+                        Frame::Event(b"/c\0t\0".to_vec()),
+                    ],
+                    close: false,
+                }],
+            ),
+        ),
     ]
 }
 
