@@ -5,17 +5,24 @@
 //! `out_cons` and the `connection` flag, never hold more guest output than
 //! its buffer, and, while the guest follows the protocol, carry both
 //! directions byte-exact: the client gets exactly what the guest wrote and
-//! the guest exactly what the client wrote.
+//! the guest exactly what the client wrote; a log sink gets every byte taken
+//! from the guest, and a rate-limited console takes no more than its burst
+//! plus its rate.
 //!
-//! Input: one byte of options (bit 0: discard-oldest instead of blocking),
-//! then [`Op`]s until the end.
+//! Input: one byte of options (bit 0: discard-oldest instead of blocking;
+//! bit 1: a log sink; bit 2: a rate limit; bit 3: the client connects only
+//! at its first read or write, so output piles up), then [`Op`]s until the
+//! end.
 
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use consback::{Connection, ConsoleRing, Host, HostSlot, Limits, Overflow};
+use consback::{Connection, ConsoleRing, Host, HostSlot, Limits, OutputSink, Overflow};
 use gnttab::GrantMapping;
 use xen_backend::RingHandler;
 use xen_ring::abi::{XENCONS_CONNECTION, XENCONS_IN, XENCONS_OUT};
@@ -25,6 +32,9 @@ use crate::input::Input;
 const PAGE: usize = 4096;
 /// The backend's buffer in the harness: small, so it fills.
 const BUFFER: usize = 4096;
+/// The rate of a rate-limited console (bytes per second); its burst is the
+/// smallest there is, the `out` ring's size.
+const RATE: u64 = 256 * 1024;
 
 /// One step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,6 +139,12 @@ impl Op {
 pub struct Scenario {
     /// Discard the oldest output instead of blocking the guest.
     pub discard: bool,
+    /// Log the guest's output to a sink.
+    pub log: bool,
+    /// Limit the guest's output to [`RATE`].
+    pub rate: bool,
+    /// The client connects at its first read or write, not at the start.
+    pub late_client: bool,
     /// The steps.
     pub ops: Vec<Op>,
 }
@@ -137,17 +153,21 @@ impl Scenario {
     /// Decodes an input.
     pub fn decode(data: &[u8]) -> Scenario {
         let mut input = Input::new(data);
-        let discard = input.u8() & 1 == 1;
+        let o = input.u8();
         let mut ops = Vec::new();
         while !input.is_empty() {
             ops.push(Op::decode(&mut input));
         }
-        Scenario { discard, ops }
+        Scenario { discard: o & 1 != 0, log: o & 2 != 0, rate: o & 4 != 0, late_client: o & 8 != 0, ops }
     }
 
     /// Encodes it.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![u8::from(self.discard)];
+        let o = u8::from(self.discard)
+            | u8::from(self.log) << 1
+            | u8::from(self.rate) << 2
+            | u8::from(self.late_client) << 3;
+        let mut out = vec![o];
         for op in &self.ops {
             op.encode(&mut out);
         }
@@ -169,6 +189,24 @@ fn load(mem: &GrantMapping, off: usize) -> u32 {
     mem.load_u32(off, Ordering::Relaxed).expect("index")
 }
 
+/// A log sink keeping what it gets.
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl OutputSink for Sink {
+    fn write(&mut self, data: &[u8]) {
+        self.0.lock().expect("sink").extend_from_slice(data);
+    }
+}
+
+/// The client, connected now if it is not yet.
+fn client<'a>(client: &'a mut Option<UnixStream>, sock: &Path) -> &'a mut UnixStream {
+    client.get_or_insert_with(|| {
+        let c = UnixStream::connect(sock).expect("connect");
+        c.set_nonblocking(true).expect("nonblocking");
+        c
+    })
+}
+
 fn snapshot(mem: &GrantMapping) -> Vec<u8> {
     let mut p = vec![0u8; PAGE];
     mem.read(0, &mut p).expect("page");
@@ -186,11 +224,18 @@ pub fn run(data: &[u8]) {
     ));
     let slot: HostSlot = Arc::new(Mutex::new(Some(Host::open(&Connection::Socket(sock.clone())).expect("listen"))));
     let overflow = if sc.discard { Overflow::DiscardOldest } else { Overflow::Block };
-    let limits = Limits { buffer: BUFFER, overflow, rate: 0, burst: 0 };
-    let mut ring = ConsoleRing::new(backend, slot.clone(), limits, None).expect("a fresh page attaches");
+    let limits = Limits { buffer: BUFFER, overflow, rate: if sc.rate { RATE } else { 0 }, burst: 0 };
+    let logged = Arc::new(Mutex::new(Vec::new()));
+    let sink: Option<Box<dyn OutputSink>> = if sc.log { Some(Box::new(Sink(logged.clone()))) } else { None };
+    let started = Instant::now();
+    let mut ring = ConsoleRing::new(backend, slot.clone(), limits, sink).expect("a fresh page attaches");
     let counters = ring.counters().expect("counters");
-    let mut client = UnixStream::connect(&sock).expect("connect");
-    client.set_nonblocking(true).expect("nonblocking");
+    let mut conn = None;
+    if !sc.late_client {
+        client(&mut conn, &sock);
+    }
+    // The last pass's retry: a rate-limited console waits that long.
+    let retry = Cell::new(None);
 
     let mut honest = true;
     let mut broken = false;
@@ -204,7 +249,8 @@ pub fn run(data: &[u8]) {
     ];
 
     let mut step =
-        |op: &Op, ring: &mut ConsoleRing, client: &mut UnixStream, honest: &mut bool, broken: &mut bool| match op {
+        |op: &Op, ring: &mut ConsoleRing, conn: &mut Option<UnixStream>, honest: &mut bool, broken: &mut bool| match op
+        {
             Op::SetIndex { which, value } => {
                 *honest = false;
                 guest.store_u32(idx(*which), *value, Ordering::Release).expect("index");
@@ -250,8 +296,23 @@ pub fn run(data: &[u8]) {
                     assert!(before[at..start] == after[at..start], "the backend wrote bytes in {at}..{start}");
                     at = start + len;
                 }
+                let stats = counters.load();
+                if sc.log {
+                    assert_eq!(logged.lock().expect("sink").len() as u64, stats.bytes_written, "the log missed output");
+                }
+                if sc.rate {
+                    let most = XENCONS_OUT.size as f64 + RATE as f64 * started.elapsed().as_secs_f64();
+                    assert!(
+                        stats.bytes_written as f64 <= most,
+                        "{} bytes taken, the rate allows {most}",
+                        stats.bytes_written
+                    );
+                }
                 match result {
-                    Ok(_) => assert!(counters.load().in_flight <= BUFFER as u64, "more output buffered than the limit"),
+                    Ok(p) => {
+                        assert!(stats.in_flight <= BUFFER as u64, "more output buffered than the limit");
+                        retry.set(p.retry);
+                    }
                     Err(e) => {
                         assert!(!*honest, "an honest guest's console failed: {e}");
                         *broken = true;
@@ -259,37 +320,47 @@ pub fn run(data: &[u8]) {
                 }
             }
             Op::HostWrite { bytes } => {
-                if let Ok(n) = client.write(bytes) {
+                if let Ok(n) = client(conn, &sock).write(bytes) {
                     host_sent.extend_from_slice(&bytes[..n]);
                 }
             }
             Op::HostRead { len } => {
                 let mut buf = vec![0u8; usize::from(*len)];
-                if let Ok(n) = client.read(&mut buf) {
+                if let Ok(n) = client(conn, &sock).read(&mut buf) {
                     host_got.extend_from_slice(&buf[..n]);
                 }
             }
         };
     for op in &sc.ops {
-        step(op, &mut ring, &mut client, &mut honest, &mut broken);
+        step(op, &mut ring, &mut conn, &mut honest, &mut broken);
     }
     if honest && !sc.discard {
-        // Drain both ways until nothing moves (a few passes in a row), then
-        // everything must have arrived.
+        // Drain both ways until nothing moves (a few passes in a row, each
+        // after the wait a rate-limited pass asks for), then everything
+        // must have arrived.
         let mut still = 0;
         let mut last = (usize::MAX, usize::MAX);
         while still < 3 {
-            step(&Op::Process { budget: 64 }, &mut ring, &mut client, &mut honest, &mut broken);
-            step(&Op::HostRead { len: 8192 }, &mut ring, &mut client, &mut honest, &mut broken);
-            step(&Op::GuestRead { count: 255 }, &mut ring, &mut client, &mut honest, &mut broken);
+            if let Some(wait) = retry.take() {
+                std::thread::sleep(wait.min(Duration::from_millis(20)));
+                still = 0;
+            }
+            step(&Op::Process { budget: 64 }, &mut ring, &mut conn, &mut honest, &mut broken);
+            step(&Op::HostRead { len: 8192 }, &mut ring, &mut conn, &mut honest, &mut broken);
+            step(&Op::GuestRead { count: 255 }, &mut ring, &mut conn, &mut honest, &mut broken);
             let now = (counters.load().bytes_written as usize, counters.load().bytes_read as usize);
-            still = if now == last { still + 1 } else { 0 };
+            still = if now == last && retry.get().is_none() { still + 1 } else { 0 };
             last = now;
         }
         assert_eq!(host_got, guest_sent, "the client got other bytes than the guest wrote");
         assert_eq!(guest_got, host_sent, "the guest got other bytes than the client wrote");
+        if sc.log {
+            assert_eq!(*logged.lock().expect("sink"), guest_sent, "the log got other bytes than the guest wrote");
+        }
     } else if honest {
         assert!(guest_got == host_sent[..guest_got.len()], "input is never dropped");
+        let logged = logged.lock().expect("sink");
+        assert!(logged[..] == guest_sent[..logged.len()], "the log got other bytes than the guest wrote");
     }
     drop(ring);
     drop(slot);
@@ -298,8 +369,35 @@ pub fn run(data: &[u8]) {
 /// Seed inputs.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let text = |s: &str| s.as_bytes().to_vec();
-    let sc = |discard, ops| Scenario { discard, ops }.encode();
+    let sc = |discard, ops| Scenario { discard, log: false, rate: false, late_client: false, ops }.encode();
+    let flood = |n| (0..n).flat_map(|_| [Op::GuestWrite { bytes: vec![b'w'; 255] }, Op::Process { budget: 64 }]);
     vec![
+        (
+            "late-client-discard-logged",
+            Scenario { discard: true, log: true, rate: false, late_client: true, ops: flood(40).collect() }.encode(),
+        ),
+        (
+            "late-client-blocked",
+            Scenario {
+                discard: false,
+                log: false,
+                rate: false,
+                late_client: true,
+                ops: flood(30).chain([Op::HostRead { len: 4096 }, Op::Process { budget: 64 }]).collect(),
+            }
+            .encode(),
+        ),
+        (
+            "rate-limited-logged",
+            Scenario {
+                discard: false,
+                log: true,
+                rate: true,
+                late_client: false,
+                ops: flood(20).chain([Op::HostRead { len: 8192 }, Op::HostWrite { bytes: text("ok\n") }]).collect(),
+            }
+            .encode(),
+        ),
         (
             "login",
             sc(
