@@ -19,9 +19,11 @@
 
 use std::collections::BTreeMap;
 
-use blkback::config::{ConfigError, FrontendConfig, Offer, MAX_RING_PAGE_ORDER};
+use blkback::config::{
+    ConfigError, DiskConfig, FrontendConfig, Offer, MAX_RING_PAGE_ORDER, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE,
+};
 use blkif::Layout;
-use xen_bus::{scan, Protocol, RingNodeError, XenbusState};
+use xen_bus::{scan, FrontendRings, Protocol, RingNodeError, RingOffer, XenbusState};
 
 use crate::input::Input;
 
@@ -47,6 +49,13 @@ pub const NAMES: &[&str] = &[
     "queue-2/event-channel",
     "queue-2/ring-ref0",
     "state",
+    // The toolstack's nodes in the backend directory (`DiskConfig::read`).
+    "params",
+    "mode",
+    "format",
+    "device-type",
+    "removable",
+    "discard-enable",
 ];
 
 /// One decoded input.
@@ -132,6 +141,75 @@ fn check_protocol(value: &str) {
     }
 }
 
+/// The toolstack's nodes read as a disk: every field is what its node says,
+/// an error names what is wrong.
+fn check_disk(nodes: &BTreeMap<&str, String>) {
+    let get = |n: &str| nodes.get(n).map(String::as_str);
+    let unsigned = |n: &str, default| scan::read_unsigned(get(n).map(str::as_bytes), default);
+    let params = get("params").unwrap_or_default();
+    let format_node = get("format").filter(|f| !f.is_empty());
+    let mode = get("mode").unwrap_or("w");
+    match DiskConfig::read(|n| nodes.get(n).cloned()) {
+        Ok(cfg) => {
+            assert!(nodes.contains_key("params"));
+            assert_eq!(cfg.cdrom, get("device-type") == Some("cdrom"));
+            assert_eq!(cfg.removable, cfg.cdrom || unsigned("removable", 0) != 0);
+            assert!(matches!(mode, "r" | "ro" | "w" | "rw" | "w!"), "mode {mode:?} accepted");
+            assert_eq!(cfg.read_only, matches!(mode, "r" | "ro") || cfg.cdrom);
+            assert_eq!(cfg.discard_enable, unsigned("discard-enable", 1) != 0);
+            let bits = [(cfg.cdrom, VDISK_CDROM), (cfg.removable, VDISK_REMOVABLE), (cfg.read_only, VDISK_READONLY)];
+            assert_eq!(cfg.info(), bits.iter().filter(|(set, _)| *set).map(|(_, b)| b).sum::<u32>());
+            match &cfg.medium {
+                Some(m) => {
+                    let path = m.path.to_str().expect("a path from a string");
+                    assert!(!path.is_empty() && params.trim().ends_with(path), "path {path:?} from {params:?}");
+                    if let Some(f) = format_node {
+                        assert_eq!(m.format.name(), f, "format node ignored");
+                    }
+                }
+                None => {
+                    assert!(cfg.removable, "no medium in a fixed disk");
+                    let empty = params.trim().split(':').all(|p| matches!(p, "" | "aio" | "raw" | "file" | "phy"));
+                    assert!(empty, "{params:?} read as an empty drive");
+                }
+            }
+        }
+        Err(ConfigError::Missing(n)) => assert!(n == "params" && get("params").is_none(), "missing {n}"),
+        Err(ConfigError::Bad { node, value }) => {
+            assert_eq!(get(&node), Some(value.as_str()), "bad value reported for {node}");
+            match node.as_str() {
+                "mode" => assert!(!matches!(mode, "r" | "ro" | "w" | "rw" | "w!")),
+                "params" => {}
+                other => panic!("bad {other} is no disk node"),
+            }
+        }
+        Err(ConfigError::Format(f)) => {
+            assert!(f != "raw" && f != "qcow2", "{f} refused");
+            assert!(format_node == Some(f.as_str()) || params.contains(&format!("{f}:")), "{f} from nowhere");
+        }
+        Err(ConfigError::Driver(d)) => {
+            assert!(params.contains(&format!("{d}:")), "driver {d:?} not in {params:?}");
+            assert!(!matches!(d.as_str(), "aio" | "file" | "phy" | "raw" | "qcow2"), "driver {d} refused");
+        }
+        Err(ConfigError::FormatConflict { params: p, node: n }) => {
+            assert_ne!(p, n);
+            assert_eq!(format_node, Some(n));
+            assert!(params.contains(&format!("{p}:")), "{p} not in {params:?}");
+        }
+        Err(e) => panic!("unexpected disk error {e}"),
+    }
+}
+
+/// Rings read `Ok` are written back (`FrontendRings::nodes`, what our
+/// simulated frontends write) as nodes that read as the same rings.
+fn check_rings_round_trip(nodes: &BTreeMap<&str, String>, offer: RingOffer) {
+    let read = |n: &str| Ok::<_, RingNodeError>(nodes.get(n).cloned());
+    let Ok(rings) = FrontendRings::read(read, offer) else { return };
+    let written: BTreeMap<String, String> = rings.nodes().into_iter().collect();
+    let again = FrontendRings::read(|n: &str| Ok::<_, RingNodeError>(written.get(n).cloned()), offer);
+    assert_eq!(again, Ok(rings), "rings written as {written:?}");
+}
+
 /// The harness.
 pub fn run(data: &[u8]) {
     let case = Case::decode(data);
@@ -148,6 +226,11 @@ pub fn run(data: &[u8]) {
         check_protocol(&v);
         nodes.insert(NAMES[usize::from(*name) % NAMES.len()], v);
     }
+    check_disk(&nodes);
+    check_rings_round_trip(
+        &nodes,
+        RingOffer { max_ring_page_order: offer.max_ring_page_order, max_queues: offer.max_queues },
+    );
     let read = |node: &str| nodes.get(node).cloned();
     match FrontendConfig::read(read, &offer) {
         Ok(cfg) => {
@@ -264,6 +347,11 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("too-many-queues", case(2, 0, &[("multi-queue-num-queues", "3"), ("state", " 9")])),
         ("order-too-high", case(4, 1, &[("ring-page-order", "2"), ("ring-ref0", "1")])),
         ("missing-event-channel", case(4, 4, &[("ring-ref", "8"), ("state", "6")])),
+        ("disk-libxl", case(1, 0, &[("params", "aio:/var/lib/xen/disk.img"), ("mode", "w"), ("device-type", "disk")])),
+        ("disk-qcow2", case(1, 0, &[("params", "qcow2:/img.qcow2"), ("format", "qcow2"), ("discard-enable", "0")])),
+        ("cdrom-empty", case(1, 0, &[("params", "aio:"), ("mode", "r"), ("device-type", "cdrom"), ("removable", "1")])),
+        ("disk-format-conflict", case(1, 0, &[("params", "raw:/img"), ("format", "qcow2")])),
+        ("disk-bad", case(1, 0, &[("params", "vhd:/img"), ("mode", "x"), ("format", "vmdk")])),
     ]
 }
 
