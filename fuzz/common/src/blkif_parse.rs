@@ -22,9 +22,11 @@
 
 use blkif::abi::{
     BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
-    BLKIF_OP_WRITE_BARRIER, SEGS_PER_INDIRECT_FRAME,
+    BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SEGS_PER_INDIRECT_FRAME,
 };
-use blkif::{parse, parse_indirect_segments, Direction, DiskLimits, Fault, Layout, RequestKind, Segment, Status};
+use blkif::{
+    parse, parse_indirect_segments, Direction, DiskLimits, Fault, Layout, RequestKind, Response, Segment, Status,
+};
 use xen_bus::Protocol;
 
 use crate::input::Input;
@@ -109,6 +111,8 @@ fn field(slot: &[u8], at: usize, len: usize) -> u64 {
 
 fn check_segment(seg: &Segment, raw: &[u8], at: usize) {
     assert!(seg.first_sect <= seg.last_sect && seg.last_sect <= 7, "bad segment accepted: {seg:?}");
+    assert_eq!(seg.len(), seg.sectors() as usize * 512);
+    assert!(usize::from(seg.page_offset()) + seg.len() <= 4096, "{seg:?} leaves its page");
     assert_eq!(u64::from(seg.gref.0), field(raw, at, 4), "gref not from the segment's bytes");
     assert_eq!(u64::from(seg.first_sect), field(raw, at + 4, 1));
     assert_eq!(u64::from(seg.last_sect), field(raw, at + 5, 1));
@@ -118,6 +122,26 @@ fn check_segment(seg: &Segment, raw: &[u8], at: usize) {
 fn bad_segment(raw: &[u8], at: usize) -> bool {
     let (first, last) = (field(raw, at + 4, 1), field(raw, at + 5, 1));
     last > 7 || first > last
+}
+
+/// The response as the layout puts it in a slot: `id`, `operation`, zero
+/// padding, `status` (`blkif_response`, or `blkif_x86_32_response` packed
+/// to 12 bytes).
+fn check_response(layout: Layout, rsp: &Response) {
+    let size = if layout == Layout::Narrow { 12 } else { 16 };
+    assert_eq!(layout.response_size(), size);
+    let mut out = vec![0xa5; size];
+    layout.encode_response(rsp, &mut out);
+    assert_eq!(field(&out, 0, 8), rsp.id);
+    assert_eq!((out[8], out[9]), (rsp.operation, 0));
+    let code = i16::from_le_bytes([out[10], out[11]]);
+    let want = match rsp.status {
+        Status::Okay => BLKIF_RSP_OKAY,
+        Status::Error => BLKIF_RSP_ERROR,
+        Status::NotSupported => BLKIF_RSP_EOPNOTSUPP,
+    };
+    assert_eq!((code, rsp.status.code()), (want, want));
+    assert!(out[12..].iter().all(|&b| b == 0), "padding not zero: {out:?}");
 }
 
 fn in_range(sector: u64, count: u64, disk: &DiskLimits) -> bool {
@@ -145,6 +169,7 @@ pub fn run(data: &[u8]) {
         Ok(req) => {
             assert_eq!(req.id, id, "id not from offset {id_at}");
             assert_eq!(req.operation, echo, "operation {op} echoed wrongly");
+            check_response(Layout::from(case.abi), &Response { id, operation: echo, status: Status::Okay });
             match &req.kind {
                 RequestKind::Data { direction, sector: s, segments, barrier, flush } => {
                     assert!(
@@ -214,6 +239,7 @@ pub fn run(data: &[u8]) {
             };
             let want = if unsupported { Status::NotSupported } else { Status::Error };
             assert_eq!(rsp.status, want, "{e}");
+            check_response(Layout::from(case.abi), &rsp);
         }
     }
 
