@@ -16,7 +16,7 @@
 //! 1 byte), then the client's bytes.
 
 use serde_json::Value;
-use xenbackd::qmp::{Command, Decoder, Effect, Reply, RunState, Session, VmState, MAX_REQUEST};
+use xenbackd::qmp::{greeting, Command, Decoder, Effect, Reply, Request, RunState, Session, VmState, MAX_REQUEST};
 
 use crate::input::Input;
 
@@ -37,6 +37,10 @@ fn replies(run: RunState, stream: &[u8], chunk: usize) -> (Vec<Vec<u8>>, bool) {
         while let Some(msg) = decoder.next_request() {
             let (reply, id, quit) = match msg {
                 Ok(req) => {
+                    // The command's name parses back to the command.
+                    let again =
+                        Request::parse(serde_json::json!({"execute": req.command.name()}).to_string().as_bytes());
+                    assert_eq!(again.map(|r| r.command).ok().as_ref(), Some(&req.command), "{:?}", req.command);
                     let negotiated = session.negotiated();
                     let (reply, effect) = session.handle(&mut vm, &req);
                     if !negotiated && req.command != Command::Capabilities {
@@ -73,10 +77,21 @@ fn check(bytes: &[u8], id: Option<&Value>) {
     assert_eq!(obj.get("id"), id, "the id is echoed exactly");
 }
 
+/// The greeting, what a client reads first: one line, QEMU's shape.
+fn check_greeting(package: &str) {
+    let bytes = greeting(package);
+    let body = bytes.strip_suffix(b"\r\n").expect("the greeting ends with CRLF");
+    let v: Value = serde_json::from_slice(body).expect("the greeting is JSON");
+    assert_eq!(v["QMP"]["version"]["package"], package);
+    assert!(v["QMP"]["version"]["qemu"]["major"].is_u64(), "{v}");
+    assert_eq!(v["QMP"]["capabilities"], serde_json::json!([]));
+}
+
 /// The harness.
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let run = [RunState::Prelaunch, RunState::Paused, RunState::Running][usize::from(input.u8() % 3)];
+    check_greeting(&vm(run).package);
     let chunk = usize::from(input.u8()).max(1);
     let stream = input.rest();
     let (cut, reset) = replies(run, stream, chunk);
@@ -100,6 +115,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let restrict = b"{\"execute\":\"qmp_capabilities\",\"id\":2020437248}\r\n{\"execute\":\"query-status\",\"id\":2020437249}\r\n{\"execute\":\"cont\",\"id\":3}\r\n";
     let other = b"{\"execute\":\"qmp_capabilities\"}\r\n{\"execute\":\"xen-save-devices-state\",\"arguments\":{\"filename\":\"/var/lib/xen/qemu-save.3\"},\"id\":\"a\"}\r\n{\"execute\":\"quit\",\"id\":[1]}\r\n{\"execute\":\"query-name\"}\r\n";
     let early = b"{\"execute\":\"query-status\",\"id\":1}{\"execute\":\"qmp_capabilities\",\"id\":2}{\"execute\":\"qmp_capabilities\",\"id\":3}";
+    let every = b"{\"execute\":\"qmp_capabilities\"}\r\n{\"execute\":\"query-status\",\"id\":1}\r\n{\"execute\":\"query-commands\",\"id\":2}\r\n{\"execute\":\"query-vnc\",\"id\":3}\r\n{\"execute\":\"query-version\",\"id\":4}\r\n{\"execute\":\"query-name\",\"id\":5}\r\n{\"execute\":\"query-chardev\",\"id\":6}\r\n{\"execute\":\"stop\",\"id\":7}\r\n{\"execute\":\"query-status\",\"id\":8}\r\n{\"execute\":\"cont\",\"id\":9}\r\n{\"execute\":\"query-status\",\"id\":10}\r\n";
     let broken = b"{\"execute\":\"qmp_capabilities\"}\r\n{\"execute\":}\r\n{\"execute\":\"query-version\",\"id\":null}\r\n[]\r\n{\"id\":5}\r\n{\"execute\":\"stop\",\"arguments\":{\"x\":1},\"id\":6}\r\n";
     vec![
         ("libxl-create", encode(2, 255, create)),
@@ -108,5 +124,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("unknown-command-and-quit", encode(2, 16, other)),
         ("no-newlines-before-negotiation", encode(1, 5, early)),
         ("broken-messages", encode(2, 9, broken)),
+        ("every-command-paused", encode(1, 64, every)),
+        ("every-command-running", encode(2, 200, every)),
     ]
 }
