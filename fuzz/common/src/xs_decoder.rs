@@ -28,6 +28,27 @@ fn feed(dec: &mut Decoder, mut chunk: &[u8], out: &mut Vec<Message>) -> Result<(
     }
 }
 
+/// A decoded message rebuilds through the constructors, and its strings
+/// are its payload split at the NULs.
+fn check_message(m: &Message) {
+    assert_eq!(Message::new(m.msg_type, m.req_id, m.tx_id, m.payload.clone()).as_ref(), Ok(m));
+    let parts = m.strings();
+    assert_eq!(parts, xs_wire::split_nul(&m.payload));
+    let body = m.payload.strip_suffix(b"\0").unwrap_or(&m.payload);
+    assert_eq!(parts.is_empty(), m.payload.is_empty());
+    if !parts.is_empty() {
+        assert_eq!(parts.join(&0u8), body, "strings of {:?}", m.payload);
+    }
+    if m.payload.ends_with(b"\0") {
+        let again = Message::with_strings(m.msg_type, m.req_id, m.tx_id, &parts).expect("fits");
+        assert_eq!(&again, m, "with_strings of its strings");
+    }
+    assert_eq!(m.as_error().is_some(), m.msg_type == MsgType::ERROR);
+    if let Some(e) = m.as_error() {
+        assert_eq!(Message::error_reply(m.req_id, m.tx_id, e).as_error(), Some(e));
+    }
+}
+
 /// The harness.
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
@@ -59,6 +80,7 @@ pub fn run(data: &[u8]) {
     }
 
     assert_eq!(pieces, whole, "cut decoding gave other messages");
+    whole.iter().for_each(check_message);
     assert_eq!(pieces_res, whole_res, "cut decoding gave another result");
     if whole_res.is_ok() {
         // Every byte is in a message or in the one partial frame buffered.
