@@ -331,8 +331,8 @@ const FEATURE_TABLE_EXTENSION: u32 = 0x6803_f857;
 /// is not whole entries (refused here). As QEMU's `qcow2_read_extensions`:
 /// after the header (72 bytes in v2, `header_length` in v3), type and
 /// length (big endian u32 each), the data padded to 8 bytes, a type of 0
-/// ends them; they end before the backing file name and within the first
-/// cluster. A file that is not qcow2 yields nothing (imago refuses it).
+/// ends them; within the first cluster, and in v2 before the backing file
+/// name. A file that is not qcow2 yields nothing (imago refuses it).
 fn read_extensions(path: &Path) -> std::io::Result<Option<String>> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path)?;
@@ -350,9 +350,12 @@ fn read_extensions(path: &Path) -> std::io::Result<Option<String>> {
         _ => return Ok(None),
     };
     let backing_name_offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
-    let end = match backing_name_offset {
-        0 => 1u64 << cluster_bits,
-        n => n.min(1 << cluster_bits),
+    // imago reads v3 extensions to the end of the first cluster whatever
+    // the backing name's offset, so the feature table check looks as far;
+    // a v2 backing format ends before the name, as in QEMU.
+    let end = match (version, backing_name_offset) {
+        (2, n) if n != 0 => n.min(1 << cluster_bits),
+        _ => 1u64 << cluster_bits,
     };
     let mut offset = start;
     let mut backing_format = None;
@@ -568,6 +571,35 @@ mod tests {
         assert!(back == data, "durable across a reopen");
         assert!(image.write_at(&data, 0).is_err(), "read-only");
         assert!(!image.supports_discard());
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn a_ragged_feature_table_after_a_backing_name_offset_is_refused_not_a_panic() {
+        // Found by the qcow2_image target: v3, 512-byte clusters, a backing
+        // name offset of 1 (size 0), and at 104 a feature name table of 1
+        // byte, which imago 0.2.6 reads (to the cluster's end) and panics on.
+        let mut img = vec![0u8; 512];
+        img[..4].copy_from_slice(b"QFI\xfb");
+        img[4..8].copy_from_slice(&3u32.to_be_bytes());
+        img[8..16].copy_from_slice(&1u64.to_be_bytes());
+        img[20..24].copy_from_slice(&9u32.to_be_bytes());
+        img[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        img[96..100].copy_from_slice(&4u32.to_be_bytes());
+        img[100..104].copy_from_slice(&104u32.to_be_bytes());
+        img[104..108].copy_from_slice(&FEATURE_TABLE_EXTENSION.to_be_bytes());
+        img[108..112].copy_from_slice(&1u32.to_be_bytes());
+        let p = temp("ragged-feature-table");
+        std::fs::write(&p, &img).unwrap();
+        for read_only in [true, false] {
+            match Qcow2Image::open(&p, read_only, false) {
+                Err(Qcow2Error::Image { source, .. }) => {
+                    assert!(source.to_string().contains("feature name table"), "{source}")
+                }
+                Err(e) => panic!("refused for another reason: {e}"),
+                Ok(_) => panic!("opened"),
+            }
+        }
         std::fs::remove_file(p).unwrap();
     }
 
