@@ -362,9 +362,13 @@ fn discarding_the_whole_disk_frees_its_clusters() {
     qemu(&["qemu-img", "check", &image]);
 }
 
-/// The device's `error` node once it closed.
+/// The device's `error` node once it closed. Each call is a device of its
+/// own: with one device id, the state and error of the one removed before
+/// could still be read (the test once got the previous image's error).
 fn refused(h: &Harness, params: &str, mode: &str) -> String {
-    let spec = h.spec("qdisk", 1, 0, params, mode, &[]);
+    static DEVID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let devid = DEVID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let spec = h.spec("qdisk", 1, devid, params, mode, &[]);
     let mut dev = h.create(spec).unwrap();
     dev.wait_backend_state("Closed", WAIT, |s| s == Some(XenbusState::Closed)).unwrap();
     let error = dev.read_backend("error").unwrap().expect("error node");
