@@ -258,9 +258,8 @@ impl QueueExecutor {
         let mut done = std::mem::take(&mut self.completions);
         done.append(&mut self.backlog);
         self.engine.completions(&mut done);
-        let cut = self.within_read_bytes(&done);
-        self.backlog.extend(done.drain(cut..));
         let copied = self.copy_reads_to_guest(&done);
+        self.backlog.extend(done.drain(copied.len()..));
         for (c, read_copied) in done.drain(..).zip(copied) {
             self.complete(c, read_copied, out);
         }
@@ -308,32 +307,26 @@ impl QueueExecutor {
         }
     }
 
-    /// How many of `done`, from the first, one poll answers: as many as fit
-    /// [`POLL_READ_BYTES`] of read data, and at least one.
-    fn within_read_bytes(&self, done: &[Completion]) -> usize {
-        let mut bytes = 0;
-        for (i, c) in done.iter().enumerate() {
-            bytes += self.read_to_copy(c).map_or(0, |(_, buf)| buf.len());
-            if bytes > POLL_READ_BYTES && i > 0 {
-                return i;
-            }
-        }
-        done.len()
-    }
-
-    /// Copies the data of every read in `done` that succeeded to the guest
-    /// in ONE grant copy (one ioctl for the batch, not one per request).
-    /// Per completion: whether its data reached the guest (true for
-    /// anything that is not a successful read).
+    /// Copies the data of the reads in `done` that succeeded to the guest
+    /// in ONE grant copy (one ioctl for the batch, not one per request),
+    /// from the first completion on while they fit [`POLL_READ_BYTES`] (at
+    /// least one). Per completion taken, in order: whether its data reached
+    /// the guest (true for anything that is not a successful read); the
+    /// completions after them are left for the next poll.
     fn copy_reads_to_guest(&self, done: &[Completion]) -> Vec<bool> {
         let mut copies = Vec::new();
         // Per completion: its copies' range in `copies`, if it is a read to copy.
         let mut spans = Vec::with_capacity(done.len());
+        let mut bytes = 0;
         for c in done {
             let Some((segments, buf)) = self.read_to_copy(c) else {
                 spans.push(None);
                 continue;
             };
+            bytes += buf.len();
+            if bytes > POLL_READ_BYTES && !spans.is_empty() {
+                break;
+            }
             let first = copies.len();
             let mut rest: &[u8] = buf;
             for seg in segments {
