@@ -64,11 +64,13 @@ pub(crate) struct GrantTable {
     free: Vec<u32>,
     /// The domain was destroyed: its mappings' pins no longer matter.
     revoked: bool,
+    /// Grant copy segments that reached this domain's grants, all told.
+    copy_segments: u64,
 }
 
 impl GrantTable {
     pub(crate) fn new(domid: DomId) -> Self {
-        GrantTable { domid, entries: Vec::new(), free: Vec::new(), revoked: false }
+        GrantTable { domid, entries: Vec::new(), free: Vec::new(), revoked: false, copy_segments: 0 }
     }
 
     fn grow(&mut self) -> Result<()> {
@@ -142,6 +144,9 @@ impl GrantTable {
         match pin {
             Pin::Map => e.maps += 1,
             Pin::Copy => e.copies += 1,
+        }
+        if pin == Pin::Copy {
+            self.copy_segments += 1;
         }
         Ok(e.frame)
     }
@@ -260,6 +265,14 @@ impl SimGrantTable {
     pub fn live_maps(&self) -> Result<usize> {
         let dom = self.domain()?;
         let value = lock(&dom).live_maps();
+        Ok(value)
+    }
+
+    /// Grant copy segments that reached this domain's grants since it was
+    /// created (each a page or less of data, or an indirect page).
+    pub fn copy_segments(&self) -> Result<u64> {
+        let dom = self.domain()?;
+        let value = lock(&dom).copy_segments;
         Ok(value)
     }
 
