@@ -249,8 +249,9 @@ pub fn disk_limits(disk: &dyn DiskImage, cfg: &DiskConfig, offer: &Offer) -> Dis
 }
 
 /// The nodes written just before `Connected`, in Linux blkback's order
-/// (`connect()` in `xenbus.c`).
-pub fn connect_nodes(disk: &dyn DiskImage, cfg: &DiskConfig) -> Vec<(&'static str, String)> {
+/// (`connect()` in `xenbus.c`); `persistent`: whether `feature-persistent`
+/// is offered (the frontend uses persistent grants only if it is).
+pub fn connect_nodes(disk: &dyn DiskImage, cfg: &DiskConfig, persistent: bool) -> Vec<(&'static str, String)> {
     let info = cfg.info() | if disk.is_read_only() { VDISK_READONLY } else { 0 };
     let flag = |b: bool| u8::from(b).to_string();
     let writable = !disk.is_read_only();
@@ -265,6 +266,7 @@ pub fn connect_nodes(disk: &dyn DiskImage, cfg: &DiskConfig) -> Vec<(&'static st
     }
     nodes.push(("feature-discard", flag(discard)));
     nodes.push(("feature-barrier", flag(writable)));
+    nodes.push(("feature-persistent", flag(persistent)));
     // blkif counts 512-byte sectors whatever the logical sector size.
     nodes.push(("sectors", disk.sectors().to_string()));
     nodes.push(("info", info.to_string()));
@@ -291,7 +293,8 @@ pub struct FrontendConfig {
     pub ring_page_order: u32,
     /// One entry per queue.
     pub queues: Vec<QueueConfig>,
-    /// `feature-persistent` was set (we ignore it: we grant-copy).
+    /// `feature-persistent` was set: with ours, the guest's data pages are
+    /// mapped and kept (`mapped.rs`).
     pub persistent: bool,
 }
 

@@ -29,6 +29,7 @@ use crate::connection::RingQueue;
 use crate::engine::{IoEngine, ThreadPoolEngine};
 use crate::format::{DiskImage, OpenImage};
 use crate::lock::{LockKind, Locking};
+use crate::mapped::DEFAULT_PERSISTENT_GRANTS;
 use crate::media::Drive;
 use crate::qcow2_engine::Qcow2UringEngine;
 use crate::queue::{QueueExecutor, DEFAULT_QUEUE_BUFFER_BYTES};
@@ -83,6 +84,11 @@ pub struct BlkOptions {
     /// default: OFD locks where the kernel has them; docs/blkback.md,
     /// Image locking, says why).
     pub locking: Locking,
+    /// Guest pages kept mapped per queue where a frontend negotiates
+    /// `feature-persistent` ([`DEFAULT_PERSISTENT_GRANTS`], Linux blkback's
+    /// 1056); 0 offers no persistent grants (every byte is grant-copied).
+    /// Raw disks only: other formats are copied.
+    pub persistent_grants: usize,
 }
 
 /// The daemon's default budget of bounce buffers: 64 MiB, 16 queues at
@@ -100,6 +106,7 @@ impl Default for BlkOptions {
             queue_buffer_bytes: DEFAULT_QUEUE_BUFFER_BYTES,
             buffer_bytes: DEFAULT_BUFFER_BYTES,
             locking: Locking::Auto,
+            persistent_grants: DEFAULT_PERSISTENT_GRANTS,
         }
     }
 }
@@ -270,6 +277,12 @@ impl Device for BlkDevice {
         let image = storage.image();
         let limits = disk_limits(&*image, cfg, &offer);
         let frontend = ctx.frontend_domid();
+        // Persistent grants where I/O can go straight to the guest's pages:
+        // a raw image (qcow2 data and removable media are copied).
+        let persistent_offered =
+            self.options.persistent_grants > 0 && matches!(storage, Storage::Fixed(OpenImage::Raw(_)));
+        let persistent = persistent_offered && fe.persistent;
+        let alignment = image.logical_sector_size() as usize;
         let queues = fe.queues.iter().map(|q| (&q.ring_refs[..], q.event_channel));
         let setups = ctx.serve_queues(queues, |i, ring| {
             let threads = self.options.io_threads;
@@ -287,7 +300,11 @@ impl Device for BlkDevice {
             };
             let engine = engine.map_err(|e| DeviceError::other(format!("Cannot start I/O for queue {i}"), e))?;
             let budget = QueueBudget::new(self.options.queue_buffer_bytes, self.budget.clone());
-            let exec = QueueExecutor::new(fe.abi, limits, frontend, ctx.grants().clone(), engine).with_budget(budget);
+            let mut exec =
+                QueueExecutor::new(fe.abi, limits, frontend, ctx.grants().clone(), engine).with_budget(budget);
+            if persistent {
+                exec = exec.with_persistent_grants(self.options.persistent_grants, alignment);
+            }
             let queue = if ring.resume {
                 RingQueue::resume(i, ring.mem, exec, ring.journal)
             } else {
@@ -296,16 +313,17 @@ impl Device for BlkDevice {
             let queue = queue.map_err(|e| DeviceError::other("Bad ring", e))?;
             Ok(Box::new(BlkRing { queue, counters: RingCounters::new() }) as Box<dyn RingHandler>)
         })?;
-        for (node, value) in connect_nodes(&*image, cfg) {
+        for (node, value) in connect_nodes(&*image, cfg, persistent_offered) {
             ctx.write(node, value);
         }
         self.rings = Some((fe.queues.len(), fe.ring_page_order, fe.abi));
         log::info!(
-            "{}: connected, {} queue(s) of {} pages, protocol {:?}",
+            "{}: connected, {} queue(s) of {} pages, protocol {:?}, {}",
             ctx.backend_path(),
             fe.queues.len(),
             1u32 << fe.ring_page_order,
-            fe.abi
+            fe.abi,
+            if persistent { "persistent grants" } else { "grant copy" }
         );
         Ok(setups)
     }

@@ -10,6 +10,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use nix::sys::ioctl::ioctl_num_type;
 
 use crate::format::DiskImage;
+use crate::mapped::MappedIo;
 
 /// `#define BLKGETSIZE64 _IOR(0x12,114,size_t)` (`linux/fs.h`).
 const BLKGETSIZE64: u64 = nix::request_code_read!(0x12, 114, core::mem::size_of::<usize>()) as u64;
@@ -196,6 +197,29 @@ impl DiskImage for Disk {
         std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
     }
 
+    fn takes_mapped_pages(&self) -> bool {
+        true
+    }
+
+    /// `preadv` into the guest's pages until all are filled.
+    fn read_pages(&self, pages: &mut MappedIo, offset: u64) -> std::io::Result<()> {
+        vectored(pages, offset, |iov, at| {
+            // SAFETY: the iovecs point into guest pages mapped writable for
+            // as long as `pages` lives (it outlives this call); the kernel
+            // writes only within them; no Rust reference to them exists.
+            unsafe { nix::libc::preadv(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as _, at as _) }
+        })
+    }
+
+    /// `pwritev` from the guest's pages until all are written.
+    fn write_pages(&self, pages: &mut MappedIo, offset: u64) -> std::io::Result<()> {
+        vectored(pages, offset, |iov, at| {
+            // SAFETY: the iovecs point into guest pages mapped for as long
+            // as `pages` lives; the kernel only reads them.
+            unsafe { nix::libc::pwritev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as _, at as _) }
+        })
+    }
+
     /// Makes written data durable (`fdatasync`).
     fn flush(&self) -> std::io::Result<()> {
         nix::unistd::fdatasync(self.file.as_raw_fd()).map_err(std::io::Error::from)
@@ -228,6 +252,26 @@ impl DiskImage for Disk {
             }
         }
     }
+}
+
+/// Runs `op` (`preadv` or `pwritev`) over what is left of `pages` until
+/// all of it is transferred; a transfer of nothing is the end of the disk.
+fn vectored(pages: &mut MappedIo, offset: u64, op: impl Fn(&[nix::libc::iovec], u64) -> isize) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < pages.len() {
+        // At most IOV_MAX (1024) iovecs: a request has at most 256 segments.
+        match op(pages.remainder(done), offset + done as u64) {
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short transfer at end of disk")),
+            n => done += n as usize,
+        }
+    }
+    Ok(())
 }
 
 impl AsFd for Disk {

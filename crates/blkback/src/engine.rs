@@ -13,6 +13,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::buffer::AlignedBuf;
 use crate::format::DiskImage;
+use crate::mapped::MappedIo;
 use crate::media::Drive;
 
 /// One storage operation. Data buffers travel with the operation and come
@@ -32,6 +33,20 @@ pub enum IoOp {
         offset: u64,
         /// Source; its length is the transfer size.
         buf: AlignedBuf,
+    },
+    /// Fill mapped guest pages from `offset` (persistent grants).
+    ReadPages {
+        /// Disk offset in bytes.
+        offset: u64,
+        /// Destination; its length is the transfer size.
+        pages: MappedIo,
+    },
+    /// Write mapped guest pages at `offset` (persistent grants).
+    WritePages {
+        /// Disk offset in bytes.
+        offset: u64,
+        /// Source; its length is the transfer size.
+        pages: MappedIo,
     },
     /// Make every completed write durable.
     Flush,
@@ -87,6 +102,11 @@ pub trait IoEngine: Send {
     fn completion_fd(&self) -> BorrowedFd<'_>;
     /// Operations submitted and not yet collected.
     fn in_flight(&self) -> usize;
+    /// Whether [`IoOp::ReadPages`] and [`IoOp::WritePages`] are served
+    /// (raw disks); other engines get bounce buffers only.
+    fn takes_mapped_pages(&self) -> bool {
+        false
+    }
 }
 
 /// The completion eventfd, written only when the consumer may not have
@@ -235,7 +255,7 @@ fn execute(job: Job) -> Completion {
     let Some(disk) = disk else {
         let buf = match op {
             IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
-            IoOp::Flush | IoOp::Discard { .. } => None,
+            IoOp::ReadPages { .. } | IoOp::WritePages { .. } | IoOp::Flush | IoOp::Discard { .. } => None,
         };
         return Completion { tag, result: Err(std::io::Error::from_raw_os_error(nix::libc::ENOMEDIUM)), buf };
     };
@@ -247,6 +267,14 @@ fn execute(job: Job) -> Completion {
         IoOp::Write { offset, buf } => {
             let result = within(&*disk, offset, buf.len() as u64).and_then(|()| disk.write_at(&buf, offset));
             Completion { tag, result, buf: Some(buf) }
+        }
+        IoOp::ReadPages { offset, mut pages } => {
+            let result = within(&*disk, offset, pages.len() as u64).and_then(|()| disk.read_pages(&mut pages, offset));
+            Completion { tag, result, buf: None }
+        }
+        IoOp::WritePages { offset, mut pages } => {
+            let result = within(&*disk, offset, pages.len() as u64).and_then(|()| disk.write_pages(&mut pages, offset));
+            Completion { tag, result, buf: None }
         }
         IoOp::Flush => Completion { tag, result: disk.flush(), buf: None },
         IoOp::Discard { offset, len, secure } => {
@@ -288,6 +316,13 @@ impl IoEngine for ThreadPoolEngine {
 
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    fn takes_mapped_pages(&self) -> bool {
+        match &self.source {
+            Source::Fixed(disk) => disk.takes_mapped_pages(),
+            Source::Drive(_) => false,
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::disk::{Disk, DiskError};
 use crate::lock::{lock_image, ImageLocks, LockError, LockKind};
+use crate::mapped::MappedIo;
 use crate::qcow2::{Qcow2Error, Qcow2Image};
 
 /// A virtual disk's bytes, as the I/O engines read and write them. All
@@ -49,6 +50,22 @@ pub trait DiskImage: Send + Sync {
 
     /// Writes all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()>;
+
+    /// Whether [`DiskImage::read_pages`] and [`DiskImage::write_pages`]
+    /// work (raw disks: the guest's pages go to the kernel as they are).
+    fn takes_mapped_pages(&self) -> bool {
+        false
+    }
+
+    /// Reads exactly `pages.len()` bytes at `offset` into mapped guest pages.
+    fn read_pages(&self, _pages: &mut MappedIo, _offset: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(nix::libc::EOPNOTSUPP))
+    }
+
+    /// Writes all of mapped guest pages at `offset`.
+    fn write_pages(&self, _pages: &mut MappedIo, _offset: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(nix::libc::EOPNOTSUPP))
+    }
 
     /// Makes every completed write durable, data and metadata.
     fn flush(&self) -> std::io::Result<()>;

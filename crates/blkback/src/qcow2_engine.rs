@@ -59,7 +59,8 @@ impl IoEngine for Qcow2UringEngine {
         let mapped = match &op {
             IoOp::Read { offset, buf } => self.image.map_direct(*offset, buf.len() as u64, false),
             IoOp::Write { offset, buf } => self.image.map_direct(*offset, buf.len() as u64, true),
-            IoOp::Flush | IoOp::Discard { .. } => None,
+            // Never sent: the engine takes no guest pages.
+            IoOp::ReadPages { .. } | IoOp::WritePages { .. } | IoOp::Flush | IoOp::Discard { .. } => None,
         };
         match mapped {
             Some(m) => self.uring.submit_mapped(tag, op, m.host_offset, m.lease),

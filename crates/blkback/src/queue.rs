@@ -25,6 +25,7 @@ use xen_bus::Protocol;
 
 use crate::buffer::{AlignedBuf, BufferBudget, QueueBudget};
 use crate::engine::{Completion, IoEngine, IoOp};
+use crate::mapped::{PersistentGrants, PersistentStats};
 
 /// Bytes of bounce buffers one queue may hold by default (in flight and
 /// spare): 1024 pages, Linux blkback's `max_buffer_pages` per ring; a
@@ -65,8 +66,10 @@ pub struct QueueStats {
 }
 
 enum Stage {
-    /// Data transfer in flight; `then_flush` adds a flush before the answer.
-    Data { direction: Direction, segments: Vec<Segment>, then_flush: bool },
+    /// Data transfer in flight; `then_flush` adds a flush before the answer;
+    /// `mapped`: straight to or from the guest's pages (persistent grants),
+    /// else through a bounce buffer.
+    Data { direction: Direction, segments: Vec<Segment>, then_flush: bool, mapped: bool },
     /// The final flush (or a pure flush) in flight.
     Flush,
     /// A discard in flight.
@@ -132,6 +135,10 @@ pub struct QueueExecutor {
     indirect: Vec<u8>,
     /// Reads left to check before I/O ([`SUSPECT_READS`]).
     suspect: u32,
+    /// The guest's pages kept mapped, where persistent grants were
+    /// negotiated; with the byte alignment a segment needs to go to the
+    /// disk from its page (the disk's logical sector size).
+    persistent: Option<(PersistentGrants, usize)>,
     stats: QueueStats,
 }
 
@@ -163,8 +170,30 @@ impl QueueExecutor {
             idle_since: None,
             indirect: Vec::new(),
             suspect: 0,
+            persistent: None,
             stats: QueueStats::default(),
         }
+    }
+
+    /// Reads and writes go straight between the disk and the guest's pages,
+    /// up to `capacity` of them kept mapped ([`crate::mapped`]), where the
+    /// engine can and a request's segments are multiples of `alignment`
+    /// bytes (the disk's logical sector size); other requests, and those
+    /// whose grants cannot be mapped, are copied. For a frontend that
+    /// negotiated `feature-persistent`.
+    pub fn with_persistent_grants(mut self, capacity: usize, alignment: usize) -> Self {
+        if self.engine.takes_mapped_pages() {
+            self.persistent =
+                Some((PersistentGrants::new(self.grants.clone(), self.frontend, capacity), alignment.max(1)));
+        } else {
+            log::info!("dom{}: this disk's I/O engine takes no guest pages: data is copied", self.frontend);
+        }
+        self
+    }
+
+    /// The persistent grants' counters, where they are used.
+    pub fn persistent_stats(&self) -> Option<PersistentStats> {
+        self.persistent.as_ref().map(|(p, _)| p.stats())
     }
 
     /// Charges the queue's buffers to `budget` (by default its own
@@ -298,11 +327,12 @@ impl QueueExecutor {
     /// segments and buffer.
     fn read_to_copy<'a>(&'a self, c: &'a Completion) -> Option<(&'a [Segment], &'a AlignedBuf)> {
         match (self.in_flight.get(&c.tag), &c.buf) {
-            (Some(InFlight { stage: Stage::Data { direction: Direction::Read, segments, .. }, .. }), Some(buf))
-                if c.result.is_ok() =>
-            {
-                Some((segments, buf))
-            }
+            (
+                Some(InFlight {
+                    stage: Stage::Data { direction: Direction::Read, segments, mapped: false, .. }, ..
+                }),
+                Some(buf),
+            ) if c.result.is_ok() => Some((segments, buf)),
             _ => None,
         }
     }
@@ -463,8 +493,31 @@ impl QueueExecutor {
         self.run_copy(&mut copies)
     }
 
+    /// Starts a read or write on the guest's mapped pages, where persistent
+    /// grants are used, the segments aligned and every grant mapped; else
+    /// gives the request back, to be copied.
+    fn start_mapped(&mut self, d: DataStart, out: &mut Vec<Response>) -> Option<DataStart> {
+        let Some((persistent, alignment)) = self.persistent.as_mut() else { return Some(d) };
+        let aligned = |seg: &Segment| usize::from(seg.page_offset()) % *alignment == 0 && seg.len() % *alignment == 0;
+        if !d.segments.iter().all(aligned) {
+            return Some(d);
+        }
+        let Some(pages) = persistent.io(&d.segments) else { return Some(d) };
+        let DataStart { id, operation, direction, sector, segments, then_flush, barrier } = d;
+        let offset = sector * 512;
+        let op = match direction {
+            Direction::Read => IoOp::ReadPages { offset, pages },
+            Direction::Write => IoOp::WritePages { offset, pages },
+        };
+        let f =
+            InFlight { id, operation, stage: Stage::Data { direction, segments, then_flush, mapped: true }, barrier };
+        self.launch(f, op, out);
+        None
+    }
+
     /// Starts a read or write, or parks it if its buffer does not fit.
     fn start_data(&mut self, d: DataStart, out: &mut Vec<Response>) {
+        let Some(d) = self.start_mapped(d, out) else { return };
         if d.direction == Direction::Read && self.suspect > 0 {
             if self.probe_read_grants(&d.segments) {
                 self.suspect -= 1;
@@ -504,7 +557,8 @@ impl QueueExecutor {
             Direction::Read => IoOp::Read { offset, buf },
             Direction::Write => IoOp::Write { offset, buf },
         };
-        let f = InFlight { id, operation, stage: Stage::Data { direction, segments, then_flush }, barrier };
+        let f =
+            InFlight { id, operation, stage: Stage::Data { direction, segments, then_flush, mapped: false }, barrier };
         self.launch(f, op, out);
     }
 
@@ -534,7 +588,7 @@ impl QueueExecutor {
         for (w, ok) in writes.drain(..).zip(copied) {
             let UnstartedWrite { id, operation, segments, offset, buf } = w;
             if ok {
-                let stage = Stage::Data { direction: Direction::Write, segments, then_flush: false };
+                let stage = Stage::Data { direction: Direction::Write, segments, then_flush: false, mapped: false };
                 self.launch(InFlight { id, operation, stage, barrier: false }, IoOp::Write { offset, buf }, out);
             } else {
                 self.recycle(buf);
@@ -572,12 +626,12 @@ impl QueueExecutor {
             log::warn!("dom{}: request {:#x}: I/O error: {e}", self.frontend, f.id);
         }
         match f.stage {
-            Stage::Data { direction, segments, then_flush } => {
+            Stage::Data { direction, segments, then_flush, mapped } => {
                 let len: u64 = segments.iter().map(|s| s.len() as u64).sum();
                 if status == Status::Okay {
                     match direction {
                         Direction::Read => {
-                            if read_copied && c.buf.is_some() {
+                            if mapped || (read_copied && c.buf.is_some()) {
                                 self.stats.bytes_read += len;
                             } else {
                                 status = Status::Error;
@@ -1003,7 +1057,7 @@ mod tests {
             self.ops.lock().unwrap().push(format!("{op:?}"));
             let buf = match op {
                 IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
-                IoOp::Flush | IoOp::Discard { .. } => None,
+                IoOp::ReadPages { .. } | IoOp::WritePages { .. } | IoOp::Flush | IoOp::Discard { .. } => None,
             };
             self.done.push(Completion { tag, result: Ok(()), buf });
             Ok(())

@@ -20,6 +20,7 @@ use crate::buffer::AlignedBuf;
 use crate::disk::{Disk, DiskKind};
 use crate::engine::{Completion, EngineError, IoEngine, IoOp};
 use crate::format::DiskImage;
+use crate::mapped::MappedIo;
 use crate::qcow2::{MappingLease, Qcow2Image};
 
 /// Submission queue entries per queue: a pass rarely submits more (the
@@ -33,6 +34,9 @@ struct Pending {
     kind: Kind,
     offset: u64,
     buf: Option<AlignedBuf>,
+    /// The guest's pages of a vectored read or write, with the iovecs of
+    /// what is left of it (read by the kernel while the entry is in flight).
+    pages: Option<MappedIo>,
     /// A discard's length.
     len: u64,
     /// Bytes of `buf` already transferred (a short read or write goes on
@@ -47,6 +51,8 @@ struct Pending {
 enum Kind {
     Read,
     Write,
+    ReadPages,
+    WritePages,
     Flush,
     Discard,
 }
@@ -144,14 +150,23 @@ impl IoUringEngine {
         let (kind, buf) = match op {
             IoOp::Read { buf, .. } => (Kind::Read, buf),
             IoOp::Write { buf, .. } => (Kind::Write, buf),
-            IoOp::Flush | IoOp::Discard { .. } => {
+            IoOp::ReadPages { .. } | IoOp::WritePages { .. } | IoOp::Flush | IoOp::Discard { .. } => {
                 return Err(EngineError::Submit(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
                     "only reads and writes go to mapped clusters",
                 )))
             }
         };
-        let pending = Pending { tag, kind, offset: host_offset, buf: Some(buf), len: 0, done: 0, _lease: Some(lease) };
+        let pending = Pending {
+            tag,
+            kind,
+            offset: host_offset,
+            buf: Some(buf),
+            pages: None,
+            len: 0,
+            done: 0,
+            _lease: Some(lease),
+        };
         let slot = self.slot(pending);
         self.in_flight += 1;
         self.push(slot)
@@ -185,6 +200,15 @@ impl IoUringEngine {
                 let rest = &buf[p.done..];
                 opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(p.offset + p.done as u64).build()
             }
+            Kind::ReadPages | Kind::WritePages => {
+                let at = p.offset + p.done as u64;
+                let iov = p.pages.as_mut().expect("a vectored transfer has pages").remainder(p.done);
+                if p.kind == Kind::ReadPages {
+                    opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32).offset(at).build()
+                } else {
+                    opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32).offset(at).build()
+                }
+            }
             Kind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
             Kind::Discard => {
                 let mode = nix::libc::FALLOC_FL_PUNCH_HOLE | nix::libc::FALLOC_FL_KEEP_SIZE;
@@ -197,8 +221,8 @@ impl IoUringEngine {
     fn push(&mut self, slot: usize) -> Result<(), EngineError> {
         let entry = self.entry(slot);
         loop {
-            // SAFETY: the entry points into the buffer of `slots[slot]`,
-            // which stays there, neither moved nor freed, until this
+            // SAFETY: the entry points into the buffer of `slots[slot]` (or
+            // its iovecs and the guest pages they name), which stays there, neither moved nor freed, until this
             // entry's completion is reaped (`reap`), and `Drop` waits for
             // every completion before the buffers go.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
@@ -243,9 +267,13 @@ impl IoUringEngine {
             };
             let result = match (p.kind, res) {
                 (_, r) if r < 0 => Err(std::io::Error::from_raw_os_error(-r)),
-                (Kind::Read | Kind::Write, n) => {
+                (Kind::Read | Kind::Write | Kind::ReadPages | Kind::WritePages, n) => {
                     p.done += n as usize;
-                    let len = p.buf.as_ref().map_or(0, |b| b.len());
+                    let len = match (&p.buf, &p.pages) {
+                        (Some(b), _) => b.len(),
+                        (None, Some(pages)) => pages.len(),
+                        (None, None) => 0,
+                    };
                     if p.done >= len {
                         Ok(())
                     } else if n == 0 {
@@ -326,13 +354,16 @@ impl IoEngine for IoUringEngine {
                 "qcow2 I/O must be mapped first",
             )));
         }
-        let (kind, offset, buf, len) = match op {
-            IoOp::Read { offset, buf } => (Kind::Read, offset, Some(buf), 0),
-            IoOp::Write { offset, buf } => (Kind::Write, offset, Some(buf), 0),
-            IoOp::Flush => (Kind::Flush, 0, None, 0),
+        let (kind, offset, buf, pages) = match op {
+            IoOp::Read { offset, buf } => (Kind::Read, offset, Some(buf), None),
+            IoOp::Write { offset, buf } => (Kind::Write, offset, Some(buf), None),
+            IoOp::ReadPages { offset, pages } => (Kind::ReadPages, offset, None, Some(pages)),
+            IoOp::WritePages { offset, pages } => (Kind::WritePages, offset, None, Some(pages)),
+            IoOp::Flush => (Kind::Flush, 0, None, None),
             IoOp::Discard { offset, len, secure } => {
-                let slot =
-                    self.slot(Pending { tag, kind: Kind::Discard, offset, buf: None, len, done: 0, _lease: None });
+                let p =
+                    Pending { tag, kind: Kind::Discard, offset, buf: None, pages: None, len, done: 0, _lease: None };
+                let slot = self.slot(p);
                 self.in_flight += 1;
                 let file = matches!(&self.target, Target::Raw(disk) if disk.kind() == DiskKind::File);
                 if file && len > 0 {
@@ -345,7 +376,7 @@ impl IoEngine for IoUringEngine {
                 });
             }
         };
-        let slot = self.slot(Pending { tag, kind, offset, buf, len, done: 0, _lease: None });
+        let slot = self.slot(Pending { tag, kind, offset, buf, pages, len: 0, done: 0, _lease: None });
         self.in_flight += 1;
         self.push(slot)
     }
@@ -383,6 +414,10 @@ impl IoEngine for IoUringEngine {
     fn in_flight(&self) -> usize {
         self.in_flight
     }
+
+    fn takes_mapped_pages(&self) -> bool {
+        matches!(self.target, Target::Raw(_))
+    }
 }
 
 impl Drop for IoUringEngine {
@@ -409,6 +444,8 @@ impl Drop for IoUringEngine {
                     );
                     for p in self.slots.drain(..).flatten() {
                         std::mem::forget(p.buf);
+                        // The guest's pages stay mapped too.
+                        std::mem::forget(p.pages);
                     }
                     return;
                 }

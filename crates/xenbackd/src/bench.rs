@@ -57,6 +57,10 @@ pub struct BlkArgs {
     /// directory then needs twice the space)
     #[arg(long, value_name = "F", value_enum, default_value_t = DiskFormat::Raw)]
     format: DiskFormat,
+    /// Offer no persistent grants: every byte is grant-copied (the
+    /// frontend asks for them, as Linux's blkfront does)
+    #[arg(long)]
+    grant_copy: bool,
 }
 
 /// `--format`.
@@ -332,12 +336,19 @@ pub fn run(args: BlkArgs) -> Result<u8> {
     // No image locks: each workload attaches the file again while the
     // backend may still be closing the previous workload's device (whose
     // lock then refused the next one), and nothing else opens it.
-    let m = Machine::start_with(BlkOptions { engine, locking: blkback::Locking::Off, ..BlkOptions::default() })?;
+    let persistent_grants = if args.grant_copy { 0 } else { blkback::DEFAULT_PERSISTENT_GRANTS };
+    let m = Machine::start_with(BlkOptions {
+        engine,
+        locking: blkback::Locking::Off,
+        persistent_grants,
+        ..BlkOptions::default()
+    })?;
     println!(
-        "xenbackd bench blk: {} MiB {} image {}, {secs} s per workload, I/O engine {engine:?}",
+        "xenbackd bench blk: {} MiB {} image {}, {secs} s per workload, I/O engine {engine:?}, {}",
         size >> 20,
         format.name(),
-        image.display()
+        image.display(),
+        if persistent_grants > 0 && format == blkback::ImageFormat::Raw { "persistent grants" } else { "grant copy" }
     );
     println!(
         "{:<22} {:>14} {:>14} {:>7} {:>9} {:>10} {:>9} {:>9}",

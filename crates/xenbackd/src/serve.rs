@@ -95,6 +95,11 @@ pub struct ServeArgs {
     /// 65536
     #[arg(long, value_name = "MIB", default_value_t = blkback::DEFAULT_BUFFER_BYTES >> 20, value_parser = count(1..=65536))]
     buffers: usize,
+    /// Guest pages kept mapped per queue for frontends that negotiate
+    /// feature-persistent (raw disks), 0 to 65536; 0 offers no persistent
+    /// grants and copies every byte (1056 is Linux blkback's default)
+    #[arg(long, value_name = "N", default_value_t = blkback::DEFAULT_PERSISTENT_GRANTS, value_parser = count(0..=65536))]
+    persistent_grants: usize,
     /// Use the page cache instead of O_DIRECT
     #[arg(long)]
     buffered: bool,
@@ -193,6 +198,7 @@ pub fn run(args: ServeArgs) -> Result<u8> {
         locking: args.image_locking.into(),
         queue_buffer_bytes: args.queue_buffers << 20,
         buffer_bytes: args.buffers << 20,
+        persistent_grants: args.persistent_grants,
         ..BlkOptions::default()
     };
     // One budget for every device type: the daemon's.

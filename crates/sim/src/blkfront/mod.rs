@@ -43,6 +43,9 @@ pub struct BlkfrontOptions {
     /// Use indirect requests for more than 11 pages (needs the backend's
     /// `feature-max-indirect-segments`).
     pub indirect: bool,
+    /// `feature-persistent`: Linux's blkfront asks for persistent grants by
+    /// default (its buffers stay granted either way, as ours do).
+    pub persistent: bool,
 }
 
 impl Default for BlkfrontOptions {
@@ -54,6 +57,7 @@ impl Default for BlkfrontOptions {
             max_request_bytes: 11 * PAGE_SIZE,
             depth: 32,
             indirect: true,
+            persistent: true,
         }
     }
 }
@@ -157,7 +161,7 @@ impl Blkfront {
         if let Some(name) = self.options.abi.name() {
             nodes.push(("protocol".to_string(), name.to_string()));
         }
-        nodes.push(("feature-persistent".to_string(), "0".to_string()));
+        nodes.push(("feature-persistent".to_string(), u8::from(self.options.persistent).to_string()));
         nodes
     }
 
