@@ -42,11 +42,11 @@ const SUSPECT_READS: u32 = 1024;
 /// How often a queue parked on the daemon's budget, with nothing of its own
 /// in flight to wake it, tries again.
 const BUDGET_RETRY: Duration = Duration::from_millis(1);
-/// Read data copied to the guest per poll: further completions wait for the
-/// next poll (the ring reports more work), so one pass that reaps many
-/// large reads does not hold the worker, and the guests behind it, for all
-/// their copies. At least one completion is answered per poll.
-const POLL_READ_BYTES: usize = 256 << 10;
+/// Read data copied to the guest per poll: the rest, down to a part of one
+/// request, waits for the next poll (the ring reports more work), so a pass
+/// that reaps large reads does not hold the worker, and the guests behind
+/// it, for all their copies. At least one segment is copied per poll.
+const POLL_READ_BYTES: usize = 64 << 10;
 
 /// Counters of a queue, for the demo and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,6 +121,9 @@ pub struct QueueExecutor {
     completions: Vec<Completion>,
     /// Completions reaped and not answered yet, beyond [`POLL_READ_BYTES`].
     backlog: Vec<Completion>,
+    /// The first backlog entry's read was cut at the bound: its segments
+    /// copied so far, and whether all those copies succeeded.
+    partial: Option<(usize, bool)>,
     /// Bounce buffers of finished requests, reused (allocating and freeing
     /// a large buffer per request costs page faults and `munmap`s).
     spare: Vec<AlignedBuf>,
@@ -164,6 +167,7 @@ impl QueueExecutor {
             unstarted_writes: Vec::new(),
             completions: Vec::new(),
             backlog: Vec::new(),
+            partial: None,
             spare: Vec::new(),
             budget: QueueBudget::new(DEFAULT_QUEUE_BUFFER_BYTES, BufferBudget::new(usize::MAX)),
             parked: None,
@@ -339,34 +343,60 @@ impl QueueExecutor {
 
     /// Copies the data of the reads in `done` that succeeded to the guest
     /// in ONE grant copy (one ioctl for the batch, not one per request),
-    /// from the first completion on while they fit [`POLL_READ_BYTES`] (at
-    /// least one). Per completion taken, in order: whether its data reached
-    /// the guest (true for anything that is not a successful read); the
-    /// completions after them are left for the next poll.
-    fn copy_reads_to_guest(&self, done: &[Completion]) -> Vec<bool> {
+    /// segment by segment from the first completion on while they fit
+    /// [`POLL_READ_BYTES`] (at least one segment). Per completion finished,
+    /// in order: whether its data reached the guest (true for anything that
+    /// is not a successful read). The completions after them, the first of
+    /// which may be a read copied in part ([`Self::partial`]), are left for
+    /// the next poll.
+    fn copy_reads_to_guest(&mut self, done: &[Completion]) -> Vec<bool> {
         let mut copies = Vec::new();
         // Per completion: its copies' range in `copies`, if it is a read to copy.
         let mut spans = Vec::with_capacity(done.len());
+        // Where the first completion's copy resumes.
+        let (resume, resumed_ok) = self.partial.take().unwrap_or((0, true));
+        let mut cut = None;
         let mut bytes = 0;
-        for c in done {
+        for (i, c) in done.iter().enumerate() {
             let Some((segments, buf)) = self.read_to_copy(c) else {
                 spans.push(None);
                 continue;
             };
-            bytes += buf.len();
-            if bytes > POLL_READ_BYTES && !spans.is_empty() {
-                break;
-            }
+            let skip = if i == 0 { resume } else { 0 };
             let first = copies.len();
             let mut rest: &[u8] = buf;
-            for seg in segments {
+            let mut taken = skip;
+            for (k, seg) in segments.iter().enumerate() {
                 let (src, tail) = rest.split_at(seg.len().min(rest.len()));
                 rest = tail;
+                if k < skip {
+                    continue;
+                }
+                if bytes + src.len() > POLL_READ_BYTES && !copies.is_empty() {
+                    break;
+                }
+                bytes += src.len();
+                taken += 1;
                 copies.push(CopySegment::ToGuest { src, dst: self.guest_page(seg) });
             }
             spans.push(Some(first..copies.len()));
+            if taken < segments.len() {
+                cut = Some(taken);
+                break;
+            }
         }
-        self.copy_batch(&mut copies, spans)
+        let mut ok = self.copy_batch(&mut copies, spans);
+        if resume > 0 {
+            if let Some(first) = ok.first_mut() {
+                *first &= resumed_ok;
+            }
+        }
+        if let Some(taken) = cut {
+            // The last completion taken waits, at the backlog's front.
+            let last_ok = ok.pop().expect("the cut read has a span");
+            self.partial = Some((taken, last_ok));
+        }
+        ok
     }
 
     /// Runs `copies` in one grant copy. Per span (one request's copies, or
@@ -729,10 +759,13 @@ mod tests {
     use zerocopy::IntoBytes;
 
     /// Guest pages as plain memory, indexed by grant ref; refs >= 1000 are not granted.
+    #[derive(Default)]
     struct FakeGrants {
         pages: Mutex<HashMap<u32, Vec<u8>>>,
         /// Calls of `copy` (each one ioctl on real Xen).
         copies: std::sync::atomic::AtomicUsize,
+        /// Bytes copied to the guest, all told.
+        to_guest: std::sync::atomic::AtomicUsize,
     }
 
     impl GrantMapper for FakeGrants {
@@ -752,7 +785,10 @@ mod tests {
                 let off = g.offset as usize;
                 match seg {
                     CopySegment::FromGuest { dst, .. } => dst.copy_from_slice(&page[off..off + dst.len()]),
-                    CopySegment::ToGuest { src, .. } => page[off..off + src.len()].copy_from_slice(src),
+                    CopySegment::ToGuest { src, .. } => {
+                        self.to_guest.fetch_add(src.len(), std::sync::atomic::Ordering::Relaxed);
+                        page[off..off + src.len()].copy_from_slice(src)
+                    }
                 }
                 *st = GrantStatus::Okay;
             }
@@ -778,7 +814,7 @@ mod tests {
         std::fs::File::create(&p).unwrap().set_len(2048 * 512).unwrap();
         let disk = Arc::new(Disk::open(&p, false, true).unwrap());
         let pages = (0..16u32).map(|g| (g, vec![0u8; PAGE_SIZE])).collect();
-        let grants = Arc::new(FakeGrants { pages: Mutex::new(pages), copies: Default::default() });
+        let grants = Arc::new(FakeGrants { pages: Mutex::new(pages), ..Default::default() });
         let engine = Box::new(ThreadPoolEngine::new(disk, 2).unwrap());
         (QueueExecutor::new(Protocol::Native, LIMITS, 5, grants.clone(), engine), grants, p)
     }
@@ -870,7 +906,7 @@ mod tests {
 
     #[test]
     fn one_poll_copies_a_bounded_amount_of_read_data_and_leaves_the_rest() {
-        let (mut q, _, p) = setup();
+        let (mut q, grants, p) = setup();
         let mut out = Vec::new();
         // 12 reads of 44 KiB (11 segments): 528 KiB, over POLL_READ_BYTES.
         for id in 0..12u32 {
@@ -881,13 +917,14 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(100));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut left_some = false;
+        let copied = || grants.to_guest.load(std::sync::atomic::Ordering::Relaxed);
         while q.pending() > 0 {
-            let before = out.len();
+            let before = copied();
             q.poll(&mut out);
-            let answered = out.len() - before;
-            assert!(answered * 44 * 1024 <= POLL_READ_BYTES, "{answered} reads of 44 KiB answered by one poll");
+            let bytes = copied() - before;
+            assert!(bytes <= POLL_READ_BYTES, "{bytes} bytes copied to the guest by one poll");
             if q.has_backlog() {
-                assert!(answered >= 1, "a poll with completions waiting answered none");
+                assert!(bytes > 0, "a poll with completions waiting copied nothing");
                 left_some = true;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -897,6 +934,48 @@ mod tests {
         assert!(!q.has_backlog());
         assert_eq!(out.len(), 12);
         assert!(out.iter().all(|r| r.status == Status::Okay));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// A read whose copy is cut at [`POLL_READ_BYTES`] is answered by the
+    /// next poll, which copies the rest, every byte in its place.
+    #[test]
+    fn a_read_cut_at_the_bound_is_finished_by_the_next_poll_with_every_byte_in_place() {
+        let (mut q, grants, p) = setup();
+        let content: Vec<u8> = (0..176 * 512).map(|i| (i / 512 % 251) as u8 ^ (i % 7) as u8).collect();
+        std::fs::write(&p, &content).unwrap();
+        grants.pages.lock().unwrap().extend((20..42u32).map(|g| (g, vec![0u8; PAGE_SIZE])));
+        let mut out = Vec::new();
+        // Two reads of 44 KiB, one page per segment: 88 KiB, over the bound.
+        let segs = |first: u32| (first..first + 11).map(|g| (g, 0, 7)).collect::<Vec<_>>();
+        q.submit(request(BLKIF_OP_READ, 1, 0, &segs(20)).as_bytes(), &mut out);
+        q.submit(request(BLKIF_OP_READ, 2, 88, &segs(31)).as_bytes(), &mut out);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // The reads are done: wait for the engine to report both.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while out.is_empty() {
+            q.poll(&mut out);
+            assert!(std::time::Instant::now() < deadline, "requests never completed");
+        }
+        // The engine's threads finish them in any order: the one reaped
+        // second is cut.
+        assert_eq!(out.len(), 1, "the second read was not cut");
+        let cut_pages = if out[0].id == 1 { 31..42u32 } else { 20..31 };
+        assert!(q.has_backlog());
+        {
+            let pages = grants.pages.lock().unwrap();
+            let copied = cut_pages.take_while(|g| pages[g].iter().any(|&b| b != 0)).count();
+            assert_eq!(copied * PAGE_SIZE, POLL_READ_BYTES - 44 * 1024, "pages of the cut read copied by the first poll");
+        }
+        q.poll(&mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|r| r.status == Status::Okay));
+        assert!(!q.has_backlog());
+        let pages = grants.pages.lock().unwrap();
+        for (i, g) in (20..42u32).enumerate() {
+            assert!(pages[&g][..] == content[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], "page {i} of the reads");
+        }
+        drop(pages);
         std::fs::remove_file(p).unwrap();
     }
 
@@ -1083,7 +1162,7 @@ mod tests {
         let engine =
             Box::new(Recorder { ops: ops.clone(), done: Vec::new(), fd: nix::sys::eventfd::EventFd::new().unwrap() });
         let pages = (0..4u32).map(|g| (g, vec![0u8; PAGE_SIZE])).collect();
-        let grants = Arc::new(FakeGrants { pages: Mutex::new(pages), copies: Default::default() });
+        let grants = Arc::new(FakeGrants { pages: Mutex::new(pages), ..Default::default() });
         let mut q = QueueExecutor::new(Protocol::Native, LIMITS, 5, grants, engine);
         let bad: Vec<_> = (0..10).map(|id| request(BLKIF_OP_READ, id, 0, &[(1, 0, 7), (1000, 0, 7)])).collect();
         let good = request(BLKIF_OP_READ, 99, 0, &[(1, 0, 7)]);
@@ -1108,7 +1187,7 @@ mod tests {
         let ops = Arc::new(Mutex::new(Vec::new()));
         let engine =
             Box::new(Recorder { ops: ops.clone(), done: Vec::new(), fd: nix::sys::eventfd::EventFd::new().unwrap() });
-        let grants = Arc::new(FakeGrants { pages: Mutex::new(Default::default()), copies: Default::default() });
+        let grants = Arc::new(FakeGrants { pages: Mutex::new(Default::default()), ..Default::default() });
         let mut q = QueueExecutor::new(Protocol::Native, LIMITS, 5, grants, engine);
         let d = BlkifRequestDiscard64 {
             operation: BLKIF_OP_DISCARD,

@@ -26,7 +26,10 @@ use crate::scratch::{self, ScratchFile};
 ///   bogus-reads   keeps 4 queues of 16-page rings full of 1 MiB indirect
 ///                 READs whose data grants are bogus (one shared indirect
 ///                 page per queue)
-///   big-reads     reads 1 MiB blocks at queue depth 32 (honest, but big)
+///   big-reads     reads 1 MiB blocks at queue depth 32 (honest, but big),
+///                 without feature-persistent: every byte grant-copied
+///   big-mapped    the same with persistent grants (its 8192 pages exceed
+///                 the 1056 kept: most requests map their pages afresh)
 ///
 /// Per row: the neighbour's requests and latency (p50, p99, max), the
 /// attacker's requests (kicks for storm), the ring workers' voluntary
@@ -118,13 +121,15 @@ enum Attack {
     Storm,
     BogusReads,
     BigReads,
+    BigMapped,
 }
 
-const ATTACKS: [(Attack, &str); 4] = [
+const ATTACKS: [(Attack, &str); 5] = [
     (Attack::None, "none"),
     (Attack::Storm, "storm"),
     (Attack::BogusReads, "bogus-reads"),
     (Attack::BigReads, "big-reads"),
+    (Attack::BigMapped, "big-mapped"),
 ];
 
 /// Disk size of each guest (sparse files).
@@ -268,7 +273,13 @@ fn run_row(
         let opts = match attack {
             Attack::Storm => BlkfrontOptions { depth: 1, ..Default::default() },
             Attack::BogusReads => BlkfrontOptions { queues: 4, ring_page_order: 4, depth: 1, ..Default::default() },
-            _ => BlkfrontOptions { ring_page_order: 4, max_request_bytes: 1 << 20, depth: 32, ..Default::default() },
+            _ => BlkfrontOptions {
+                ring_page_order: 4,
+                max_request_bytes: 1 << 20,
+                depth: 32,
+                persistent: attack == Attack::BigMapped,
+                ..Default::default()
+            },
         };
         let mut a = m.attach(&axs, ad, 0, &disks[1], opts)?;
         let grants = m.host().grant_table(ad);
