@@ -965,7 +965,11 @@ mod tests {
         {
             let pages = grants.pages.lock().unwrap();
             let copied = cut_pages.take_while(|g| pages[g].iter().any(|&b| b != 0)).count();
-            assert_eq!(copied * PAGE_SIZE, POLL_READ_BYTES - 44 * 1024, "pages of the cut read copied by the first poll");
+            assert_eq!(
+                copied * PAGE_SIZE,
+                POLL_READ_BYTES - 44 * 1024,
+                "pages of the cut read copied by the first poll"
+            );
         }
         q.poll(&mut out);
         assert_eq!(out.len(), 2);
