@@ -2,7 +2,9 @@
 # /test/run of tests/xen-vm/bench: fio in dom0 against the same RAM disk
 # (brd, /dev/ram0) reached five ways:
 #   ours     xenbackd serve --io-engine threads (qdisk node set) -> dom0's xen-blkfront /dev/xvda
-#   uring    the same with serve --io-engine io-uring
+#   uring    the same with serve --io-engine io-uring (persistent grants,
+#            which Linux's blkfront asks for)
+#   copy     uring with --persistent-grants 0: every byte grant-copied
 #   blkback  the kernel's xen-blkback         -> /dev/xvda
 #   qdisk    QEMU's qdisk (qemu-system-xen)   -> /dev/xvda
 #   raw      /dev/ram0 itself, no PV layer
@@ -114,9 +116,10 @@ bench_one() {
             qemu_qdisk_stop 0; return $_q
         fi
         na qdisk "$QEMU_WHY"; return 1 ;;
-    ours|uring)
-        [ "$1" = ours ] && _e=threads || _e=io-uring
-        if xenbackd_start --io-engine $_e; then
+    ours|uring|copy)
+        _x=
+        case $1 in ours) _e=threads ;; uring) _e=io-uring ;; copy) _e=io-uring _x="--persistent-grants 0" ;; esac
+        if xenbackd_start --io-engine $_e $_x; then
             through "$1" qdisk $PARAMS || { tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'; xenbackd_stop; return 1; }
             xenbackd_stop
         else
@@ -126,7 +129,7 @@ bench_one() {
 }
 
 ALL=
-for b in raw blkback qdisk ours uring; do
+for b in raw blkback qdisk ours uring copy; do
     case $ONLY in *,$b,*) ALL="$ALL $b" ;; esac
 done
 N=$(echo $ALL | wc -w)

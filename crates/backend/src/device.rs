@@ -77,6 +77,10 @@ pub struct Progress {
     pub notify: bool,
     /// The budget ran out with requests left: call again soon.
     pub more: bool,
+    /// Work already taken waits for the next pass (completions held back
+    /// by a per-pass bound): call again soon. Unlike `more`, it does not
+    /// cut the ring's request budget: that work is bounded already.
+    pub backlog: bool,
     /// The pass took no request off the ring. A port event followed only
     /// by such passes was spurious, and a port that keeps firing for
     /// nothing is throttled (the worker delays its unmask, as Linux's

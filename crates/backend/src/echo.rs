@@ -80,6 +80,6 @@ impl RingHandler for EchoRing {
         }
         let notify = self.ring.push_responses_and_check_notify()?;
         let more = if taken == budget { true } else { self.ring.final_check_for_requests()? };
-        Ok(Progress { notify, more, idle: taken == 0, retry: None })
+        Ok(Progress { notify, more, backlog: false, idle: taken == 0, retry: None })
     }
 }

@@ -638,10 +638,11 @@ impl Worker {
         entry.worked |= !progress.idle;
         let now = Instant::now();
         entry.retry_at = progress.retry.map(|d| now + d);
-        if !progress.more {
+        let again = progress.more || progress.backlog;
+        if !again {
             entry.late_eoi(now)?;
         }
-        Ok(progress.more)
+        Ok(again)
     }
 
     /// Drops a ring: out of epoll first, then (optionally quiesced) dropped.
@@ -723,7 +724,7 @@ mod tests {
             }
             let notify = self.0.push_responses_and_check_notify()?;
             let more = n == budget || self.0.final_check_for_requests()?;
-            Ok(Progress { notify, more, idle: n == 0, retry: None })
+            Ok(Progress { notify, more, backlog: false, idle: n == 0, retry: None })
         }
     }
 
@@ -882,7 +883,7 @@ mod tests {
                 std::hint::spin_loop();
             }
             self.0.fetch_add(1, Ordering::Relaxed);
-            Ok(Progress { notify: false, more: true, idle: false, retry: None })
+            Ok(Progress { notify: false, more: true, backlog: false, idle: false, retry: None })
         }
     }
 

@@ -226,16 +226,17 @@ impl RingQueue {
             pass.notify |= self.respond()?;
             // Waiting for buffers: a completion, or the retry, calls again.
             if !self.exec.can_take() {
-                let more = self.exec.has_backlog();
-                return Ok(Progress { more, idle: taken == 0, retry: self.exec.retry(), ..pass });
+                let backlog = self.exec.has_backlog();
+                return Ok(Progress { backlog, idle: taken == 0, retry: self.exec.retry(), ..pass });
             }
             // With the budget spent, report more work; else (or if the ring
             // is empty now) arm req_event so the next request notifies us.
             let waiting = self.ring.final_check_for_requests().map_err(ring_err)?;
             if left == 0 || !waiting {
-                // Completions left for the next poll need a call too.
-                let more = waiting || self.exec.has_backlog();
-                return Ok(Progress { more, idle: taken == 0, retry: self.exec.retry(), ..pass });
+                // Completions left for the next poll need a call too, which
+                // is no reason to take fewer requests per pass.
+                let backlog = self.exec.has_backlog();
+                return Ok(Progress { more: waiting, backlog, idle: taken == 0, retry: self.exec.retry(), ..pass });
             }
         }
     }

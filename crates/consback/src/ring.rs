@@ -264,7 +264,13 @@ impl ConsoleRing {
             bytes_written: self.from_guest,
             ..RingStats::default()
         });
-        Ok(Progress { notify: took > 0 || produced > 0, more, idle: took == 0 && produced == 0 && wrote == 0, retry })
+        Ok(Progress {
+            notify: took > 0 || produced > 0,
+            more,
+            backlog: false,
+            idle: took == 0 && produced == 0 && wrote == 0,
+            retry,
+        })
     }
 }
 
