@@ -411,15 +411,17 @@ impl Worker {
             }
             self.drains_expired();
             self.timers();
+            // One clock read per pass: each pass starts when the last ended.
             let round = Instant::now();
+            let mut now = round;
             for _ in 0..self.ready.len() {
                 let Some(slot) = self.ready.pop_front() else { break };
-                self.service(slot);
+                now = self.service(slot, now);
                 // Once a round has taken a quantum, poll for events before
                 // the next pass: a ring woken meanwhile then waits for one
                 // busy pass, not for every ready ring's. The rings not
                 // served yet keep their place.
-                if round.elapsed() >= PASS_QUANTUM {
+                if now.duration_since(round) >= PASS_QUANTUM {
                     break;
                 }
             }
@@ -605,38 +607,39 @@ impl Worker {
         }
     }
 
-    fn service(&mut self, slot: u32) {
+    /// One pass of ring `slot`, started at `start`; returns when it ended.
+    fn service(&mut self, slot: u32, start: Instant) -> Instant {
         let max = self.budget;
-        let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { return };
+        let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { return start };
         if entry.draining.is_some() {
-            return;
+            return start;
         }
         entry.queued = false;
         let budget = entry.budget.min(max);
-        let start = Instant::now();
         let res = catch_unwind(AssertUnwindSafe(|| entry.setup.handler.process(budget)));
         let res = match res {
             Ok(r) => r,
             Err(payload) => Err(DeviceError::Panic(panic_message(&*payload))),
         };
+        let end = Instant::now();
         if let Ok(progress) = &res {
-            entry.adapt_budget(budget, start.elapsed(), progress.more, max);
+            entry.adapt_budget(budget, end.duration_since(start), progress.more, max);
         }
-        match res.and_then(|progress| Self::after_pass(entry, progress)) {
+        match res.and_then(|progress| Self::after_pass(entry, progress, end)) {
             Ok(true) => self.mark_ready(slot),
             Ok(false) => {}
             Err(e) => self.fail(slot, e),
         }
+        end
     }
 
     /// What follows a pass: the notify, the retry timer, the late EOI.
     /// Returns whether the ring has more to take now.
-    fn after_pass(entry: &mut Entry, progress: Progress) -> Result<bool, DeviceError> {
+    fn after_pass(entry: &mut Entry, progress: Progress, now: Instant) -> Result<bool, DeviceError> {
         if progress.notify {
             entry.setup.port.notify()?;
         }
         entry.worked |= !progress.idle;
-        let now = Instant::now();
         entry.retry_at = progress.retry.map(|d| now + d);
         let again = progress.more || progress.backlog;
         if !again {
