@@ -35,9 +35,16 @@ fn io(g: &mut Guest, disk: &TempDisk, rounds: u64) {
 /// The ring pages of a one-queue, one-page-ring frontend.
 const RING_MAPS: usize = 1;
 
+/// A host whose backend offers persistent grants, as `serve
+/// --persistent-grants 1056` (the default offers none).
+fn persistent() -> Harness {
+    let opts = BlkOptions { persistent_grants: blkback::DEFAULT_PERSISTENT_GRANTS, ..blk_options() };
+    Harness::with_options(opts).unwrap().0
+}
+
 #[test]
 fn with_persistent_grants_data_moves_with_no_grant_copy_and_each_page_is_mapped_once() {
-    let h = Harness::new().unwrap();
+    let h = persistent();
     let disk = TempDisk::new("persistent", 4 << 20);
     let mut g = h.attach(1, 0, &disk, "w", BlkfrontOptions::default()).unwrap();
     assert_eq!(h.toolstack.read_backend(g.dev.spec(), "feature-persistent").unwrap().as_deref(), Some("1"));
@@ -60,7 +67,7 @@ fn with_persistent_grants_data_moves_with_no_grant_copy_and_each_page_is_mapped_
 
 #[test]
 fn a_frontend_without_feature_persistent_is_served_by_grant_copy() {
-    let h = Harness::new().unwrap();
+    let h = persistent();
     let disk = TempDisk::new("copied", 4 << 20);
     let opts = BlkfrontOptions { persistent: false, ..Default::default() };
     let mut g = h.attach(1, 0, &disk, "w", opts).unwrap();
@@ -71,10 +78,10 @@ fn a_frontend_without_feature_persistent_is_served_by_grant_copy() {
     assert_eq!(grants.live_maps().unwrap(), RING_MAPS, "data pages mapped without feature-persistent");
 }
 
+/// The default.
 #[test]
 fn persistent_grants_switched_off_are_not_offered() {
-    let opts = BlkOptions { persistent_grants: 0, ..blk_options() };
-    let (h, _) = Harness::with_options(opts).unwrap();
+    let h = Harness::new().unwrap();
     let disk = TempDisk::new("off", 4 << 20);
     let mut g = h.attach(1, 0, &disk, "w", BlkfrontOptions::default()).unwrap();
     assert_eq!(h.toolstack.read_backend(g.dev.spec(), "feature-persistent").unwrap().as_deref(), Some("0"));
@@ -120,7 +127,7 @@ fn grants_beyond_the_cache_are_mapped_for_one_request_only() {
 /// gave fails the request, before any I/O, with nothing mapped.
 #[test]
 fn a_grant_that_cannot_be_mapped_is_copied_or_refused_as_a_copy_would_be() {
-    let h = Harness::new().unwrap();
+    let h = persistent();
     let disk = TempDisk::new("read-only-grant", 1 << 20);
     let mut g = h.attach(1, 0, &disk, "w", BlkfrontOptions::default()).unwrap();
     let grants = h.host.grant_table(1);

@@ -2,9 +2,9 @@
 # /test/run of tests/xen-vm/bench: fio in dom0 against the same RAM disk
 # (brd, /dev/ram0) reached five ways:
 #   ours     xenbackd serve --io-engine threads (qdisk node set) -> dom0's xen-blkfront /dev/xvda
-#   uring    the same with serve --io-engine io-uring (persistent grants,
-#            which Linux's blkfront asks for)
-#   copy     uring with --persistent-grants 0: every byte grant-copied
+#   uring    the same with serve --io-engine io-uring (grant copy)
+#   mapped   uring with --persistent-grants 1056 (Linux's blkfront asks for
+#            them: the guest's pages mapped and kept)
 #   blkback  the kernel's xen-blkback         -> /dev/xvda
 #   qdisk    QEMU's qdisk (qemu-system-xen)   -> /dev/xvda
 #   raw      /dev/ram0 itself, no PV layer
@@ -116,9 +116,9 @@ bench_one() {
             qemu_qdisk_stop 0; return $_q
         fi
         na qdisk "$QEMU_WHY"; return 1 ;;
-    ours|uring|copy)
+    ours|uring|mapped)
         _x=
-        case $1 in ours) _e=threads ;; uring) _e=io-uring ;; copy) _e=io-uring _x="--persistent-grants 0" ;; esac
+        case $1 in ours) _e=threads ;; uring) _e=io-uring ;; mapped) _e=io-uring _x="--persistent-grants 1056" ;; esac
         if xenbackd_start --io-engine $_e $_x; then
             through "$1" qdisk $PARAMS || { tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'; xenbackd_stop; return 1; }
             xenbackd_stop
@@ -129,7 +129,7 @@ bench_one() {
 }
 
 ALL=
-for b in raw blkback qdisk ours uring copy; do
+for b in raw blkback qdisk ours uring mapped; do
     case $ONLY in *,$b,*) ALL="$ALL $b" ;; esac
 done
 N=$(echo $ALL | wc -w)

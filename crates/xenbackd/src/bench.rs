@@ -57,10 +57,11 @@ pub struct BlkArgs {
     /// directory then needs twice the space)
     #[arg(long, value_name = "F", value_enum, default_value_t = DiskFormat::Raw)]
     format: DiskFormat,
-    /// Offer no persistent grants: every byte is grant-copied (the
-    /// frontend asks for them, as Linux's blkfront does)
+    /// Offer persistent grants (1056 per queue, as serve
+    /// --persistent-grants 1056); the frontend asks for them, as Linux's
+    /// blkfront does. Without, every byte is grant-copied
     #[arg(long)]
-    grant_copy: bool,
+    persistent_grants: bool,
 }
 
 /// `--format`.
@@ -336,7 +337,7 @@ pub fn run(args: BlkArgs) -> Result<u8> {
     // No image locks: each workload attaches the file again while the
     // backend may still be closing the previous workload's device (whose
     // lock then refused the next one), and nothing else opens it.
-    let persistent_grants = if args.grant_copy { 0 } else { blkback::DEFAULT_PERSISTENT_GRANTS };
+    let persistent_grants = if args.persistent_grants { blkback::DEFAULT_PERSISTENT_GRANTS } else { 0 };
     let m = Machine::start_with(BlkOptions {
         engine,
         locking: blkback::Locking::Off,

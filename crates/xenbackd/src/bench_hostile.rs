@@ -372,6 +372,9 @@ pub fn run(args: HostileArgs) -> Result<u8> {
         locking: blkback::Locking::Off,
         queue_buffer_bytes: args.queue_buffers << 20,
         buffer_bytes: args.buffers << 20,
+        // Offered so that big-mapped's attacker gets them; the neighbour
+        // (a frontend like Linux's) uses them too, big-reads' asks for none.
+        persistent_grants: blkback::DEFAULT_PERSISTENT_GRANTS,
         ..BlkOptions::default()
     };
     let m = Machine::start_with_config(options, Config { workers: args.workers, ..Config::default() })?;
