@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod backend_state;
+pub mod blk_queue;
 pub mod blkif_parse;
 pub mod byte_ring;
 pub mod console_ring;
@@ -46,4 +47,5 @@ pub const TARGETS: &[Target] = &[
     Target { name: "byte_ring", run: byte_ring::run, seeds: byte_ring::seeds },
     Target { name: "console_ring", run: console_ring::run, seeds: console_ring::seeds },
     Target { name: "qcow2_image", run: qcow2_image::run, seeds: qcow2_image::seeds },
+    Target { name: "blk_queue", run: blk_queue::run, seeds: blk_queue::seeds },
 ];
