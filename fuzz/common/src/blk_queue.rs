@@ -699,6 +699,23 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             ],
         ),
     ));
+    out.push((
+        "barriers-among-reads-and-writes",
+        sc(
+            setup(Protocol::X86_32),
+            vec![
+                Op::Burst { count: 5, op: Box::new(big(0, 0, 0)) },
+                rw(2, 0, vec![seg(1, 0, 7), seg(2, 0, 7)]),
+                Op::Burst { count: 3, op: Box::new(rw(1, 16, vec![seg(3, 0, 7)])) },
+                rw(2, 8, vec![seg(4, 0, 7)]),
+                Op::Discard { flag: 0, sector: 0, count: 16 },
+                rw(3, 0, vec![]),
+                Op::Poll,
+                rw(2, 24, vec![seg(5, 0, 7)]),
+                Op::Drain,
+            ],
+        ),
+    ));
     out
 }
 
