@@ -5,7 +5,8 @@
 //! indirect requests of the run's ABI with fuzzed fields), polls, waits,
 //! pages the guest rewrites, grant calls that fail, and a neighbour
 //! holding part of the daemon's budget. The queue runs on a 64 KiB raw disk
-//! (a temporary file, page cache or `O_DIRECT`) with the thread-pool
+//! (a temporary file, page cache or `O_DIRECT`, possibly truncated to 48 KiB
+//! under the queue) with the thread-pool
 //! engine (1 or 2 threads) or io_uring, by grant copy or with persistent
 //! grants of a small capacity (`blk_queue/guest.rs`: the guest's pages,
 //! mapped as gntdev maps them).
@@ -21,7 +22,8 @@
 //! request whose grants all serve it (read-write for a read's pages,
 //! granted for a write's and for the indirect pages) is answered `Okay`,
 //! any other `Error` (either, where a grant copy call failed as a whole
-//! while it was pending or the guest rewrote its indirect pages);
+//! while it was pending, the guest rewrote its indirect pages, or it
+//! reaches beyond a truncated file's end);
 //! `NotSupported` only from `parse`; nothing taken after a barrier is
 //! answered before it, nor the barrier before anything taken earlier; the
 //! queue's counters match the answers (completed, failed; bytes read
@@ -29,7 +31,9 @@
 //! those of the writes answered `Okay` and never more than was asked); the
 //! queue's and the daemon's buffers never exceed their limits; the
 //! persistent grants keep at most their capacity and count the guest's map
-//! calls exactly; a failed map falls back to copying (no error for it); the
+//! calls exactly; a failed map falls back to copying (no error for it); a
+//! queue with nothing pending asks to be called again only to free its
+//! spare buffers (exactly when buffers are still charged); the
 //! queue copies only within pages of its own frontend (the guest's grant
 //! mapper asserts it). The checks ([`Check`]): on a quiet queue a write of
 //! good grants, laid out as the input says, puts the guest's bytes on the
@@ -54,6 +58,8 @@ pub use driver::run_scenario;
 
 /// The disk: 64 KiB.
 const DISK_SECTORS: u64 = 128;
+/// The sectors of a truncated disk's file.
+const FILE_SECTORS: u64 = 96;
 
 /// The queue and its disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +78,9 @@ pub struct Setup {
     pub page_aligned: bool,
     /// The disk is opened with `O_DIRECT` (bit 5).
     pub direct: bool,
+    /// The disk's file is shorter than the size the queue was given,
+    /// [`FILE_SECTORS`] (an image truncated under it) (bit 6).
+    pub truncated: bool,
     /// The disk (byte 2): bit 0 read-only, 1 discard, 2 barrier, 3 flush offered.
     pub read_only: bool,
     /// Discard offered.
@@ -99,6 +108,7 @@ impl Setup {
             small_budget: o & 8 != 0,
             page_aligned: o & 16 != 0,
             direct: o & 32 != 0,
+            truncated: o & 64 != 0,
             read_only: d & 1 != 0,
             discard: d & 2 != 0,
             barrier: d & 4 != 0,
@@ -119,7 +129,8 @@ impl Setup {
             | u8::from(self.persistent) << 2
             | u8::from(self.small_budget) << 3
             | u8::from(self.page_aligned) << 4
-            | u8::from(self.direct) << 5;
+            | u8::from(self.direct) << 5
+            | u8::from(self.truncated) << 6;
         let d = u8::from(self.read_only)
             | u8::from(self.discard) << 1
             | u8::from(self.barrier) << 2
@@ -499,6 +510,7 @@ fn setup(abi: Protocol) -> Setup {
         small_budget: false,
         page_aligned: false,
         direct: false,
+        truncated: false,
         read_only: false,
         discard: true,
         barrier: true,
@@ -699,6 +711,33 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             ],
         ),
     ));
+    // Reads and writes across the end of a file shorter than the disk
+    // (copied and mapped), a check before it.
+    let mut truncated = setup(Protocol::X86_64);
+    truncated.truncated = true;
+    truncated.persistent = true;
+    truncated.capacity = 8;
+    let across = |op| rw(op, 92, vec![seg(1, 0, 3), seg(2, 0, 7)]);
+    let mut uring = truncated.clone();
+    uring.io_uring = true;
+    for (name, setup) in [("truncated-file", truncated), ("truncated-file-io_uring", uring)] {
+        out.push((
+            name,
+            sc(
+                setup,
+                vec![
+                    across(0),
+                    rw(0, 92, vec![seg(3, 1, 3), seg(4, 0, 7)]),
+                    Op::Drain,
+                    across(1),
+                    Op::Discard { flag: 0, sector: 90, count: 20 },
+                    Op::Drain,
+                    across(0),
+                    check(0, 0, 40, 13, 0, &odd, &odd),
+                ],
+            ),
+        ));
+    }
     out.push((
         "barriers-among-reads-and-writes",
         sc(
@@ -755,6 +794,14 @@ mod tests {
     fn bad_grants_fail_and_are_caught_before_io() {
         let s = run_scenario(&seed("bad-grants"));
         assert!(s.stats.failed == 4 && s.stats.bad_grants_caught > 0, "{s:?}");
+    }
+
+    #[test]
+    fn reads_beyond_a_truncated_file_fail() {
+        for name in ["truncated-file", "truncated-file-io_uring"] {
+            let s = run_scenario(&seed(name));
+            assert!(s.stats.failed > 0 && s.checks == 1, "{name}: {s:?}");
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use zerocopy::little_endian::U32;
 use zerocopy::IntoBytes;
 
 use super::guest::{self, access, Access, Guest, DATA_PAGES, INDIRECT_PAGES, PAGES};
-use super::{gref_of, sector_of, Check, Op, Scenario, Seg, Setup, Summary, DISK_SECTORS};
+use super::{gref_of, sector_of, Check, Op, Scenario, Seg, Setup, Summary, DISK_SECTORS, FILE_SECTORS};
 
 /// How long the queue may take to answer everything pending.
 const WAIT: Duration = Duration::from_secs(5);
@@ -106,15 +106,15 @@ pub(super) fn io_uring_works() -> bool {
     *WORKS.get_or_init(|| blkback::uring::probe().is_ok())
 }
 
-/// A fresh zeroed disk of [`DISK_SECTORS`], its file already unlinked.
-fn disk(read_only: bool, direct: bool) -> Arc<Disk> {
+/// A fresh zeroed disk of `sectors`, its file already unlinked.
+fn disk(read_only: bool, direct: bool, sectors: u64) -> Arc<Disk> {
     static N: AtomicU64 = AtomicU64::new(0);
     let path = std::env::temp_dir().join(format!(
         "fuzz-blk-queue-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
-    std::fs::File::create(&path).expect("disk file").set_len(DISK_SECTORS * 512).expect("disk size");
+    std::fs::File::create(&path).expect("disk file").set_len(sectors * 512).expect("disk size");
     let disk = Disk::open(&path, read_only, direct);
     let _ = std::fs::remove_file(&path);
     Arc::new(disk.expect("disk"))
@@ -149,6 +149,8 @@ fn raw_segments(segs: &[Segment]) -> Vec<BlkifRequestSegment> {
 struct Run {
     abi: Protocol,
     limits: DiskLimits,
+    /// The disk file's sectors (fewer than the limits say, if truncated).
+    file_sectors: u64,
     guest: Arc<Guest>,
     disk: Arc<Disk>,
     exec: QueueExecutor,
@@ -175,7 +177,8 @@ impl Run {
     fn new(setup: &Setup) -> Run {
         let limits = setup.limits();
         let guest = Arc::new(Guest::new());
-        let disk = disk(setup.read_only, setup.direct);
+        let file_sectors = if setup.truncated { FILE_SECTORS } else { DISK_SECTORS };
+        let disk = disk(setup.read_only, setup.direct, file_sectors);
         let use_uring = setup.io_uring && io_uring_works();
         let engine: Box<dyn IoEngine> = if use_uring {
             Box::new(IoUringEngine::new(disk.clone()).expect("io_uring engine"))
@@ -193,9 +196,11 @@ impl Run {
             exec =
                 exec.with_persistent_grants(usize::from(setup.capacity), if setup.page_aligned { 4096 } else { 512 });
         }
+        assert_eq!(exec.abi(), setup.abi);
         Run {
             abi: setup.abi,
             limits,
+            file_sectors,
             guest,
             disk,
             exec,
@@ -454,17 +459,26 @@ impl Run {
             }
             Direction::Write => Vec::new(),
         };
+        // A good request beyond a truncated file's end may fail (or not:
+        // writes there may grow it).
+        let okay = |sector: u64, segs: &[Segment]| {
+            let sectors = segs.iter().map(Segment::sectors).sum::<u64>();
+            sector.checked_add(sectors).is_some_and(|end| end <= self.file_sectors).then_some(Status::Okay)
+        };
         match req.kind {
-            RequestKind::Data { direction, segments, barrier, .. } => {
+            RequestKind::Data { direction, sector, segments, barrier, .. } => {
                 p.barrier = barrier;
-                p.want = Some(if good(direction, &segments) { Status::Okay } else { Status::Error });
+                p.want = if good(direction, &segments) { okay(sector, &segments) } else { Some(Status::Error) };
                 if !segments.is_empty() {
                     let n = len(&segments);
                     p.data = Some(Data { direction, known: Some(n), bound: n });
                     p.writes_to = Some(written(direction, &segments));
                 }
             }
-            RequestKind::Discard { .. } => p.want = Some(Status::Okay),
+            RequestKind::Discard { sector, nr_sectors, .. } => {
+                let end = sector.checked_add(nr_sectors);
+                p.want = end.is_some_and(|end| end <= self.file_sectors).then_some(Status::Okay);
+            }
             RequestKind::Indirect { direction, sector, nr_segments, pages } => {
                 p.indirect = pages.iter().map(|g| g.0).collect();
                 let bound = u64::from(nr_segments) * PAGE_SIZE as u64;
@@ -479,7 +493,7 @@ impl Run {
                         Ok(segs) => {
                             known = len(&segs);
                             p.writes_to = Some(written(direction, &segs));
-                            p.want = Some(if good(direction, &segs) { Status::Okay } else { Status::Error });
+                            p.want = if good(direction, &segs) { okay(sector, &segs) } else { Some(Status::Error) };
                         }
                         Err(f) => p.want = Some(f.status()),
                     }
@@ -612,6 +626,9 @@ impl Run {
         }
         assert!(self.pending.is_empty(), "the queue has nothing pending, the harness waits for {:?}", self.pending);
         assert!(!self.exec.has_backlog() && self.exec.can_take());
+        // Nothing pending: a retry only for the spare buffers, charged while kept.
+        let spares = self.budget.held() > 0;
+        assert_eq!(self.exec.retry(), spares.then_some(blkback::queue::SPARE_IDLE), "retry of an idle queue");
     }
 
     fn step(&mut self, op: &Op) {
@@ -684,8 +701,8 @@ impl Run {
         }
         self.drain();
         self.guest.fail_copies(0);
-        let start = u64::from(c.sector) % DISK_SECTORS;
-        let room = (DISK_SECTORS - start) as usize;
+        let start = u64::from(c.sector) % self.file_sectors;
+        let room = (self.file_sectors - start) as usize;
         let indirect_max = usize::from(self.limits.max_indirect_segments).min(SEGS_PER_INDIRECT_FRAME);
 
         // The write: its operation, then its segments, on the data pages.
