@@ -32,8 +32,9 @@
 //! queue's and the daemon's buffers never exceed their limits; the
 //! persistent grants keep at most their capacity and count the guest's map
 //! calls exactly; a failed map falls back to copying (no error for it); a
-//! queue with nothing pending asks to be called again only to free its
-//! spare buffers (exactly when buffers are still charged); the
+//! queue with requests pending asks to be called again only while one is
+//! parked on the budget, one with nothing pending only to free its spare
+//! buffers (exactly when buffers are still charged); the
 //! queue copies only within pages of its own frontend (the guest's grant
 //! mapper asserts it). The checks ([`Check`]): on a quiet queue a write of
 //! good grants, laid out as the input says, puts the guest's bytes on the

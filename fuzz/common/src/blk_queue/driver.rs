@@ -39,6 +39,8 @@ const MAX_CHECKS: u32 = 16;
 const MAX_SLEEP: Duration = Duration::from_millis(20);
 /// What the neighbour holds of the daemon's budget per unit.
 const NEIGHBOUR_UNIT: usize = 64 << 10;
+/// A queue parked on the daemon's budget asks to be polled again after this (`queue.rs`).
+const BUDGET_RETRY: Duration = Duration::from_millis(1);
 /// What a check's read finds in its pages where nothing was read.
 const POISON: u8 = 0xa5;
 
@@ -620,6 +622,10 @@ impl Run {
                 self.exec.retry(),
                 self.pending
             );
+            // With requests pending, a retry only while one is parked on
+            // the budget (1 ms), never the idle queue's.
+            let retry = self.exec.retry();
+            assert!(retry.is_none_or(|d| d == BUDGET_RETRY && !self.exec.can_take()), "retry {retry:?} while busy");
             if !self.exec.has_backlog() {
                 wait_readable(self.exec.completion_fd());
             }
