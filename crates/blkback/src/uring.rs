@@ -235,7 +235,11 @@ impl IoUringEngine {
     }
 
     fn enter(&mut self) -> Result<(), EngineError> {
-        if self.unsubmitted == 0 {
+        // Completions that found the completion queue full are kept by the
+        // kernel (IORING_FEAT_NODROP) and moved to the ring only by an
+        // io_uring_enter: one is due then even with nothing to submit
+        // (`submit` adds GETEVENTS for it).
+        if self.unsubmitted == 0 && !self.ring.submission().cq_overflow() {
             return Ok(());
         }
         match self.ring.submit() {
@@ -398,6 +402,20 @@ impl IoEngine for IoUringEngine {
             let late = self.reap(out) + self.reap_discards(out);
             self.stale = late > 0;
             reaped += late;
+        }
+        // More than the completion queue holds may have completed (a ring
+        // of 512 requests, 128 submitted at a time): the overflow comes
+        // back one enter at a time, as the ring has room.
+        while self.ring.submission().cq_overflow() {
+            if let Err(e) = self.enter() {
+                log::warn!("io_uring submit: {e}");
+                break;
+            }
+            let more = self.reap(out);
+            if more == 0 {
+                break;
+            }
+            reaped += more;
         }
         if reaped > 0 {
             // Short transfers put back in the queue.
