@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 mod backend;
+mod clock;
 mod device;
 pub mod echo;
 mod error;
@@ -23,6 +24,7 @@ pub use backend::{
     Backend, Config, Stats, DEFAULT_DEPARTURE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_RING_BUDGET,
     DEFAULT_XENSTORE_TIMEOUT,
 };
+pub use clock::Tick;
 pub use device::{BoundPort, Device, DeviceCtx, DeviceType, Drained, MappedRing, Progress, RingHandler, RingSetup};
 pub use error::{DeviceError, Error};
 pub use frontends::{DeviceFilter, Frontends};

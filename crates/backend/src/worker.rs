@@ -37,6 +37,7 @@ use crossbeam_channel::{Receiver, Sender};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use crate::clock::Tick;
 use crate::device::{Progress, RingSetup};
 use crate::error::{DeviceError, Error};
 use crate::key::DeviceKey;
@@ -95,7 +96,7 @@ pub(crate) struct Released {
 
 enum Command {
     Add { id: u64, owner: Owner, setup: RingSetup },
-    Remove { id: u64, owner: Owner, deadline: Instant, done: Sender<Released> },
+    Remove { id: u64, owner: Owner, deadline: Tick, done: Sender<Released> },
     Stop,
 }
 
@@ -216,7 +217,7 @@ impl WorkerPool {
     /// busy is left to a thread of its own and reported stuck. False if
     /// the worker is gone (nothing will be sent).
     pub fn remove(&self, placement: Placement, owner: Owner, timeout: Duration, done: Sender<Released>) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = Tick::now() + timeout;
         self.send(placement.worker, Command::Remove { id: placement.id, owner, deadline, done })
     }
 
@@ -245,7 +246,7 @@ struct Entry {
     setup: RingSetup,
     queued: bool,
     /// Being taken away: whom to tell, and by when.
-    draining: Option<(Instant, Sender<Released>)>,
+    draining: Option<(Tick, Sender<Released>)>,
     /// Ports taken from the handle and not unmasked yet (late EOI).
     eoi: Vec<evtchn::Port>,
     /// A pass since the last port event took requests.
@@ -253,9 +254,9 @@ struct Entry {
     /// Spurious port events in a row.
     spurious: u32,
     /// When the port of a spurious ring is unmasked.
-    unmask_at: Option<Instant>,
+    unmask_at: Option<Tick>,
     /// When the handler asked to be called again ([`Progress::retry`]).
-    retry_at: Option<Instant>,
+    retry_at: Option<Tick>,
     /// Requests per pass, cut to fit [`PASS_QUANTUM`].
     budget: usize,
 }
@@ -292,7 +293,7 @@ impl Entry {
     }
 
     /// The earliest of its timers.
-    fn next_timer(&self) -> Option<Instant> {
+    fn next_timer(&self) -> Option<Tick> {
         let drain = self.draining.as_ref().map(|(t, _)| *t);
         [drain, self.unmask_at, self.retry_at].into_iter().flatten().min()
     }
@@ -309,7 +310,7 @@ impl Entry {
     /// After a pass with nothing left to take: the late EOI of the port
     /// events since the last one, at once if a pass took work, else (a
     /// spurious event) delayed per [`eoi_delay`].
-    fn late_eoi(&mut self, now: Instant) -> Result<(), DeviceError> {
+    fn late_eoi(&mut self, now: Tick) -> Result<(), DeviceError> {
         if self.eoi.is_empty() || self.unmask_at.is_some() {
             return Ok(());
         }
@@ -380,7 +381,7 @@ impl Worker {
                 match self.next_timer() {
                     None => EpollTimeout::NONE,
                     Some(t) => {
-                        let ms = t.saturating_duration_since(Instant::now()).as_millis().clamp(1, 60_000);
+                        let ms = t.saturating_duration_since(Tick::now()).as_millis().clamp(1, 60_000);
                         EpollTimeout::try_from(ms as i32).unwrap_or(EpollTimeout::NONE)
                     }
                 }
@@ -409,10 +410,15 @@ impl Worker {
                     None => log::warn!("Unknown epoll token {:#x}", ev.data()),
                 }
             }
-            self.drains_expired();
-            self.timers();
-            // One clock read per pass: each pass starts when the last ended.
-            let round = Instant::now();
+            // Timers on the coarse clock, which is no system call (see
+            // `clock`); pass times need the fine one, which may be.
+            let now = Tick::now();
+            self.drains_expired(now);
+            self.timers(now);
+            // Pass times matter only between rings: a worker serving one
+            // ring does not time its passes. Else one fine clock read per
+            // pass, each pass starting when the last ended.
+            let round = (self.rings() > 1).then(Instant::now);
             let mut now = round;
             for _ in 0..self.ready.len() {
                 let Some(slot) = self.ready.pop_front() else { break };
@@ -421,8 +427,10 @@ impl Worker {
                 // the next pass: a ring woken meanwhile then waits for one
                 // busy pass, not for every ready ring's. The rings not
                 // served yet keep their place.
-                if now.duration_since(round) >= PASS_QUANTUM {
-                    break;
+                if let (Some(round), Some(now)) = (round, now) {
+                    if now.duration_since(round) >= PASS_QUANTUM {
+                        break;
+                    }
                 }
             }
         }
@@ -495,9 +503,14 @@ impl Worker {
         }
     }
 
-    /// Runs the timers that are due: delayed unmasks and handlers' retries.
-    fn timers(&mut self) {
-        let now = Instant::now();
+    /// Rings served (draining ones included).
+    fn rings(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Runs the timers that are due at `now`: delayed unmasks and handlers'
+    /// retries.
+    fn timers(&mut self, now: Tick) {
         for slot in 0..self.slots.len() as u32 {
             let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { continue };
             if entry.unmask_at.is_some_and(|t| t <= now) {
@@ -538,13 +551,13 @@ impl Worker {
         matches!(self.slots.get(slot as usize), Some(Some(e)) if e.draining.is_some())
     }
 
-    fn next_timer(&self) -> Option<Instant> {
+    fn next_timer(&self) -> Option<Tick> {
         self.slots.iter().flatten().filter_map(Entry::next_timer).min()
     }
 
     /// Stops serving the ring's requests (its port leaves epoll; its
     /// completion fd stays) and drains it.
-    fn start_drain(&mut self, slot: u32, deadline: Instant, done: Sender<Released>) {
+    fn start_drain(&mut self, slot: u32, deadline: Tick, done: Sender<Released>) {
         let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { return };
         let _ = self.epoll.delete(entry.setup.port.handle().as_fd());
         entry.draining = Some((deadline, done));
@@ -577,8 +590,7 @@ impl Worker {
 
     /// Rings whose drain deadline passed: each goes to a thread of its own,
     /// which drops it once its I/O is done (the drop waits for it).
-    fn drains_expired(&mut self) {
-        let now = Instant::now();
+    fn drains_expired(&mut self, now: Tick) {
         let expired: Vec<u32> = (0..self.slots.len() as u32)
             .filter(
                 |&s| matches!(&self.slots[s as usize], Some(e) if e.draining.as_ref().is_some_and(|(t, _)| *t <= now)),
@@ -608,7 +620,8 @@ impl Worker {
     }
 
     /// One pass of ring `slot`, started at `start`; returns when it ended.
-    fn service(&mut self, slot: u32, start: Instant) -> Instant {
+    /// Untimed (`None`), its budget is not cut to fit the quantum.
+    fn service(&mut self, slot: u32, start: Option<Instant>) -> Option<Instant> {
         let max = self.budget;
         let Some(Some(entry)) = self.slots.get_mut(slot as usize) else { return start };
         if entry.draining.is_some() {
@@ -621,11 +634,12 @@ impl Worker {
             Ok(r) => r,
             Err(payload) => Err(DeviceError::Panic(panic_message(&*payload))),
         };
-        let end = Instant::now();
+        let end = start.map(|_| Instant::now());
         if let Ok(progress) = &res {
-            entry.adapt_budget(budget, end.duration_since(start), progress.more, max);
+            let spent = start.zip(end).map_or(Duration::ZERO, |(start, end)| end.duration_since(start));
+            entry.adapt_budget(budget, spent, progress.more, max);
         }
-        match res.and_then(|progress| Self::after_pass(entry, progress, end)) {
+        match res.and_then(|progress| Self::after_pass(entry, progress)) {
             Ok(true) => self.mark_ready(slot),
             Ok(false) => {}
             Err(e) => self.fail(slot, e),
@@ -635,10 +649,11 @@ impl Worker {
 
     /// What follows a pass: the notify, the retry timer, the late EOI.
     /// Returns whether the ring has more to take now.
-    fn after_pass(entry: &mut Entry, progress: Progress, now: Instant) -> Result<bool, DeviceError> {
+    fn after_pass(entry: &mut Entry, progress: Progress) -> Result<bool, DeviceError> {
         if progress.notify {
             entry.setup.port.notify()?;
         }
+        let now = Tick::now();
         entry.worked |= !progress.idle;
         entry.retry_at = progress.retry.map(|d| now + d);
         let again = progress.more || progress.backlog;

@@ -17,7 +17,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use xen_backend::Tick;
 
 use blkif::{parse, parse_indirect_segments, Direction, DiskLimits, Request, RequestKind, Response, Segment, Status};
 use gnttab::{CopySegment, DomId, GrantMapper, GrantRef, GrantStatus, GuestPage, PAGE_SIZE};
@@ -133,7 +135,7 @@ pub struct QueueExecutor {
     /// buffers come back, and nothing more is taken meanwhile.
     parked: Option<DataStart>,
     /// Since when nothing is pending (spare buffers go after [`SPARE_IDLE`]).
-    idle_since: Option<Instant>,
+    idle_since: Option<Tick>,
     /// The indirect pages of a request, kept for the next.
     indirect: Vec<u8>,
     /// Reads left to check before I/O ([`SUSPECT_READS`]).
@@ -319,9 +321,10 @@ impl QueueExecutor {
             self.idle_since = None;
             return;
         }
-        let now = Instant::now();
+        // The coarse clock: read at every idle poll, which is no system call.
+        let now = Tick::now();
         let since = *self.idle_since.get_or_insert(now);
-        if now.duration_since(since) >= SPARE_IDLE {
+        if now.saturating_duration_since(since) >= SPARE_IDLE {
             self.spare.clear();
             self.idle_since = None;
         }
@@ -1122,7 +1125,8 @@ mod tests {
         assert!(budget.held() > 0, "spares kept while busy");
         assert_eq!(q.retry(), Some(SPARE_IDLE));
         q.poll(&mut Vec::new());
-        std::thread::sleep(SPARE_IDLE);
+        // Idle time is on the coarse clock: up to a tick (10 ms) late.
+        std::thread::sleep(SPARE_IDLE + Duration::from_millis(20));
         q.poll(&mut Vec::new());
         assert_eq!((budget.held(), daemon.held(), q.retry()), (0, 0, None));
         std::fs::remove_file(p).unwrap();
