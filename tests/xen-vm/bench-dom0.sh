@@ -20,6 +20,7 @@
 # (default 3), BENCH_ONLY (colon list of backends, default all five),
 # BENCH_FORMAT=qcow2: ours, uring and qdisk serve /test/images/bench.qcow2 (the
 # host's qemu-img made it fully allocated) as params qcow2:PATH; no RAM disk.
+# BENCH_SERVE_ARGS: more arguments for xenbackd serve, colons for spaces.
 . /test/lib/vbd.sh
 SECS=${BENCH_SECS:-5}
 ROUNDS=${BENCH_ROUNDS:-3}
@@ -30,6 +31,7 @@ say() { echo "BENCH [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
 na() { echo "BENCHNA $1 round $ROUND: $2"; }
 
 FORMAT=${BENCH_FORMAT:-raw}
+SERVE_ARGS=$(echo "${BENCH_SERVE_ARGS:-}" | tr : ' ')
 [ -x /usr/bin/fio ] || { say "no fio in the image (needs the fio archive)"; exit 1; }
 if [ "$FORMAT" = qcow2 ]; then
     QIMG=/test/images/bench.qcow2
@@ -119,7 +121,8 @@ bench_one() {
     ours|uring|mapped)
         _x=
         case $1 in ours) _e=threads ;; uring) _e=io-uring ;; mapped) _e=io-uring _x="--persistent-grants 1056" ;; esac
-        if xenbackd_start --io-engine $_e $_x; then
+        # shellcheck disable=SC2086 # words on purpose
+        if xenbackd_start --io-engine $_e $_x $SERVE_ARGS; then
             through "$1" qdisk $PARAMS || { tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'; xenbackd_stop; return 1; }
             xenbackd_stop
         else
