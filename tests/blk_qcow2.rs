@@ -623,3 +623,144 @@ fn discards_in_flight_with_writes_to_the_same_clusters_corrupt_nothing() {
     let compare = qemu(&["qemu-img", "compare", "-f", "qcow2", "-F", "raw", &image, &raw]);
     assert!(compare.contains("Images are identical"), "{compare}");
 }
+
+/// Two writes in flight together that share an unallocated cluster (the
+/// boundary between them inside it), over a backing file: both halves
+/// must be in the cluster afterwards, and the backing data elsewhere.
+#[test]
+fn two_writes_in_flight_into_one_unallocated_cluster_both_land() {
+    let Some(dir) = images("shared-cluster") else { return };
+    let (base, top) = (dir.arg("base.qcow2"), dir.arg("top.qcow2"));
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", &base, "16M"]);
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 16M", &base]);
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &top,
+    ]);
+    let h = Harness::new().unwrap();
+    let opts = BlkfrontOptions { queues: 1, max_request_bytes: 1 << 20, depth: 32, ..Default::default() };
+    let mut g = attach_qcow2(&h, 1, 0, Path::new(&top), "w", opts);
+    let q = g.front.queue(0);
+    let mut lost = Vec::new();
+    for c in 0..512u64 {
+        let split = 1 + c % 7; // sectors of the cluster in the first write
+        let a = vec![0xa0 | (c % 16) as u8; (split * 512) as usize];
+        let b = vec![0xb0 | (c % 16) as u8; ((8 - split) * 512) as usize];
+        q.submit(1, BlkOp::Write { sector: c * 8, data: &a }).unwrap();
+        q.submit(2, BlkOp::Write { sector: c * 8 + split, data: &b }).unwrap();
+        let mut done = Vec::new();
+        while done.len() < 2 {
+            q.wait(std::time::Duration::from_millis(100), &mut done).unwrap();
+        }
+        assert!(done.iter().all(|c| c.status == BLKIF_RSP_OKAY));
+        let got = run(q, BlkOp::Read { sector: c * 8, len: 4096 });
+        if got.data[..a.len()] != a[..] || got.data[a.len()..] != b[..] {
+            lost.push(c);
+        }
+    }
+    assert!(lost.is_empty(), "clusters with a write lost: {lost:?}");
+    close(h, vec![g]);
+}
+
+/// One write over 64 KiB, not cluster-aligned, into unallocated clusters
+/// over a backing file: every byte lands, whatever parts it goes in.
+#[test]
+fn a_large_unaligned_write_into_unallocated_clusters_lands_whole() {
+    let Some(dir) = images("large-unaligned") else { return };
+    let (base, top) = (dir.arg("base.qcow2"), dir.arg("top.qcow2"));
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", &base, "16M"]);
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 16M", &base]);
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &top,
+    ]);
+    let h = Harness::new().unwrap();
+    let opts = BlkfrontOptions { queues: 1, max_request_bytes: 1 << 20, depth: 32, ..Default::default() };
+    let mut g = attach_qcow2(&h, 1, 0, Path::new(&top), "w", opts);
+    let q = g.front.queue(0);
+    let mut bad = Vec::new();
+    for i in 0..24u64 {
+        let sector = i * 640 + 1 + i % 7;
+        let data = pattern(i, 200 * 1024);
+        assert_eq!(run(q, BlkOp::Write { sector, data: &data }).status, BLKIF_RSP_OKAY);
+        let got = run(q, BlkOp::Read { sector, len: data.len() });
+        if let Some(at) = first_difference(&got.data, &data) {
+            bad.push((i, at));
+        }
+    }
+    assert!(bad.is_empty(), "writes with bytes lost (index, first offset): {bad:?}");
+    close(h, vec![g]);
+}
+
+/// Two writes in flight together sharing an allocated cluster: one also
+/// covers an unallocated cluster (so it goes through the format layer),
+/// the other only the allocated one (so on io_uring it may go in place).
+#[test]
+fn a_format_layer_write_and_an_in_place_write_sharing_a_cluster_both_land() {
+    let Some(dir) = images("mixed-paths") else { return };
+    let (base, top) = (dir.arg("base.qcow2"), dir.arg("top.qcow2"));
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", &base, "16M"]);
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 16M", &base]);
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &top,
+    ]);
+    let h = Harness::new().unwrap();
+    let opts = BlkfrontOptions { queues: 1, max_request_bytes: 1 << 20, depth: 32, ..Default::default() };
+    let mut g = attach_qcow2(&h, 1, 0, Path::new(&top), "w", opts);
+    let q = g.front.queue(0);
+    let mut lost = Vec::new();
+    for i in 0..256u64 {
+        // Clusters 2i (unallocated) and 2i+1 (allocated now).
+        let c = (2 * i + 1) * 8;
+        assert_eq!(run(q, BlkOp::Write { sector: c, data: &[0x11; 4096] }).status, BLKIF_RSP_OKAY);
+        let split = 1 + i % 7;
+        let a = vec![0xa0 | (i % 16) as u8; ((8 + split) * 512) as usize];
+        let b = vec![0xb0 | (i % 16) as u8; ((8 - split) * 512) as usize];
+        q.submit(1, BlkOp::Write { sector: c - 8, data: &a }).unwrap();
+        q.submit(2, BlkOp::Write { sector: c + split, data: &b }).unwrap();
+        let mut done = Vec::new();
+        while done.len() < 2 {
+            q.wait(std::time::Duration::from_millis(100), &mut done).unwrap();
+        }
+        assert!(done.iter().all(|c| c.status == BLKIF_RSP_OKAY));
+        let got = run(q, BlkOp::Read { sector: c - 8, len: 8192 });
+        if got.data[..a.len()] != a[..] || got.data[a.len()..] != b[..] {
+            let bad_a = first_difference(&got.data[..a.len()], &a);
+            let bad_b = first_difference(&got.data[a.len()..], &b);
+            lost.push((i, bad_a, bad_b, got.data[a.len() + bad_b.unwrap_or(0)]));
+        }
+    }
+    assert!(lost.is_empty(), "cluster pairs with a write lost: {lost:?}");
+    close(h, vec![g]);
+}
