@@ -237,7 +237,8 @@ impl Qcow2Image {
     }
 
     /// Reads and writes served on the top file directly so far
-    /// ([`Qcow2Image::map_direct`]); for tests and `status`.
+    /// ([`Qcow2Image::map_direct`]), one per engine operation (a request
+    /// cut into parts counts each); for tests and `status`.
     pub fn direct_requests(&self) -> u64 {
         self.direct_requests.load(Ordering::Relaxed)
     }
