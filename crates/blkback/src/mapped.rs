@@ -55,6 +55,24 @@ impl MappedIo {
         self.len == 0
     }
 
+    /// Cuts the transfer into consecutive parts of `counts[i]` segments
+    /// each (`counts` summing to the segments), for a request whose I/O
+    /// goes in parts: its grants are mapped once, and every part holds the
+    /// mappings, which stay until the last part is dropped.
+    pub fn split(self, counts: &[usize]) -> Vec<MappedIo> {
+        debug_assert_eq!(counts.iter().sum::<usize>(), self.iov.len());
+        let mut rest = &self.iov[..];
+        counts
+            .iter()
+            .map(|&n| {
+                let (iov, tail) = rest.split_at(n.min(rest.len()));
+                rest = tail;
+                let len = iov.iter().map(|v| v.iov_len).sum();
+                MappedIo { iov: iov.to_vec(), rest: Vec::new(), len, _pages: self._pages.clone() }
+            })
+            .collect()
+    }
+
     /// The iovecs of what is left after `done` bytes, for `preadv` and
     /// io_uring's `READV`/`WRITEV`: kept in `self` (the kernel may read
     /// them until the operation completes) until the next call.
@@ -247,6 +265,20 @@ mod tests {
         let mut p = PersistentGrants::new(Arc::new(Pages::default()), 1, 8);
         assert!(p.io(&segs(&[1, 100])).is_none());
         assert_eq!((p.mapped(), p.stats().refused), (0, 1));
+    }
+
+    #[test]
+    fn a_split_transfer_keeps_its_segments_in_order_and_its_pages_mapped_in_every_part() {
+        let mut p = PersistentGrants::new(Arc::new(Pages::default()), 1, 8);
+        let io = p.io(&segs(&[1, 2, 3, 4, 5])).unwrap();
+        let bases: Vec<usize> = io.iov.iter().map(|v| v.iov_base as usize).collect();
+        let parts = io.split(&[2, 2, 1]);
+        assert_eq!(parts.iter().map(MappedIo::len).collect::<Vec<_>>(), [8192, 8192, 4096]);
+        let split_bases: Vec<usize> = parts.iter().flat_map(|m| m.iov.iter().map(|v| v.iov_base as usize)).collect();
+        assert_eq!(split_bases, bases);
+        // The batch's mapping is held by the cache and each part.
+        assert!(parts.iter().all(|m| m._pages.len() == 1));
+        assert_eq!(Arc::strong_count(&parts[0]._pages[0]), 5 + 3);
     }
 
     #[test]
