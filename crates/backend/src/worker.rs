@@ -51,7 +51,7 @@ const EVENTS_PER_WAIT: usize = 64;
 /// `spurious_threshold` default).
 const SPURIOUS_THRESHOLD: u32 = 1;
 /// How long one pass of a busy ring should take at most.
-const PASS_QUANTUM: Duration = Duration::from_micros(100);
+const PASS_QUANTUM: Duration = Duration::from_micros(30);
 /// Longest delay of a spurious port's unmask (Linux: `HZ`, one second).
 const MAX_EOI_DELAY: Duration = Duration::from_secs(1);
 
