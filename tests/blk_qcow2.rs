@@ -626,45 +626,46 @@ fn discards_in_flight_with_writes_to_the_same_clusters_corrupt_nothing() {
     assert!(compare.contains("Images are identical"), "{compare}");
 }
 
+/// A guest on a qcow2 image of 4 KiB clusters over a backing file of the
+/// same cluster size, full of 0x5a (16 MiB, one queue).
+fn over_a_backing_file(name: &str) -> Option<(ImageDir, Harness, Guest)> {
+    let dir = images(name)?;
+    let (base, top) = (dir.arg("base.qcow2"), dir.arg("top.qcow2"));
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", &base, "16M"]);
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 16M", &base]);
+    let backed = ["-o", "cluster_size=4096", "-b", "base.qcow2", "-F", "qcow2"];
+    qemu(&[&["qemu-img", "create", "-q", "-f", "qcow2"][..], &backed[..], &[top.as_str()]].concat());
+    let h = Harness::new().unwrap();
+    let opts = BlkfrontOptions { queues: 1, max_request_bytes: 1 << 20, depth: 32, ..Default::default() };
+    let g = attach_qcow2(&h, 1, 0, Path::new(&top), "w", opts);
+    Some((dir, h, g))
+}
+
+/// Writes in flight together; each must succeed.
+fn write_together<const N: usize>(q: &mut FrontQueue, writes: [(u64, &[u8]); N]) {
+    for (tag, (sector, data)) in writes.into_iter().enumerate() {
+        q.submit(tag as u64, BlkOp::Write { sector, data }).unwrap();
+    }
+    let mut done = Vec::new();
+    while done.len() < N {
+        q.wait(std::time::Duration::from_millis(100), &mut done).unwrap();
+    }
+    assert!(done.iter().all(|c| c.status == BLKIF_RSP_OKAY));
+}
+
 /// Two writes in flight together that share an unallocated cluster (the
 /// boundary between them inside it), over a backing file: both halves
 /// must be in the cluster afterwards, and the backing data elsewhere.
 #[test]
 fn two_writes_in_flight_into_one_unallocated_cluster_both_land() {
-    let Some(dir) = images("shared-cluster") else { return };
-    let (base, top) = (dir.arg("base.qcow2"), dir.arg("top.qcow2"));
-    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", &base, "16M"]);
-    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 16M", &base]);
-    qemu(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &top,
-    ]);
-    let h = Harness::new().unwrap();
-    let opts = BlkfrontOptions { queues: 1, max_request_bytes: 1 << 20, depth: 32, ..Default::default() };
-    let mut g = attach_qcow2(&h, 1, 0, Path::new(&top), "w", opts);
+    let Some((_dir, h, mut g)) = over_a_backing_file("shared-cluster") else { return };
     let q = g.front.queue(0);
     let mut lost = Vec::new();
     for c in 0..512u64 {
         let split = 1 + c % 7; // sectors of the cluster in the first write
         let a = vec![0xa0 | (c % 16) as u8; (split * 512) as usize];
         let b = vec![0xb0 | (c % 16) as u8; ((8 - split) * 512) as usize];
-        q.submit(1, BlkOp::Write { sector: c * 8, data: &a }).unwrap();
-        q.submit(2, BlkOp::Write { sector: c * 8 + split, data: &b }).unwrap();
-        let mut done = Vec::new();
-        while done.len() < 2 {
-            q.wait(std::time::Duration::from_millis(100), &mut done).unwrap();
-        }
-        assert!(done.iter().all(|c| c.status == BLKIF_RSP_OKAY));
+        write_together(q, [(c * 8, &a), (c * 8 + split, &b)]);
         let got = run(q, BlkOp::Read { sector: c * 8, len: 4096 });
         if got.data[..a.len()] != a[..] || got.data[a.len()..] != b[..] {
             lost.push(c);
@@ -678,27 +679,7 @@ fn two_writes_in_flight_into_one_unallocated_cluster_both_land() {
 /// over a backing file: every byte lands, whatever parts it goes in.
 #[test]
 fn a_large_unaligned_write_into_unallocated_clusters_lands_whole() {
-    let Some(dir) = images("large-unaligned") else { return };
-    let (base, top) = (dir.arg("base.qcow2"), dir.arg("top.qcow2"));
-    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", &base, "16M"]);
-    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 16M", &base]);
-    qemu(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &top,
-    ]);
-    let h = Harness::new().unwrap();
-    let opts = BlkfrontOptions { queues: 1, max_request_bytes: 1 << 20, depth: 32, ..Default::default() };
-    let mut g = attach_qcow2(&h, 1, 0, Path::new(&top), "w", opts);
+    let Some((_dir, h, mut g)) = over_a_backing_file("large-unaligned") else { return };
     let q = g.front.queue(0);
     let mut bad = Vec::new();
     for i in 0..24u64 {
@@ -719,27 +700,7 @@ fn a_large_unaligned_write_into_unallocated_clusters_lands_whole() {
 /// the other only the allocated one (so on io_uring it may go in place).
 #[test]
 fn a_format_layer_write_and_an_in_place_write_sharing_a_cluster_both_land() {
-    let Some(dir) = images("mixed-paths") else { return };
-    let (base, top) = (dir.arg("base.qcow2"), dir.arg("top.qcow2"));
-    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", &base, "16M"]);
-    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 16M", &base]);
-    qemu(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &top,
-    ]);
-    let h = Harness::new().unwrap();
-    let opts = BlkfrontOptions { queues: 1, max_request_bytes: 1 << 20, depth: 32, ..Default::default() };
-    let mut g = attach_qcow2(&h, 1, 0, Path::new(&top), "w", opts);
+    let Some((_dir, h, mut g)) = over_a_backing_file("mixed-paths") else { return };
     let q = g.front.queue(0);
     let mut lost = Vec::new();
     for i in 0..256u64 {
@@ -749,13 +710,7 @@ fn a_format_layer_write_and_an_in_place_write_sharing_a_cluster_both_land() {
         let split = 1 + i % 7;
         let a = vec![0xa0 | (i % 16) as u8; ((8 + split) * 512) as usize];
         let b = vec![0xb0 | (i % 16) as u8; ((8 - split) * 512) as usize];
-        q.submit(1, BlkOp::Write { sector: c - 8, data: &a }).unwrap();
-        q.submit(2, BlkOp::Write { sector: c + split, data: &b }).unwrap();
-        let mut done = Vec::new();
-        while done.len() < 2 {
-            q.wait(std::time::Duration::from_millis(100), &mut done).unwrap();
-        }
-        assert!(done.iter().all(|c| c.status == BLKIF_RSP_OKAY));
+        write_together(q, [(c - 8, &a), (c + split, &b)]);
         let got = run(q, BlkOp::Read { sector: c - 8, len: 8192 });
         if got.data[..a.len()] != a[..] || got.data[a.len()..] != b[..] {
             let bad_a = first_difference(&got.data[..a.len()], &a);
