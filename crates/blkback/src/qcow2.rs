@@ -338,7 +338,12 @@ impl Drop for MappingLease {
             if let Some(i) = ranges.direct.iter().position(|&d| d == self.range) {
                 ranges.direct.swap_remove(i);
             }
-            self.leases.range_freed.notify_all();
+            // Only a write through imago waits, and it is marked before it
+            // waits (under this mutex): with none marked, no futex wake (a
+            // system call per direct completion otherwise).
+            if !ranges.imago_writes.is_empty() {
+                self.leases.range_freed.notify_all();
+            }
         }
         if self.leases.held.fetch_sub(1, Ordering::AcqRel) == 1 {
             // Under the mutex, so a discard between its check and its wait
