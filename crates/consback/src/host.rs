@@ -123,6 +123,9 @@ struct Server {
     listener: UnixListener,
     path: PathBuf,
     client: Option<UnixStream>,
+    /// The client hung up with input left that the guest's ring had no
+    /// room for: it is read to its end, then dropped.
+    hung_up: bool,
 }
 
 impl Server {
@@ -136,7 +139,7 @@ impl Server {
         }
         let listener = UnixListener::bind(path).map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
-        Ok(Server { listener, path: path.to_path_buf(), client: None })
+        Ok(Server { listener, path: path.to_path_buf(), client: None, hung_up: false })
     }
 }
 
@@ -195,11 +198,12 @@ impl Host {
     }
 
     /// Whether a client is connected (a pty always counts as one: its
-    /// buffer takes output whoever has it open).
+    /// buffer takes output whoever has it open; a client that hung up
+    /// does not).
     pub fn connected(&self) -> bool {
         match &self.side {
             Side::Pty(_) => true,
-            Side::Socket(s) => s.client.is_some(),
+            Side::Socket(s) => s.client.is_some() && !s.hung_up,
         }
     }
 
@@ -225,13 +229,8 @@ impl Host {
         for ev in &events[..n] {
             match Token::from_u64(ev.data()) {
                 Some(Token::Listener) => self.accept()?,
-                // Unread input first, while the guest can take it: it was
-                // sent before the hangup.
-                Some(Token::Client)
-                    if ev.events().intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
-                        && !(self.want_in && ev.events().contains(EpollFlags::EPOLLIN)) =>
-                {
-                    self.drop_client("hung up")
+                Some(Token::Client) if ev.events().intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) => {
+                    self.client_hung_up(ev.events())
                 }
                 _ => {}
             }
@@ -261,8 +260,31 @@ impl Host {
         }
     }
 
+    /// A client that hung up is dropped once nothing it sent is left
+    /// unread: the guest gets every byte sent before the hangup (as QEMU's
+    /// socket chardev reads to EOF), however long its ring stays full.
+    /// Until then the client leaves the host set, whose hangup would
+    /// otherwise be reported on every wait, and takes no output.
+    fn client_hung_up(&mut self, events: EpollFlags) {
+        let Side::Socket(s) = &mut self.side else { return };
+        let Some(c) = &s.client else { return };
+        let unread = if self.want_in {
+            events.contains(EpollFlags::EPOLLIN)
+        } else {
+            let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+            matches!(nix::sys::socket::recv(c.as_raw_fd(), &mut [0u8; 1], flags), Ok(n) if n > 0)
+        };
+        if !unread {
+            self.drop_client("hung up");
+        } else if !s.hung_up {
+            s.hung_up = true;
+            log::info!("{}: client hung up; its input is read before it goes", s.path.display());
+        }
+    }
+
     fn drop_client(&mut self, why: &str) {
         let Side::Socket(s) = &mut self.side else { return };
+        s.hung_up = false;
         if let Some(c) = s.client.take() {
             let _ = self.epoll.delete(&c);
             self.interest[2] = None;
@@ -311,8 +333,8 @@ impl Host {
             let wrote = match &mut self.side {
                 Side::Pty(p) => p.master.write(chunk),
                 Side::Socket(s) => match &mut s.client {
-                    None => return Ok(total),
-                    Some(c) => c.write(chunk),
+                    Some(c) if !s.hung_up => c.write(chunk),
+                    _ => return Ok(total),
                 },
             };
             match wrote {
@@ -352,6 +374,10 @@ impl Host {
                 let listen = s.client.is_none().then_some(EpollFlags::EPOLLIN);
                 register(epoll, &mut interest[1], s.listener.as_fd(), Token::Listener, listen)?;
                 match &s.client {
+                    Some(c) if s.hung_up => {
+                        let want = want_in.then_some(EpollFlags::EPOLLIN);
+                        register(epoll, &mut interest[2], c.as_fd(), Token::Client, want)
+                    }
                     Some(c) => register(epoll, &mut interest[2], c.as_fd(), Token::Client, Some(flags)),
                     None => Ok(()),
                 }
