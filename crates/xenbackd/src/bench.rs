@@ -24,7 +24,7 @@ const MAX_SIZE_MIB: u64 = 64 << 10;
 /// The block backend through the simulated blkfront, against pread/pwrite
 ///
 /// On a file in /dev/shm (else the temporary directory): 4 KiB random reads
-/// at queue depth 32 per queue with 1 and 4 queues (IOPS), and 1 MiB
+/// at queue depth 32 per queue with 1 and 4 queues and at depth 1 (IOPS), and 1 MiB
 /// sequential reads and writes at depth 8 (MB/s), each through the
 /// simulated blkfront and the block backend, then directly with
 /// pread/pwrite from as many threads as the backend has I/O threads (4 per
@@ -62,6 +62,9 @@ pub struct BlkArgs {
     /// blkfront does. Without, every byte is grant-copied
     #[arg(long)]
     persistent_grants: bool,
+    /// Only the workloads whose name contains this ("qd1", "1M")
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
 }
 
 /// `--format`.
@@ -104,8 +107,9 @@ struct Workload {
     write: bool,
 }
 
-const WORKLOADS: [Workload; 4] = [
+const WORKLOADS: [Workload; 5] = [
     Workload { name: "4k randread qd32 x1q", queues: 1, depth: 32, block: 4096, random: true, write: false },
+    Workload { name: "4k randread qd1 x1q", queues: 1, depth: 1, block: 4096, random: true, write: false },
     Workload { name: "4k randread qd32 x4q", queues: 4, depth: 32, block: 4096, random: true, write: false },
     Workload { name: "1M seqread qd8", queues: 1, depth: 8, block: 1 << 20, random: false, write: false },
     Workload { name: "1M seqwrite qd8", queues: 1, depth: 8, block: 1 << 20, random: false, write: true },
@@ -304,6 +308,11 @@ pub fn run(args: BlkArgs) -> Result<u8> {
     let engine: EngineChoice = args.io_engine.into();
     let dir = scratch::dir();
     check_fits("--size", args.size, &dir).unwrap_or_else(|e| usage_error(&["bench", "blk"], e));
+    let chosen = |w: &&Workload| args.only.as_deref().is_none_or(|only| w.name.contains(only));
+    if !WORKLOADS.iter().any(|w| chosen(&w)) {
+        let names: Vec<_> = WORKLOADS.iter().map(|w| w.name).collect();
+        usage_error(&["bench", "blk"], format!("--only: no workload is named like that ({})", names.join(", ")));
+    }
     scratch::stop_on_signals()?;
     scratch::remove_stale();
     let size = args.size << 20;
@@ -356,7 +365,7 @@ pub fn run(args: BlkArgs) -> Result<u8> {
         "workload", "xenbackd", "pread/pwrite", "ratio", "sys/req", "(sim copy)", "vcs/req", "ics/req"
     );
     let mut why_not = None;
-    for (i, w) in WORKLOADS.iter().enumerate() {
+    for (i, w) in WORKLOADS.iter().enumerate().filter(|(_, w)| chosen(w)) {
         if scratch::interrupted() {
             return Ok(130);
         }
