@@ -32,5 +32,8 @@ pub use key::DeviceKey;
 pub use platform::{EvtchnOpener, Platform};
 pub use pool::{PlacedRing, RingFailure, RingPool};
 pub use reader::NodeReader;
-pub use snapshot::{DeviceSnapshot, Latencies, Monitor, RingCounters, RingStats, LATENCY_BUCKETS};
+pub use snapshot::{
+    DeviceSnapshot, Latencies, LatencySampler, Monitor, RingCounters, RingStats, LATENCY_BUCKETS,
+    LATENCY_SAMPLE_BATCHES, LATENCY_SAMPLE_INTERVAL,
+};
 pub use thread::spawn_named;

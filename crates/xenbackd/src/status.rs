@@ -521,7 +521,10 @@ pub fn render_metrics(s: &Status) -> String {
 /// ring: cumulative buckets at the powers of two of the framework's.
 fn latency_histogram(out: &mut String, devices: &[DeviceStatus], dev_labels: impl Fn(&DeviceStatus) -> String) {
     let name = "xenbackd_ring_request_duration_seconds";
-    let _ = writeln!(out, "# HELP {name} Time from taking a request off the ring to its answer.");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time from taking a request off the ring to its answer, of a sample of the requests."
+    );
     let _ = writeln!(out, "# TYPE {name} histogram");
     for d in devices {
         for (q, r) in d.rings.iter().enumerate() {
