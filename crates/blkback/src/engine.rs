@@ -98,6 +98,14 @@ pub trait IoEngine: Send {
     }
     /// Moves finished operations to `out` without blocking.
     fn completions(&mut self, out: &mut Vec<Completion>);
+    /// Whether completions wait that [`IoEngine::completions`] would move,
+    /// known without a system call: io_uring finishes a read of a RAM disk
+    /// or of cached pages inside the `io_uring_enter` that submits it, and
+    /// the pass that submitted it answers it, instead of the worker
+    /// waking again for it. False where the engine cannot tell cheaply.
+    fn completions_ready(&mut self) -> bool {
+        false
+    }
     /// Readable while completions wait; drained by [`IoEngine::completions`].
     fn completion_fd(&self) -> BorrowedFd<'_>;
     /// Operations submitted and not yet collected.

@@ -79,6 +79,10 @@ impl IoEngine for Qcow2UringEngine {
         self.pool.completions(out);
     }
 
+    fn completions_ready(&mut self) -> bool {
+        self.uring.completions_ready()
+    }
+
     fn completion_fd(&self) -> BorrowedFd<'_> {
         self.ready.0.as_fd()
     }

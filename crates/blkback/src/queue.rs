@@ -379,9 +379,36 @@ impl QueueExecutor {
     /// was holding back.
     pub fn poll(&mut self, out: &mut Vec<Response>) {
         self.start_writes(out);
+        let collected = self.collect(out);
+        // The pass's operations go to the kernel together (io_uring: one
+        // system call); a failure leaves them queued for the next poll.
+        if let Err(e) = self.engine.submit_pending() {
+            log::error!("dom{}: {e}", self.frontend);
+        }
+        // A poll that found nothing finished answers what its own submission
+        // finished at once (queue depth 1 on a RAM disk or cached pages):
+        // one wakeup of the worker per request, not two. A poll that did
+        // collect leaves the rest to the next, within its bounds.
+        if collected == 0 && self.engine.completions_ready() {
+            self.collect(out);
+            if let Err(e) = self.engine.submit_pending() {
+                log::error!("dom{}: {e}", self.frontend);
+            }
+        }
+        self.part_bytes_submitted = 0;
+        self.release_idle_spares();
+    }
+
+    /// Answers finished storage operations (their reads copied to the
+    /// guest in one batch) and starts what they let go: requests waiting
+    /// for buffers, requests a barrier held, writes. Returns how many
+    /// completions the engine gave.
+    fn collect(&mut self, out: &mut Vec<Response>) -> usize {
         let mut done = std::mem::take(&mut self.completions);
         done.append(&mut self.backlog);
+        let carried = done.len();
         self.engine.completions(&mut done);
+        let collected = done.len() - carried;
         let copied = self.copy_reads_to_guest(&done);
         self.backlog.extend(done.drain(copied.len()..));
         for (c, read_copied) in done.drain(..).zip(copied) {
@@ -395,13 +422,7 @@ impl QueueExecutor {
         // Writes a finished barrier let go, and parts of writes: started
         // now, as nothing else would wake the worker for them.
         self.start_writes(out);
-        // The pass's operations go to the kernel together (io_uring: one
-        // system call); a failure leaves them queued for the next poll.
-        if let Err(e) = self.engine.submit_pending() {
-            log::error!("dom{}: {e}", self.frontend);
-        }
-        self.part_bytes_submitted = 0;
-        self.release_idle_spares();
+        collected
     }
 
     /// Frees the spare buffers of a queue that had nothing to do for

@@ -425,6 +425,10 @@ impl IoEngine for IoUringEngine {
         }
     }
 
+    fn completions_ready(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     fn completion_fd(&self) -> BorrowedFd<'_> {
         self.eventfd.as_fd()
     }
