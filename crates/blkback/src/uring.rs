@@ -2,10 +2,12 @@
 //! per request. `submit` only fills submission entries; `submit_pending`
 //! hands a pass's worth to the kernel in one `io_uring_enter`; completions
 //! are reaped from the shared completion queue without a system call, and
-//! an eventfd registered with the ring makes the queue's fd readable for
-//! the worker's epoll. Discards of block devices (`BLKDISCARD`, which
-//! io_uring cannot issue before Linux 6.12) run on one helper thread that
-//! signals the same eventfd. The same engine serves a qcow2 image's
+//! the ring's own fd, readable while the completion queue holds entries,
+//! is the queue's fd in the worker's epoll: no eventfd to signal and to
+//! read back. Discards of block devices (`BLKDISCARD`, which io_uring
+//! cannot issue before Linux 6.12) run on one helper thread that signals
+//! an eventfd the ring polls (a multishot poll, so its completion comes
+//! through the same queue). The same engine serves a qcow2 image's
 //! allocated data clusters in its file (`qcow2_engine.rs`), each operation
 //! holding the lease that keeps its cluster mapping valid.
 
@@ -26,6 +28,9 @@ use crate::qcow2::{MappingLease, Qcow2Image};
 /// Submission queue entries per queue: a pass rarely submits more (the
 /// ring budget), and a full queue is entered early, never refused.
 const ENTRIES: u32 = 128;
+/// `user_data` of the poll of the discard thread's eventfd (slots are
+/// indices, far below).
+const DISCARD_WAKE: u64 = u64::MAX;
 
 /// What an operation in flight keeps until its completion is reaped: the
 /// buffer the kernel reads or writes, which must not move or be freed.
@@ -76,15 +81,12 @@ enum Target {
 pub struct IoUringEngine {
     ring: IoUring,
     target: Target,
-    eventfd: EventFd,
     /// Operations by slot; the slot index is the entry's `user_data`.
     slots: Vec<Option<Pending>>,
     free: Vec<usize>,
     /// Entries pushed and not yet handed to the kernel.
     unsubmitted: usize,
     in_flight: usize,
-    /// The eventfd may hold a count for completions already reaped.
-    stale: bool,
     discards: Option<DiscardThread>,
     /// Completion entries copied out of the ring by `reap` (kept, so that
     /// reaping allocates nothing).
@@ -93,6 +95,8 @@ pub struct IoUringEngine {
 
 /// Runs block-device discards off the worker thread.
 struct DiscardThread {
+    /// Written by the thread after each discard; polled by the ring.
+    wake: Arc<EventFd>,
     jobs: Option<Sender<(usize, u64, u64, bool)>>,
     done: Receiver<(usize, std::io::Result<()>)>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -113,18 +117,13 @@ impl IoUringEngine {
 
     fn on(target: Target) -> Result<Self, EngineError> {
         let ring = IoUring::builder().build(ENTRIES).map_err(EngineError::Create)?;
-        let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-            .map_err(|e| EngineError::Create(e.into()))?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(EngineError::Create)?;
         Ok(IoUringEngine {
             ring,
             target,
-            eventfd,
             slots: Vec::new(),
             free: Vec::new(),
             unsubmitted: 0,
             in_flight: 0,
-            stale: false,
             discards: None,
             cqes: Vec::with_capacity(ENTRIES as usize),
         })
@@ -220,12 +219,25 @@ impl IoUringEngine {
 
     fn push(&mut self, slot: usize) -> Result<(), EngineError> {
         let entry = self.entry(slot);
+        self.push_entry(&entry)
+    }
+
+    /// A one-shot poll of the discard thread's eventfd (one-shot, as every
+    /// kernel with io_uring has it; re-armed by `reap` at each completion).
+    fn arm_discard_poll(&mut self) -> Result<(), EngineError> {
+        let Some(d) = &self.discards else { return Ok(()) };
+        let fd = types::Fd(d.wake.as_raw_fd());
+        let entry = opcode::PollAdd::new(fd, nix::libc::POLLIN as u32).build().user_data(DISCARD_WAKE);
+        self.push_entry(&entry)
+    }
+
+    fn push_entry(&mut self, entry: &squeue::Entry) -> Result<(), EngineError> {
         loop {
             // SAFETY: the entry points into the buffer of `slots[slot]` (or
             // its iovecs and the guest pages they name), which stays there, neither moved nor freed, until this
             // entry's completion is reaped (`reap`), and `Drop` waits for
             // every completion before the buffers go.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 self.unsubmitted += 1;
                 return Ok(());
             }
@@ -259,11 +271,20 @@ impl IoUringEngine {
     fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
         let mut reaped = 0;
         let mut again = Vec::new();
+        let mut rearm = false;
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         for &(slot, res) in &cqes {
             reaped += 1;
+            if slot == DISCARD_WAKE {
+                // The discards done are on their channel (`reap_discards`).
+                if let Some(d) = &self.discards {
+                    let _ = d.wake.read();
+                }
+                rearm = true;
+                continue;
+            }
             let slot = slot as usize;
             let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
                 log::error!("io_uring completion for unknown slot {slot}");
@@ -297,6 +318,11 @@ impl IoUringEngine {
                 out.push(self.finish(slot, Err(std::io::Error::other(e))));
             }
         }
+        if rearm {
+            if let Err(e) = self.arm_discard_poll() {
+                log::error!("io_uring: cannot poll for discard completions: {e}");
+            }
+        }
         self.cqes = cqes;
         reaped
     }
@@ -318,7 +344,11 @@ impl IoUringEngine {
             let (jobs, rx) = crossbeam_channel::unbounded::<(usize, u64, u64, bool)>();
             let (tx, done) = crossbeam_channel::unbounded();
             let disk = disk.clone();
-            let wake = self.eventfd.as_fd().try_clone_to_owned().map_err(EngineError::Create)?;
+            let wake = Arc::new(
+                EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                    .map_err(|e| EngineError::Create(e.into()))?,
+            );
+            let thread_wake = wake.clone();
             let thread = std::thread::Builder::new()
                 .name("blk-discard".into())
                 .spawn(move || {
@@ -326,13 +356,14 @@ impl IoUringEngine {
                         if tx.send((slot, disk.discard(offset, len, secure))).is_err() {
                             break;
                         }
-                        if let Err(e) = nix::unistd::write(&wake, &1u64.to_ne_bytes()) {
+                        if let Err(e) = thread_wake.write(1) {
                             log::warn!("Discard completion wakeup failed: {e}");
                         }
                     }
                 })
                 .map_err(EngineError::Create)?;
-            self.discards = Some(DiscardThread { jobs: Some(jobs), done, thread: Some(thread) });
+            self.discards = Some(DiscardThread { wake, jobs: Some(jobs), done, thread: Some(thread) });
+            self.arm_discard_poll()?;
         }
         let d = self.discards.as_ref().expect("just made");
         d.jobs.as_ref().ok_or(EngineError::Stopped)?.send((slot, offset, len, secure)).map_err(|_| EngineError::Stopped)
@@ -394,15 +425,8 @@ impl IoEngine for IoUringEngine {
         if let Err(e) = self.enter() {
             log::warn!("io_uring submit: {e}");
         }
+        // Nothing to reset: the ring's fd is readable while entries wait.
         let mut reaped = self.reap(out) + self.reap_discards(out);
-        if reaped > 0 || self.stale {
-            // Reset the eventfd (epoll is level-triggered on it), then reap
-            // what completed meanwhile; its count may then be stale.
-            let _ = self.eventfd.read();
-            let late = self.reap(out) + self.reap_discards(out);
-            self.stale = late > 0;
-            reaped += late;
-        }
         // More than the completion queue holds may have completed (a ring
         // of 512 requests, 128 submitted at a time): the overflow comes
         // back one enter at a time, as the ring has room.
@@ -430,7 +454,7 @@ impl IoEngine for IoUringEngine {
     }
 
     fn completion_fd(&self) -> BorrowedFd<'_> {
-        self.eventfd.as_fd()
+        self.ring.as_fd()
     }
 
     fn in_flight(&self) -> usize {
