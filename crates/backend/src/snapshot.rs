@@ -121,7 +121,7 @@ impl LatencySampler {
     pub fn stamp(&mut self) -> Option<Instant> {
         let now = Tick::now();
         let due = self.skipped + 1 >= LATENCY_SAMPLE_BATCHES
-            || self.last.is_none_or(|t| now.saturating_duration_since(t) >= LATENCY_SAMPLE_INTERVAL);
+            || self.last.map_or(true, |t| now.saturating_duration_since(t) >= LATENCY_SAMPLE_INTERVAL);
         if due {
             self.skipped = 0;
             self.last = Some(now);

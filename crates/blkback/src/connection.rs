@@ -7,9 +7,9 @@ use std::os::fd::BorrowedFd;
 use evtchn::Port;
 use gnttab::{DomId, GrantMapper, GrantMapping, GrantRef};
 
-use std::collections::HashMap;
 use std::time::Instant;
 
+use crate::idmap::{id_map, IdMap};
 use crate::queue::{QueueExecutor, QueueStats};
 use blkif::request::request_id;
 use blkif::ring::BlkBackRing;
@@ -81,7 +81,7 @@ pub struct RingQueue {
     responses: Vec<Response>,
     /// The ring's ticket of each request in flight, by the guest's id, and
     /// when it was taken if its batch is sampled ([`LatencySampler`]).
-    tickets: HashMap<u64, (Ticket, Option<Instant>)>,
+    tickets: IdMap<(Ticket, Option<Instant>)>,
     /// Tickets of requests whose id was already in flight (a guest that
     /// reuses ids gets as many responses with that id as it sent requests).
     more_tickets: Vec<(u64, (Ticket, Option<Instant>))>,
@@ -123,7 +123,7 @@ impl RingQueue {
     ) -> Result<Self, QueueError> {
         let abi = exec.abi();
         let ring = ring(abi).map_err(|source| QueueError::Ring { queue: index, source })?;
-        let tickets = HashMap::with_capacity(ring.size() as usize);
+        let tickets = id_map(ring.size() as usize);
         let slot = vec![0; Layout::from(abi).slot_size()];
         Ok(RingQueue {
             index,

@@ -11,6 +11,7 @@ pub mod device;
 pub mod disk;
 pub mod engine;
 pub mod format;
+pub mod idmap;
 pub mod lock;
 pub mod mapped;
 pub mod media;

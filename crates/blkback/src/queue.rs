@@ -21,7 +21,7 @@
 //! ring meanwhile. The request is answered once, when its last part
 //! completed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +34,7 @@ use xen_bus::Protocol;
 
 use crate::buffer::{AlignedBuf, BufferBudget, QueueBudget};
 use crate::engine::{Completion, IoEngine, IoOp};
+use crate::idmap::{id_map, IdMap};
 use crate::mapped::{MappedIo, PersistentGrants, PersistentStats};
 
 /// Bytes of bounce buffers one queue may hold by default (in flight and
@@ -167,7 +168,7 @@ pub struct QueueExecutor {
     frontend: DomId,
     grants: Arc<dyn GrantMapper>,
     engine: Box<dyn IoEngine>,
-    in_flight: HashMap<u64, InFlight>,
+    in_flight: IdMap<InFlight>,
     next_tag: u64,
     /// Requests held behind a barrier, in ring order.
     held: VecDeque<Request>,
@@ -193,7 +194,7 @@ pub struct QueueExecutor {
     waiting: VecDeque<DataStart>,
     parked: bool,
     /// Requests cut into parts and not answered yet, by a key of their own.
-    splits: HashMap<u64, Split>,
+    splits: IdMap<Split>,
     /// Parts not completed, of all the splits together.
     parts: usize,
     /// Bytes of parts handed to the engine since the last submit.
@@ -230,7 +231,7 @@ impl QueueExecutor {
             frontend,
             grants,
             engine,
-            in_flight: HashMap::new(),
+            in_flight: id_map(0),
             next_tag: 0,
             held: VecDeque::new(),
             barrier_in_flight: false,
@@ -242,7 +243,7 @@ impl QueueExecutor {
             budget: QueueBudget::new(DEFAULT_QUEUE_BUFFER_BYTES, BufferBudget::new(usize::MAX)),
             waiting: VecDeque::new(),
             parked: false,
-            splits: HashMap::new(),
+            splits: id_map(0),
             parts: 0,
             part_bytes_submitted: 0,
             part_bytes: PART_BYTES,
@@ -1048,6 +1049,7 @@ mod tests {
     use crate::disk::Disk;
     use crate::engine::ThreadPoolEngine;
     use blkif::abi::*;
+    use std::collections::HashMap;
     use std::sync::Mutex;
     use zerocopy::IntoBytes;
 
