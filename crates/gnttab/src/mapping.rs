@@ -140,9 +140,20 @@ impl GrantMapping {
     /// Copies `buf.len()` bytes at `offset` out of the mapping.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), AccessError> {
         self.check(offset, buf.len())?;
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: offset + i < len was checked; the byte is mapped readable.
-            *b = unsafe { self.addr.as_ptr().add(offset + i).read_volatile() };
+        // SAFETY: offset + buf.len() <= len was checked.
+        let src = unsafe { self.addr.as_ptr().add(offset) };
+        let (head, body, _) = words(src as usize, buf.len());
+        for i in (0..head).chain(body..buf.len()) {
+            // SAFETY: i < buf.len(), within the checked range; mapped readable.
+            buf[i] = unsafe { src.add(i).read_volatile() };
+        }
+        for (k, chunk) in buf[head..body].chunks_exact_mut(8).enumerate() {
+            // SAFETY: head..body is within the checked range and 8-aligned
+            // at `src + head` (`words`); one volatile load per word, a
+            // guest changing the page meanwhile tears nothing we rely on:
+            // what is read is a copy, parsed after.
+            let w = unsafe { src.add(head + 8 * k).cast::<u64>().read_volatile() };
+            chunk.copy_from_slice(&w.to_ne_bytes());
         }
         Ok(())
     }
@@ -153,9 +164,18 @@ impl GrantMapping {
             return Err(AccessError::ReadOnly);
         }
         self.check(offset, buf.len())?;
-        for (i, b) in buf.iter().enumerate() {
-            // SAFETY: offset + i < len was checked; the mapping is writable.
-            unsafe { self.addr.as_ptr().add(offset + i).write_volatile(*b) };
+        // SAFETY: offset + buf.len() <= len was checked.
+        let dst = unsafe { self.addr.as_ptr().add(offset) };
+        let (head, body, _) = words(dst as usize, buf.len());
+        for i in (0..head).chain(body..buf.len()) {
+            // SAFETY: i < buf.len(), within the checked range; writable.
+            unsafe { dst.add(i).write_volatile(buf[i]) };
+        }
+        for (k, chunk) in buf[head..body].chunks_exact(8).enumerate() {
+            let w = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+            // SAFETY: head..body is within the checked range and 8-aligned
+            // at `dst + head` (`words`); the mapping is writable.
+            unsafe { dst.add(head + 8 * k).cast::<u64>().write_volatile(w) };
         }
         Ok(())
     }
@@ -216,6 +236,19 @@ impl core::fmt::Debug for GrantMapping {
     }
 }
 
+/// Splits `len` bytes at address `addr` into a head of single bytes up to
+/// 8-byte alignment, a body of whole aligned words (`head..body`), and a
+/// tail of bytes (`body..len`): a ring request of 112 bytes is copied in 14
+/// loads instead of 112.
+fn words(addr: usize, len: usize) -> (usize, usize, usize) {
+    let head = addr.wrapping_neg() % 8;
+    if head >= len {
+        return (len, len, 0);
+    }
+    let body = head + (len - head) / 8 * 8;
+    (head, body, len - body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +262,35 @@ mod tests {
         assert_eq!(&buf, b"hello");
         m.store_u32(8, 0xdead_beef, Ordering::Release).unwrap();
         assert_eq!(m.load_u32(8, Ordering::Acquire).unwrap(), 0xdead_beef);
+    }
+
+    #[test]
+    fn reads_and_writes_at_every_alignment_and_length_match_bytewise() {
+        let m = GrantMapping::anonymous(4096).unwrap();
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        m.write(0, &pattern).unwrap();
+        for offset in 0..17 {
+            for len in [0, 1, 7, 8, 9, 15, 16, 17, 63, 112, 1000] {
+                let mut got = vec![0u8; len];
+                m.read(offset, &mut got).unwrap();
+                assert_eq!(got, pattern[offset..offset + len], "read at {offset}, {len} bytes");
+            }
+        }
+        for offset in 0..17 {
+            for len in [1, 7, 8, 9, 17, 112] {
+                let data: Vec<u8> = (0..len).map(|i| (i as u8) ^ 0xa5 ^ offset as u8).collect();
+                m.write(100 + offset, &data).unwrap();
+                let mut all = vec![0u8; 4096];
+                m.read(0, &mut all).unwrap();
+                let mut want = pattern.clone();
+                want[100 + offset..100 + offset + len].copy_from_slice(&data);
+                assert_eq!(all, want, "write at {}, {len} bytes", 100 + offset);
+                m.write(0, &pattern).unwrap();
+            }
+        }
+        assert_eq!(words(8, 0), (0, 0, 0));
+        assert_eq!(words(3, 4), (4, 4, 0));
+        assert_eq!(words(3, 30), (5, 29, 1));
     }
 
     #[test]
