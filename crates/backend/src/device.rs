@@ -95,7 +95,10 @@ pub struct Progress {
 /// Serves one shared ring on a worker thread. Owned by that worker.
 pub trait RingHandler: Send {
     /// Takes at most `budget` requests off the ring, handles them, pushes
-    /// responses. An error fails the device (hostile or broken ring).
+    /// responses. An error fails the device (hostile or broken ring). The
+    /// worker cuts `budget` below its maximum only to fit its time quantum
+    /// while other rings wait: a handler may bound the rest of a pass's
+    /// work by it too.
     fn process(&mut self, budget: usize) -> Result<Progress, DeviceError>;
     /// An fd (e.g. an I/O engine's completion eventfd) that, when readable,
     /// means [`RingHandler::process`] has work besides the ring.

@@ -279,8 +279,10 @@ impl Entry {
     }
 
     /// The next pass's budget after one of `budget` requests that took
-    /// `spent`, `more` left: scaled to fit [`PASS_QUANTUM`] if it was
-    /// longer and used its budget, doubled back up to `max` if short.
+    /// `spent`, `more` work left: scaled to fit [`PASS_QUANTUM`] if it was
+    /// longer and left work, doubled back up to `max` if short. Handlers
+    /// may bound more than requests by it (blkback: read data copied per
+    /// pass).
     fn adapt_budget(&mut self, budget: usize, spent: Duration, more: bool, max: usize) {
         self.budget = if more && spent > PASS_QUANTUM {
             let fit = budget as u128 * PASS_QUANTUM.as_nanos() / spent.as_nanos().max(1);
@@ -637,7 +639,9 @@ impl Worker {
         let end = start.map(|_| Instant::now());
         if let Ok(progress) = &res {
             let spent = start.zip(end).map_or(Duration::ZERO, |(start, end)| end.duration_since(start));
-            entry.adapt_budget(budget, spent, progress.more, max);
+            // Work left for the next pass either way: requests in the ring,
+            // or completions the handler bounds per pass (its backlog).
+            entry.adapt_budget(budget, spent, progress.more || progress.backlog, max);
         }
         match res.and_then(|progress| Self::after_pass(entry, progress)) {
             Ok(true) => self.mark_ready(slot),
