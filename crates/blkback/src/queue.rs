@@ -358,7 +358,7 @@ impl QueueExecutor {
     /// Bounds the next polls by the worker's request budget for the pass:
     /// a budget cut to fit the worker's time quantum (its rings compete)
     /// copies a page of read data per request of budget, down to one
-    /// segment, up to [`POLL_READ_BYTES`] (from a budget of 16 on: a
+    /// segment, up to `POLL_READ_BYTES`, 64 KiB (from a budget of 16 on: a
     /// queue alone is not cut).
     pub fn set_pass_budget(&mut self, budget: usize) {
         self.poll_read_bytes = budget.saturating_mul(PAGE_SIZE).clamp(PAGE_SIZE, POLL_READ_BYTES);
