@@ -77,7 +77,17 @@ pct() { echo "$1" | awk -F';' -v p="$2%" '{ for (i = 18; i <= 37; i++) { split($
 # job BACKEND NAME FIO-ARGS...: one fio run; the terse line in $R
 job() {
     _b=$1 _n=$2; shift 2
-    R=$(fio --name="$_n" $COMMON "$@" 2>/tmp/fio.err) || { na "$_b" "fio $_n failed: $(tail -1 /tmp/fio.err)"; return 1; }
+    # Mid-run: io_uring's io-wq workers alive (threads named iou-wrk-*, of
+    # whichever process submits): operations the kernel could not do
+    # without blocking go to them, a context switch each way.
+    # Only with BENCH_IOWQ=1: the count costs instructions, which icount times.
+    _s=
+    if [ -n "${BENCH_IOWQ:-}" ]; then
+        ( sleep $((SECS / 2 + 1)); say "$_b $_n: $(cat /proc/[0-9]*/task/[0-9]*/comm 2>/dev/null | grep -c '^iou-wrk') io-wq workers" ) &
+        _s=$!
+    fi
+    R=$(fio --name="$_n" $COMMON "$@" 2>/tmp/fio.err) || { [ -z "$_s" ] || wait $_s; na "$_b" "fio $_n failed: $(tail -1 /tmp/fio.err)"; return 1; }
+    [ -z "$_s" ] || wait $_s
     if [ -z "$RAWDONE" ]; then echo "BENCHRAW $_n $R"; fi
 }
 runfio() {
