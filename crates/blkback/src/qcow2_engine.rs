@@ -5,7 +5,7 @@
 //! compressed clusters, backing-file data, copy on write, allocating
 //! writes, discard, flush) goes through imago on a small thread pool. Both
 //! halves complete into one pollable fd: an epoll instance holding the
-//! io_uring's eventfd and the pool's.
+//! io_uring's own fd and the pool's eventfd.
 //!
 //! A range that maps to several runs of host clusters (not contiguous in
 //! the file) goes through imago whole rather than being split: on a fully
