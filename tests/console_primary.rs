@@ -47,8 +47,18 @@ impl Setup {
 
     /// A guest, introduced to xenstored, with its console built as libxl does.
     fn guest(&self, domid: u16, kind: &str) -> Result<PrimaryConsole> {
+        self.guest_with_tty(domid, kind, None)
+    }
+
+    /// As [`Setup::guest`], its `console/tty` written before the domain
+    /// is introduced (as another daemon that got there first left it):
+    /// written after, a running service may have served it already.
+    fn guest_with_tty(&self, domid: u16, kind: &str, tty: Option<&str>) -> Result<PrimaryConsole> {
         self.dom0.host.create_domain(domid)?;
         let c = PrimaryConsole::create_with_type(&self.dom0.host, &self.admin, domid, 0, &format!("vm{domid}"), kind)?;
+        if let Some(tty) = tty {
+            self.admin.write(TxId::NONE, &format!("/local/domain/{domid}/console/tty"), tty.as_bytes())?;
+        }
         self.dom0.xenstored.introduce_domain(domid.into());
         Ok(c)
     }
@@ -117,10 +127,8 @@ fn only_xenconsoled_consoles_and_never_a_live_foreign_tty() -> Result<()> {
     // Another daemon's pty, alive (we hold it), and a stale name.
     let other = Host::open(&Connection::Pty)?;
     let theirs = other.tty().expect("a pty").to_string();
-    let _taken = s.guest(4, "xenconsoled")?;
-    s.admin.write(TxId::NONE, "/local/domain/4/console/tty", theirs.as_bytes())?;
-    let _stale = s.guest(5, "xenconsoled")?;
-    s.admin.write(TxId::NONE, "/local/domain/5/console/tty", b"/dev/pts/99999")?;
+    let _taken = s.guest_with_tty(4, "xenconsoled", Some(&theirs))?;
+    let _stale = s.guest_with_tty(5, "xenconsoled", Some("/dev/pts/99999"))?;
 
     let tty5 = s.served(&svc, 5)?;
     assert_ne!(tty5, "/dev/pts/99999", "a stale tty is taken over");
