@@ -6,7 +6,7 @@
 //! is the queue's fd in the worker's epoll: no eventfd to signal and to
 //! read back. Discards of block devices (`BLKDISCARD`, which io_uring
 //! cannot issue before Linux 6.12) run on one helper thread that signals
-//! an eventfd the ring polls (a multishot poll, so its completion comes
+//! an eventfd the ring polls (a one-shot poll, re-armed, so its wakeup comes
 //! through the same queue). The same engine serves a qcow2 image's
 //! allocated data clusters in its file (`qcow2_engine.rs`), each operation
 //! holding the lease that keeps its cluster mapping valid.
