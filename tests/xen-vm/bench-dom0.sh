@@ -1,13 +1,13 @@
 #!/bin/sh
 # /test/run of tests/xen-vm/bench: fio in dom0 against the same RAM disk
-# (brd, /dev/ram0) reached five ways:
+# ($DISK: brd's /dev/ram0 or null_blk's /dev/nullb0, BENCH_DISK) reached five ways:
 #   ours     xenbackd serve --io-engine threads (qdisk node set) -> dom0's xen-blkfront /dev/xvda
 #   uring    the same with serve --io-engine io-uring (grant copy)
 #   mapped   uring with --persistent-grants 1056 (Linux's blkfront asks for
 #            them: the guest's pages mapped and kept)
 #   blkback  the kernel's xen-blkback         -> /dev/xvda
 #   qdisk    QEMU's qdisk (qemu-system-xen)   -> /dev/xvda
-#   raw      /dev/ram0 itself, no PV layer
+#   raw      $DISK itself, no PV layer
 # BENCH_ROUNDS rounds; in round R the backend order is rotated by R-1, so no
 # backend always runs first or last. Each backend runs all jobs in a row:
 #   rr32 4k randread QD32 (IOPS)     rw32 4k randwrite QD32 (IOPS)
@@ -26,6 +26,12 @@
 # a host's disk (on /test's tmpfs, and on busybox's ext2, writes went to
 # io_uring's io-wq threads, a context switch each).
 # BENCH_SERVE_ARGS: more arguments for xenbackd serve, colons for spaces.
+# BENCH_DISK: brd (default, /dev/ram0) or nullb (/dev/nullb0: null_blk,
+# memory-backed, blk-mq, completions inline). Linux 6.1's brd cannot take
+# I/O without blocking (REQ_NOWAIT came to brd in 6.3), so io_uring hands
+# every read and write on it, or on a file system on it, to an io-wq
+# worker, and writes to one regular file one at a time; blk-mq devices
+# (null_blk as NVMe or SCSI disks) take it inline.
 . /test/lib/vbd.sh
 SECS=${BENCH_SECS:-5}
 ROUNDS=${BENCH_ROUNDS:-3}
@@ -36,31 +42,46 @@ say() { echo "BENCH [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
 na() { echo "BENCHNA $1 round $ROUND: $2"; }
 
 FORMAT=${BENCH_FORMAT:-raw}
+# make_disk MIB: the RAM disk $DISK of that size
+case ${BENCH_DISK:-brd} in
+brd) DISK=/dev/ram0
+    make_disk() { modprobe brd rd_nr=1 rd_size=$(($1 * 1024)) max_part=0; } ;;
+nullb) DISK=/dev/nullb0
+    make_disk() {
+        modprobe null_blk nr_devices=0 || return 1
+        grep -q configfs /proc/mounts || mount -t configfs none /sys/kernel/config || return 1
+        _n=/sys/kernel/config/nullb/nullb0
+        mkdir $_n && echo 1 > $_n/memory_backed && echo 0 > $_n/irqmode &&
+            echo 512 > $_n/blocksize && echo "$1" > $_n/size && echo 1 > $_n/power &&
+            wait_for nullb0 10 is_blk $DISK
+    } ;;
+*) say "BENCH_DISK takes brd or nullb"; exit 1 ;;
+esac
 SERVE_ARGS=$(echo "${BENCH_SERVE_ARGS:-}" | tr : ' ')
 [ -x /usr/bin/fio ] || { say "no fio in the image (needs the fio archive)"; exit 1; }
 if [ "$FORMAT" = qcow2 ]; then
     FS=/test/images/bench.ext4 Q=/mnt/qcow2/bench.qcow2
     [ -f $FS ] || { say "no $FS"; exit 1; }
-    modprobe brd rd_nr=1 rd_size=$(( $(stat -c %s $FS) / 1024 )) max_part=0 &&
-        dd if=$FS of=/dev/ram0 bs=1M 2>/dev/null && rm -f $FS && modprobe ext4 &&
-        mkdir -p /mnt/qcow2 && mount -t ext4 /dev/ram0 /mnt/qcow2 &&
+    make_disk $(( ($(stat -c %s $FS) + 1048575) / 1048576 )) &&
+        dd if=$FS of=$DISK bs=1M 2>/dev/null && rm -f $FS && modprobe ext4 &&
+        mkdir -p /mnt/qcow2 && mount -t ext4 $DISK /mnt/qcow2 &&
         dd if=$Q of=$Q bs=1M conv=notrunc 2>/dev/null ||
-        { say "cannot put the image on ext4 on /dev/ram0"; exit 1; }
+        { say "cannot put the image on ext4 on $DISK"; exit 1; }
     QIMG=/mnt/qcow2/bench.qcow2
     SIZE_MB=128 PARAMS=qcow2:$QIMG
-    say "target qcow2 $QIMG ($(du -m $QIMG | cut -f1) MiB allocated, ${SIZE_MB}MiB virtual) on $(stat -f -c %T /mnt/qcow2) on /dev/ram0"
+    say "target qcow2 $QIMG ($(du -m $QIMG | cut -f1) MiB allocated, ${SIZE_MB}MiB virtual) on $(stat -f -c %T /mnt/qcow2) on $DISK"
 else
-    modprobe brd rd_nr=1 rd_size=$((SIZE_MB * 1024)) max_part=0 || { say "modprobe brd failed"; exit 1; }
-    [ -b /dev/ram0 ] || { say "no /dev/ram0"; exit 1; }
+    make_disk $SIZE_MB || { say "cannot make the RAM disk $DISK"; exit 1; }
+    [ -b $DISK ] || { say "no $DISK"; exit 1; }
     # fill it once so that reads hit allocated pages everywhere
-    dd if=/dev/zero of=/dev/ram0 bs=1M count=$SIZE_MB oflag=direct 2>/dev/null
-    PARAMS=aio:/dev/ram0
-    say "target raw ram disk /dev/ram0 ${SIZE_MB}MiB ($(phys_of /dev/ram0))"
+    dd if=/dev/zero of=$DISK bs=1M count=$SIZE_MB oflag=direct 2>/dev/null
+    PARAMS=aio:$DISK
+    say "target raw ram disk $DISK ${SIZE_MB}MiB ($(phys_of $DISK))"
 fi
 
 # the I/O engine: libaio if fio and the kernel accept it, else psync
 ENGINE=libaio
-PROBE="--filename=/dev/ram0 --direct=1"; [ "$FORMAT" = qcow2 ] && PROBE="--filename=/tmp/probe.dat --direct=0"
+PROBE="--filename=$DISK --direct=1"; [ "$FORMAT" = qcow2 ] && PROBE="--filename=/tmp/probe.dat --direct=0"
 /usr/bin/fio --name=probe $PROBE --rw=read --bs=4k --size=64k \
     --ioengine=libaio --minimal > /tmp/probe.out 2>&1 || ENGINE=psync
 say "fio $(/usr/bin/fio --version), ioengine=$ENGINE, ${SECS}s per test, $ROUNDS rounds, cpus=$(grep -c ^processor /proc/cpuinfo)"
@@ -109,7 +130,7 @@ runfio() {
     res "$b" sw1m "$(echo "$R" | cut -d';' -f48 | awk '{printf "%.1f", $1/1024}')"
     RAWDONE=1
 }
-# through BACKEND KIND PARAMS [PHYS]: attach /dev/ram0 to dom0, bench /dev/xvda, detach
+# through BACKEND KIND PARAMS [PHYS]: attach $DISK to dom0, bench /dev/xvda, detach
 through() {
     b=$1 kind=$2 params=$3 phys=${4:-}
     vbd_attach "$kind" 0 51712 "$params" "$phys" || { na "$b" "xenstore writes failed"; return 1; }
@@ -131,8 +152,8 @@ bench_one() {
     qcow2,raw|qcow2,blkback) na "$1" "not with BENCH_FORMAT=qcow2"; return 1 ;;
     esac
     case $1 in
-    raw) runfio raw /dev/ram0 ;;
-    blkback) through blkback vbd /dev/ram0 "$(phys_of /dev/ram0)" ;;
+    raw) runfio raw $DISK ;;
+    blkback) through blkback vbd $DISK "$(phys_of $DISK)" ;;
     qdisk)
         if qemu_qdisk_start 0; then
             through qdisk qdisk $PARAMS; _q=$?
