@@ -84,6 +84,21 @@ fn block_device_discards(rdev: u64) -> bool {
         .is_some_and(|max| max > 0)
 }
 
+/// Drops the clean page-cache pages of a file opened for direct writes.
+/// A direct write that must not block (io_uring's first try, `IOCB_NOWAIT`)
+/// fails with `EAGAIN` while any page of its range is cached (Linux's
+/// `generic_file_direct_write` and iomap's direct write), and io_uring then
+/// hands it to an io-wq worker, which in Linux before 6.4 runs the writes of
+/// one regular file one at a time. An image that was just copied, created
+/// or read through the cache (`qemu-img`, `dd`, a backup) keeps such pages
+/// until memory is short. Advisory: a failure costs only speed.
+fn drop_cached_pages(file: &File, path: &Path) {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    if let Err(e) = posix_fadvise(file.as_raw_fd(), 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED) {
+        log::debug!("{}: posix_fadvise(DONTNEED): {e}", path.display());
+    }
+}
+
 /// Opens `path` for reading (and writing unless `read_only`), with
 /// `O_DIRECT` if `direct` and the file system accepts it; whether it did.
 pub(crate) fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<(File, bool), DiskError> {
@@ -95,7 +110,12 @@ pub(crate) fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<(F
         return Ok((opened(open(0))?, false));
     }
     match open(nix::libc::O_DIRECT) {
-        Ok(f) => Ok((f, true)),
+        Ok(f) => {
+            if !read_only {
+                drop_cached_pages(&f, path);
+            }
+            Ok((f, true))
+        }
         Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
             log::info!("{}: O_DIRECT not supported, using the page cache", path.display());
             Ok((opened(open(0))?, false))
@@ -306,6 +326,38 @@ mod tests {
         d.read_at(&mut buf, 4096).unwrap();
         assert!(buf.iter().all(|&b| b == 7));
         d.flush().unwrap();
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// Whether the page at `offset` of `file` is in the page cache: a
+    /// buffered read that must not block fails with `EAGAIN` otherwise.
+    fn page_is_cached(file: &File, offset: i64) -> bool {
+        let mut byte = [0u8; 1];
+        let iov = nix::libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+        // SAFETY: one iovec over a live 1-byte buffer; the fd is open.
+        let n = unsafe { nix::libc::preadv2(file.as_raw_fd(), &iov, 1, offset, nix::libc::RWF_NOWAIT) };
+        n == 1
+    }
+
+    #[test]
+    fn a_writable_direct_open_drops_the_files_cached_pages() {
+        // Where the file system takes O_DIRECT (tmpfs does not): /var/tmp
+        // is on disk where /tmp may be tmpfs.
+        let p = PathBuf::from("/var/tmp").join(format!("blkback-cached-{}", std::process::id()));
+        std::fs::write(&p, vec![5u8; 64 << 10]).unwrap();
+        let cached = File::open(&p).unwrap();
+        cached.sync_all().unwrap();
+        let mut all = Vec::new();
+        std::io::Read::read_to_end(&mut &cached, &mut all).unwrap();
+        assert!(page_is_cached(&cached, 0), "a page just read is cached");
+        let (_ro, ro_direct) = open_file(&p, true, true).unwrap();
+        if ro_direct {
+            assert!(page_is_cached(&cached, 0), "a read-only open leaves the cache alone");
+        }
+        let (_rw, direct) = open_file(&p, false, true).unwrap();
+        if direct {
+            assert!(!page_is_cached(&cached, 0) && !page_is_cached(&cached, 32 << 10));
+        }
         std::fs::remove_file(p).unwrap();
     }
 
