@@ -26,37 +26,52 @@
 # a host's disk (on /test's tmpfs, and on busybox's ext2, writes went to
 # io_uring's io-wq threads, a context switch each).
 # BENCH_SERVE_ARGS: more arguments for xenbackd serve, colons for spaces.
-# BENCH_DISK: brd (default, /dev/ram0) or nullb (/dev/nullb0: null_blk,
-# memory-backed, blk-mq, completions inline). Linux 6.1's brd cannot take
-# I/O without blocking (REQ_NOWAIT came to brd in 6.3), so io_uring hands
-# every read and write on it, or on a file system on it, to an io-wq
-# worker, and writes to one regular file one at a time; blk-mq devices
-# (null_blk as NVMe or SCSI disks) take it inline.
+# BENCH_MODE=neighbour: instead of those jobs, two RAM disks attached as
+# /dev/xvda (the attacker's) and /dev/xvdb (the neighbour's) from one
+# backend; the neighbour's 4k random reads at QD1 alone, then beside each
+# attacker on xvda (1M random read QD32, 1M random write QD32, 4k random
+# read QD32): the neighbour's p50/p99 and its p99 over the undisturbed p99
+# of the same round (n1p50 n1p99, then brp99 brx, bwp99 bwx, srp99 srx), and
+# what the attacker got (brbw bwbw MiB/s, sriops IOPS). Raw disks only.
+# BENCH_DISK: brd (default, /dev/ram0, bio-based) or nullb (/dev/nullb0:
+# null_blk, memory-backed, blk-mq as NVMe or SCSI disks are, completions
+# inline).
 . /test/lib/vbd.sh
 SECS=${BENCH_SECS:-5}
 ROUNDS=${BENCH_ROUNDS:-3}
 ONLY=,$(echo "${BENCH_ONLY:-ours,uring,blkback,qdisk,raw}" | tr : ,),
 SIZE_MB=256
-DEV=/dev/xvda
+DEV=/dev/xvda DEV2=/dev/xvdb
 say() { echo "BENCH [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
 na() { echo "BENCHNA $1 round $ROUND: $2"; }
 
 FORMAT=${BENCH_FORMAT:-raw}
-# make_disk MIB: the RAM disk $DISK of that size
+MODE=${BENCH_MODE:-jobs}
+# make_disk MIB [COUNT]: the RAM disk $DISK of that size (and $DISK2 if COUNT is 2)
 case ${BENCH_DISK:-brd} in
-brd) DISK=/dev/ram0
-    make_disk() { modprobe brd rd_nr=1 rd_size=$(($1 * 1024)) max_part=0; } ;;
-nullb) DISK=/dev/nullb0
+brd) DISK=/dev/ram0 DISK2=/dev/ram1
+    make_disk() { modprobe brd rd_nr=${2:-1} rd_size=$(($1 * 1024)) max_part=0; } ;;
+nullb) DISK=/dev/nullb0 DISK2=/dev/nullb1
     make_disk() {
         modprobe null_blk nr_devices=0 || return 1
         grep -q configfs /proc/mounts || mount -t configfs none /sys/kernel/config || return 1
-        _n=/sys/kernel/config/nullb/nullb0
-        mkdir $_n && echo 1 > $_n/memory_backed && echo 0 > $_n/irqmode &&
-            echo 512 > $_n/blocksize && echo "$1" > $_n/size && echo 1 > $_n/power &&
-            wait_for nullb0 10 is_blk $DISK
+        _i=0
+        while [ $_i -lt "${2:-1}" ]; do
+            _n=/sys/kernel/config/nullb/nullb$_i
+            { mkdir $_n && echo 1 > $_n/memory_backed && echo 0 > $_n/irqmode &&
+                echo 512 > $_n/blocksize && echo "$1" > $_n/size && echo 1 > $_n/power &&
+                wait_for nullb$_i 10 is_blk /dev/nullb$_i; } || return 1
+            _i=$((_i + 1))
+        done
     } ;;
 *) say "BENCH_DISK takes brd or nullb"; exit 1 ;;
 esac
+NDISKS=1
+if [ "$MODE" = neighbour ]; then
+    [ "$FORMAT" = raw ] || { say "BENCH_MODE=neighbour takes raw disks only"; exit 1; }
+    # two disks in dom0's 1 GiB
+    NDISKS=2 SIZE_MB=128
+fi
 SERVE_ARGS=$(echo "${BENCH_SERVE_ARGS:-}" | tr : ' ')
 [ -x /usr/bin/fio ] || { say "no fio in the image (needs the fio archive)"; exit 1; }
 if [ "$FORMAT" = qcow2 ]; then
@@ -71,12 +86,19 @@ if [ "$FORMAT" = qcow2 ]; then
     SIZE_MB=128 PARAMS=qcow2:$QIMG
     say "target qcow2 $QIMG ($(du -m $QIMG | cut -f1) MiB allocated, ${SIZE_MB}MiB virtual) on $(stat -f -c %T /mnt/qcow2) on $DISK"
 else
-    make_disk $SIZE_MB || { say "cannot make the RAM disk $DISK"; exit 1; }
+    make_disk $SIZE_MB $NDISKS || { say "cannot make the RAM disk $DISK"; exit 1; }
     [ -b $DISK ] || { say "no $DISK"; exit 1; }
     # fill it once so that reads hit allocated pages everywhere
     dd if=/dev/zero of=$DISK bs=1M count=$SIZE_MB oflag=direct 2>/dev/null
-    PARAMS=aio:$DISK
-    say "target raw ram disk $DISK ${SIZE_MB}MiB ($(phys_of $DISK))"
+    PARAMS=aio:$DISK PARAMS2=
+    if [ $NDISKS = 2 ]; then
+        [ -b $DISK2 ] || { say "no $DISK2"; exit 1; }
+        dd if=/dev/zero of=$DISK2 bs=1M count=$SIZE_MB oflag=direct 2>/dev/null
+        PARAMS2=aio:$DISK2
+        say "target raw ram disks $DISK (the attacker's) and $DISK2 (the neighbour's) ${SIZE_MB}MiB each"
+    else
+        say "target raw ram disk $DISK ${SIZE_MB}MiB ($(phys_of $DISK))"
+    fi
 fi
 
 # the I/O engine: libaio if fio and the kernel accept it, else psync
@@ -130,20 +152,71 @@ runfio() {
     res "$b" sw1m "$(echo "$R" | cut -d';' -f48 | awk '{printf "%.1f", $1/1024}')"
     RAWDONE=1
 }
-# through BACKEND KIND PARAMS [PHYS]: attach $DISK to dom0, bench /dev/xvda, detach
+# The neighbour's QD1 reads on $2 alone, then beside each attacker on $1
+runneighbour() {
+    b=$1 ta=$2 tn=$3
+    COMMON="--filename=$tn --direct=1 --ioengine=$ENGINE --time_based --runtime=$SECS --ramp_time=1 --size=${SIZE_MB}M --minimal --rw=randread --bs=4k --iodepth=1"
+    job "$b" alone || return 1
+    _alone=$(pct "$R" 99.000000)
+    res "$b" n1p50 "$(pct "$R" 50.000000)"
+    res "$b" n1p99 "$_alone"
+    # KEY RW BS: the attacker runs from 1 s before the neighbour's fio until
+    # after its end (its ramp, SECS, and fio's start under TCG)
+    for _a in "br read 1M" "bw write 1M" "sr read 4k"; do
+        set -- $_a
+        timeout -s KILL $((SECS * 3 + 30)) /usr/bin/fio --name="attack-$1" --filename="$ta" --direct=1 \
+            --ioengine=$ENGINE --time_based --runtime=$((SECS + 5)) --size=${SIZE_MB}M --minimal \
+            --rw=rand$2 --bs=$3 --iodepth=32 > /tmp/attack.out 2>&1 &
+        _ap=$!
+        sleep 1
+        job "$b" "beside-$1" || { wait $_ap; return 1; }
+        wait $_ap || { na "$b" "attacker $1 failed: $(tail -1 /tmp/attack.out)"; return 1; }
+        _p99=$(pct "$R" 99.000000)
+        res "$b" "${1}p99" "$_p99"
+        res "$b" "${1}x" "$(awk -v a="$_p99" -v u="$_alone" 'BEGIN { if (u > 0) printf "%.2f", a / u }')"
+        case $1 in
+        br) res "$b" brbw "$(cut -d';' -f7 /tmp/attack.out | awk '{printf "%.1f", $1/1024}')" ;;
+        bw) res "$b" bwbw "$(cut -d';' -f48 /tmp/attack.out | awk '{printf "%.1f", $1/1024}')" ;;
+        sr) res "$b" sriops "$(cut -d';' -f8 /tmp/attack.out)" ;;
+        esac
+    done
+}
+# attach_one NAME DEVID PARAMS PHYS: one vbd, saved as VBD_B_NAME/VBD_F_NAME
+attach_one() {
+    vbd_attach "$kind" 0 "$2" "$3" "$4" || return 1
+    eval "VBD_B_$1=\$VBD_B VBD_F_$1=\$VBD_F"
+}
+# detach_one NAME DEVICE: detach it and wait for DEVICE to go
+detach_one() {
+    eval "VBD_B=\$VBD_B_$1 VBD_F=\$VBD_F_$1"
+    vbd_detach || say "$b: backend of $2 did not reach Closed"
+    wait_for "$2 gone" 20 no_blk "$2" || { say "$b: $2 still present after detach"; STUCK=1; }
+}
+# through BACKEND KIND PARAMS [PHYS [PARAMS2 PHYS2]]: attach $DISK to dom0
+# as /dev/xvda (and $DISK2 as /dev/xvdb in neighbour mode), bench, detach
 through() {
-    b=$1 kind=$2 params=$3 phys=${4:-}
-    vbd_attach "$kind" 0 51712 "$params" "$phys" || { na "$b" "xenstore writes failed"; return 1; }
-    if ! wait_for xvda 30 is_blk $DEV; then
-        na "$b" "$DEV did not appear within 30s (backend state $(xenstore-read $VBD_B/state 2>&1))"
-        vbd_detach; return 1
+    b=$1 kind=$2 params=$3 phys=${4:-} params2=${5:-} phys2=${6:-}
+    _devs=$DEV
+    attach_one a 51712 "$params" "$phys" || { na "$b" "xenstore writes failed"; return 1; }
+    if [ $NDISKS = 2 ]; then
+        _devs="$DEV $DEV2"
+        attach_one n 51728 "$params2" "$phys2" || { na "$b" "xenstore writes failed"; detach_one a $DEV; return 1; }
     fi
-    say "$b: $DEV after ${WAITED}s, $(cat /sys/block/xvda/size) sectors, queue $(cat /sys/block/xvda/queue/max_sectors_kb 2>/dev/null)KiB max"
-    runfio "$b" $DEV; _r=$?
-    vbd_detach || say "$b: backend did not reach Closed"
-    if ! wait_for "xvda gone" 20 no_blk $DEV; then
-        say "$b: $DEV still present after detach"; STUCK=1
+    _r=0
+    for _d in $_devs; do
+        if ! wait_for "$_d" 30 is_blk $_d; then
+            na "$b" "$_d did not appear within 30s (backend state $(xenstore-read $VBD_B/state 2>&1))"
+            _r=1; break
+        fi
+        _s=${_d#/dev/}
+        say "$b: $_d after ${WAITED}s, $(cat /sys/block/$_s/size) sectors, queue $(cat /sys/block/$_s/queue/max_sectors_kb 2>/dev/null)KiB max, $(ls /sys/block/$_s/mq 2>/dev/null | wc -l) queues"
+    done
+    if [ $_r = 0 ]; then
+        if [ $NDISKS = 2 ]; then runneighbour "$b" $DEV $DEV2; else runfio "$b" $DEV; fi
+        _r=$?
     fi
+    detach_one a $DEV
+    [ $NDISKS = 1 ] || detach_one n $DEV2
     return $_r
 }
 # bench_one BACKEND: one backend's jobs in the current round
@@ -152,11 +225,13 @@ bench_one() {
     qcow2,raw|qcow2,blkback) na "$1" "not with BENCH_FORMAT=qcow2"; return 1 ;;
     esac
     case $1 in
-    raw) runfio raw $DISK ;;
-    blkback) through blkback vbd $DISK "$(phys_of $DISK)" ;;
+    raw) if [ $NDISKS = 2 ]; then runneighbour raw $DISK $DISK2; else runfio raw $DISK; fi ;;
+    blkback)
+        _p2=; [ $NDISKS = 1 ] || _p2=$(phys_of $DISK2)
+        through blkback vbd $DISK "$(phys_of $DISK)" "${_p2:+$DISK2}" "$_p2" ;;
     qdisk)
         if qemu_qdisk_start 0; then
-            through qdisk qdisk $PARAMS; _q=$?
+            through qdisk qdisk $PARAMS "" "$PARAMS2"; _q=$?
             qemu_qdisk_stop 0; return $_q
         fi
         na qdisk "$QEMU_WHY"; return 1 ;;
@@ -165,7 +240,7 @@ bench_one() {
         case $1 in ours) _e=threads ;; uring) _e=io-uring ;; mapped) _e=io-uring _x="--persistent-grants 1056" ;; esac
         # shellcheck disable=SC2086 # words on purpose
         if xenbackd_start --io-engine $_e $_x $SERVE_ARGS; then
-            through "$1" qdisk $PARAMS || { tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'; xenbackd_stop; return 1; }
+            through "$1" qdisk $PARAMS "" "$PARAMS2" || { tail -20 /tmp/xenbackd.log | sed 's/^/  xenbackd| /'; xenbackd_stop; return 1; }
             xenbackd_stop
         else
             na "$1" "$XENBACKD_WHY"; return 1
