@@ -204,7 +204,6 @@ impl RingQueue {
         let mut pass = Progress::default();
         let mut taken = 0usize;
         let mut left = budget;
-        self.exec.set_pass_budget(budget);
         loop {
             let n = (self.ring.unconsumed().map_err(ring_err)? as usize).min(left);
             // The clock is read for a sampled batch only, once.
