@@ -33,9 +33,14 @@
 # read QD32): the neighbour's p50/p99 and its p99 over the undisturbed p99
 # of the same round (n1p50 n1p99, then brp99 brx, bwp99 bwx, srp99 srx), and
 # what the attacker got (brbw bwbw MiB/s, sriops IOPS). Raw disks only.
-# BENCH_DISK: brd (default, /dev/ram0, bio-based) or nullb (/dev/nullb0:
+# BENCH_ATTACKER=domu (neighbour mode): the attacker is a PV domU of its
+# own (domu-kit, 1 vCPU, created with xl, its vbd on $DISK from the same
+# backend) running 32 dd of 1 MiB direct reads, then writes
+# (domu-init.sh's domu.attack); the neighbour is dom0's xvdb as before.
+# What the attacker got is read off $DISK's own counters (/sys/block/*/stat).
+# BENCH_DISK: brd (default, /dev/ram0, bio-based), nullb (/dev/nullb0:
 # null_blk, memory-backed, blk-mq as NVMe or SCSI disks are, completions
-# inline).
+# inline) or nullio (null_blk with no memory: I/O costs no CPU, no data kept).
 . /test/lib/vbd.sh
 SECS=${BENCH_SECS:-5}
 ROUNDS=${BENCH_ROUNDS:-3}
@@ -51,26 +56,38 @@ MODE=${BENCH_MODE:-jobs}
 case ${BENCH_DISK:-brd} in
 brd) DISK=/dev/ram0 DISK2=/dev/ram1
     make_disk() { modprobe brd rd_nr=${2:-1} rd_size=$(($1 * 1024)) max_part=0; } ;;
-nullb) DISK=/dev/nullb0 DISK2=/dev/nullb1
+nullb|nullio) DISK=/dev/nullb0 DISK2=/dev/nullb1
+    # nullio: no memory behind it, an I/O is done as soon as it is queued
+    # (reads give whatever the buffer held), so storage costs no CPU, as
+    # a DMA disk's does not; what is left is the backends' own work
+    [ "$BENCH_DISK" = nullio ] && _mem=0 || _mem=1
     make_disk() {
         modprobe null_blk nr_devices=0 || return 1
         grep -q configfs /proc/mounts || mount -t configfs none /sys/kernel/config || return 1
-        _i=0
-        while [ $_i -lt "${2:-1}" ]; do
-            _n=/sys/kernel/config/nullb/nullb$_i
-            { mkdir $_n && echo 1 > $_n/memory_backed && echo 0 > $_n/irqmode &&
+        # (not _i: wait_for's own counter)
+        _nb=0
+        while [ $_nb -lt "${2:-1}" ]; do
+            _n=/sys/kernel/config/nullb/nullb$_nb
+            { mkdir $_n && echo $_mem > $_n/memory_backed && echo 0 > $_n/irqmode &&
                 echo 512 > $_n/blocksize && echo "$1" > $_n/size && echo 1 > $_n/power &&
-                wait_for nullb$_i 10 is_blk /dev/nullb$_i; } || return 1
-            _i=$((_i + 1))
+                wait_for nullb$_nb 10 is_blk /dev/nullb$_nb; } || return 1
+            _nb=$((_nb + 1))
         done
     } ;;
-*) say "BENCH_DISK takes brd or nullb"; exit 1 ;;
+*) say "BENCH_DISK takes brd, nullb or nullio"; exit 1 ;;
 esac
 NDISKS=1
+ATTACKER=${BENCH_ATTACKER:-dom0}
 if [ "$MODE" = neighbour ]; then
     [ "$FORMAT" = raw ] || { say "BENCH_MODE=neighbour takes raw disks only"; exit 1; }
     # two disks in dom0's 1 GiB
     NDISKS=2 SIZE_MB=128
+    if [ "$ATTACKER" = domu ]; then
+        [ -f /boot/domu/vmlinuz ] || { say "no /boot/domu (needs the domu-kit archive)"; exit 1; }
+        mkdir -p /var/log/xen/console /var/lib/xen/dump /var/run/xen /var/lock /run/xen
+        xenconsoled --log=guest --log-dir=/var/log/xen/console --pid-file=/run/xenconsoled.pid ||
+            { say "xenconsoled did not start"; exit 1; }
+    fi
 fi
 SERVE_ARGS=$(echo "${BENCH_SERVE_ARGS:-}" | tr : ' ')
 [ -x /usr/bin/fio ] || { say "no fio in the image (needs the fio archive)"; exit 1; }
@@ -160,6 +177,22 @@ runneighbour() {
     _alone=$(pct "$R" 99.000000)
     res "$b" n1p50 "$(pct "$R" 50.000000)"
     res "$b" n1p99 "$_alone"
+    if [ "$ATTACKER" = domu ]; then
+        for _a in "br read" "bw write"; do
+            set -- $_a
+            domu_attack "$2" || { na "$b" "attacker domU ($2): $ATT_WHY"; domu_attack_stop; return 1; }
+            _s0=$(disk_sectors $ATT_DISK $2) _t0=$(cut -d' ' -f1 /proc/uptime)
+            job "$b" "beside-$1" || { domu_attack_stop; return 1; }
+            _s1=$(disk_sectors $ATT_DISK $2) _t1=$(cut -d' ' -f1 /proc/uptime)
+            domu_attack_stop
+            _p99=$(pct "$R" 99.000000)
+            res "$b" "${1}p99" "$_p99"
+            res "$b" "${1}x" "$(awk -v a="$_p99" -v u="$_alone" 'BEGIN { if (u > 0) printf "%.2f", a / u }')"
+            # (brd keeps no I/O counters)
+            [ "$_s1" = 0 ] || res "$b" "${1}bw" "$(awk -v s=$((_s1 - _s0)) -v a="$_t0" -v z="$_t1" 'BEGIN { printf "%.1f", s / 2048 / (z - a) }')"
+        done
+        return 0
+    fi
     # KEY RW BS: the attacker runs from 1 s before the neighbour's fio until
     # after its end (its ramp, SECS, and fio's start under TCG)
     for _a in "br read 1M" "bw write 1M" "sr read 4k"; do
@@ -181,6 +214,53 @@ runneighbour() {
         esac
     done
 }
+# disk_sectors DEV read|write: sectors read (or written) on DEV so far
+disk_sectors() {
+    case $2 in read) _f=3 ;; *) _f=7 ;; esac
+    awk -v f=$_f '{ print $f }' /sys/block/${1#/dev/}/stat
+}
+# domu_attack read|write: the attacker domU created, its vbd ($kind, on
+# $ATT_DISK, as the attach of xvda would be) attached, started, and
+# attacking (its console says so); ATT_WHY on failure
+domu_attack() {
+    ATT_WHY=
+    rm -f /var/log/xen/console/guest-attacker.log
+    # a pCPU of its own if there is one beyond dom0's (bench --attacker
+    # domu boots 3 with dom0's vCPUs pinned), else Xen shares them
+    _pc=$(xl info 2>/dev/null | sed -n 's/^nr_cpus *: *//p')
+    _pin=; [ "${_pc:-2}" -gt 2 ] && _pin="cpus = \"$((_pc - 1))\""
+    cat > /tmp/attacker.cfg <<CFG
+$_pin
+name = "attacker"
+type = "pv"
+kernel = "/boot/domu/vmlinuz"
+ramdisk = "/boot/domu/initrd.cpio.gz"
+extra = "console=hvc0 loglevel=4 domu.wait=90 domu.attack=$1"
+memory = 128
+vcpus = 1
+on_poweroff = "destroy"
+on_reboot = "destroy"
+on_crash = "destroy"
+CFG
+    xl create -p /tmp/attacker.cfg > /tmp/xl-attacker.log 2>&1 || { ATT_WHY="xl create: $(tail -1 /tmp/xl-attacker.log)"; return 1; }
+    _ad=$(xl domid attacker) || { ATT_WHY="xl domid"; return 1; }
+    vbd_attach "$kind" "$_ad" 51712 "$params" "$phys" || { ATT_WHY="xenstore writes"; return 1; }
+    ATT_B=$VBD_B ATT_F=$VBD_F
+    xl unpause attacker || { ATT_WHY="xl unpause"; return 1; }
+    wait_for "attacker" 180 grep -q "DOMU: attacking" /var/log/xen/console/guest-attacker.log ||
+        { ATT_WHY="no attack after 180 s: $(tail -1 /var/log/xen/console/guest-attacker.log 2>/dev/null)"; return 1; }
+    say "$b: attacker dom$_ad $1 after ${WAITED}s${_pin:+ ($_pin)}: $(grep 'DOMU: attacking' /var/log/xen/console/guest-attacker.log)"
+    # its 32 dd under way
+    sleep 2
+}
+# domu_attack_stop: the attacker destroyed and its vbd removed (the
+# toolstack's part: the backend directory goes, the backend lets go)
+domu_attack_stop() {
+    xl domid attacker >/dev/null 2>&1 && xl destroy attacker
+    [ -z "${ATT_B:-}" ] || { xenstore-rm "$ATT_B"; xenstore-rm "$ATT_F"; } 2>/dev/null
+    ATT_B= ATT_F=
+    sleep 2
+}
 # attach_one NAME DEVID PARAMS PHYS: one vbd, saved as VBD_B_NAME/VBD_F_NAME
 attach_one() {
     vbd_attach "$kind" 0 "$2" "$3" "$4" || return 1
@@ -197,10 +277,16 @@ detach_one() {
 through() {
     b=$1 kind=$2 params=$3 phys=${4:-} params2=${5:-} phys2=${6:-}
     _devs=$DEV
-    attach_one a 51712 "$params" "$phys" || { na "$b" "xenstore writes failed"; return 1; }
+    if [ "$ATTACKER" = domu ]; then
+        # xvda goes to the attacker domU (domu_attack), xvdb to dom0
+        _devs=$DEV2
+        ATT_DISK=${params#aio:}
+    else
+        attach_one a 51712 "$params" "$phys" || { na "$b" "xenstore writes failed"; return 1; }
+    fi
     if [ $NDISKS = 2 ]; then
-        _devs="$DEV $DEV2"
-        attach_one n 51728 "$params2" "$phys2" || { na "$b" "xenstore writes failed"; detach_one a $DEV; return 1; }
+        [ "$ATTACKER" = domu ] || _devs="$DEV $DEV2"
+        attach_one n 51728 "$params2" "$phys2" || { na "$b" "xenstore writes failed"; [ "$ATTACKER" = domu ] || detach_one a $DEV; return 1; }
     fi
     _r=0
     for _d in $_devs; do
@@ -215,7 +301,7 @@ through() {
         if [ $NDISKS = 2 ]; then runneighbour "$b" $DEV $DEV2; else runfio "$b" $DEV; fi
         _r=$?
     fi
-    detach_one a $DEV
+    [ "$ATTACKER" = domu ] || detach_one a $DEV
     [ $NDISKS = 1 ] || detach_one n $DEV2
     return $_r
 }
@@ -225,7 +311,9 @@ bench_one() {
     qcow2,raw|qcow2,blkback) na "$1" "not with BENCH_FORMAT=qcow2"; return 1 ;;
     esac
     case $1 in
-    raw) if [ $NDISKS = 2 ]; then runneighbour raw $DISK $DISK2; else runfio raw $DISK; fi ;;
+    raw)
+        if [ "$ATTACKER" = domu ]; then na raw "no PV layer to give a domU"; return 1; fi
+        if [ $NDISKS = 2 ]; then runneighbour raw $DISK $DISK2; else runfio raw $DISK; fi ;;
     blkback)
         _p2=; [ $NDISKS = 1 ] || _p2=$(phys_of $DISK2)
         through blkback vbd $DISK "$(phys_of $DISK)" "${_p2:+$DISK2}" "$_p2" ;;
