@@ -4,9 +4,10 @@
 //! bytes, or well-formed reads, writes, barriers, flushes, discards and
 //! indirect requests of the run's ABI with fuzzed fields), polls, waits,
 //! pages the guest rewrites, grant calls that fail, and a neighbour
-//! holding part of the daemon's budget. The queue runs on a 64 KiB raw disk
-//! (a temporary file, page cache or `O_DIRECT`, possibly truncated to 48 KiB
-//! under the queue) with the thread-pool
+//! holding part of the daemon's budget. The queue runs on a 64 KiB raw disk,
+//! or one of 256 KiB, where a request over 64 KiB fits and is cut into
+//! parts (a temporary file, page cache or `O_DIRECT`, possibly truncated to
+//! three quarters under the queue) with the thread-pool
 //! engine (1 or 2 threads) or io_uring, by grant copy or with persistent
 //! grants of a small capacity (`blk_queue/guest.rs`: the guest's pages,
 //! mapped as gntdev maps them).
@@ -61,6 +62,11 @@ pub use driver::run_scenario;
 const DISK_SECTORS: u64 = 128;
 /// The sectors of a truncated disk's file.
 const FILE_SECTORS: u64 = 96;
+/// The big disk ([`Setup::big_disk`]): 256 KiB, where a request of more
+/// than the queue's 64 KiB parts fits (an indirect one of 17 pages or more).
+const BIG_DISK_SECTORS: u64 = 512;
+/// The sectors of a truncated big disk's file.
+const BIG_FILE_SECTORS: u64 = 384;
 
 /// The queue and its disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +88,9 @@ pub struct Setup {
     /// The disk's file is shorter than the size the queue was given,
     /// [`FILE_SECTORS`] (an image truncated under it) (bit 6).
     pub truncated: bool,
+    /// The disk is [`BIG_DISK_SECTORS`] (its truncated file
+    /// [`BIG_FILE_SECTORS`]) (bit 7).
+    pub big_disk: bool,
     /// The disk (byte 2): bit 0 read-only, 1 discard, 2 barrier, 3 flush offered.
     pub read_only: bool,
     /// Discard offered.
@@ -110,6 +119,7 @@ impl Setup {
             page_aligned: o & 16 != 0,
             direct: o & 32 != 0,
             truncated: o & 64 != 0,
+            big_disk: o & 128 != 0,
             read_only: d & 1 != 0,
             discard: d & 2 != 0,
             barrier: d & 4 != 0,
@@ -131,7 +141,8 @@ impl Setup {
             | u8::from(self.small_budget) << 3
             | u8::from(self.page_aligned) << 4
             | u8::from(self.direct) << 5
-            | u8::from(self.truncated) << 6;
+            | u8::from(self.truncated) << 6
+            | u8::from(self.big_disk) << 7;
         let d = u8::from(self.read_only)
             | u8::from(self.discard) << 1
             | u8::from(self.barrier) << 2
@@ -141,9 +152,28 @@ impl Setup {
         out.push(self.capacity);
     }
 
+    /// The disk's sectors, as the queue is told.
+    fn disk_sectors(&self) -> u64 {
+        if self.big_disk {
+            BIG_DISK_SECTORS
+        } else {
+            DISK_SECTORS
+        }
+    }
+
+    /// The sectors of the disk's file (fewer if truncated).
+    fn file_sectors(&self) -> u64 {
+        match (self.big_disk, self.truncated) {
+            (false, false) => DISK_SECTORS,
+            (false, true) => FILE_SECTORS,
+            (true, false) => BIG_DISK_SECTORS,
+            (true, true) => BIG_FILE_SECTORS,
+        }
+    }
+
     fn limits(&self) -> DiskLimits {
         DiskLimits {
-            sectors: DISK_SECTORS,
+            sectors: self.disk_sectors(),
             read_only: self.read_only,
             discard: self.discard,
             barrier: self.barrier,
@@ -217,7 +247,7 @@ pub enum Op {
         op: u8,
         /// `nr_segments`, `% 13`.
         nr: u8,
-        /// The sector: below 240 itself (the disk has 128), above `u64::MAX` counting down.
+        /// The sector: below 240 itself (the disk has 128 or 512), above `u64::MAX` counting down.
         sector: u8,
         /// The segments written in the slot: `min(nr % 13, 11)`.
         segs: Vec<Seg>,
@@ -228,7 +258,7 @@ pub enum Op {
         inner: u8,
         /// `nr_segments`, `% 1030`.
         nr: u16,
-        /// The sector: below 240 itself (the disk has 128), above `u64::MAX` counting down.
+        /// The sector: below 240 itself (the disk has 128 or 512), above `u64::MAX` counting down.
         sector: u8,
         /// `indirect_grefs` (at most 8; as [`Seg::gref`]).
         pages: Vec<u8>,
@@ -239,7 +269,7 @@ pub enum Op {
     Discard {
         /// `flag` (bit 0: secure).
         flag: u8,
-        /// The sector: below 240 itself (the disk has 128), above `u64::MAX` counting down.
+        /// The sector: below 240 itself (the disk has 128 or 512), above `u64::MAX` counting down.
         sector: u8,
         /// `nr_sectors` (255: `u64::MAX`).
         count: u8,
@@ -512,6 +542,7 @@ fn setup(abi: Protocol) -> Setup {
         page_aligned: false,
         direct: false,
         truncated: false,
+        big_disk: false,
         read_only: false,
         discard: true,
         barrier: true,
@@ -614,6 +645,47 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 Op::Poll,
                 Op::Neighbour { units: 0 },
                 Op::Burst { count: 9, op: Box::new(big(1, 8, 2)) },
+                Op::Drain,
+            ],
+        ),
+    ));
+    // Requests over the queue's 64 KiB parts, cut into parts: a 128 KiB
+    // read, an 80 KiB write, a read whose 9th page is not granted (a part
+    // fails, the parts not started are dropped), and a burst of them on
+    // the smallest budget, with persistent grants.
+    let mut big_disk = setup(Protocol::X86_64);
+    big_disk.big_disk = true;
+    let split = |inner: u8, nr: u16, sector: u8, page: u8, segs: Vec<Seg>| Op::Indirect {
+        inner,
+        nr,
+        sector,
+        pages: vec![page],
+        segs,
+    };
+    let mut holey: Vec<Seg> = (1..9).map(|g| seg(g, 0, 7)).collect();
+    holey.push(seg(30, 0, 7));
+    let split_ops = vec![
+        split(0, 32, 0, 16, vec![seg(1, 0, 7)]),
+        split(1, 20, 64, 17, vec![seg(2, 0, 7), seg(3, 0, 7)]),
+        Op::Poll,
+        split(0, 20, 64, 18, vec![seg(4, 0, 7)]),
+        split(0, 24, 8, 19, holey),
+        Op::Drain,
+        check(3, 1, 10, 5, 0x21, &[0xf8; 24], &[0x3c; 12]),
+    ];
+    out.push(("big-disk-split-requests", sc(big_disk.clone(), split_ops)));
+    let mut small_persistent = big_disk;
+    small_persistent.small_budget = true;
+    small_persistent.persistent = true;
+    small_persistent.capacity = 16;
+    out.push((
+        "big-disk-split-requests-small-budget-persistent",
+        sc(
+            small_persistent,
+            vec![
+                Op::Burst { count: 12, op: Box::new(split(0, 32, 0, 16, vec![seg(1, 0, 7), seg(2, 0, 7)])) },
+                Op::Burst { count: 6, op: Box::new(split(1, 18, 100, 17, vec![seg(3, 0, 7)])) },
+                Op::Sleep { micros: 100 },
                 Op::Drain,
             ],
         ),
@@ -789,6 +861,18 @@ mod tests {
         assert!(s.stats.budget_waits > 0 && s.ring_waits > 0, "{s:?}");
         let s = run_scenario(&seed("neighbour-holds-the-daemon"));
         assert!(s.stats.budget_waits > 0, "{s:?}");
+    }
+
+    /// Requests over 64 KiB are cut into parts and answered once each: the
+    /// 128 KiB read, the 80 KiB write and the 80 KiB read succeed, the read
+    /// with an ungranted page fails.
+    #[test]
+    fn requests_over_a_part_are_split_and_answered_once() {
+        let s = run_scenario(&seed("big-disk-split-requests"));
+        assert!(s.stats.failed >= 1, "{s:?}");
+        assert!(s.stats.bytes_read >= (128 + 80) << 10 && s.stats.bytes_written >= 80 << 10, "{s:?}");
+        let s = run_scenario(&seed("big-disk-split-requests-small-budget-persistent"));
+        assert!(s.stats.failed == 0 && s.stats.bytes_read >= 12 * (128 << 10), "{s:?}");
     }
 
     #[test]

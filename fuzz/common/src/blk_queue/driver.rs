@@ -27,7 +27,7 @@ use zerocopy::little_endian::U32;
 use zerocopy::IntoBytes;
 
 use super::guest::{self, access, Access, Guest, DATA_PAGES, INDIRECT_PAGES, PAGES};
-use super::{gref_of, sector_of, Check, Op, Scenario, Seg, Setup, Summary, DISK_SECTORS, FILE_SECTORS};
+use super::{gref_of, sector_of, Check, Op, Scenario, Seg, Setup, Summary};
 
 /// How long the queue may take to answer everything pending.
 const WAIT: Duration = Duration::from_secs(5);
@@ -179,7 +179,7 @@ impl Run {
     fn new(setup: &Setup) -> Run {
         let limits = setup.limits();
         let guest = Arc::new(Guest::new());
-        let file_sectors = if setup.truncated { FILE_SECTORS } else { DISK_SECTORS };
+        let file_sectors = setup.file_sectors();
         let disk = disk(setup.read_only, setup.direct, file_sectors);
         let use_uring = setup.io_uring && io_uring_works();
         let engine: Box<dyn IoEngine> = if use_uring {
@@ -708,7 +708,9 @@ impl Run {
         self.drain();
         self.guest.fail_copies(0);
         let start = u64::from(c.sector) % self.file_sectors;
-        let room = (self.file_sectors - start) as usize;
+        // At most what the reads below can lay out in the data pages (the
+        // big disk is larger than them).
+        let room = ((self.file_sectors - start) as usize).min(DATA_PAGES.len() * 8);
         let indirect_max = usize::from(self.limits.max_indirect_segments).min(SEGS_PER_INDIRECT_FRAME);
 
         // The write: its operation, then its segments, on the data pages.
