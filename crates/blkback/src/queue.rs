@@ -58,7 +58,7 @@ const BUDGET_RETRY: Duration = Duration::from_millis(1);
 /// it, for all their copies. At least one segment is copied per poll. Not
 /// less when the worker cut the pass's request budget to fit its time
 /// quantum: a page per request of budget was tried, and in the Xen lab it
-/// cost an attacker half its 1 MiB throughput for a worse neighbour p99
+/// cost an attacker half its 1 MiB throughput for no better neighbour p99
 /// (every poll's system calls and hypercall for a page; docs/blkback.md).
 const POLL_READ_BYTES: usize = 64 << 10;
 /// Reads and writes larger than this are cut into parts of whole segments
