@@ -13,7 +13,9 @@
 //! width from 1 to 64 bits, alone or over a raw backing file) every
 //! operation succeeds (writes fail read-only), a read returns what was last
 //! written there, zeros after a discard and the backing file's bytes
-//! elsewhere, and so does the image opened again after it was closed. A
+//! elsewhere, and so does the image opened again after it was closed; a
+//! read or write sent to the top file where `map_direct` maps it (as the
+//! io_uring engine sends it) reads and writes the same bytes. A
 //! hostile image has no such reference: its refcounts may call its own
 //! metadata free, and imago (as QEMU without its overlap checks) then
 //! writes data over it, so what it reads back is not checked.
@@ -23,7 +25,8 @@
 //! `1 << n`, bit 7 over the raw backing file), a size (`u16`: the made
 //! image's, `(n % 2048 + 1) * 512` bytes), an operation count (`u8`, at
 //! most 16), the operations (kind `u8`: read, write, discard or flush
-//! (`n % 4`); fill byte `u8`; offset `u32` taken modulo the disk size;
+//! (`n % 4`), bit 2 a read or write tried through `map_direct` first;
+//! fill byte `u8`; offset `u32` taken modulo the disk size;
 //! length `u8`, `(n % 128 + 1) * 512` bytes within the disk), the image's
 //! length (`u16`), the image bytes (ignored for a made image), then the
 //! bytes of the file named `backing` in the image's directory (the seeds'
@@ -56,6 +59,8 @@ pub enum Kind {
 pub struct Op {
     /// What.
     pub kind: Kind,
+    /// A read or write tried through [`Qcow2Image::map_direct`] first.
+    pub direct: bool,
     /// The byte a write writes.
     pub fill: u8,
     /// Where (modulo the disk size, rounded down to 512 bytes).
@@ -113,8 +118,9 @@ impl Case {
         let count = usize::from(input.u8()).min(MAX_OPS);
         let ops = (0..count)
             .map(|_| {
-                let kind = [Kind::Read, Kind::Write, Kind::Discard, Kind::Flush][usize::from(input.u8() % 4)];
-                Op { kind, fill: input.u8(), offset: input.u32(), len: input.u8() }
+                let byte = input.u8();
+                let kind = [Kind::Read, Kind::Write, Kind::Discard, Kind::Flush][usize::from(byte % 4)];
+                Op { kind, direct: byte & 4 != 0, fill: input.u8(), offset: input.u32(), len: input.u8() }
             })
             .collect();
         let len = usize::from(input.u16());
@@ -135,7 +141,7 @@ impl Case {
         v.push(self.ops.len() as u8);
         for op in &self.ops {
             let kind = [Kind::Read, Kind::Write, Kind::Discard, Kind::Flush].iter().position(|k| *k == op.kind);
-            v.extend_from_slice(&[kind.expect("a kind") as u8, op.fill]);
+            v.extend_from_slice(&[kind.expect("a kind") as u8 | u8::from(op.direct) << 2, op.fill]);
             v.extend_from_slice(&op.offset.to_le_bytes());
             v.push(op.len);
         }
@@ -193,7 +199,10 @@ pub fn run(data: &[u8]) {
         match op.kind {
             Kind::Read => {
                 let mut buf = vec![0xa5u8; len as usize];
-                let read = image.read_at(&mut buf, offset);
+                let read = match op.direct.then(|| image.map_direct(offset, len, false)).flatten() {
+                    Some(mapping) => read_direct(&image, &mapping, &mut buf),
+                    None => image.read_at(&mut buf, offset),
+                };
                 if let Some(model) = &model {
                     read.unwrap_or_else(|e| panic!("read {range:?} of the made image: {e}"));
                     assert!(buf == model[range.clone()], "read {range:?}: not what was written");
@@ -201,7 +210,10 @@ pub fn run(data: &[u8]) {
             }
             Kind::Write => {
                 let buf = vec![op.fill; len as usize];
-                let written = image.write_at(&buf, offset);
+                let written = match op.direct.then(|| image.map_direct(offset, len, true)).flatten() {
+                    Some(mapping) => write_direct(&image, &mapping, &buf),
+                    None => image.write_at(&buf, offset),
+                };
                 if let Some(model) = &mut model {
                     match written {
                         Ok(()) if case.writable => model[range.clone()].copy_from_slice(&buf),
@@ -242,6 +254,19 @@ pub fn run(data: &[u8]) {
     }
 }
 
+/// Reads `buf` where `mapping` points in the top file, as the io_uring
+/// engine does; a short read (a hostile mapping past the file's end) fails.
+fn read_direct(image: &Qcow2Image, mapping: &blkback::DirectMapping, buf: &mut [u8]) -> std::io::Result<()> {
+    let file = std::fs::File::from(image.top_file().try_clone_to_owned()?);
+    std::os::unix::fs::FileExt::read_exact_at(&file, buf, mapping.host_offset)
+}
+
+/// Writes `buf` where `mapping` points in the top file.
+fn write_direct(image: &Qcow2Image, mapping: &blkback::DirectMapping, buf: &[u8]) -> std::io::Result<()> {
+    let file = std::fs::File::from(image.top_file().try_clone_to_owned()?);
+    std::os::unix::fs::FileExt::write_all_at(&file, buf, mapping.host_offset)
+}
+
 /// Makes a consistent image at `path` as `made` says (v3, no data).
 fn make_image(path: &Path, made: Made) {
     use imago::file::File;
@@ -263,12 +288,16 @@ fn make_image(path: &Path, made: Made) {
 /// Seeds: images made by imago with 512-byte clusters (small enough for
 /// the smoke run's 16 KiB inputs), empty and with data, without a backing
 /// file and over a raw or qcow2 one, each written, read, discarded and
-/// flushed; and images the harness makes, of each cluster size.
+/// flushed; a version 2 image naming its backing format in an extension
+/// (which imago does not read there); an image that names itself as its
+/// backing file; and images the harness makes, of each cluster size, also
+/// read and written through `map_direct`.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let plain = image(None, &[(0, 0x11), (3 << 10, 0x22)]);
-    let over_raw = image(Some("raw"), &[(1 << 10, 0x33)]);
-    let over_qcow2 = image(Some("qcow2"), &[(2 << 10, 0x44)]);
-    let op = |kind, fill, offset, len| Op { kind, fill, offset, len };
+    let over_raw = image(Some(("backing", "raw")), &[(1 << 10, 0x33)]);
+    let over_qcow2 = image(Some(("backing", "qcow2")), &[(2 << 10, 0x44)]);
+    let over_itself = image(Some(("image", "qcow2")), &[]);
+    let op = |kind, fill, offset, len| Op { kind, direct: false, fill, offset, len };
     let io = vec![
         op(Kind::Read, 0, 512, 3),
         op(Kind::Write, 0x77, 1536, 4),
@@ -281,10 +310,14 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let case = |writable, image: &Vec<u8>, backing: Vec<u8>| {
         Case { writable, made: None, ops: io.clone(), image: image.clone(), backing }.encode()
     };
-    let made = |writable, cluster_shift, refcount_order, backed, size| {
+    let direct_io: Vec<Op> = io.iter().map(|&op| Op { direct: true, ..op }).collect();
+    let made_with = |ops: &Vec<Op>, writable, cluster_shift, refcount_order, backed, size| {
         let made = Some(Made { cluster_shift, refcount_order, backed, size });
         let backing = if backed { (0..6000u32).map(|i| (i % 253) as u8).collect() } else { Vec::new() };
-        Case { writable, made, ops: io.clone(), image: Vec::new(), backing }.encode()
+        Case { writable, made, ops: ops.clone(), image: Vec::new(), backing }.encode()
+    };
+    let made = |writable, cluster_shift, refcount_order, backed, size| {
+        made_with(&io, writable, cluster_shift, refcount_order, backed, size)
     };
     vec![
         ("empty-read-only", case(false, &image(None, &[]), Vec::new())),
@@ -297,13 +330,18 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("made-1k-refcount-1-over-raw", made(true, 1, 0, true, 40)),
         ("made-2k-refcount-16-read-only", made(false, 2, 4, true, 15)),
         ("made-4k-refcount-8", made(true, 3, 3, false, 2047)),
+        ("v2-over-raw-named-in-an-extension", case(true, &as_version_2(&over_raw), vec![0x6b; 8 << 10])),
+        ("over-itself", case(false, &over_itself, Vec::new())),
+        ("made-512-direct", made_with(&direct_io, true, 0, 4, false, 31)),
+        ("made-4k-direct-over-raw", made_with(&direct_io, true, 3, 4, true, 40)),
+        ("made-1k-direct-read-only", made_with(&direct_io, false, 1, 4, false, 20)),
     ]
 }
 
 /// A qcow2 image of 8 KiB with 512-byte clusters, `writes` of 512 bytes
-/// (offset, fill byte) allocated, naming `backing` (of that format) as its
-/// backing file.
-fn image(backing_format: Option<&str>, writes: &[(u64, u8)]) -> Vec<u8> {
+/// (offset, fill byte) allocated, naming `backing` (file name, format) as
+/// its backing file.
+fn image(backing: Option<(&str, &str)>, writes: &[(u64, u8)]) -> Vec<u8> {
     use imago::file::File;
     use imago::qcow2::Qcow2;
     use imago::{FormatAccess, FormatCreateBuilder, StorageOpenOptions};
@@ -312,8 +350,8 @@ fn image(backing_format: Option<&str>, writes: &[(u64, u8)]) -> Vec<u8> {
         std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("seed file");
     let storage = File::from_open_file(file, StorageOpenOptions::new().write(true).filename(&path)).expect("storage");
     let mut create = Qcow2::<File>::create_builder(storage).size(8 << 10).cluster_size(512);
-    if let Some(format) = backing_format {
-        create = create.backing("backing".into(), format.into());
+    if let Some((name, format)) = backing {
+        create = create.backing(name.into(), format.into());
     }
     create.create().expect("create the seed image");
     if !writes.is_empty() {
@@ -328,6 +366,21 @@ fn image(backing_format: Option<&str>, writes: &[(u64, u8)]) -> Vec<u8> {
     let bytes = std::fs::read(&path).expect("read the seed image");
     std::fs::remove_file(&path).expect("remove the seed image");
     sorted_feature_names(bytes)
+}
+
+/// A version 3 image of imago's as version 2: the version field set, the
+/// header extensions moved to where version 2 has them (after its 72-byte
+/// header, up to the backing file's name, which stays where it was).
+fn as_version_2(image: &[u8]) -> Vec<u8> {
+    let be32 = |at: usize| u32::from_be_bytes(image[at..at + 4].try_into().expect("4 bytes"));
+    let header_length = be32(100) as usize;
+    let name_offset = u64::from_be_bytes(image[8..16].try_into().expect("8 bytes")) as usize;
+    assert!(name_offset > header_length, "the backing file's name follows the extensions");
+    let mut v2 = image.to_vec();
+    v2[4..8].copy_from_slice(&2u32.to_be_bytes());
+    v2.copy_within(header_length..name_offset, 72);
+    v2[72 + name_offset - header_length..name_offset].fill(0);
+    v2
 }
 
 /// `image` with the entries of its feature name table (header extension
