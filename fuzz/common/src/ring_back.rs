@@ -3,7 +3,10 @@
 //! The backend must never panic, never loop beyond its budget, never take a
 //! request the frontend did not publish or more than the ring holds, never
 //! overwrite a request it has not taken, and once it reports the frontend
-//! broken it must stay broken.
+//! broken it must stay broken. A backend that restarts without a journal
+//! (`resume(mem, None)`) resumes the ring exactly when no request is
+//! pending in the shared indices (`req_prod == rsp_prod`), at `rsp_prod`,
+//! unbroken; otherwise it refuses and the old backend goes on.
 //!
 //! Input: a setup byte (bit 0: 8-byte entries instead of blkif's 112; bit 1:
 //! two pages), the starting index (`u32`), then [`Op`]s until the end.
@@ -57,9 +60,11 @@ pub enum Op {
     FinalCheck,
     /// `unconsumed_requests`.
     Unconsumed,
+    /// The backend restarts: `BackRing::resume` on the ring without a journal.
+    Resume,
 }
 
-const OPS: u8 = 9;
+const OPS: u8 = 10;
 
 impl Op {
     /// Decodes one op (every byte string decodes to some op).
@@ -77,7 +82,8 @@ impl Op {
             5 => Op::PushResponse { fill: input.u8() },
             6 => Op::PushAndNotify,
             7 => Op::FinalCheck,
-            _ => Op::Unconsumed,
+            8 => Op::Unconsumed,
+            _ => Op::Resume,
         }
     }
 
@@ -101,6 +107,7 @@ impl Op {
             Op::PushAndNotify => out.push(6),
             Op::FinalCheck => out.push(7),
             Op::Unconsumed => out.push(8),
+            Op::Resume => out.push(9),
         }
     }
 }
@@ -274,6 +281,24 @@ fn drive<Req: RingEntry, Rsp: RingEntry>(mem: &GrantMapping, sc: &Scenario) {
                 assert_eq!(n, load(mem, REQ_PROD).wrapping_sub(cons));
                 assert!(n <= size);
             })),
+            Op::Resume => {
+                let (req_prod, rsp_prod) = (load(mem, REQ_PROD), load(mem, RSP_PROD));
+                match BackRing::<Req, Rsp, &GrantMapping>::resume(mem, None) {
+                    Ok(resumed) => {
+                        assert_eq!(req_prod, rsp_prod, "resumed with requests pending");
+                        assert_eq!((resumed.req_cons(), resumed.rsp_prod_pvt()), (rsp_prod, rsp_prod));
+                        assert!(!resumed.is_broken());
+                        back = resumed;
+                        model.broken = false;
+                    }
+                    Err(RingError::NotResumable { rsp_prod: r, pending }) => {
+                        assert_eq!((r, pending), (rsp_prod, req_prod.wrapping_sub(rsp_prod)));
+                        assert_ne!(pending, 0, "refused with nothing pending");
+                    }
+                    Err(e) => panic!("resume: unexpected error {e}"),
+                }
+                None
+            }
         };
         match result {
             None => {}
@@ -297,8 +322,8 @@ fn scenario(small_entries: bool, two_pages: bool, start: u32, ops: Vec<Op>) -> V
 }
 
 /// Seeds: a well-behaved exchange, one across the `u32` wrap, a runaway and a
-/// backwards `req_prod`, slots rewritten under the backend, and a response
-/// overflow attempt.
+/// backwards `req_prod`, slots rewritten under the backend, a response
+/// overflow attempt, and restarts with and without requests pending.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     use Op::*;
     let exchange = |n: u8| {
@@ -357,6 +382,33 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                     NextRequest,
                     PushResponse { fill: 2 },
                     PushResponse { fill: 3 },
+                ],
+            ),
+        ),
+        (
+            "restarts",
+            scenario(
+                false,
+                false,
+                u32::MAX - 2,
+                vec![
+                    Publish { count: 4 },
+                    TakeRequests { budget: 2 },
+                    Resume,
+                    PushResponse { fill: 1 },
+                    PushResponse { fill: 2 },
+                    PushAndNotify,
+                    Resume,
+                    TakeRequests { budget: 9 },
+                    PushResponse { fill: 3 },
+                    PushResponse { fill: 4 },
+                    PushAndNotify,
+                    Resume,
+                    Publish { count: 1 },
+                    NextRequest,
+                    SetIndex { which: 2, value: 0 },
+                    Resume,
+                    Unconsumed,
                 ],
             ),
         ),
