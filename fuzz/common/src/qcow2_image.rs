@@ -34,7 +34,7 @@
 
 use std::path::{Path, PathBuf};
 
-use blkback::{DiskImage, Qcow2Error, Qcow2Image};
+use blkback::{DiskImage, LockKind, Qcow2Error, Qcow2Image};
 
 use crate::input::Input;
 
@@ -185,8 +185,14 @@ pub fn run(data: &[u8]) {
         }
     };
     let size = image.size();
-    if let Some(model) = &model {
+    if let (Some(model), Some(made)) = (&model, case.made) {
         assert_eq!(size, model.len() as u64, "the made image's size");
+        let chain = if made.backed { vec![backing_path.clone()] } else { Vec::new() };
+        assert_eq!(image.backing_chain(), &chain[..]);
+        assert_eq!((image.path(), image.is_direct(), image.is_read_only()), (&*image_path, false, !case.writable));
+        // Version 3: discard is offered writable, freeing whole clusters.
+        assert_eq!(image.supports_discard(), case.writable);
+        assert_eq!(image.discard_granularity(), 512 << made.cluster_shift);
     }
     assert!(image.read_at(&mut [0u8; 512], size).is_err(), "a read past the end fails");
     if size == 0 {
@@ -244,10 +250,16 @@ pub fn run(data: &[u8]) {
             }
         }
     }
-    // Closing flushes; what was written is there when opened again.
+    // Closing flushes; what was written is there when opened again. Opened
+    // with QEMU's locks: a second writer is refused while one has it, and
+    // closing releases them.
     drop(image);
     if let Some(model) = &model {
-        let image = Qcow2Image::open(&image_path, true, false).expect("the made image opens again");
+        let locked = |read_only| Qcow2Image::open_locked(&image_path, read_only, false, Some(LockKind::Ofd));
+        let writer = locked(false).expect("the made image opens again, locked");
+        assert!(matches!(locked(false), Err(Qcow2Error::Lock(_))), "a second writer is refused");
+        drop(writer);
+        let image = locked(true).expect("the made image opens again once its writer closed it");
         let mut all = vec![0xa5u8; model.len()];
         image.read_at(&mut all, 0).expect("read the made image again");
         assert!(all == *model, "after closing and opening again: not what was written");
